@@ -1,0 +1,111 @@
+"""The facade the dashboard and the CLI talk to.
+
+Writes (submit, cancel) go to the JobManager; reads go straight to the registry and the
+ProgressActor, so a restarted UI finds every job and its live numbers on its first poll.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import pyarrow.parquet as pq
+import ray
+
+from actors import cluster
+from core.discover import read_examples
+from core.errors import UserError
+from storage import Registry, Settings
+from storage.registry import FINAL_STATES, SAE, Activation, Dataset, Job, Model
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None, start: bool = True):
+        self.settings = settings or Settings.from_env()
+        cluster.connect(self.settings, start=start)
+        self.progress_actor, self.manager = cluster.ensure_actors(self.settings)
+        self.registry = Registry(self.settings.database_url)
+
+    # -- jobs ------------------------------------------------------------------------
+    def submit(self, kind: str, spec: dict[str, Any]) -> str:
+        """Enqueue a job; bad input raises UserError with a one-line reason."""
+        try:
+            return ray.get(self.manager.submit.remote(kind, spec))["id"]
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, UserError):
+                raise UserError(str(e.cause)) from None
+            raise
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        try:
+            return ray.get(self.manager.cancel.remote(job_id))
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, UserError):
+                raise UserError(str(e.cause)) from None
+            raise
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        job = self.registry.get(Job, job_id)
+        if job is None:
+            raise UserError(f"no job {job_id!r}; list jobs with: mistudio jobs list")
+        return job
+
+    def jobs(self, state: str | None = None, model_id: str | None = None) -> list[dict[str, Any]]:
+        return self.registry.jobs(state=state, model_id=model_id)
+
+    def active_jobs(self) -> list[dict[str, Any]]:
+        return self.registry.active_jobs()
+
+    def progress(self, job_id: str) -> dict[str, Any] | None:
+        return ray.get(self.progress_actor.get.remote(job_id))
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        return ray.get(self.progress_actor.history.remote(job_id))
+
+    def wait(self, job_id: str, on_progress: Callable[[dict, dict], None] | None = None,
+             poll: float = 0.5, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the job ends; `on_progress(job, progress)` is called at every poll."""
+        start = time.monotonic()
+        while True:
+            job = self.job(job_id)
+            if on_progress:
+                on_progress(job, self.progress(job_id) or {})
+            if job["state"] in FINAL_STATES:
+                return job
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout:.0f}s")
+            time.sleep(poll)
+
+    def worker_status(self) -> dict[str, Any] | None:
+        return ray.get(self.manager.worker_status.remote())
+
+    # -- registry reads ----------------------------------------------------------------
+    def models(self) -> list[dict[str, Any]]:
+        return self.registry.list(Model, order_by=Model.created_at)
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return self.registry.list(Dataset, order_by=Dataset.created_at)
+
+    def activations(self) -> list[dict[str, Any]]:
+        return self.registry.list(Activation, order_by=Activation.created_at)
+
+    def saes(self) -> list[dict[str, Any]]:
+        return self.registry.list(SAE, order_by=SAE.created_at)
+
+    def get(self, table, key: str) -> dict[str, Any] | None:
+        return self.registry.get(table, key)
+
+    def features(self, sae_id: str, order_by: str = "frequency", limit: int | None = None,
+                 min_frequency: float = 0.0) -> list[dict[str, Any]]:
+        return self.registry.features(sae_id, order_by=order_by, limit=limit, min_frequency=min_frequency)
+
+    def examples(self, sae_id: str, latent: int) -> list[dict[str, Any]]:
+        """The stored top contexts of one latent, read from Parquet by a filter (not the whole file)."""
+        sae = self.registry.get(SAE, sae_id)
+        if sae is None or not sae.get("features_path"):
+            raise UserError(f"SAE {sae_id!r} has no discovered features; run: mistudio discover run --sae {sae_id}")
+        return read_examples(f"{sae['features_path']}/examples.parquet", latent)
+
+    def feature_table(self, sae_id: str):
+        sae = self.registry.get(SAE, sae_id)
+        return pq.read_table(f"{sae['features_path']}/features.parquet")

@@ -1,0 +1,111 @@
+"""One Ray cluster per deployment, shared by the CLI, the dashboard and `ray job submit`.
+
+`connect` attaches to, in order: an already initialised Ray (inside a Ray job), the address in
+MISTUDIO_RAY_ADDRESS, or the local head whose address is recorded under the data root —
+starting that head (`ray start --head` on free ports) when none answers. The special address
+"local" starts a private in-process Ray instead (tests and notebooks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import ray
+
+from actors.manager import JobManager
+from actors.progress import ProgressActor
+from actors.worker import NAMESPACE
+from core.errors import UserError
+from storage import Settings
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(address: str, timeout: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def head_file(settings: Settings) -> Path:
+    return settings.home / "ray_head.json"
+
+
+def recorded_head(settings: Settings) -> dict | None:
+    """The local head recorded under the data root, if it still answers."""
+    f = head_file(settings)
+    if f.exists():
+        head = json.loads(f.read_text())
+        if _answers(head["address"]):
+            return head
+    return None
+
+
+def start_head(settings: Settings) -> dict:
+    """Start a local Ray head with the dashboard (the Jobs API needs it) and record its address."""
+    ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    port, dash = _free_port(), _free_port()
+    cmd = [ray_exe, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--num-cpus={os.cpu_count() or 1}", "--disable-usage-stats"]
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"could not start a local Ray head: {proc.stderr.strip().splitlines()[-1:]}")
+    head = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
+    settings.home.mkdir(parents=True, exist_ok=True)
+    head_file(settings).write_text(json.dumps(head))
+    return head
+
+
+def connect(settings: Settings, start: bool = True) -> None:
+    """Attach this process to the deployment's Ray cluster and make sure the actors exist."""
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        address = settings.ray_address
+        if address == "local":
+            ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        else:
+            if not address:
+                head = recorded_head(settings) or (start_head(settings) if start else None)
+                if head is None:
+                    raise UserError("no miStudio Ray cluster is running; start one with: mistudio demo (or mistudio ui)")
+                address = head["address"]
+            elif not _answers(address.removeprefix("ray://")):
+                raise UserError(f"the Ray cluster at {address} does not answer; check MISTUDIO_RAY_ADDRESS")
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+    ensure_actors(settings)
+
+
+def ensure_actors(settings: Settings):
+    """The named, detached ProgressActor and JobManager (created once, found afterwards)."""
+    opts = {"namespace": NAMESPACE, "get_if_exists": True, "lifetime": "detached"}
+    progress = ProgressActor.options(name="progress", **opts).remote()
+    manager = JobManager.options(name="job_manager", **opts).remote(settings.to_env())
+    return progress, manager
+
+
+def stop_head(settings: Settings) -> bool:
+    """Stop the local head recorded under the data root (and its actors)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    if recorded_head(settings) is None:
+        return False
+    ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    subprocess.run([ray_exe, "stop", "--force"], capture_output=True)
+    head_file(settings).unlink(missing_ok=True)
+    return True

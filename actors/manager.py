@@ -1,0 +1,250 @@
+"""JobManager: the queue, every job's lifecycle, and the one writer of the registry.
+
+`submit` validates a spec, persists the job as `queued` and shows 0% at once; a dispatcher
+thread hands jobs to the ModelWorker in order, one step at a time, and records each state
+change (`queued → loading → running → saving → completed | failed | cancelled`) and each
+step's outputs (activations, SAEs, features) in the registry.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import ray
+
+from actors import specs
+from actors.worker import NAMESPACE, ModelWorker
+from core import hooks
+from core.errors import Cancelled, UserError
+from storage import Artifacts, Registry, Settings
+from storage.registry import SAE, Activation, Dataset, Job, Model, new_id
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "item"
+
+
+@ray.remote(num_cpus=0, max_concurrency=16)
+class JobManager:
+    def __init__(self, settings_env: dict[str, str]):
+        self.settings_env = settings_env
+        self.settings = Settings.from_env(settings_env)
+        self.registry = Registry(self.settings.database_url)
+        self.artifacts = Artifacts(self.settings.home)
+        self.progress = ray.get_actor("progress", namespace=NAMESPACE)
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._worker = None
+        # Jobs left unfinished by a previous manager cannot be resumed yet: say so instead of
+        # leaving them "running" forever.
+        for job in self.registry.active_jobs():
+            self.registry.set_job_state(job["id"], "failed", message="interrupted: the job manager restarted")
+        threading.Thread(target=self._dispatch, daemon=True, name="dispatcher").start()
+
+    # -- API -----------------------------------------------------------------------
+    def submit(self, kind: str, values: dict[str, Any]) -> dict[str, Any]:
+        """Validate and enqueue; raises UserError (also recorded as a failed job) on bad input."""
+        spec = specs.parse_spec(kind, values)
+        refs = {k: getattr(spec, k) for k in ("model_id", "dataset_id", "sae_id") if hasattr(spec, k)}
+        job = self.registry.create_job(kind, specs.to_dict(spec), **refs)
+        try:
+            self._validate(kind, spec)
+        except UserError as e:
+            self.registry.set_job_state(job["id"], "failed", message=str(e))
+            raise
+        self.progress.report.remote(job["id"], {"phase": "queued", "done": 0, "fraction": 0.0,
+                                                "message": "queued, waiting for a worker"})
+        self._queue.put(job["id"])
+        return job
+
+    def set_state(self, job_id: str, state: str, message: str = "") -> None:
+        values = {"message": message} if message else {}
+        self.registry.set_job_state(job_id, state, **values)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        job = self.registry.get(Job, job_id)
+        if job is None:
+            raise UserError(f"no job {job_id!r}; list jobs with: mistudio jobs list")
+        ray.get(self.progress.cancel.remote(job_id))
+        if job["state"] == "queued":  # never started: cancelled at once
+            return self.registry.set_job_state(job_id, "cancelled", message="cancelled before it started")
+        return job
+
+    def worker_status(self) -> dict[str, Any] | None:
+        return ray.get(self._worker.status.remote()) if self._worker else None
+
+    # -- validation ------------------------------------------------------------------
+    def _need(self, table, key: str, what: str, hint: str) -> dict[str, Any]:
+        row = self.registry.get(table, key)
+        if row is None:
+            raise UserError(f"{what} {key!r} is not registered; {hint}")
+        return row
+
+    def _validate(self, kind: str, spec) -> None:
+        if kind == "add_model" and spec.source != "embedded" and spec.source.endswith(".gguf") \
+                and not Path(spec.source).expanduser().exists():
+            raise UserError(f"model file {spec.source} does not exist; check the path")
+        if kind == "add_dataset":
+            self._need(Model, spec.model_id, "model", "add it first with: mistudio models add")
+        if kind in ("extract", "pipeline"):
+            model = self._need(Model, spec.model_id, "model", "add it first with: mistudio models add")
+            self._need(Dataset, spec.dataset_id, "dataset", "add it first with: mistudio datasets add")
+            layers = spec.layers if kind == "extract" else [spec.layer]
+            for layer in layers:
+                if not 0 <= layer < model["n_layers"]:
+                    raise UserError(f"layer {layer} is out of range: {model['id']} has {model['n_layers']} "
+                                    f"layers (0-{model['n_layers'] - 1}); pick a layer within it")
+            if spec.site not in hooks.SITES:
+                raise UserError(f"unknown hook site {spec.site!r}; choose one of {', '.join(hooks.SITES)}")
+            if kind == "pipeline":
+                self._check_k(specs.train_config(spec.train), model["d_model"])
+        if kind == "train":
+            act = self._need(Activation, spec.activation_id, "activation set", "list them with: mistudio extract list")
+            self._check_k(specs.train_config(spec.config), act["d_model"])
+        if kind == "discover":
+            self._need(SAE, spec.sae_id, "SAE", "list them with: mistudio train list")
+            self._need(Dataset, spec.dataset_id, "dataset", "add it first with: mistudio datasets add")
+        if kind in ("discover", "pipeline"):
+            specs.discover_config(spec.top_k)
+
+    @staticmethod
+    def _check_k(cfg, d_in: int) -> None:
+        width = d_in * cfg.expansion_factor
+        if not 1 <= cfg.k <= width:
+            raise UserError(f"k={cfg.k} must be between 1 and the SAE width {width} "
+                            f"({d_in} x expansion {cfg.expansion_factor}); lower k or raise the expansion factor")
+
+    # -- dispatch --------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            job = self.registry.get(Job, job_id)
+            if job is None or job["state"] != "queued":
+                continue  # cancelled while waiting
+            self._run(job)
+
+    def _run(self, job: dict[str, Any]) -> None:
+        job_id, kind = job["id"], job["kind"]
+        spec = specs.parse_spec(kind, job["spec"])
+        try:
+            result = getattr(self, f"_job_{kind}")(job_id, spec)
+        except Exception as e:  # noqa: BLE001 - every failure must land in the job record
+            cause = getattr(e, "cause", None) or e
+            if isinstance(cause, Cancelled):
+                state, message = "cancelled", "cancelled by request"
+            elif isinstance(cause, UserError):
+                state, message = "failed", str(cause)
+            elif isinstance(e, ray.exceptions.ActorDiedError):
+                state, message = "failed", "the model worker died; the job can be retried"
+                self._worker = None
+            else:
+                state, message = "failed", f"{type(cause).__name__}: {cause}"
+                traceback.print_exc()
+            self.registry.set_job_state(job_id, state, message=message.splitlines()[0] if message else state)
+            self.progress.report.remote(job_id, {"phase": state, "message": message})
+            return
+        self.registry.set_job_state(job_id, "completed", message="completed", result=result)
+        self.progress.report.remote(job_id, {"phase": "completed", "fraction": 1.0, "message": "completed"})
+
+    def _call(self, job_id: str, step: str, plan: dict[str, Any]) -> dict[str, Any]:
+        if self._worker is None:
+            self._worker = ModelWorker.options(
+                name="model_worker", namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+                num_cpus=self.settings.cpus_per_worker, num_gpus=self.settings.num_gpus,
+            ).remote(self.settings_env)
+        self.registry.update(Job, job_id, step=step)
+        return ray.get(self._worker.run.remote(job_id, step, plan))
+
+    # -- job kinds: each builds step plans with paths and records the outputs --------------
+    def _job_add_model(self, job_id: str, spec: specs.AddModelSpec) -> dict[str, Any]:
+        name = spec.name or ("SmolLM2-135M-Instruct" if spec.source == "embedded" else Path(spec.source).stem
+                             if Path(spec.source).exists() else spec.source)
+        model_id = slug(name)
+        out = self.artifacts.model(model_id)
+        info = self._call(job_id, "add_model", {"model_id": model_id, "source": spec.source, "out_dir": str(out),
+                                                "dtype": spec.dtype, "trust_remote_code": spec.trust_remote_code})
+        self.registry.add(Model(id=model_id, name=name, source=spec.source, **info))
+        self.registry.update(Job, job_id, model_id=model_id)
+        return {"model_id": model_id}
+
+    def _job_add_dataset(self, job_id: str, spec: specs.AddDatasetSpec) -> dict[str, Any]:
+        model = self.registry.get(Model, spec.model_id)
+        name = spec.name or (Path(spec.source).stem if spec.source != "builtin" else "stdlib-docs")
+        dataset_id = new_id(slug(name))
+        out = self.artifacts.dataset(dataset_id)
+        stats = self._call(job_id, "add_dataset", {
+            "model_id": spec.model_id, "model_path": model["path"], "source": spec.source, "out_dir": str(out),
+            "text_column": spec.text_column, "context_length": spec.context_length,
+            "max_documents": spec.max_documents})
+        self.registry.add(Dataset(id=dataset_id, name=name, source=spec.source, text_column=spec.text_column,
+                                  model_id=spec.model_id, context_length=spec.context_length, path=str(out),
+                                  documents=stats["documents"], rows=stats["rows"], tokens=stats["tokens"],
+                                  stats=stats))
+        self.registry.update(Job, job_id, dataset_id=dataset_id)
+        return {"dataset_id": dataset_id, **{k: stats[k] for k in ("documents", "rows", "tokens")}}
+
+    def _job_extract(self, job_id: str, spec: specs.ExtractSpec) -> dict[str, Any]:
+        model = self.registry.get(Model, spec.model_id)
+        dataset = self.registry.get(Dataset, spec.dataset_id)
+        names = [hooks.hook_name(layer, spec.site) for layer in spec.layers]
+        out = self.artifacts.activations(job_id)
+        res = self._call(job_id, "extract", {
+            "model_id": model["id"], "model_path": model["path"], "dataset_path": dataset["path"],
+            "hook_names": names, "out_dir": str(out), "batch_size": spec.batch_size, "max_tokens": spec.max_tokens})
+        ids = {}
+        for name, st in res["hooks"].items():
+            ids[name] = new_id("act")
+            self.registry.add(Activation(id=ids[name], job_id=job_id, model_id=model["id"], dataset_id=dataset["id"],
+                                         hook_name=name, path=str(out / name), tokens=st["tokens"],
+                                         d_model=st["d_model"], stats=st))
+        return {"activation_ids": ids, "seconds": res["seconds"]}
+
+    def _job_train(self, job_id: str, spec: specs.TrainSpec) -> dict[str, Any]:
+        act = self.registry.get(Activation, spec.activation_id)
+        model = self.registry.get(Model, act["model_id"])
+        dataset = self.registry.get(Dataset, act["dataset_id"])
+        sae_id = new_id("sae")
+        out = self.artifacts.sae(sae_id)
+        meta = {"model_name": model["name"], "hook_name": act["hook_name"],
+                "context_size": dataset["context_length"], "dataset_path": dataset["source"]}
+        res = self._call(job_id, "train", {"hook_dir": act["path"], "out_dir": str(out), "config": spec.config,
+                                           "meta": meta})
+        self.set_state(job_id, "saving", "recording the SAE")
+        self.registry.add(SAE(id=sae_id, name=f"{model['id']}/{act['hook_name']}/topk-{res['k']}",
+                              model_id=model["id"], hook_name=act["hook_name"], architecture=res["architecture"],
+                              d_in=res["d_in"], d_sae=res["d_sae"], k=res["k"], path=str(out),
+                              training_job_id=job_id, activation_id=act["id"], metrics=res["final"],
+                              history=res["history"]))
+        self.registry.update(Job, job_id, sae_id=sae_id)
+        return {"sae_id": sae_id, **res["final"]}
+
+    def _job_discover(self, job_id: str, spec: specs.DiscoverSpec) -> dict[str, Any]:
+        sae = self.registry.get(SAE, spec.sae_id)
+        model = self.registry.get(Model, sae["model_id"])
+        dataset = self.registry.get(Dataset, spec.dataset_id)
+        out = self.artifacts.features(sae["id"])
+        res = self._call(job_id, "discover", {
+            "model_id": model["id"], "model_path": model["path"], "sae_path": sae["path"],
+            "dataset_path": dataset["path"], "out_dir": str(out), "top_k": spec.top_k,
+            "batch_size": spec.batch_size, "max_tokens": spec.max_tokens})
+        self.set_state(job_id, "saving", "recording features")
+        cols = ["latent", "n_fired", "frequency", "max_act", "mean_act", "top_tokens"]
+        rows = pq.read_table(out / "features.parquet", columns=cols).to_pylist()
+        self.registry.replace_features(sae["id"], rows)
+        self.registry.update(SAE, sae["id"], features_path=str(out))
+        return {k: v for k, v in res.items() if k != "paths"}
+
+    def _job_pipeline(self, job_id: str, spec: specs.PipelineSpec) -> dict[str, Any]:
+        ext = self._job_extract(job_id, specs.ExtractSpec(spec.model_id, spec.dataset_id, [spec.layer], spec.site,
+                                                           spec.batch_size, spec.max_tokens))
+        (act_id,) = ext["activation_ids"].values()
+        tr = self._job_train(job_id, specs.TrainSpec(act_id, spec.train))
+        disc = self._job_discover(job_id, specs.DiscoverSpec(tr["sae_id"], spec.dataset_id, spec.top_k,
+                                                             spec.batch_size, spec.max_tokens))
+        return {"activation_id": act_id, "train": tr, "discover": disc, "sae_id": tr["sae_id"]}
+

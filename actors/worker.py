@@ -1,0 +1,132 @@
+"""ModelWorker: a long-lived Ray actor that keeps models loaded and runs job steps.
+
+It owns the expensive resources (loaded models, a GPU when configured) and translates a step
+plan from the JobManager into `core.pipeline` calls. It never writes the registry: results go
+back to the JobManager as plain dicts of numbers and paths. Heavy work runs on one thread
+(the "work" group); status queries use their own group so they answer while a job runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from actors.progress import Reporter
+from core import models, pipeline
+from core.discover import DiscoverConfig
+from core.train import TrainConfig
+from storage.settings import Settings
+
+NAMESPACE = "mistudio"
+
+
+@ray.remote(concurrency_groups={"work": 1, "status": 2})
+class ModelWorker:
+    def __init__(self, settings_env: dict[str, str]):
+        self.settings = Settings.from_env(settings_env)
+        # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1 by default); size torch on purpose.
+        torch.set_num_threads(self.settings.cpus_per_worker)
+        self.device = "cuda" if self.settings.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.models: dict[str, tuple[Any, Any]] = {}
+        self.busy: str | None = None
+        self.progress = ray.get_actor("progress", namespace=NAMESPACE)
+        self.manager = ray.get_actor("job_manager", namespace=NAMESPACE)
+
+    # -- status (answers while a job runs) ----------------------------------------
+    @ray.method(concurrency_group="status")
+    def status(self) -> dict[str, Any]:
+        return {"loaded": list(self.models), "busy": self.busy, "device": self.device,
+                "threads": torch.get_num_threads(), "pid": os.getpid()}
+
+    # -- work ----------------------------------------------------------------------
+    @ray.method(concurrency_group="work")
+    def run(self, job_id: str, step: str, plan: dict[str, Any]) -> dict[str, Any]:
+        """Run one step of a job; raises UserError / Cancelled / anything else to the manager."""
+        self.busy = job_id
+        report = Reporter(self.progress, job_id, step)
+        try:
+            report({"phase": step, "done": 0, "message": f"{step}: starting"}, force=True)
+            result = getattr(self, f"_{step}")(job_id, plan, report)
+            report.flush()
+            return result
+        finally:
+            self.busy = None
+
+    def _state(self, job_id: str, state: str, message: str = "") -> None:
+        self.manager.set_state.remote(job_id, state, message)
+
+    def _model(self, job_id: str, model_id: str, path: str):
+        """The loaded model, loading it (state `loading`) only when this worker lacks it."""
+        if model_id not in self.models:
+            self._state(job_id, "loading", f"loading model {model_id}")
+            self.models[model_id] = models.load_model(path, device=self.device)
+        self._state(job_id, "running")
+        return self.models[model_id]
+
+    def _add_model(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
+        self._state(job_id, "loading", f"loading {plan['source']}")
+        source, out_dir = plan["source"], Path(plan["out_dir"])
+        if source == "embedded":
+            source = str(models.embedded_gguf_path())
+        if source.endswith(".gguf"):
+            if not out_dir.exists():  # converting once makes every later load fast
+                models.convert_gguf(Path(source), out_dir)
+            path = str(out_dir)
+        else:
+            path = source
+        model, tok = models.load_model(path, device=self.device, dtype=plan["dtype"],
+                                       trust_remote_code=plan["trust_remote_code"])
+        if path != str(out_dir) and not Path(path).exists():
+            self._state(job_id, "saving")  # a hub model: keep a local copy so later loads are offline
+            from core.io import atomic_dir
+            with atomic_dir(out_dir) as tmp:
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+            path = str(out_dir)
+        self.models[plan["model_id"]] = (model, tok)
+        return {"path": path, **models.model_info(model).__dict__}
+
+    def _add_dataset(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        self._state(job_id, "running", f"tokenizing {plan['source']}")
+        if plan["model_id"] in self.models:
+            tok = self.models[plan["model_id"]][1]
+        else:
+            tok = AutoTokenizer.from_pretrained(plan["model_path"])
+        stats = pipeline.tokenize_dataset(tok, plan["source"], Path(plan["out_dir"]), plan["text_column"],
+                                          plan["context_length"], plan["max_documents"], progress=report)
+        return stats.to_dict()
+
+    def _extract(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
+        model, tok = self._model(job_id, plan["model_id"], plan["model_path"])
+        t0 = time.perf_counter()
+        stats = pipeline.extract_activations(
+            model, tok, Path(plan["dataset_path"]), plan["hook_names"], Path(plan["out_dir"]),
+            batch_size=plan["batch_size"], max_tokens=plan["max_tokens"],
+            progress=report, should_cancel=report.should_cancel)
+        return {"hooks": {h: s.to_dict() for h, s in stats.items()}, "seconds": time.perf_counter() - t0}
+
+    def _train(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
+        self._state(job_id, "running")
+        cfg = TrainConfig(**plan["config"])
+        if self.device == "cuda":
+            cfg.device = "cuda"
+        result, sae_cfg = pipeline.train_on_activations(
+            Path(plan["hook_dir"]), Path(plan["out_dir"]), cfg, plan["meta"],
+            progress=report, should_cancel=report.should_cancel)
+        return {"final": result.final, "history": result.history, "d_in": sae_cfg.d_in,
+                "d_sae": sae_cfg.d_sae, "k": sae_cfg.k, "architecture": sae_cfg.architecture}
+
+    def _discover(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
+        model, tok = self._model(job_id, plan["model_id"], plan["model_path"])
+        summary = pipeline.discover_features(
+            model, tok, Path(plan["sae_path"]), Path(plan["dataset_path"]), Path(plan["out_dir"]),
+            DiscoverConfig(top_k=plan["top_k"]), batch_size=plan["batch_size"],
+            max_tokens=plan["max_tokens"], progress=report, should_cancel=report.should_cancel)
+        return summary._asdict()

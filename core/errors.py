@@ -1,0 +1,14 @@
+"""Errors the engine raises on purpose.
+
+`UserError` carries a one-line message that names what is wrong and how to fix it; the CLI
+prints it as is and the JobManager stores it on the job record. `Cancelled` unwinds a job
+whose cancel flag was seen at a batch boundary.
+"""
+
+
+class UserError(ValueError):
+    """Bad input: the message says what is wrong and how to fix it, on one line."""
+
+
+class Cancelled(RuntimeError):
+    """The job was cancelled; raised at a batch boundary."""

@@ -1,0 +1,233 @@
+"""Hooked extraction: activations of every real (unpadded) token, streamed to Parquet shards.
+
+Layout, one folder per hook under the extraction folder:
+
+    {out_dir}/{hook_name}/shard-00000.parquet, ...   act: fixed_size_list<float32, d_model>
+                                                    row_id: int64, pos: int32, token_id: int32
+    {out_dir}/{hook_name}/stats.json                 HookStats
+
+`act` as a fixed-size list keeps the values one contiguous float32 buffer, so readers get
+[N, d] numpy arrays without copying (`iter_activations`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from core.data import TokenBatch
+from core.errors import Cancelled, UserError
+from core.hooks import run_hooked, validate_hooks
+from core.io import atomic_dir
+
+NORM_SAMPLE = 100_000
+"""Size of the reservoir of token norms the median is taken from."""
+
+
+@dataclass
+class HookStats:
+    """Summary of the activations extracted at one hook site."""
+
+    hook_name: str
+    tokens: int
+    """Token positions extracted (padding excluded)."""
+    d_model: int
+    mean_norm: float
+    """Mean L2 norm of a token's activation vector."""
+    median_norm: float
+    """Median L2 norm, from a uniform sample of up to NORM_SAMPLE tokens."""
+    max_norm: float
+    mean: float
+    """Mean over all tokens and dimensions."""
+    std: float
+    """Standard deviation over all tokens and dimensions."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _RunningStats:
+    """Exact sums in float64 plus a reservoir sample of norms for the median."""
+
+    def __init__(self, seed: int = 0):
+        self.n = 0
+        self.d = 0
+        self.norm_sum = 0.0
+        self.max_norm = 0.0
+        self.total = 0.0
+        self.total_sq = 0.0
+        self.reservoir = np.empty(NORM_SAMPLE, dtype=np.float32)
+        self.rng = np.random.default_rng(seed)
+
+    def update(self, acts: np.ndarray) -> None:
+        if len(acts) == 0:
+            return
+        a64 = acts.astype(np.float64)
+        norms = np.sqrt((a64 * a64).sum(axis=1))
+        self.d = acts.shape[1]
+        self.norm_sum += float(norms.sum())
+        self.max_norm = max(self.max_norm, float(norms.max()))
+        self.total += float(a64.sum())
+        self.total_sq += float((a64 * a64).sum())
+        self._sample(norms.astype(np.float32))
+        self.n += len(acts)
+
+    def _sample(self, norms: np.ndarray) -> None:
+        # Reservoir sampling (Algorithm R), vectorised over a batch of new items.
+        fill = min(max(NORM_SAMPLE - self.n, 0), len(norms))
+        self.reservoir[self.n:self.n + fill] = norms[:fill]
+        rest = norms[fill:]
+        if len(rest):
+            seen = self.n + fill + np.arange(len(rest))  # items seen before each new one
+            slots = (self.rng.random(len(rest)) * (seen + 1)).astype(np.int64)
+            keep = slots < NORM_SAMPLE
+            self.reservoir[slots[keep]] = rest[keep]
+
+    def result(self, hook_name: str) -> HookStats:
+        n = max(self.n, 1)
+        count = max(self.n * self.d, 1)
+        mean = self.total / count
+        sample = self.reservoir[:min(self.n, NORM_SAMPLE)]
+        return HookStats(
+            hook_name=hook_name, tokens=self.n, d_model=self.d,
+            mean_norm=self.norm_sum / n,
+            median_norm=float(np.median(sample)) if len(sample) else 0.0,
+            max_norm=self.max_norm, mean=mean,
+            std=float(np.sqrt(max(self.total_sq / count - mean * mean, 0.0))),
+        )
+
+
+class _ActivationWriter:
+    """Buffers one hook's activations and writes a shard every `shard_tokens` tokens."""
+
+    def __init__(self, folder: Path, shard_tokens: int):
+        self.folder, self.shard_tokens = folder, shard_tokens
+        folder.mkdir(parents=True)
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.buffered = 0
+        self.shards = 0
+
+    def add(self, acts: np.ndarray, row_ids: np.ndarray, pos: np.ndarray, token_ids: np.ndarray) -> None:
+        self.parts.append((acts, row_ids, pos, token_ids))
+        self.buffered += len(acts)
+        if self.buffered < self.shard_tokens:
+            return
+        cols = [np.concatenate(c) for c in zip(*self.parts)]
+        start = 0
+        while self.buffered - start >= self.shard_tokens:
+            self._write([c[start:start + self.shard_tokens] for c in cols])
+            start += self.shard_tokens
+        self.buffered -= start
+        self.parts = [tuple(c[start:] for c in cols)] if self.buffered else []
+
+    def close(self) -> None:
+        if self.buffered:
+            self._write([np.concatenate(c) for c in zip(*self.parts)])
+            self.parts, self.buffered = [], 0
+
+    def _write(self, cols: list[np.ndarray]) -> None:
+        acts, row_ids, pos, token_ids = cols
+        table = pa.Table.from_arrays(
+            [pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(acts).reshape(-1)), acts.shape[1]),
+             pa.array(row_ids), pa.array(pos), pa.array(token_ids)],
+            names=["act", "row_id", "pos", "token_id"])
+        # Float activations barely compress; skipping compression keeps writes and reads fast.
+        pq.write_table(table, self.folder / f"shard-{self.shards:05d}.parquet",
+                       compression="none", use_dictionary=False)
+        self.shards += 1
+
+
+def extract(model, batches: Iterable[TokenBatch], hook_names: list[str], out_dir,
+            shard_tokens: int = 16384, progress: Callable[[dict], None] | None = None,
+            should_cancel: Callable[[], bool] | None = None, *,
+            total_tokens: int | None = None) -> dict[str, HookStats]:
+    """Run the model over `batches` and save the activations of every unpadded token.
+
+    The forward stops after the deepest hooked layer. Memory stays bounded by one shard per
+    hook plus one batch. `out_dir` appears only when the whole run succeeded. `total_tokens`
+    (optional) lets progress report a total and an ETA.
+    """
+    validate_hooks(model, hook_names)
+    if shard_tokens < 1:
+        raise UserError(f"shard size must be positive, got {shard_tokens} tokens")
+    names = list(dict.fromkeys(hook_names))
+    stats = {name: _RunningStats() for name in names}
+    done = 0
+    start = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        writers = {name: _ActivationWriter(tmp / name, shard_tokens) for name in names}
+        for batch in batches:
+            if should_cancel is not None and should_cancel():
+                raise Cancelled("extraction cancelled")
+            done += _extract_batch(model, batch, names, writers, stats)
+            if progress is not None:
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                rate = done / elapsed
+                eta = (total_tokens - done) / rate if total_tokens and rate > 0 else None
+                progress({"phase": "extract", "done": done, "total": total_tokens, "unit": "tokens",
+                          "samples_per_s": rate, "eta_s": eta})
+        if done == 0:
+            raise UserError("no tokens to extract: the batches were empty; check the dataset")
+        for name in names:
+            writers[name].close()
+            result = stats[name].result(name)
+            (tmp / name / "stats.json").write_text(json.dumps(result.to_dict(), indent=1))
+    return {name: stats[name].result(name) for name in names}
+
+
+def _extract_batch(model, batch: TokenBatch, names: list[str], writers, stats) -> int:
+    """Hook one batch, keep the real tokens, hand them to the writers. Returns the token count."""
+    acts = run_hooked(model, batch.input_ids, batch.attention_mask, names)
+    mask = batch.attention_mask.bool()
+    b, t = mask.shape
+    row_ids = batch.row_ids.view(b, 1).expand(b, t)[mask].numpy()
+    pos = torch.arange(t, dtype=torch.int32).view(1, t).expand(b, t)[mask].numpy()
+    token_ids = batch.input_ids[mask].to(torch.int32).numpy()
+    for name in names:
+        # Mask on the model's device, then move only the real tokens.
+        kept = acts[name][mask.to(acts[name].device)].cpu().numpy()
+        stats[name].update(kept)
+        writers[name].add(kept, row_ids, pos, token_ids)
+    return int(mask.sum())
+
+
+def _shards(hook_dir) -> list[Path]:
+    files = sorted(Path(hook_dir).glob("shard-*.parquet"))
+    if not files:
+        raise UserError(f"no activation shards in {hook_dir}; run the extraction first")
+    return files
+
+
+def iter_activations(hook_dir, batch_tokens: int = 4096) -> Iterator[np.ndarray]:
+    """Yield float32 [N, d_model] arrays (N ≤ batch_tokens), shard by shard, in token order.
+
+    The arrays are zero-copy views of Arrow buffers and therefore read-only: copy before
+    modifying in place (torch.from_numpy of them warns; use torch.tensor or np.array).
+    """
+    for shard in _shards(hook_dir):
+        pf = pq.ParquetFile(shard)
+        d = pf.schema_arrow.field("act").type.list_size
+        for rb in pf.iter_batches(batch_size=batch_tokens, columns=["act"]):
+            # flatten() respects a slice offset, unlike .values; both are zero-copy.
+            yield rb.column(0).flatten().to_numpy(zero_copy_only=True).reshape(-1, d)
+
+
+def read_hook_stats(hook_dir) -> HookStats:
+    """The stats.json written by `extract` for one hook."""
+    path = Path(hook_dir) / "stats.json"
+    if not path.is_file():
+        raise UserError(f"no stats.json in {hook_dir}; run the extraction first")
+    return HookStats(**json.loads(path.read_text()))
+
+
+def count_activations(hook_dir) -> int:
+    """Number of token activations stored for one hook (from Parquet metadata, no data read)."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in _shards(hook_dir))

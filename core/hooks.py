@@ -1,0 +1,135 @@
+"""Hook sites with TransformerLens names, and a forward pass that captures them.
+
+One site, one name, everywhere (extraction, training, discovery, steering, export):
+
+* `blocks.{L}.hook_resid_pre`  — the residual stream entering decoder block L
+* `blocks.{L}.hook_resid_post` — the residual stream leaving block L (the block's output)
+* `blocks.{L}.hook_attn_out`   — the attention sublayer's output, before it is added back
+* `blocks.{L}.hook_mlp_out`    — the MLP sublayer's output, before it is added back
+
+`run_hooked` stops the forward pass as soon as every requested site has been captured, so
+layers past the deepest hooked one never run: that is the main lever on extraction speed.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from core.errors import UserError
+from core.models import find_layers
+
+SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+_NAME = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")
+_FORM = "blocks.{L}.hook_{site} with site one of " + ", ".join(SITES)
+
+# Child-module names of a decoder block's sublayers across Hugging Face architectures.
+_SUBLAYER_NAMES = {
+    "mlp_out": ("mlp", "feed_forward", "ffn"),
+    "attn_out": ("self_attn", "attn", "attention", "self_attention"),
+}
+
+
+def hook_name(layer: int, site: str = "resid_post") -> str:
+    """TransformerLens name of a hook site, e.g. hook_name(6) == "blocks.6.hook_resid_post"."""
+    if site not in SITES:
+        raise UserError(f"unknown hook site '{site}'; use one of: {', '.join(SITES)}")
+    return f"blocks.{int(layer)}.hook_{site}"
+
+
+def parse_hook_name(name: str) -> tuple[int, str]:
+    """(layer, site) of a hook name like "blocks.6.hook_resid_post"."""
+    m = _NAME.match(name.strip())
+    if m is None or m.group(2) not in SITES:
+        raise UserError(f"malformed hook name '{name}'; expected {_FORM}, e.g. blocks.6.hook_resid_post")
+    return int(m.group(1)), m.group(2)
+
+
+def _sublayer(block: torch.nn.Module, site: str) -> torch.nn.Module:
+    """The attention or MLP submodule of a decoder block, found by its conventional name."""
+    for attr in _SUBLAYER_NAMES[site]:
+        module = getattr(block, attr, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise UserError(f"cannot find the {site.removesuffix('_out')} sublayer in {type(block).__name__} "
+                    f"(looked for {', '.join(_SUBLAYER_NAMES[site])}); use hook_resid_post or hook_resid_pre")
+
+
+def validate_hooks(model, names: list[str]) -> None:
+    """Raise UserError unless every name parses and points at an existing layer and sublayer."""
+    if not names:
+        raise UserError("no hook names given; pass at least one, e.g. blocks.6.hook_resid_post")
+    layers = find_layers(model)
+    n = len(layers)
+    for name in names:
+        layer, site = parse_hook_name(name)
+        if layer >= n:
+            raise UserError(f"layer {layer} is out of range: the model has {n} layers (0-{n - 1}); "
+                            "pick --layers within it")
+        if site in _SUBLAYER_NAMES:
+            _sublayer(layers[layer], site)
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every requested site is captured, to skip the remaining layers."""
+
+
+def _first_tensor(output) -> torch.Tensor:
+    # Decoder blocks and attention modules return a tensor or a tuple whose first item is it.
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def run_hooked(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               hook_names: list[str]) -> dict[str, torch.Tensor]:
+    """Forward `input_ids` and return {hook name: float32 activations [B, T, d_model]}.
+
+    The forward stops right after the last requested site is captured. Tensors stay on the
+    model's device and are copies, detached from the graph.
+    """
+    validate_hooks(model, hook_names)
+    layers = find_layers(model)
+    wanted = list(dict.fromkeys(hook_names))  # dedupe, keep order
+    captured: dict[str, torch.Tensor] = {}
+
+    def store(name: str, tensor: torch.Tensor) -> None:
+        # A copy: the model may reuse or modify its buffers after the hook returns.
+        captured[name] = tensor.detach().to(torch.float32, copy=True)
+        if len(captured) == len(wanted):
+            raise _StopForward
+
+    def post_hook(name):
+        return lambda module, args, output: store(name, _first_tensor(output))
+
+    def pre_hook(name):
+        def hook(module, args, kwargs):
+            # Some models pass hidden_states as a keyword argument.
+            store(name, args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    handles = []
+    try:
+        for name in wanted:
+            layer, site = parse_hook_name(name)
+            block = layers[layer]
+            if site == "resid_pre":
+                handles.append(block.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
+            elif site == "resid_post":
+                handles.append(block.register_forward_hook(post_hook(name)))
+            else:
+                handles.append(_sublayer(block, site).register_forward_hook(post_hook(name)))
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            try:
+                model(input_ids=input_ids.to(device),
+                      attention_mask=None if attention_mask is None else attention_mask.to(device),
+                      use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in wanted if n not in captured]
+    if missing:
+        raise RuntimeError(f"hooks never fired for {missing}; the model did not run those modules")
+    return {name: captured[name] for name in hook_names}

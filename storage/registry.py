@@ -1,0 +1,237 @@
+"""The registry: what exists (models, datasets, activations, SAEs, features) and every job.
+
+SQLAlchemy 2 ORM over SQLite by default (PostgreSQL for a team). The JobManager actor is the
+one writer; the dashboard and CLI only read. Large results live as files under the data root
+(`storage.artifacts`); rows hold their paths and summary numbers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+JOB_STATES = ("queued", "loading", "running", "saving", "completed", "failed", "cancelled")
+FINAL_STATES = ("completed", "failed", "cancelled")
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {c.key: getattr(self, c.key) for c in self.__mapper__.column_attrs}
+
+
+class Model(Base):
+    __tablename__ = "models"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    source: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)
+    architecture: Mapped[str] = mapped_column(String(64))
+    n_layers: Mapped[int] = mapped_column(Integer)
+    d_model: Mapped[int] = mapped_column(Integer)
+    n_params: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(16))
+    vocab_size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    source: Mapped[str] = mapped_column(Text)
+    text_column: Mapped[str] = mapped_column(String(128))
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
+    """Token shards depend on the tokenizer, so a dataset is tokenized for one model."""
+    context_length: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    documents: Mapped[int] = mapped_column(Integer)
+    rows: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Integer)
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    model_id: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    dataset_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    sae_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    step: Mapped[str] = mapped_column(String(32), default="")
+    """Pipeline step in progress (extract, train, discover)."""
+    message: Mapped[str] = mapped_column(Text, default="")
+    """Human-readable status, or the one-line reason a job failed."""
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+
+
+class Activation(Base):
+    """One hook site's activations from one extraction job."""
+
+    __tablename__ = "activations"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    hook_name: Mapped[str] = mapped_column(String(128))
+    path: Mapped[str] = mapped_column(Text)
+    tokens: Mapped[int] = mapped_column(Integer)
+    d_model: Mapped[int] = mapped_column(Integer)
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+
+
+class SAE(Base):
+    __tablename__ = "saes"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    model_id: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    hook_name: Mapped[str] = mapped_column(String(128))
+    architecture: Mapped[str] = mapped_column(String(32))
+    d_in: Mapped[int] = mapped_column(Integer)
+    d_sae: Mapped[int] = mapped_column(Integer)
+    k: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    path: Mapped[str] = mapped_column(Text)
+    training_job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    activation_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    history: Mapped[list[Any]] = mapped_column(default=list)
+    """Training metrics at every log step, for the loss/FVU/L0 charts."""
+    features_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Folder with features.parquet + examples.parquet once discovery ran."""
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+
+
+class Feature(Base):
+    __tablename__ = "features"
+    sae_id: Mapped[str] = mapped_column(ForeignKey("saes.id"), primary_key=True)
+    latent: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n_fired: Mapped[int] = mapped_column(Integer)
+    frequency: Mapped[float] = mapped_column(Float)
+    max_act: Mapped[float] = mapped_column(Float)
+    mean_act: Mapped[float] = mapped_column(Float)
+    top_tokens: Mapped[list[Any]] = mapped_column(default=list)
+    label: Mapped[str] = mapped_column(Text, default="")
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # WAL lets the dashboard read while the JobManager writes; the timeout rides out a lock.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+class Registry:
+    """Typed access to the registry database. Cheap to create; one per process."""
+
+    def __init__(self, url: str):
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self._session()
+
+    # -- generic -----------------------------------------------------------------
+    def add(self, row: Base) -> dict[str, Any]:
+        with self.session() as s, s.begin():
+            merged = s.merge(row)
+            s.flush()  # fills column defaults (timestamps) before we read them back
+            return merged.to_dict()
+
+    def get(self, table: type[Base], key: Any) -> dict[str, Any] | None:
+        with self.session() as s:
+            row = s.get(table, key)
+            return row.to_dict() if row else None
+
+    def list(self, table: type[Base], order_by=None, **where: Any) -> list[dict[str, Any]]:
+        with self.session() as s:
+            q = select(table).filter_by(**where)
+            if order_by is not None:
+                q = q.order_by(order_by)
+            return [r.to_dict() for r in s.scalars(q)]
+
+    def update(self, table: type[Base], key: Any, **values: Any) -> dict[str, Any]:
+        with self.session() as s, s.begin():
+            row = s.get(table, key)
+            if row is None:
+                raise KeyError(f"{table.__tablename__} {key!r} not found")
+            for k, v in values.items():
+                setattr(row, k, v)
+            return row.to_dict()
+
+    # -- jobs --------------------------------------------------------------------
+    def create_job(self, kind: str, spec: dict[str, Any], **refs: Any) -> dict[str, Any]:
+        return self.add(Job(id=new_id(kind), kind=kind, spec=spec, state="queued",
+                            message="queued, waiting for a worker", **refs))
+
+    def set_job_state(self, job_id: str, state: str, **values: Any) -> dict[str, Any]:
+        if state not in JOB_STATES:
+            raise ValueError(f"unknown job state {state!r}")
+        stamp = now()
+        if state in ("loading", "running") and not (self.get(Job, job_id) or {}).get("started_at"):
+            values.setdefault("started_at", stamp)
+        if state in FINAL_STATES:
+            values.setdefault("finished_at", stamp)
+        return self.update(Job, job_id, state=state, updated_at=stamp, **values)
+
+    def jobs(self, state: str | None = None, model_id: str | None = None) -> list[dict[str, Any]]:
+        """Jobs newest first; filter by state and/or model ("what runs on this model now")."""
+        with self.session() as s:
+            q = select(Job).order_by(Job.created_at.desc())
+            if state:
+                q = q.where(Job.state == state)
+            if model_id:
+                q = q.where(Job.model_id == model_id)
+            return [r.to_dict() for r in s.scalars(q)]
+
+    def active_jobs(self) -> list[dict[str, Any]]:
+        with self.session() as s:
+            q = select(Job).where(Job.state.not_in(FINAL_STATES)).order_by(Job.created_at)
+            return [r.to_dict() for r in s.scalars(q)]
+
+    # -- features ----------------------------------------------------------------
+    def replace_features(self, sae_id: str, rows: Iterable[dict[str, Any]]) -> int:
+        """Replace an SAE's feature rows in one bulk insert (never row by row)."""
+        rows = [dict(r, sae_id=sae_id) for r in rows]
+        with self.session() as s, s.begin():
+            s.query(Feature).filter(Feature.sae_id == sae_id).delete()
+            if rows:
+                s.execute(Feature.__table__.insert(), rows)
+        return len(rows)
+
+    def features(self, sae_id: str, order_by: str = "frequency", limit: int | None = None,
+                 min_frequency: float = 0.0) -> list[dict[str, Any]]:
+        with self.session() as s:
+            col = getattr(Feature, order_by)
+            q = (select(Feature).where(Feature.sae_id == sae_id, Feature.frequency >= min_frequency)
+                 .order_by(col.desc(), Feature.latent))
+            if limit:
+                q = q.limit(limit)
+            return [r.to_dict() for r in s.scalars(q)]

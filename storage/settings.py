@@ -1,0 +1,54 @@
+"""Where miStudio keeps its state, read from the environment once per process.
+
+Every process of a deployment (CLI, dashboard, Ray workers) must agree on these, so they
+come from environment variables that Ray passes on to the actors it starts
+(`Settings.to_env`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    """Data root: registry database (SQLite), models, datasets, activations, SAEs, features."""
+    database_url: str
+    """SQLAlchemy URL; SQLite under `home` unless MISTUDIO_DATABASE_URL is set."""
+    ray_address: str
+    """Ray cluster to attach to; empty means the local head recorded under `home` (started on demand)."""
+    num_gpus: float = 0.0
+    """GPUs per ModelWorker (0 on CPU)."""
+    worker_cpus: int = 0
+    """CPU cores per ModelWorker; 0 means all cores of the machine (Ray otherwise gives torch 1 thread)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        home = Path(env.get("MISTUDIO_HOME") or "mistudio_data").expanduser().resolve()
+        url = env.get("MISTUDIO_DATABASE_URL") or f"sqlite:///{home / 'registry.db'}"
+        return cls(
+            home=home,
+            database_url=url,
+            ray_address=env.get("MISTUDIO_RAY_ADDRESS", ""),
+            num_gpus=float(env.get("MISTUDIO_NUM_GPUS") or 0),
+            worker_cpus=int(env.get("MISTUDIO_WORKER_CPUS") or 0),
+        )
+
+    @property
+    def cpus_per_worker(self) -> int:
+        return self.worker_cpus or (os.cpu_count() or 1)
+
+    def to_env(self) -> dict[str, str]:
+        d = asdict(self)
+        return {
+            "MISTUDIO_HOME": str(d["home"]),
+            "MISTUDIO_DATABASE_URL": d["database_url"],
+            "MISTUDIO_RAY_ADDRESS": d["ray_address"],
+            "MISTUDIO_NUM_GPUS": str(d["num_gpus"]),
+            "MISTUDIO_WORKER_CPUS": str(d["worker_cpus"]),
+        }

@@ -1,0 +1,127 @@
+"""The pipeline through real Ray actors (in-process Ray, real JobManager/ModelWorker/ProgressActor)
+on a tiny random Llama, plus job lifecycle, cancel and bad input."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from safetensors import safe_open
+
+from core.errors import UserError
+from storage.registry import SAE, Activation, Dataset, Model
+
+
+def test_pipeline_writes_artifacts_and_registry_rows(client, tiny_run):
+    job = tiny_run["job"]
+    res = job["result"]
+    assert job["state"] == "completed" and job["finished_at"] >= job["started_at"]
+
+    model = client.get(Model, "tiny-llama")
+    assert (model["architecture"], model["n_layers"], model["d_model"]) == ("llama", 2, 64)
+    assert model["n_params"] > 0 and model["dtype"] == "float32"
+
+    dataset = client.get(Dataset, tiny_run["dataset_id"])
+    assert dataset["documents"] == 40 and dataset["tokens"] > 3000
+    assert sorted(Path(dataset["path"]).glob("shard-*.parquet"))
+
+    act = client.get(Activation, res["activation_id"])
+    assert act["hook_name"] == "blocks.1.hook_resid_post" and act["d_model"] == 64
+    shards = sorted(Path(act["path"]).glob("shard-*.parquet"))
+    assert sum(pq.ParquetFile(s).metadata.num_rows for s in shards) == act["tokens"] >= 3000
+
+    sae = client.get(SAE, res["sae_id"])
+    assert (sae["d_in"], sae["d_sae"], sae["k"], sae["hook_name"]) == (64, 256, 8, "blocks.1.hook_resid_post")
+    cfg = json.loads((Path(sae["path"]) / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post" and cfg["d_sae"] == 256
+    with safe_open(str(Path(sae["path"]) / "sae_weights.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shapes == {"W_enc": (64, 256), "W_dec": (256, 64), "b_enc": (256,), "b_dec": (64,)}
+    fvus = [h["fvu"] for h in sae["history"]]
+    assert len(fvus) >= 2 and fvus[-1] < fvus[0], "FVU should fall during training"
+
+    feats = client.features(res["sae_id"])
+    assert len(feats) == 256
+    live = [f for f in feats if f["n_fired"] > 0]
+    assert live and all(0 < f["frequency"] <= 1 for f in live)
+    top = live[0]
+    examples = client.examples(res["sae_id"], top["latent"])
+    assert 1 <= len(examples) <= 5
+    assert examples[0]["activation"] == pytest.approx(top["max_act"], rel=1e-5)
+    for ex in examples:
+        assert len(ex["tokens"]) == len(ex["acts"]) == len(ex["token_ids"])
+        assert ex["acts"][ex["max_index"]] == pytest.approx(ex["activation"], rel=1e-5)
+
+
+def test_worker_keeps_the_model_loaded(client, tiny_run):
+    status = client.worker_status()
+    assert "tiny-llama" in status["loaded"]
+    assert status["threads"] == 2  # sized on purpose, not Ray's default of one thread
+
+
+def test_job_shows_queued_at_once_and_progress_history(client, tiny_run):
+    job_id = client.submit("extract", {"model_id": "tiny-llama", "dataset_id": tiny_run["dataset_id"],
+                                       "layers": [0], "max_tokens": 500})
+    first = client.progress(job_id)
+    assert first is not None and first["done"] == 0
+    assert client.job(job_id)["state"] in ("queued", "loading", "running", "saving", "completed")
+    job = client.wait(job_id, timeout=120)
+    assert job["state"] == "completed", job["message"]
+    phases = [p.get("phase") for p in client.history(job_id)]
+    assert phases[0] == "queued" and phases[-1] == "completed" and "extract" in phases
+
+
+def test_cancel_running_training_leaves_no_sae(client, tiny_run):
+    act_id = tiny_run["job"]["result"]["activation_id"]
+    before = {s["id"] for s in client.saes()}
+    job_id = client.submit("train", {"activation_id": act_id,
+                                     "config": {"expansion_factor": 4, "k": 8, "batch_size": 64, "epochs": 500}})
+    client.wait(job_id, timeout=60, poll=0.2,
+                on_progress=lambda job, p: client.cancel(job_id) if p.get("phase") == "train" else None)
+    job = client.job(job_id)
+    assert job["state"] == "cancelled"
+    assert {s["id"] for s in client.saes()} == before
+    saes_dir = client.settings.home / "saes"
+    assert not any(p.name.startswith(".tmp-") for p in saes_dir.iterdir())
+
+
+@pytest.mark.parametrize("kind, spec, message", [
+    ("extract", {"model_id": "tiny-llama", "dataset_id": "DS", "layers": [7]}, "layer 7 is out of range"),
+    ("pipeline", {"model_id": "tiny-llama", "dataset_id": "DS", "layer": 1,
+                  "train": {"expansion_factor": 1, "k": 100}}, "k=100 must be between 1 and the SAE width 64"),
+    ("extract", {"model_id": "no-such-model", "dataset_id": "DS"}, "model 'no-such-model' is not registered"),
+    ("extract", {"model_id": "tiny-llama", "dataset_id": "DS", "colour": 1}, "unknown key(s) colour"),
+    ("extract", {"model_id": "tiny-llama", "dataset_id": "DS", "layers": "1"}, "'layers' should be"),
+])
+def test_bad_input_is_refused_with_one_line(client, tiny_run, kind, spec, message):
+    spec = {k: tiny_run["dataset_id"] if v == "DS" else v for k, v in spec.items()}
+    with pytest.raises(UserError) as err:
+        client.submit(kind, spec)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    if "unknown key" not in message and "should be" not in message:
+        failed = client.jobs(state="failed")[0]
+        assert message in failed["message"]
+
+
+def _failed(client, kind, spec) -> str:
+    job = client.wait(client.submit(kind, spec), timeout=120)
+    assert job["state"] == "failed"
+    assert "\n" not in job["message"]
+    return job["message"]
+
+
+def test_bad_model_and_dataset_sources_fail_cleanly(client, tiny_run, tmp_path):
+    msg = _failed(client, "add_model", {"source": str(tmp_path / "nowhere")})
+    assert "does not exist" in msg
+    assert not (client.settings.home / "models" / "nowhere").exists()
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    assert "empty" in _failed(client, "add_dataset", {"model_id": "tiny-llama", "source": str(empty)})
+
+    csv = tmp_path / "notes.csv"
+    csv.write_text("body,id\nhello world,1\n")
+    msg = _failed(client, "add_dataset", {"model_id": "tiny-llama", "source": str(csv), "text_column": "text"})
+    assert "column 'text' not found" in msg and "body" in msg
+    datasets_dir = client.settings.home / "datasets"
+    assert not any(p.name.startswith(".tmp-") for p in datasets_dir.iterdir())

@@ -1,0 +1,57 @@
+"""The `mistudio` CLI: help for every command, and one-line errors for bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ui import cli
+
+COMMANDS = ["demo", "ui", "stop", "models", "datasets", "extract", "train", "discover", "jobs"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: mistudio " + command in capsys.readouterr().out
+
+
+def test_console_script_help_needs_no_ray():
+    out = subprocess.run([sys.executable, "-m", "ui.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in out.stdout and "discover" in out.stdout
+
+
+def test_missing_required_flag_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "run"])
+    assert e.value.code == 2
+    assert "train run needs --activations" in capsys.readouterr().err
+
+
+@pytest.fixture
+def cli_env(client, monkeypatch):
+    """The CLI in this process attaches to the test session's Ray and data root."""
+    monkeypatch.setenv("MISTUDIO_HOME", str(client.settings.home))
+    monkeypatch.setenv("MISTUDIO_RAY_ADDRESS", "local")
+
+
+def test_bad_layer_is_one_line_error(cli_env, tiny_run):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["extract", "run", "--model", "tiny-llama", "--dataset", tiny_run["dataset_id"], "--layers", "40"])
+    assert str(e.value).startswith("error: layer 40 is out of range") and "\n" not in str(e.value)
+
+
+def test_failed_job_exits_with_its_reason(cli_env, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["datasets", "add", str(tmp_path / "missing.jsonl"), "--model", "tiny-llama"])
+    assert "failed" in str(e.value) and "missing.jsonl" in str(e.value)
+
+
+def test_lists_print_tables(cli_env, tiny_run, capsys):
+    cli.main(["models", "list"])
+    cli.main(["jobs", "list"])
+    cli.main(["discover", "show", "--sae", tiny_run["job"]["result"]["sae_id"], "--limit", "3"])
+    out = capsys.readouterr().out
+    assert "tiny-llama" in out and "pipeline" in out and "frequency" in out

@@ -1,0 +1,106 @@
+"""Corpus loading, token shards and batching."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from core.data import (DatasetStats, builtin_corpus, iter_batches, load_texts, read_stats,
+                       tokenize_to_shards)
+from core.errors import UserError
+
+
+def test_builtin_corpus_is_real_and_deterministic():
+    docs = builtin_corpus()
+    assert docs == builtin_corpus()
+    assert len(docs) > 300 and sum(map(len, docs)) > 450_000
+    assert all(d.strip() == d and d for d in docs)
+    assert max(map(len, docs)) <= 2000
+    assert any('The "assert" statement' in d for d in docs)
+    assert load_texts("builtin", limit=5) == docs[:5]
+
+
+def test_load_local_files(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc\nstill first\n\n  \nsecond doc\n")
+    assert load_texts(str(tmp_path / "a.txt")) == ["first doc\nstill first", "second doc\n"]
+    (tmp_path / "b.jsonl").write_text('{"body": "x y"}\n\n{"body": "  "}\n{"body": "z"}\n')
+    assert load_texts(str(tmp_path / "b.jsonl"), text_column="body") == ["x y", "z"]
+    pq.write_table(pa.table({"text": ["p1", None, "p2", "p3"], "n": [1, 2, 3, 4]}), tmp_path / "c.parquet")
+    assert load_texts(str(tmp_path / "c.parquet"), limit=2) == ["p1", "p2"]
+    (tmp_path / "d.csv").write_text('a,b\n1,"multi\nline"\n2,hello\n')
+    assert load_texts(str(tmp_path / "d.csv"), text_column="b") == ["multi\nline", "hello"]
+
+
+def test_load_errors(tmp_path):
+    (tmp_path / "data.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match=r"column 'text' not found in data.csv; available columns: a, b; pass --text-column"):
+        load_texts(str(tmp_path / "data.csv"))
+    with pytest.raises(UserError, match="not found"):
+        load_texts(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(UserError, match=r"dataset .*empty.txt is empty"):
+        load_texts(str(tmp_path / "empty.txt"))
+    with pytest.raises(UserError, match="offline|online"):
+        load_texts("no-such-org/no-such-dataset")
+
+
+def _rows(out):
+    table = pq.read_table(sorted(out.glob("shard-*.parquet")))
+    return table.column("input_ids").to_pylist(), table.column("doc_id").to_pylist(), table.column("row_id").to_pylist()
+
+
+def test_tokenize_to_shards(tmp_path, tiny_tokenizer):
+    texts = ["a" * 25, "", "bc", "x", "hello world"]  # byte tokenizer: one token per char
+    seen = []
+    stats = tokenize_to_shards(texts, tiny_tokenizer, tmp_path / "ds", context_length=10, rows_per_shard=2,
+                               progress=seen.append)
+    ids, doc_ids, row_ids = _rows(tmp_path / "ds")
+    # "a"*25 -> 10, 10, 5; "" -> nothing; "bc" -> 2; "x" -> dropped (1 token); "hello world" -> 10, 1 (dropped)
+    assert [len(r) for r in ids] == [10, 10, 5, 2, 10]
+    assert doc_ids == [0, 0, 0, 2, 4]
+    assert row_ids == list(range(5))
+    assert ids[3] == tiny_tokenizer("bc")["input_ids"]
+    assert len(list((tmp_path / "ds").glob("shard-*.parquet"))) == 3
+    schema = pq.read_schema(tmp_path / "ds" / "shard-00000.parquet")
+    assert schema.field("input_ids").type == pa.list_(pa.int32())
+    assert schema.field("doc_id").type == pa.int32() and schema.field("row_id").type == pa.int64()
+    assert stats == DatasetStats(documents=5, rows=5, tokens=37, context_length=10, length_hist=stats.length_hist)
+    assert sum(stats.length_hist["counts"]) == 5
+    assert read_stats(tmp_path / "ds") == stats
+    assert json.loads((tmp_path / "ds" / "stats.json").read_text())["tokens"] == 37
+    assert seen[-1]["phase"] == "tokenize" and seen[-1]["done"] == seen[-1]["total"] == 5
+
+
+def test_tokenize_long_context_and_empty(tmp_path, tiny_tokenizer):
+    stats = tokenize_to_shards(["z" * 5000], tiny_tokenizer, tmp_path / "long", context_length=4096)
+    assert [len(r) for r in _rows(tmp_path / "long")[0]] == [4096, 904]  # no hidden cap
+    assert stats.tokens == 5000
+    with pytest.raises(UserError):
+        tokenize_to_shards(["", "  "], tiny_tokenizer, tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()
+
+
+def test_iter_batches(tmp_path, tiny_tokenizer):
+    texts = ["abcdefg", "hij", "klmnopqrstuvwxyz", "12", "345"]
+    tokenize_to_shards(texts, tiny_tokenizer, tmp_path / "ds", context_length=8, rows_per_shard=2)
+    expected, _, _ = _rows(tmp_path / "ds")
+    pad = tiny_tokenizer.pad_token_id
+    batches = list(iter_batches(tmp_path / "ds", batch_size=4, pad_token_id=pad))
+    assert [b.input_ids.shape for b in batches] == [torch.Size([4, 8]), torch.Size([2, 3])]
+    got = []
+    for b in batches:
+        assert b.input_ids.dtype == b.attention_mask.dtype == b.row_ids.dtype == torch.int64
+        for ids, mask in zip(b.input_ids, b.attention_mask):
+            n = int(mask.sum())
+            assert mask[:n].all() and not mask[n:].any()
+            assert (ids[n:] == pad).all()
+            got.append(ids[:n].tolist())
+    assert got == expected
+    assert torch.cat([b.row_ids for b in batches]).tolist() == list(range(len(expected)))
+    assert sum(len(b.row_ids) for b in iter_batches(tmp_path / "ds", 4, pad, max_rows=3)) == 3
+    limited = list(iter_batches(tmp_path / "ds", 2, pad, max_tokens=9))
+    assert int(sum(b.attention_mask.sum() for b in limited)) == 7 + 3  # the row crossing 9 tokens is kept whole
+    assert len(limited) == 1 and np.array_equal(limited[0].row_ids.numpy(), [0, 1])

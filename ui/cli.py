@@ -1,0 +1,333 @@
+"""The `mistudio` command line: the same jobs as the dashboard, submitted to the same actors.
+
+Every job command submits a spec to the JobManager and follows it with a progress bar until it
+ends; a failed job prints its one-line reason and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from core.errors import UserError
+
+EMBEDDED_ID = "smollm2-135m-instruct"
+DEMO_DEFAULTS = {"layer": 15, "max_tokens": 40_000, "context_length": 256}
+
+
+# -- helpers ---------------------------------------------------------------------------
+def client(start: bool = True):
+    from actors.client import Client  # imported lazily: `mistudio --help` needs no Ray
+
+    return Client(start=start)
+
+
+def follow(c, job_id: str, quiet: bool = False) -> dict[str, Any]:
+    """Show a progress bar per job step until the job ends; exit 1 when it did not complete."""
+    bars: dict[str, tqdm] = {}
+
+    def update(job: dict, p: dict) -> None:
+        if quiet:
+            return
+        step = p.get("step") or job.get("step") or job["kind"]
+        if step not in bars:
+            for b in bars.values():
+                b.close()
+            bars[step] = tqdm(desc=f"{step:>10}", total=None, unit=p.get("unit") or "it", unit_scale=True,
+                              dynamic_ncols=True, leave=True)
+        bar = bars[step]
+        if p.get("total") and bar.total != p["total"]:
+            bar.total = p["total"]
+        if p.get("done") is not None and p.get("step") == step:
+            bar.n = p["done"]
+        shown = {k: p[k] for k in ("loss", "fvu", "l0", "dead_frac", "features_in_heap", "heap_examples_count")
+                 if isinstance(p.get(k), (int, float))}
+        bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()} | {"state": job["state"]}, refresh=False)
+        bar.refresh()
+
+    job = c.wait(job_id, update)
+    for b in bars.values():
+        b.close()
+    if job["state"] != "completed":
+        raise SystemExit(f"error: job {job_id} {job['state']}: {job['message']}")
+    return job
+
+
+def run_job(c, kind: str, spec: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
+    job_id = c.submit(kind, spec)
+    if not quiet:
+        print(f"submitted {kind} job {job_id}", file=sys.stderr)
+    return follow(c, job_id, quiet)
+
+
+def table(rows: list[dict[str, Any]], cols: list[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return " ".join(repr(x) for x in v[:5])
+    if hasattr(v, "strftime"):
+        return v.strftime("%Y-%m-%d %H:%M:%S")
+    return "" if v is None else str(v)
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers must be comma-separated integers like 5,10, got {text!r}") from None
+
+
+# -- commands --------------------------------------------------------------------------
+def cmd_models(a) -> None:
+    c = client()
+    if a.action == "add":
+        job = run_job(c, "add_model", {"source": a.source, "name": a.name, "dtype": a.dtype,
+                                       "trust_remote_code": a.trust_remote_code})
+        print(f"registered model {job['result']['model_id']}")
+    table(c.models(), ["id", "architecture", "n_layers", "d_model", "n_params", "dtype", "path"])
+
+
+def cmd_datasets(a) -> None:
+    c = client()
+    if a.action == "add":
+        job = run_job(c, "add_dataset", {"model_id": a.model, "source": a.source, "name": a.name,
+                                         "text_column": a.text_column, "context_length": a.context_length,
+                                         "max_documents": a.max_documents})
+        print(f"registered dataset {job['result']['dataset_id']}")
+    table(c.datasets(), ["id", "name", "model_id", "documents", "rows", "tokens", "context_length"])
+
+
+def cmd_extract(a) -> None:
+    c = client()
+    if a.action == "run":
+        job = run_job(c, "extract", {"model_id": a.model, "dataset_id": a.dataset, "layers": a.layers,
+                                     "site": a.site, "batch_size": a.batch_size, "max_tokens": a.max_tokens})
+        print(json.dumps(job["result"], indent=2))
+    table(c.activations(), ["id", "model_id", "dataset_id", "hook_name", "tokens", "d_model"])
+
+
+def cmd_train(a) -> None:
+    c = client()
+    if a.action == "run":
+        cfg = {"expansion_factor": a.expansion, "k": a.k, "epochs": a.epochs, "batch_size": a.batch_size}
+        if a.lr is not None:
+            cfg["lr"] = a.lr
+        job = run_job(c, "train", {"activation_id": a.activations, "config": cfg})
+        print(json.dumps(job["result"], indent=2))
+    rows = [dict(s, fvu=s["metrics"].get("fvu"), l0=s["metrics"].get("l0"),
+                 dead=s["metrics"].get("dead_frac")) for s in c.saes()]
+    table(rows, ["id", "hook_name", "d_in", "d_sae", "k", "fvu", "l0", "dead", "path"])
+
+
+def cmd_discover(a) -> None:
+    c = client()
+    if a.action == "run":
+        job = run_job(c, "discover", {"sae_id": a.sae, "dataset_id": a.dataset, "top_k": a.top_k,
+                                      "max_tokens": a.max_tokens})
+        print(json.dumps(job["result"], indent=2))
+    if a.latent is not None:
+        for ex in c.examples(a.sae, a.latent):
+            print(f"{ex['activation']:8.3f}  {''.join(ex['tokens'])!r}")
+    elif a.sae:
+        table(c.features(a.sae, limit=a.limit), ["latent", "frequency", "max_act", "mean_act", "top_tokens"])
+
+
+def cmd_jobs(a) -> None:
+    c = client()
+    if a.action == "cancel":
+        c.cancel(a.job_id)
+        print(f"cancel requested for {a.job_id}")
+    elif a.action == "watch":
+        follow(c, a.job_id)
+    elif a.action == "show":
+        print(json.dumps(c.job(a.job_id), indent=2, default=str))
+        return
+    table(c.jobs(state=a.state), ["id", "kind", "state", "step", "model_id", "created_at", "message"])
+
+
+def cmd_demo(a) -> None:
+    from actors import cluster
+    from storage import Settings
+
+    settings = Settings.from_env()
+    started = not settings.ray_address and cluster.recorded_head(settings) is None
+    c = client()
+    summary = run_demo(c, a.layer, a.max_tokens)
+    print(summary)
+    if os.environ.get("DEMO_SERVE", "1") == "0":
+        if started:
+            cluster.stop_head(settings)
+        return
+    serve(a.port)
+
+
+def run_demo(c, layer: int, max_tokens: int) -> str:
+    """Embedded model + built-in corpus → extraction → TopK SAE → discovery; returns the summary."""
+    if not any(m["id"] == EMBEDDED_ID for m in c.models()):
+        run_job(c, "add_model", {"source": "embedded"})
+    datasets = [d for d in c.datasets() if d["source"] == "builtin" and d["model_id"] == EMBEDDED_ID
+                and d["context_length"] == DEMO_DEFAULTS["context_length"]]
+    if datasets:
+        dataset_id = datasets[0]["id"]
+    else:
+        dataset_id = run_job(c, "add_dataset", {"model_id": EMBEDDED_ID, "source": "builtin",
+                                                "context_length": DEMO_DEFAULTS["context_length"]})["result"]["dataset_id"]
+    job = run_job(c, "pipeline", {"model_id": EMBEDDED_ID, "dataset_id": dataset_id, "layer": layer,
+                                  "max_tokens": max_tokens})
+    return demo_summary(c, job)
+
+
+def demo_summary(c, job: dict[str, Any]) -> str:
+    res = job["result"]
+    tr, disc = res["train"], res["discover"]
+    lines = [
+        "",
+        f"miStudio demo — job {job['id']} completed",
+        f"  tokens extracted : {disc['tokens']:,}",
+        f"  SAE              : {res['sae_id']} (TopK, {disc['n_latents']} latents)",
+        f"  FVU              : {tr['fvu']:.4f}",
+        f"  L0               : {tr['l0']:.1f}",
+        f"  dead latents     : {100 * tr['dead_frac']:.2f}%",
+        f"  live features    : {disc['live_features']:,}",
+        "  most frequent live features:",
+    ]
+    for f in c.features(res["sae_id"], limit=5):
+        tops = ", ".join(repr(t) for t in f["top_tokens"])
+        lines.append(f"    #{f['latent']:<6} freq {f['frequency']:.4f}  max {f['max_act']:.2f}  top tokens: {tops}")
+    return "\n".join(lines)
+
+
+def serve(port: int) -> None:
+    app = Path(__file__).with_name("app.py")
+    print(f"serving the dashboard on http://localhost:{port} (Ctrl-C to stop)")
+    subprocess.run([sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "localhost",
+                    "--server.port", str(port), "--server.headless", "true",
+                    "--browser.gatherUsageStats", "false"], check=False)
+
+
+def cmd_ui(a) -> None:
+    client()  # start or attach to the cluster before the app needs it
+    serve(a.port)
+
+
+def cmd_stop(a) -> None:
+    from actors import cluster
+    from storage import Settings
+
+    print("stopped the local Ray head" if cluster.stop_head(Settings.from_env()) else "no local Ray head was running")
+
+
+# -- parser ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mistudio", description="Mechanistic-interpretability studio.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the whole pipeline on the embedded model, then serve the dashboard")
+    d.add_argument("--layer", type=int, default=DEMO_DEFAULTS["layer"])
+    d.add_argument("--max-tokens", type=int, default=DEMO_DEFAULTS["max_tokens"])
+    d.add_argument("--port", type=int, default=8501)
+    d.set_defaults(fn=cmd_demo)
+
+    u = sub.add_parser("ui", help="serve the dashboard on localhost")
+    u.add_argument("--port", type=int, default=8501)
+    u.set_defaults(fn=cmd_ui)
+
+    s = sub.add_parser("stop", help="stop the local Ray head recorded under the data root")
+    s.set_defaults(fn=cmd_stop)
+
+    m = sub.add_parser("models", help="register and list models")
+    m.add_argument("action", choices=["add", "list"])
+    m.add_argument("source", nargs="?", default="embedded",
+                   help="'embedded' (SmolLM2-135M-Instruct), a model folder, a .gguf file or a Hugging Face id")
+    m.add_argument("--name", default="")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--trust-remote-code", action="store_true")
+    m.set_defaults(fn=cmd_models)
+
+    ds = sub.add_parser("datasets", help="tokenize and list datasets")
+    ds.add_argument("action", choices=["add", "list"])
+    ds.add_argument("source", nargs="?", default="builtin",
+                    help="'builtin' (stdlib docs), a .txt/.jsonl/.parquet/.csv file or a Hugging Face dataset id")
+    ds.add_argument("--model", default=EMBEDDED_ID, help="model whose tokenizer to use")
+    ds.add_argument("--name", default="")
+    ds.add_argument("--text-column", default="text")
+    ds.add_argument("--context-length", type=int, default=256)
+    ds.add_argument("--max-documents", type=int, default=None)
+    ds.set_defaults(fn=cmd_datasets)
+
+    e = sub.add_parser("extract", help="extract hooked activations to Parquet")
+    e.add_argument("action", choices=["run", "list"])
+    e.add_argument("--model", default=EMBEDDED_ID)
+    e.add_argument("--dataset")
+    e.add_argument("--layers", type=_layers, default=[15], help="comma-separated layers, e.g. 5,15")
+    e.add_argument("--site", default="resid_post")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-tokens", type=int, default=None)
+    e.set_defaults(fn=cmd_extract)
+
+    t = sub.add_parser("train", help="train a TopK SAE on extracted activations")
+    t.add_argument("action", choices=["run", "list"])
+    t.add_argument("--activations", help="activation set id (see: mistudio extract list)")
+    t.add_argument("--expansion", type=int, default=8)
+    t.add_argument("--k", type=int, default=32)
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--batch-size", type=int, default=4096)
+    t.add_argument("--lr", type=float, default=None)
+    t.set_defaults(fn=cmd_train)
+
+    di = sub.add_parser("discover", help="find every latent's top activating contexts")
+    di.add_argument("action", choices=["run", "show"])
+    di.add_argument("--sae")
+    di.add_argument("--dataset")
+    di.add_argument("--top-k", type=int, default=20)
+    di.add_argument("--max-tokens", type=int, default=None)
+    di.add_argument("--latent", type=int, default=None, help="show this latent's top contexts")
+    di.add_argument("--limit", type=int, default=20)
+    di.set_defaults(fn=cmd_discover)
+
+    j = sub.add_parser("jobs", help="list, watch, show and cancel jobs")
+    j.add_argument("action", choices=["list", "watch", "show", "cancel"])
+    j.add_argument("job_id", nargs="?")
+    j.add_argument("--state", default=None)
+    j.set_defaults(fn=cmd_jobs)
+    return p
+
+
+REQUIRED = {("extract", "run"): ["dataset"], ("train", "run"): ["activations"],
+            ("discover", "run"): ["sae", "dataset"], ("discover", "show"): ["sae"],
+            ("jobs", "watch"): ["job_id"], ("jobs", "show"): ["job_id"], ("jobs", "cancel"): ["job_id"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    for name in REQUIRED.get((a.command, getattr(a, "action", None)), []):
+        if getattr(a, name) is None:
+            flag = name if name == "job_id" else f"--{name.replace('_', '-')}"
+            parser.error(f"{a.command} {a.action} needs {flag}")
+    try:
+        a.fn(a)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
