@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -62,8 +63,9 @@ def start_head(settings: Settings) -> dict:
     cmd = [ray_exe, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--num-cpus={os.cpu_count() or 1}", "--disable-usage-stats"]
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # `ray start` inherits RAY_AUTH_MODE from actors/__init__.py. The head and its clients authenticate with the token in ~/.ray/auth_token; make one once.
+    subprocess.run([ray_exe, "get-auth-token", "--generate"], capture_output=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise UserError(f"could not start a local Ray head: {proc.stderr.strip().splitlines()[-1:]}")
     head = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
@@ -75,10 +77,9 @@ def start_head(settings: Settings) -> dict:
 def connect(settings: Settings, start: bool = True) -> None:
     """Attach this process to the deployment's Ray cluster and make sure the actors exist."""
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         address = settings.ray_address
         if address == "local":
-            ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address="local", num_cpus=os.cpu_count(), namespace=NAMESPACE, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         else:
             if not address:
                 head = recorded_head(settings) or (start_head(settings) if start else None)
@@ -96,16 +97,35 @@ def ensure_actors(settings: Settings):
     opts = {"namespace": NAMESPACE, "get_if_exists": True, "lifetime": "detached"}
     progress = ProgressActor.options(name="progress", **opts).remote()
     manager = JobManager.options(name="job_manager", **opts).remote(settings.to_env())
+    theirs = ray.get(manager.database_url.remote())
+    if theirs != settings.database_url:  # one cluster serves one registry
+        raise UserError(f"the Ray cluster already serves the registry {theirs}, not {settings.database_url}; "
+                        "use the same MISTUDIO_HOME / MISTUDIO_DATABASE_URL, or another cluster")
     return progress, manager
 
 
 def stop_head(settings: Settings) -> bool:
-    """Stop the local head recorded under the data root (and its actors)."""
+    """Stop the local head recorded under the data root, and only it.
+
+    `ray stop` would kill every Ray on the machine; instead end the processes whose command
+    line names this head's GCS address (gcs_server, raylet, dashboard, workers).
+    """
+    import psutil
+
     if ray.is_initialized():
         ray.shutdown()
-    if recorded_head(settings) is None:
-        return False
-    ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
-    subprocess.run([ray_exe, "stop", "--force"], capture_output=True)
+    head = recorded_head(settings)
     head_file(settings).unlink(missing_ok=True)
+    if head is None:
+        return False
+    port = head["address"].rpartition(":")[2]
+    mark = re.compile(rf"[:=]{port}(?![0-9])")  # gcs_server_port=P, --gcs-address=HOST:P
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        if mark.search(" ".join(p.info["cmdline"] or [])) and p.pid != os.getpid():
+            procs.append(p)
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        p.kill()
     return True

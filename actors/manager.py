@@ -75,6 +75,9 @@ class JobManager:
             return self.registry.set_job_state(job_id, "cancelled", message="cancelled before it started")
         return job
 
+    def database_url(self) -> str:
+        return self.settings.database_url
+
     def worker_status(self) -> dict[str, Any] | None:
         return ray.get(self._worker.status.remote()) if self._worker else None
 
@@ -231,6 +234,8 @@ class JobManager:
         res = self._call(job_id, "discover", {
             "model_id": model["id"], "model_path": model["path"], "sae_path": sae["path"],
             "dataset_path": dataset["path"], "out_dir": str(out), "top_k": spec.top_k,
+            # the same outlier cut as training, so both see the same tokens
+            "max_norm": sae["metrics"].get("outlier_norm_threshold"),
             "batch_size": spec.batch_size, "max_tokens": spec.max_tokens})
         self.set_state(job_id, "saving", "recording features")
         cols = ["latent", "n_fired", "frequency", "max_act", "mean_act", "top_tokens"]

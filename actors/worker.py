@@ -58,7 +58,8 @@ class ModelWorker:
             self.busy = None
 
     def _state(self, job_id: str, state: str, message: str = "") -> None:
-        self.manager.set_state.remote(job_id, state, message)
+        # Waited on so the manager records it before it can see this step's outcome.
+        ray.get(self.manager.set_state.remote(job_id, state, message))
 
     def _model(self, job_id: str, model_id: str, path: str):
         """The loaded model, loading it (state `loading`) only when this worker lacks it."""
@@ -127,6 +128,6 @@ class ModelWorker:
         model, tok = self._model(job_id, plan["model_id"], plan["model_path"])
         summary = pipeline.discover_features(
             model, tok, Path(plan["sae_path"]), Path(plan["dataset_path"]), Path(plan["out_dir"]),
-            DiscoverConfig(top_k=plan["top_k"]), batch_size=plan["batch_size"],
+            DiscoverConfig(top_k=plan["top_k"], max_norm=plan["max_norm"]), batch_size=plan["batch_size"],
             max_tokens=plan["max_tokens"], progress=report, should_cancel=report.should_cancel)
         return summary._asdict()

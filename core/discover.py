@@ -126,7 +126,11 @@ def _candidates(z: torch.Tensor, cand: torch.Tensor, c: int, b_idx, t_idx, pos_m
 def _merge(table: _TopK, new: _TopK, k: int) -> _TopK:
     """Keep each latent's best k of the running table and the batch candidates."""
     values, sel = torch.cat([table.values, new.values], 1).topk(k, dim=1)
-    pick = lambda a, b: torch.cat([a, b], 1).gather(1, sel if a.dim() == 2 else sel[..., None].expand(-1, -1, a.shape[2]))
+
+    def pick(old: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        index = sel if old.dim() == 2 else sel[..., None].expand(-1, -1, old.shape[2])
+        return torch.cat([old, cand], 1).gather(1, index)
+
     return _TopK(values, *(pick(a, b) for a, b in zip(table[1:], new[1:])))
 
 
@@ -193,9 +197,11 @@ def discover(
                               cfg.window_before, cfg.window_after)
             table = _merge(table, new, cfg.top_k)
             z_ok = z[cand] if len(cand) < len(z) else z
-            n_fired += (z_ok > 0).sum(0)
-            sum_act += z_ok.sum(0, dtype=torch.float64)
-            max_act = torch.maximum(max_act, z_ok.max(0).values)
+            # Column reductions in fp32/int32 (a float64 or int64 reduction over [n, d_sae] is
+            # several times slower); per-batch sums are accumulated in float64.
+            n_fired += (z_ok > 0).sum(0, dtype=torch.int32)
+            sum_act += z_ok.sum(0)
+            max_act = torch.maximum(max_act, z_ok.amax(0))
             tokens += len(cand)
         if progress is not None:
             progress(_progress(seen, total_tokens, t0, table, n_batches))

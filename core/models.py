@@ -27,7 +27,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-# "org/name" on the hub; a bare legacy id such as "gpt2" is accepted too (see _is_hub_id).
+# "org/name" on the hub; a bare legacy id such as "gpt2" is accepted too.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -57,30 +57,21 @@ def gguf_architecture(gguf_file: Path) -> str:
     return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
 
 
-def _check_gguf_supported(gguf_file: Path) -> None:
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
-    arch = gguf_architecture(gguf_file)
-    # transformers renames a few llama.cpp names (qwen2moe → qwen2_moe); accept both spellings.
-    if arch not in GGUF_SUPPORTED_ARCHITECTURES and arch.replace("moe", "_moe") not in GGUF_SUPPORTED_ARCHITECTURES:
-        raise UserError(f"GGUF architecture '{arch}' in {gguf_file.name} cannot be loaded by transformers "
-                        f"(supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); "
-                        "use the model's Hugging Face folder instead")
-
-
 def _load_gguf(gguf_file: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = Path(gguf_file).expanduser()
     if not gguf_file.is_file():
         raise UserError(f"GGUF file not found: {gguf_file}; check the path")
-    _check_gguf_supported(gguf_file)
     folder, name = gguf_file.parent, gguf_file.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     except ValueError as e:  # transformers reports unsupported GGUF content as ValueError
-        raise UserError(f"cannot load {gguf_file.name}: {e}") from e
+        if "architecture" in str(e):
+            raise UserError(f"GGUF architecture '{gguf_architecture(gguf_file)}' in {name} cannot be loaded "
+                            "by transformers; use the model's Hugging Face folder or id instead") from e
+        raise UserError(f"cannot load {name}: {str(e).splitlines()[0]}") from e
     return model, tokenizer
 
 
@@ -126,8 +117,6 @@ def load_model(source: str | Path, *, device: str = "cpu", dtype: str = "float32
     The model is in eval mode on `device`; the tokenizer pads on the right with eos when it
     has no pad token of its own.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if dtype not in _DTYPES:
         raise UserError(f"unknown dtype '{dtype}'; use one of: float32, bfloat16, float16")
     torch_dtype = _DTYPES[dtype]
@@ -140,7 +129,10 @@ def load_model(source: str | Path, *, device: str = "cpu", dtype: str = "float32
             raise UserError(f"{path} has no config.json, so it is not a Hugging Face model folder; "
                             "point at the folder that holds config.json and the weights")
         model, tokenizer = _from_pretrained(str(path), torch_dtype, trust_remote_code)
-    elif path.exists() or _looks_like_path(text) or not _HUB_ID.match(text):
+    elif path.exists():
+        raise UserError(f"{text} is a file but not a .gguf model; give a model folder (with config.json), "
+                        "a .gguf file, or a Hugging Face id like org/name")
+    elif _looks_like_path(text) or not _HUB_ID.match(text):
         raise UserError(f"model not found: {text}; give an existing model folder, a .gguf file, "
                         "or a Hugging Face id like org/name")
     else:

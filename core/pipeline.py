@@ -7,6 +7,7 @@ callbacks pass straight through to the engine.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ import torch
 from core import data, extract, hooks
 from core.discover import DiscoverConfig, DiscoverySummary, discover
 from core.errors import UserError
-from core.sae import SAEConfig, TopKSAE, load_saelens, save_saelens
+from core.sae import SAEConfig, load_saelens, save_saelens
 from core.train import TrainConfig, TrainResult, train_sae
 
 Progress = Callable[[dict], None] | None
@@ -40,8 +41,8 @@ def extract_activations(model, tokenizer, dataset_dir: Path, hook_names: list[st
     """Run the hooked forward over a tokenized dataset and stream activations to Parquet."""
     hooks.validate_hooks(model, hook_names)
     batches = data.iter_batches(dataset_dir, batch_size, tokenizer.pad_token_id, max_tokens=max_tokens)
-    return extract.extract(model, batches, hook_names, out_dir, progress=_with_total(progress, dataset_dir, max_tokens),
-                           should_cancel=should_cancel)
+    return extract.extract(model, batches, hook_names, out_dir, progress=progress, should_cancel=should_cancel,
+                           total_tokens=_total_tokens(dataset_dir, max_tokens))
 
 
 def train_on_activations(hook_dir: Path, out_dir: Path, cfg: TrainConfig, meta: dict[str, Any],
@@ -55,6 +56,8 @@ def train_on_activations(hook_dir: Path, out_dir: Path, cfg: TrainConfig, meta: 
     d_sae = stats.d_model * cfg.expansion_factor
     if not 1 <= cfg.k <= d_sae:
         raise UserError(f"k={cfg.k} must be between 1 and the SAE width {d_sae}; lower --k or raise --expansion")
+    if cfg.total_tokens is None:  # known from the extraction: spares train_sae a counting pass
+        cfg = dataclasses.replace(cfg, total_tokens=stats.tokens * cfg.epochs)
     result = train_sae(lambda: extract.iter_activations(hook_dir), stats.d_model, cfg,
                        progress=progress, should_cancel=should_cancel)
     sae_cfg = SAEConfig(d_in=stats.d_model, d_sae=d_sae, k=cfg.k, **meta)
@@ -95,16 +98,3 @@ def _total_tokens(dataset_dir: Path, max_tokens: int | None) -> int:
     tokens = data.read_stats(dataset_dir).tokens
     return min(tokens, max_tokens) if max_tokens else tokens
 
-
-def _with_total(progress: Progress, dataset_dir: Path, max_tokens: int | None) -> Progress:
-    """Fill in `total` so the extraction bar and ETA know the end."""
-    if progress is None:
-        return None
-    total = _total_tokens(dataset_dir, max_tokens)
-
-    def report(p: dict) -> None:
-        if not p.get("total"):
-            p = dict(p, total=total)
-        progress(p)
-
-    return report

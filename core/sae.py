@@ -219,6 +219,13 @@ def load_saelens(folder: str | os.PathLike) -> tuple[TopKSAE, SAEConfig]:
     for name in TENSOR_NAMES:
         if not bool(torch.isfinite(tensors[name]).all()):
             raise UserError(f"{name} in {weights_path} holds NaN or inf values; re-export or retrain the SAE")
+    if raw.get("rescale_acts_by_decoder_norm"):
+        norms = tensors["W_dec"].float().norm(dim=1)
+        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+            raise UserError(
+                f"{folder} sets rescale_acts_by_decoder_norm with non-unit decoder rows, which TopKSAE does not apply; "
+                "fold the decoder norms into the encoder (SAELens fold_W_dec_norm) and save again"
+            )
     sae = TopKSAE.from_config(cfg)
     with torch.no_grad():
         for name in TENSOR_NAMES:

@@ -195,11 +195,20 @@ class Registry:
         if state not in JOB_STATES:
             raise ValueError(f"unknown job state {state!r}")
         stamp = now()
-        if state in ("loading", "running") and not (self.get(Job, job_id) or {}).get("started_at"):
-            values.setdefault("started_at", stamp)
-        if state in FINAL_STATES:
-            values.setdefault("finished_at", stamp)
-        return self.update(Job, job_id, state=state, updated_at=stamp, **values)
+        with self.session() as s, s.begin():
+            job = s.get(Job, job_id)
+            if job is None:
+                raise KeyError(f"job {job_id!r} not found")
+            if job.state in FINAL_STATES:  # final states are final: a late update must not revive a job
+                return job.to_dict()
+            if state in ("loading", "running") and job.started_at is None:
+                job.started_at = stamp
+            if state in FINAL_STATES:
+                job.finished_at = stamp
+            job.state, job.updated_at = state, stamp
+            for k, v in values.items():
+                setattr(job, k, v)
+            return job.to_dict()
 
     def jobs(self, state: str | None = None, model_id: str | None = None) -> list[dict[str, Any]]:
         """Jobs newest first; filter by state and/or model ("what runs on this model now")."""

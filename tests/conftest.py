@@ -94,3 +94,14 @@ def tiny_run(client, tiny_model_dir):
         "train": {"expansion_factor": 4, "k": 8, "batch_size": 256, "epochs": 2}, "top_k": 5}))
     assert job["state"] == "completed", job["message"]
     return {"dataset_id": ds["result"]["dataset_id"], "job": job}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one torch thread avoids OpenMP spin/yield overhead on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -112,7 +112,7 @@ def _failed(client, kind, spec) -> str:
 
 def test_bad_model_and_dataset_sources_fail_cleanly(client, tiny_run, tmp_path):
     msg = _failed(client, "add_model", {"source": str(tmp_path / "nowhere")})
-    assert "does not exist" in msg
+    assert "model not found" in msg
     assert not (client.settings.home / "models" / "nowhere").exists()
 
     empty = tmp_path / "empty.txt"

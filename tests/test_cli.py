@@ -43,7 +43,7 @@ def test_bad_layer_is_one_line_error(cli_env, tiny_run):
     assert str(e.value).startswith("error: layer 40 is out of range") and "\n" not in str(e.value)
 
 
-def test_failed_job_exits_with_its_reason(cli_env, tmp_path):
+def test_failed_job_exits_with_its_reason(cli_env, tiny_run, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli.main(["datasets", "add", str(tmp_path / "missing.jsonl"), "--model", "tiny-llama"])
     assert "failed" in str(e.value) and "missing.jsonl" in str(e.value)

@@ -4,7 +4,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from core.data import iter_batches, tokenize_to_shards
 from core.errors import Cancelled, UserError

@@ -127,3 +127,15 @@ def test_load_rejects_other_architectures(tmp_path):
     (folder / "cfg.json").write_text(json.dumps(cfg | {"normalize_activations": "layer_norm"}))
     with pytest.raises(UserError, match="layer_norm"):
         load_saelens(folder)
+
+
+def test_load_rejects_unfolded_decoder_norm_rescaling(tmp_path):
+    sae = _sae()
+    folder = save_saelens(sae, _cfg(sae), tmp_path / "sae")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps(cfg | {"rescale_acts_by_decoder_norm": True}))
+    load_saelens(folder)  # unit-norm rows: rescaling is the identity, so it loads
+    tensors = load_file(str(folder / "sae_weights.safetensors"))
+    save_file(tensors | {"W_dec": tensors["W_dec"] * 2}, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(UserError, match="fold_W_dec_norm"):
+        load_saelens(folder)

@@ -20,6 +20,8 @@ from core.errors import UserError
 
 EMBEDDED_ID = "smollm2-135m-instruct"
 DEMO_DEFAULTS = {"layer": 15, "max_tokens": 40_000, "context_length": 256}
+DEMO_TRAIN = {"expansion_factor": 8, "k": 32, "epochs": 8, "batch_size": 2048}
+"""8x width TopK; several passes over the 40k demo tokens so FVU settles within minutes on a CPU."""
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -191,7 +193,7 @@ def run_demo(c, layer: int, max_tokens: int) -> str:
         dataset_id = run_job(c, "add_dataset", {"model_id": EMBEDDED_ID, "source": "builtin",
                                                 "context_length": DEMO_DEFAULTS["context_length"]})["result"]["dataset_id"]
     job = run_job(c, "pipeline", {"model_id": EMBEDDED_ID, "dataset_id": dataset_id, "layer": layer,
-                                  "max_tokens": max_tokens})
+                                  "max_tokens": max_tokens, "train": DEMO_TRAIN})
     return demo_summary(c, job)
 
 

@@ -1,0 +1,45 @@
+"""One Ray cluster per deployment: the first process starts a local head (ray start --head on
+free ports) and records it under the data root; every later process attaches to it and sees
+the same actors and jobs; `mistudio stop` ends that head and nothing else."""
+
+import json
+import os
+import subprocess
+import sys
+
+import psutil
+
+
+def run_py(code: str, env: dict) -> str:
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_processes_share_one_local_head(tmp_path, tiny_model_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MISTUDIO_", "RAY_"))}
+    env.update(MISTUDIO_HOME=str(tmp_path / "home"), MISTUDIO_WORKER_CPUS="1")
+    first = run_py(
+        "from actors.client import Client\n"
+        "c = Client()\n"
+        f"job = c.wait(c.submit('add_model', {{'source': {str(tiny_model_dir)!r}, 'name': 'tiny'}}), timeout=200)\n"
+        "print(job['state'])\n", env)
+    assert first.strip().endswith("completed")
+    head = json.loads((tmp_path / "home" / "ray_head.json").read_text())
+
+    # A second process (as the dashboard or a later CLI call would be) attaches to the same head
+    # and sees the job and the loaded model in the same long-lived worker.
+    second = run_py(
+        "from actors.client import Client\n"
+        "import ray\n"
+        "c = Client()\n"
+        "print(ray.get_runtime_context().gcs_address, [j['kind'] for j in c.jobs()], c.worker_status())\n", env)
+    port = head["address"].rpartition(":")[2]
+    assert f":{port}" in second and "['add_model']" in second
+    assert "'loaded': ['tiny']" in second
+
+    stopped = subprocess.run([sys.executable, "-m", "ui.cli", "stop"], env=env, capture_output=True, text=True)
+    assert "stopped the local Ray head" in stopped.stdout
+    assert not (tmp_path / "home" / "ray_head.json").exists()
+    left = [p for p in psutil.process_iter(["cmdline"]) if f"gcs_server_port={port}" in " ".join(p.info["cmdline"] or [])]
+    assert not left
