@@ -68,7 +68,7 @@ def test_jobs_page_lists_completed_run(tiny_run, ui_client):
     job = tiny_run["job"]
     assert rows[job["id"]]["state"] == "completed"
     assert rows[job["id"]]["kind"] == "pipeline"
-    assert at.selectbox(key="model").value == "tiny-llama"
+    at.selectbox(key="model").select("tiny-llama").run()
     layer = at.number_input(key="layer-tiny-llama")
     assert (layer.min, layer.max) == (0, 1)  # bounded by the model's 2 layers
     # nothing runs: the panel shows the most recent finished job at 100%
@@ -78,7 +78,9 @@ def test_jobs_page_lists_completed_run(tiny_run, ui_client):
     assert at.get("vega_lite_chart"), "the finished job's charts are drawn from its whole history"
 
 
-def fill_small_run(at: AppTest, k: int = 4) -> None:
+def fill_small_run(at: AppTest, dataset_id: str, k: int = 4) -> None:
+    at.selectbox(key="model").select("tiny-llama").run()  # other tests may register more models
+    at.selectbox(key="dataset-tiny-llama").select(dataset_id)
     at.number_input(key="layer-tiny-llama").set_value(1)
     at.number_input(key="max_tokens").set_value(600)
     at.number_input(key="expansion_factor").set_value(2)
@@ -90,7 +92,7 @@ def fill_small_run(at: AppTest, k: int = 4) -> None:
 def test_submit_enqueues_a_job_and_cancel(tiny_run, ui_client):
     at = run_page(JOBS)
     before = {j["id"] for j in ui_client.jobs()}
-    fill_small_run(at)
+    fill_small_run(at, tiny_run["dataset_id"])
     at.button(key="submit").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     new = [j for j in ui_client.jobs() if j["id"] not in before]
@@ -125,7 +127,7 @@ def test_submit_enqueues_a_job_and_cancel(tiny_run, ui_client):
 
 def test_bad_input_shows_one_line_error(tiny_run, ui_client):
     at = run_page(JOBS)
-    fill_small_run(at, k=100_000)  # wider than the SAE (64 × 2)
+    fill_small_run(at, tiny_run["dataset_id"], k=100_000)  # wider than the SAE (64 × 2)
     at.button(key="submit").click().run()
     assert not at.exception
     errors = [e.value for e in at.error]

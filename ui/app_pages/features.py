@@ -86,8 +86,10 @@ def contexts(client, sae: dict[str, Any], latents: list[int], by_latent: dict[in
     if not latents:
         st.caption("No latent matches the filters.")
         return
-    if st.session_state.get("latent") not in latents:
+    # A latent picked for another SAE (or filtered out) means nothing here: start at the top.
+    if st.session_state.get("latent") not in latents or st.session_state.get("latent_sae") != sae["id"]:
         st.session_state.pop("latent", None)
+    st.session_state["latent_sae"] = sae["id"]
     latent = st.selectbox(
         "Latent", latents, key="latent",
         format_func=lambda i: f"{i} · freq {by_latent[i]['frequency']:.4g} · {top_token_text(by_latent[i]['top_tokens'], 5)}")
