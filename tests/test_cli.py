@@ -51,7 +51,10 @@ def test_failed_job_exits_with_its_reason(cli_env, tiny_run, tmp_path):
 
 def test_lists_print_tables(cli_env, tiny_run, capsys):
     cli.main(["models", "list"])
+    cli.main(["datasets", "show", tiny_run["dataset_id"]])
+    cli.main(["extract", "list"])
     cli.main(["jobs", "list"])
     cli.main(["discover", "show", "--sae", tiny_run["job"]["result"]["sae_id"], "--limit", "3"])
     out = capsys.readouterr().out
     assert "tiny-llama" in out and "pipeline" in out and "frequency" in out
+    assert "row length (tokens)" in out and "#" in out and "median_norm" in out

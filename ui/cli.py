@@ -114,7 +114,27 @@ def cmd_datasets(a) -> None:
                                          "text_column": a.text_column, "context_length": a.context_length,
                                          "max_documents": a.max_documents})
         print(f"registered dataset {job['result']['dataset_id']}")
+    if a.action == "show":
+        return show_dataset(c, a.source)
     table(c.datasets(), ["id", "name", "model_id", "documents", "rows", "tokens", "context_length"])
+
+
+def show_dataset(c, dataset_id: str) -> None:
+    """A dataset's numbers and its row-length histogram, drawn in text."""
+    from storage.registry import Dataset
+
+    ds = c.get(Dataset, dataset_id)
+    if ds is None:
+        raise UserError(f"no dataset {dataset_id!r}; list them with: mistudio datasets list")
+    print(f"{ds['id']}  ({ds['source']}, tokenized for {ds['model_id']})")
+    print(f"documents {ds['documents']:,}  rows {ds['rows']:,}  tokens {ds['tokens']:,}  "
+          f"context length {ds['context_length']}")
+    hist = ds["stats"].get("length_hist") or {}
+    edges, counts = hist.get("bin_edges", []), hist.get("counts", [])
+    top = max(counts, default=0) or 1
+    print("row length (tokens)")
+    for lo, hi, n in zip(edges, edges[1:], counts):
+        print(f"  {lo:>6.0f}-{hi:<6.0f} {'#' * round(40 * n / top):<40} {n:,}")
 
 
 def cmd_extract(a) -> None:
@@ -123,7 +143,9 @@ def cmd_extract(a) -> None:
         job = run_job(c, "extract", {"model_id": a.model, "dataset_id": a.dataset, "layers": a.layers,
                                      "site": a.site, "batch_size": a.batch_size, "max_tokens": a.max_tokens})
         print(json.dumps(job["result"], indent=2))
-    table(c.activations(), ["id", "model_id", "dataset_id", "hook_name", "tokens", "d_model"])
+    rows = [dict(r, mean_norm=r["stats"].get("mean_norm"), median_norm=r["stats"].get("median_norm"),
+                 std=r["stats"].get("std")) for r in c.activations()]
+    table(rows, ["id", "model_id", "dataset_id", "hook_name", "tokens", "d_model", "mean_norm", "median_norm", "std"])
 
 
 def cmd_train(a) -> None:
@@ -198,12 +220,15 @@ def run_demo(c, layer: int, max_tokens: int) -> str:
 
 
 def demo_summary(c, job: dict[str, Any]) -> str:
+    from storage.registry import Activation
+
     res = job["result"]
     tr, disc = res["train"], res["discover"]
+    act = c.get(Activation, res["activation_id"])
     lines = [
         "",
         f"miStudio demo — job {job['id']} completed",
-        f"  tokens extracted : {disc['tokens']:,}",
+        f"  tokens extracted : {act['tokens']:,} at {act['hook_name']}",
         f"  SAE              : {res['sae_id']} (TopK, {disc['n_latents']} latents)",
         f"  FVU              : {tr['fvu']:.4f}",
         f"  L0               : {tr['l0']:.1f}",
@@ -222,7 +247,7 @@ def serve(port: int) -> None:
     print(f"serving the dashboard on http://localhost:{port} (Ctrl-C to stop)")
     subprocess.run([sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "localhost",
                     "--server.port", str(port), "--server.headless", "true",
-                    "--browser.gatherUsageStats", "false"], check=False)
+                    "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"], check=False)
 
 
 def cmd_ui(a) -> None:
@@ -265,9 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_models)
 
     ds = sub.add_parser("datasets", help="tokenize and list datasets")
-    ds.add_argument("action", choices=["add", "list"])
+    ds.add_argument("action", choices=["add", "list", "show"])
     ds.add_argument("source", nargs="?", default="builtin",
-                    help="'builtin' (stdlib docs), a .txt/.jsonl/.parquet/.csv file or a Hugging Face dataset id")
+                    help="add: 'builtin' (stdlib docs), a .txt/.jsonl/.parquet/.csv file or a Hugging Face dataset id; "
+                         "show: a dataset id")
     ds.add_argument("--model", default=EMBEDDED_ID, help="model whose tokenizer to use")
     ds.add_argument("--name", default="")
     ds.add_argument("--text-column", default="text")

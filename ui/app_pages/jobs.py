@@ -8,11 +8,13 @@ import streamlit as st
 
 from core.errors import UserError
 from storage.registry import JOB_STATES
+from ui.cli import DEMO_DEFAULTS, DEMO_TRAIN
 from ui.widgets import fmt_number, get_client, guard, jobs_frame, progress_panel
 
-DEFAULTS = {"max_tokens": 40_000, "batch_size": 8, "expansion_factor": 8, "k": 32, "epochs": 1,
-            "train_batch_size": 4096, "top_k": 20}
-"""Form defaults: the demo's run (TrainConfig's and DiscoverSpec's defaults, 40 k tokens)."""
+# Form defaults: the demo's run. (A comment, not a docstring: Streamlit's magic would print it.)
+DEFAULTS = {"max_tokens": DEMO_DEFAULTS["max_tokens"], "batch_size": 8,
+            "expansion_factor": DEMO_TRAIN["expansion_factor"], "k": DEMO_TRAIN["k"], "epochs": DEMO_TRAIN["epochs"],
+            "train_batch_size": DEMO_TRAIN["batch_size"], "top_k": 20}
 
 HOW_TO_ADD_MODEL = (
     "No model is registered yet. Add one from a terminal:\n\n"
