@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from core.discover import DiscoverConfig
@@ -150,8 +151,36 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    if typing.get_origin(hint) is None:  # a plain class: int, str, ...
+        return hint.__name__
+    return str(hint).replace("typing.", "")  # list[int], int | None, dict[str, typing.Any]
 
 
 def to_dict(spec) -> dict[str, Any]:
     return dataclasses.asdict(spec)
+
+
+def load_job_file(path: str) -> tuple[str, dict[str, Any]]:
+    """Read a job config (YAML or JSON: `kind:` plus the spec's fields) and validate it fully.
+
+    Everything is checked here, before any Ray call, so a typo costs nothing.
+    """
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"job config {path} not found; check the path")
+    try:
+        doc = yaml.safe_load(p.read_text())  # JSON is YAML too
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise UserError(f"{p.name} is not valid YAML/JSON{at}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{p.name} must be a mapping with a 'kind' key and the job's fields")
+    values = dict(doc)
+    kind = values.pop("kind", None)
+    if kind is None:
+        raise UserError(f"{p.name} has no 'kind'; set it to one of {', '.join(SPECS)}")
+    parse_spec(str(kind), values)
+    return str(kind), values

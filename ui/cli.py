@@ -187,6 +187,18 @@ def cmd_jobs(a) -> None:
     table(c.jobs(state=a.state), ["id", "kind", "state", "step", "model_id", "created_at", "message"])
 
 
+def cmd_run(a) -> None:
+    from actors.specs import load_job_file  # validates before any Ray call
+
+    kind, spec = load_job_file(a.config)
+    c = client()
+    if a.no_wait:
+        print(c.submit(kind, spec))
+        return
+    job = run_job(c, kind, spec)
+    print(json.dumps(job["result"], indent=2, default=str))
+
+
 def cmd_demo(a) -> None:
     from actors import cluster
     from storage import Settings
@@ -272,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=DEMO_DEFAULTS["max_tokens"])
     d.add_argument("--port", type=int, default=8501)
     d.set_defaults(fn=cmd_demo)
+
+    r = sub.add_parser("run", help="submit a job described in a YAML/JSON file (kind + fields), validated first")
+    r.add_argument("config", help="e.g. train.yaml with 'kind: train' and the spec's fields")
+    r.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    r.set_defaults(fn=cmd_run)
 
     u = sub.add_parser("ui", help="serve the dashboard on localhost")
     u.add_argument("--port", type=int, default=8501)
