@@ -77,18 +77,20 @@ def start_head(settings: Settings) -> dict:
 def connect(settings: Settings, start: bool = True) -> None:
     """Attach this process to the deployment's Ray cluster and make sure the actors exist."""
     if not ray.is_initialized():
-        address = settings.ray_address
+        quiet = {"namespace": NAMESPACE, "log_to_driver": False, "logging_level": logging.WARNING}
+        # Inside `ray job submit`, Ray names the cluster the job runs on in RAY_ADDRESS.
+        address = settings.ray_address or os.environ.get("RAY_ADDRESS", "")
         if address == "local":
-            ray.init(address="local", num_cpus=os.cpu_count(), namespace=NAMESPACE, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
         else:
             if not address:
                 head = recorded_head(settings) or (start_head(settings) if start else None)
                 if head is None:
                     raise UserError("no miStudio Ray cluster is running; start one with: mistudio demo (or mistudio ui)")
                 address = head["address"]
-            elif not _answers(address.removeprefix("ray://")):
+            elif address != "auto" and not _answers(address.removeprefix("ray://")):
                 raise UserError(f"the Ray cluster at {address} does not answer; check MISTUDIO_RAY_ADDRESS")
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address=address, **quiet)
     ensure_actors(settings)
 
 

@@ -43,3 +43,40 @@ def test_processes_share_one_local_head(tmp_path, tiny_model_dir):
     assert not (tmp_path / "home" / "ray_head.json").exists()
     left = [p for p in psutil.process_iter(["cmdline"]) if f"gcs_server_port={port}" in " ".join(p.info["cmdline"] or [])]
     assert not left
+
+
+def test_ray_job_submit_runs_a_job_file(tmp_path, tiny_model_dir):
+    """`ray job submit --address http://HEAD:DASHBOARD -- mistudio run job.yaml` against a head
+    started with `ray start --head`: the job attaches to that cluster and its actors."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MISTUDIO_", "RAY_"))}
+    env.update(MISTUDIO_HOME=str(home), MISTUDIO_WORKER_CPUS="1", RAY_AUTH_MODE="token")
+    run_py("from actors import cluster\nfrom storage import Settings\ncluster.start_head(Settings.from_env())\n", env)
+    head = json.loads((home / "ray_head.json").read_text())
+    try:
+        work = tmp_path / "work"
+        work.mkdir()
+        (work / "job.yaml").write_text(f"kind: add_model\nsource: {tiny_model_dir}\nname: tiny-submitted\n")
+        ray_exe = os.path.join(os.path.dirname(sys.executable), "ray")
+        runtime_env = json.dumps({"env_vars": {"MISTUDIO_HOME": str(home)}})
+        out = subprocess.run([ray_exe, "job", "submit", "--address", head["dashboard"], "--working-dir", str(work),
+                              "--runtime-env-json", runtime_env, "--",
+                              sys.executable, "-m", "ui.cli", "run", "job.yaml"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        assert "succeeded" in out.stdout and '"model_id": "tiny-submitted"' in out.stdout
+
+        listed = run_py("from actors.client import Client\nprint([m['id'] for m in Client().models()])\n", env)
+        assert "tiny-submitted" in listed
+    finally:
+        subprocess.run([sys.executable, "-m", "ui.cli", "stop"], env=env, capture_output=True, text=True)
+
+
+def test_a_cluster_address_that_does_not_answer_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MISTUDIO_", "RAY_"))}
+    env.update(MISTUDIO_HOME=str(tmp_path / "home"), MISTUDIO_RAY_ADDRESS="127.0.0.1:9")
+    out = subprocess.run([sys.executable, "-m", "ui.cli", "models", "list"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: the Ray cluster at 127.0.0.1:9 does not answer; check MISTUDIO_RAY_ADDRESS")
