@@ -79,6 +79,12 @@ class Client:
     def worker_status(self) -> dict[str, Any] | None:
         return ray.get(self.manager.worker_status.remote())
 
+    def system(self) -> list[dict[str, Any]]:
+        """CPU, memory, disk (of the data root's filesystem) and GPUs of every Ray node."""
+        from actors.monitor import cluster_stats
+
+        return cluster_stats(str(self.settings.home))
+
     # -- registry reads ----------------------------------------------------------------
     def models(self) -> list[dict[str, Any]]:
         return self.registry.list(Model, order_by=Model.created_at)
