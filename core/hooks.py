@@ -4,8 +4,18 @@ One site, one name, everywhere (extraction, training, discovery, steering, expor
 
 * `blocks.{L}.hook_resid_pre`  — the residual stream entering decoder block L
 * `blocks.{L}.hook_resid_post` — the residual stream leaving block L (the block's output)
-* `blocks.{L}.hook_attn_out`   — the attention sublayer's output, before it is added back
-* `blocks.{L}.hook_mlp_out`    — the MLP sublayer's output, before it is added back
+* `blocks.{L}.hook_attn_out`   — the attention term the block adds to its residual stream
+* `blocks.{L}.hook_mlp_out`    — the MLP term the block adds to its residual stream
+
+so that resid_pre + attn_out + mlp_out == resid_post for every family, sequential or parallel
+residual. The term added is the sublayer's output followed through the block's modules that
+consume it directly: Gemma 2/3's post_attention_layernorm / post_feedforward_layernorm (which
+normalise the sublayer's output before the residual add), or a residual dropout. It is found by
+data flow during the forward, not from a table of architectures: a child module of the block
+whose input *is* the sublayer's output tensor (the same object) is on the path to the residual
+add; the first child that reads something else (or the block's end) closes the path. Llama's
+post_attention_layernorm, despite the name, reads the residual stream (resid_pre + attn_out),
+so it is not followed.
 
 `run_hooked` stops the forward pass as soon as every requested site has been captured, so
 layers past the deepest hooked one never run: that is the main lever on extraction speed.
@@ -80,6 +90,13 @@ def _first_tensor(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _first_input(args, kwargs):
+    # The main input of a module call: its first positional argument, else hidden_states=...
+    if args:
+        return args[0]
+    return kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+
+
 def run_hooked(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                hook_names: list[str]) -> dict[str, torch.Tensor]:
     """Forward `input_ids` and return {hook name: float32 activations [B, T, d_model]}.
@@ -92,14 +109,53 @@ def run_hooked(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
     wanted = list(dict.fromkeys(hook_names))  # dedupe, keep order
     captured: dict[str, torch.Tensor] = {}
 
-    def store(name: str, tensor: torch.Tensor) -> None:
+    def store(name: str, tensor: torch.Tensor, copy: bool = True) -> None:
         # A copy: the model may reuse or modify its buffers after the hook returns.
-        captured[name] = tensor.detach().to(torch.float32, copy=True)
+        captured[name] = tensor.detach().to(torch.float32, copy=True) if copy else tensor
         if len(captured) == len(wanted):
             raise _StopForward
 
     def post_hook(name):
         return lambda module, args, output: store(name, _first_tensor(output))
+
+    def sublayer_hooks(name: str, block: torch.nn.Module, sublayer: torch.nn.Module) -> list:
+        # Follow the sublayer's output through the block's children that take it as input
+        # (post-sublayer norm, dropout) and store what reaches the residual add. Copies are taken
+        # at every step, in case the block later updates a tensor in place.
+        state = {"ref": None, "value": None, "via": None}  # ref: the live tensor, for identity tests
+
+        def finish():
+            if state["ref"] is not None and name not in captured:
+                value, state["ref"] = state["value"], None
+                store(name, value, copy=False)  # already a float32 copy; may stop the forward
+
+        def sublayer_out(module, args, output):
+            if name not in captured:
+                out = _first_tensor(output)
+                state.update(ref=out, value=out.detach().to(torch.float32, copy=True))
+
+        def child_pre(module, args, kwargs):
+            if state["ref"] is None or name in captured:
+                return
+            if _first_input(args, kwargs) is state["ref"]:
+                state["via"] = module
+            else:
+                finish()
+
+        def child_post(module, args, output):
+            if state["via"] is module and state["ref"] is not None:
+                state["via"] = None
+                out = _first_tensor(output)
+                if isinstance(out, torch.Tensor) and out.shape == state["ref"].shape:
+                    state.update(ref=out, value=out.detach().to(torch.float32, copy=True))
+
+        hs = [sublayer.register_forward_hook(sublayer_out)]
+        for child in block.children():
+            if child is not sublayer:
+                hs.append(child.register_forward_pre_hook(child_pre, with_kwargs=True))
+                hs.append(child.register_forward_hook(child_post))
+        hs.append(block.register_forward_hook(lambda module, args, output: finish()))
+        return hs
 
     def pre_hook(name):
         def hook(module, args, kwargs):
@@ -117,7 +173,7 @@ def run_hooked(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | No
             elif site == "resid_post":
                 handles.append(block.register_forward_hook(post_hook(name)))
             else:
-                handles.append(_sublayer(block, site).register_forward_hook(post_hook(name)))
+                handles.extend(sublayer_hooks(name, block, _sublayer(block, site)))
         device = next(model.parameters()).device
         with torch.no_grad():
             try:

@@ -16,6 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 UI = Path(__file__).resolve().parents[1] / "ui"
 APP, JOBS, FEATURES = str(UI / "app.py"), str(UI / "app_pages" / "jobs.py"), str(UI / "app_pages" / "features.py")
+SYSTEM = str(UI / "app_pages" / "system.py")
 TIMEOUT = 60  # the first run imports the engine and connects
 
 
@@ -217,6 +218,24 @@ def test_app_navigates_between_pages(tiny_run, ui_client):
     at.switch_page("app_pages/features.py").run()
     assert not at.exception
     assert at.title[0].value == "Features"
+    at.switch_page("app_pages/system.py").run()
+    assert not at.exception
+    assert at.title[0].value == "System"
+
+
+def test_system_page_shows_this_machine_and_the_worker(tiny_run, ui_client):
+    import os
+
+    import psutil
+
+    at = run_page(SYSTEM)
+    assert not at.error, [e.value for e in at.error]
+    labels = [m.label for m in at.metric]
+    assert any(lbl.startswith("CPU") for lbl in labels) and "Memory" in labels
+    memory = next(m.value for m in at.metric if m.label == "Memory")
+    assert memory.endswith(f"/ {psutil.virtual_memory().total / 1024 ** 3:,.1f} GB")
+    assert f"{os.cpu_count()} CPU cores" in at.markdown[0].value
+    assert "models loaded: `tiny-llama`" in " ".join(m.value for m in at.markdown)
 
 
 def test_no_model_registered_says_how_to_add(monkeypatch, ui_client):
