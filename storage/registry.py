@@ -1,6 +1,7 @@
 """The registry: what exists (models, datasets, activations, SAEs, features) and every job.
 
-SQLAlchemy 2 ORM over SQLite by default (PostgreSQL for a team). The JobManager actor is the
+SQLAlchemy 2 ORM over SQLite by default (PostgreSQL for a team); the schema is managed by
+Alembic migrations in `storage/migrations/`, applied on start (`storage.migrate`). The JobManager actor is the
 one writer; the dashboard and CLI only read. Large results live as files under the data root
 (`storage.artifacts`); rows hold their paths and summary numbers.
 """
@@ -12,11 +13,20 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy import (JSON, URL, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event,
+                        make_url, select)
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from core.errors import UserError
+from storage.migrate import sqlite_pragmas, upgrade_to_head
 
 JOB_STATES = ("queued", "loading", "running", "saving", "completed", "failed", "cancelled")
 FINAL_STATES = ("completed", "failed", "cancelled")
+
+
+Count = BigInteger().with_variant(Integer(), "sqlite")
+"""Token/parameter counts: BIGINT on PostgreSQL (a 7B model overflows INTEGER); SQLite's INTEGER is 64-bit."""
 
 
 def now() -> dt.datetime:
@@ -43,7 +53,7 @@ class Model(Base):
     architecture: Mapped[str] = mapped_column(String(64))
     n_layers: Mapped[int] = mapped_column(Integer)
     d_model: Mapped[int] = mapped_column(Integer)
-    n_params: Mapped[int] = mapped_column(Integer)
+    n_params: Mapped[int] = mapped_column(Count)
     dtype: Mapped[str] = mapped_column(String(16))
     vocab_size: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
@@ -61,7 +71,7 @@ class Dataset(Base):
     path: Mapped[str] = mapped_column(Text)
     documents: Mapped[int] = mapped_column(Integer)
     rows: Mapped[int] = mapped_column(Integer)
-    tokens: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Count)
     stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
 
@@ -96,7 +106,7 @@ class Activation(Base):
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
     hook_name: Mapped[str] = mapped_column(String(128))
     path: Mapped[str] = mapped_column(Text)
-    tokens: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Count)
     d_model: Mapped[int] = mapped_column(Integer)
     stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
@@ -127,7 +137,7 @@ class Feature(Base):
     __tablename__ = "features"
     sae_id: Mapped[str] = mapped_column(ForeignKey("saes.id"), primary_key=True)
     latent: Mapped[int] = mapped_column(Integer, primary_key=True)
-    n_fired: Mapped[int] = mapped_column(Integer)
+    n_fired: Mapped[int] = mapped_column(Count)
     frequency: Mapped[float] = mapped_column(Float)
     max_act: Mapped[float] = mapped_column(Float)
     mean_act: Mapped[float] = mapped_column(Float)
@@ -135,25 +145,63 @@ class Feature(Base):
     label: Mapped[str] = mapped_column(Text, default="")
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    # WAL lets the dashboard read while the JobManager writes; the timeout rides out a lock.
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=10000")
-    cur.close()
+def engine_url(url: str) -> URL:
+    """The SQLAlchemy URL to connect with: `postgresql://` (and `postgres://`) use the psycopg 3 driver.
+
+    The one place where user-written URLs are mapped to drivers; an explicit driver
+    (`postgresql+psycopg2://...`) is kept as written.
+    """
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u
+
+
+def masked_url(url: str) -> str:
+    """The URL as the user wrote it, password replaced by ***, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable URL>"
 
 
 class Registry:
-    """Typed access to the registry database. Cheap to create; one per process."""
+    """Typed access to the registry database. Cheap to create; one per process.
+
+    Creating one brings the schema to the newest Alembic migration (`storage.migrate`): safe to
+    run from several processes at once, and a no-op when the schema is already at head.
+    """
 
     def __init__(self, url: str):
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(url, future=True)
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        where = masked_url(url)
+        try:
+            u = engine_url(url)
+        except ArgumentError:
+            raise UserError("MISTUDIO_DATABASE_URL is not a database URL; use e.g. "
+                            "sqlite:////path/registry.db or postgresql://user:password@host:5432/dbname") from None
+        if u.get_backend_name() == "sqlite":
+            if u.database and u.database != ":memory:" and not u.database.startswith("file:"):
+                try:
+                    Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise UserError(f"cannot create the folder of the registry database at {where} "
+                                    f"({e.strerror}); check MISTUDIO_DATABASE_URL / MISTUDIO_HOME") from None
+            self.engine = create_engine(u)
+            event.listen(self.engine, "connect", sqlite_pragmas)
+        else:
+            connect_args = {"connect_timeout": 10} if u.get_backend_name() == "postgresql" and \
+                "connect_timeout" not in u.query else {}
+            self.engine = create_engine(u, pool_pre_ping=True, connect_args=connect_args)
+        try:
+            upgrade_to_head(self.engine, Base.metadata, where)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        """Close the pooled connections (the registry can be used again; it reconnects)."""
+        self.engine.dispose()
 
     def session(self) -> Session:
         return self._session()

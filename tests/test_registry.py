@@ -1,14 +1,107 @@
-"""The SQLAlchemy registry on a real SQLite file."""
+"""The SQLAlchemy registry and its Alembic migrations, on a real SQLite file and a real PostgreSQL.
+
+Every test taking `db_url` runs on both backends. PostgreSQL is the server in
+MISTUDIO_TEST_PG_URL, else a local one at 127.0.0.1:5432/test (user postgres or root) when it
+answers. With neither, the PostgreSQL tests fail loudly; MISTUDIO_TEST_NO_PG=1 skips them
+instead. Each PostgreSQL test gets its own fresh schema (search_path set through the URL),
+dropped afterwards.
+"""
+
+import datetime as dt
+import os
+import threading
+import uuid
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, make_url, text
 
+from core.errors import UserError
 from storage import Registry
-from storage.registry import SAE, Model
+from storage.migrate import head_revision, upgrade_to_head
+from storage.registry import SAE, Base, Job, Model, engine_url
+
+LOCAL_PG = ["postgresql://postgres@127.0.0.1:5432/test", "postgresql://root@127.0.0.1:5432/test"]
+
+
+def _answers(url: str) -> str | None:
+    """None when the server answers, else the reason."""
+    import psycopg
+
+    try:
+        with psycopg.connect(engine_url(url).set(drivername="postgresql").render_as_string(hide_password=False),
+                             connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable", reported below
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+@pytest.fixture(scope="session")
+def pg_base_url() -> str:
+    """The PostgreSQL server for this test session, or a loud failure (a skip only if asked for)."""
+    if os.environ.get("MISTUDIO_TEST_NO_PG") == "1":
+        pytest.skip("PostgreSQL registry tests skipped: MISTUDIO_TEST_NO_PG=1")
+    if url := os.environ.get("MISTUDIO_TEST_PG_URL"):
+        if (why := _answers(url)) is None:
+            return url
+        tried = {make_url(url).render_as_string(hide_password=True): why}
+    else:
+        tried = {}
+        for url in LOCAL_PG:
+            if (why := _answers(url)) is None:
+                return url
+            tried[url] = why
+    pytest.fail(
+        "NO POSTGRESQL SERVER FOR THE REGISTRY TESTS. Tried: "
+        + "; ".join(f"{u} -> {why}" for u, why in tried.items())
+        + ". Start PostgreSQL (database `test`, trust auth on 127.0.0.1:5432) or set MISTUDIO_TEST_PG_URL to "
+        "a server where the user may create schemas; set MISTUDIO_TEST_NO_PG=1 to skip these tests on purpose.",
+        pytrace=False)
+
+
+def _pg_admin(base_url: str):
+    return create_engine(engine_url(base_url), isolation_level="AUTOCOMMIT")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh, empty registry database URL: a SQLite file, or a new PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry.db'}"
+        return
+    base = request.getfixturevalue("pg_base_url")
+    schema = f"mistudio_test_{uuid.uuid4().hex[:12]}"
+    admin = _pg_admin(base)
+    with admin.connect() as c:
+        c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
 
 
 @pytest.fixture
-def registry(tmp_path):
-    return Registry(f"sqlite:///{tmp_path / 'registry.db'}")
+def registry(db_url):
+    reg = Registry(db_url)
+    yield reg
+    reg.close()
+
+
+def _revision(url: str) -> str | None:
+    eng = create_engine(engine_url(url))
+    try:
+        with eng.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        eng.dispose()
+
+
+# -- the registry itself --------------------------------------------------------------------------------
 
 
 def test_job_lifecycle_timestamps_and_final_states_are_final(registry):
@@ -23,6 +116,7 @@ def test_job_lifecycle_timestamps_and_final_states_are_final(registry):
     assert (late["state"], late["message"]) == ("failed", "boom")
     with pytest.raises(ValueError):
         registry.set_job_state(job["id"], "exploded")
+    assert registry.get(Job, job["id"])["spec"] == {"layers": [3]}  # JSON round-trips on both backends
 
 
 def test_what_runs_on_this_model_is_one_query(registry):
@@ -37,7 +131,8 @@ def test_what_runs_on_this_model_is_one_query(registry):
 
 def test_features_are_replaced_in_bulk_and_sorted(registry):
     registry.add(Model(id="m", name="m", source="x", path="/m", architecture="llama", n_layers=2, d_model=4,
-                       n_params=10, dtype="float32", vocab_size=9))
+                       n_params=7_000_000_000, dtype="float32", vocab_size=9))  # > 2**31: BIGINT on PostgreSQL
+    assert registry.get(Model, "m")["n_params"] == 7_000_000_000
     registry.add(SAE(id="s", name="s", model_id="m", hook_name="blocks.1.hook_resid_post", architecture="topk",
                      d_in=4, d_sae=3, k=1, path="/s"))
     rows = [{"latent": i, "n_fired": i, "frequency": i / 10, "max_act": 1.0, "mean_act": 0.5, "top_tokens": ["a"]}
@@ -46,4 +141,111 @@ def test_features_are_replaced_in_bulk_and_sorted(registry):
     assert registry.replace_features("s", rows) == 3  # re-running discovery replaces, never duplicates
     feats = registry.features("s")
     assert [f["latent"] for f in feats] == [2, 1, 0]
+    assert feats[0]["top_tokens"] == ["a"]
     assert [f["latent"] for f in registry.features("s", min_frequency=0.1, limit=1)] == [2]
+
+
+# -- migrations -----------------------------------------------------------------------------------------
+
+
+def test_fresh_database_is_migrated_to_head_and_matches_the_models(registry, db_url):
+    with registry.engine.connect() as conn:
+        tables = set(inspect(conn).get_table_names())
+        assert tables == set(Base.metadata.tables) | {"alembic_version"}
+        assert MigrationContext.configure(conn).get_current_revision() == head_revision()
+        # the migrations describe the ORM models exactly: nothing left for autogenerate to add
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        assert compare_metadata(ctx, Base.metadata) == []
+
+
+def test_upgrade_again_is_a_no_op(db_url):
+    first = Registry(db_url)
+    job = first.create_job("extract", {"layers": [1]})
+    second = Registry(db_url)  # a second process starting on the same database
+    upgrade_to_head(second.engine, Base.metadata, "test")  # and once more, directly
+    assert second.get(Job, job["id"])["spec"] == {"layers": [1]}
+    with second.engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [head_revision()]
+    first.close()
+    second.close()
+
+
+def test_a_registry_made_by_create_all_is_adopted(db_url):
+    """Registries from before migrations: tables made by create_all, no alembic_version."""
+    eng = create_engine(engine_url(db_url))
+    Base.metadata.create_all(eng)
+    with eng.begin() as conn:
+        conn.execute(Job.__table__.insert(), [{"id": "old-job", "kind": "extract", "state": "completed", "spec": {},
+                                               "step": "", "message": "done", "result": {"n": 1},
+                                               "created_at": dt.datetime(2024, 1, 1),
+                                               "updated_at": dt.datetime(2024, 1, 1)}])
+        assert "alembic_version" not in inspect(conn).get_table_names()
+    eng.dispose()
+    reg = Registry(db_url)
+    assert _revision(db_url) == head_revision()
+    assert reg.get(Job, "old-job")["result"] == {"n": 1}
+    reg.close()
+
+
+def test_a_half_made_registry_is_refused_in_one_line(db_url):
+    eng = create_engine(engine_url(db_url))
+    Job.__table__.create(eng)
+    eng.dispose()
+    with pytest.raises(UserError) as e:
+        Registry(db_url)
+    msg = str(e.value)
+    assert "\n" not in msg and "no alembic_version" in msg and "models" in msg
+
+
+def test_concurrent_starts_on_one_fresh_database(db_url):
+    n = 4
+    barrier = threading.Barrier(n)
+    errors, registries = [], []
+
+    def start():
+        barrier.wait()
+        try:
+            registries.append(Registry(db_url))
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert len(registries) == n
+    assert _revision(db_url) == head_revision()
+    job = registries[0].create_job("extract", {})
+    assert registries[-1].get(Job, job["id"]) is not None
+    for r in registries:
+        r.close()
+
+
+# -- errors and URLs ------------------------------------------------------------------------------------
+
+
+def test_unreachable_database_is_a_one_line_user_error():
+    url = "postgresql://mistudio:s3cret-pw@127.0.0.1:1/registry"  # nothing listens on port 1
+    with pytest.raises(UserError) as e:
+        Registry(url)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "postgresql://mistudio:***@127.0.0.1:1/registry" in msg and "s3cret-pw" not in msg
+    assert "MISTUDIO_DATABASE_URL" in msg and "running" in msg
+
+
+def test_unusable_sqlite_path_is_a_one_line_user_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(UserError) as e:
+        Registry(f"sqlite:///{blocker / 'sub' / 'registry.db'}")
+    assert "\n" not in str(e.value) and "MISTUDIO_DATABASE_URL" in str(e.value)
+
+
+def test_postgresql_urls_use_psycopg3():
+    assert engine_url("postgresql://u:p@h:5432/db").drivername == "postgresql+psycopg"
+    assert engine_url("postgres://u@h/db").drivername == "postgresql+psycopg"
+    assert engine_url("postgresql+psycopg2://u@h/db").drivername == "postgresql+psycopg2"  # explicit: kept
+    assert engine_url("sqlite:///x.db").drivername == "sqlite"

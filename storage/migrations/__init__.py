@@ -1,0 +1,1 @@
+"""Alembic migration scripts of the registry schema (run by `storage.migrate`)."""
