@@ -42,11 +42,12 @@ def follow(c, job_id: str, quiet: bool = False) -> dict[str, Any]:
         if step not in bars:
             for b in bars.values():
                 b.close()
+            # Until a step reports a total (loading a model has none) show time and state only.
             bars[step] = tqdm(desc=f"{step:>10}", total=None, unit=p.get("unit") or "it", unit_scale=True,
-                              dynamic_ncols=True, leave=True)
+                              dynamic_ncols=True, leave=True, bar_format="{desc}: {elapsed}{postfix}")
         bar = bars[step]
         if p.get("total") and bar.total != p["total"]:
-            bar.total = p["total"]
+            bar.total, bar.bar_format = p["total"], None
         if p.get("done") is not None and p.get("step") == step:
             bar.n = p["done"]
         shown = {k: p[k] for k in ("loss", "fvu", "l0", "dead_frac", "features_in_heap", "heap_examples_count")
