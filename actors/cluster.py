@@ -60,9 +60,14 @@ def start_head(settings: Settings) -> dict:
     """Start a local Ray head with the dashboard (the Jobs API needs it) and record its address."""
     ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
     port, dash = _free_port(), _free_port()
+    # Every fixed default port (the job agent's 52365, the client server's 10001, ...) may be held
+    # by another Ray on this machine; a clash leaves the head up but without a Jobs API.
+    extra = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "ray-client-server-port",
+        "metrics-export-port", "runtime-env-agent-port")]
     cmd = [ray_exe, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--num-cpus={os.cpu_count() or 1}", "--disable-usage-stats"]
+           *extra, f"--num-cpus={os.cpu_count() or 1}", "--disable-usage-stats"]
     # `ray start` inherits RAY_AUTH_MODE from actors/__init__.py. The head and its clients authenticate with the token in ~/.ray/auth_token; make one once.
     subprocess.run([ray_exe, "get-auth-token", "--generate"], capture_output=True, check=False)
     proc = subprocess.run(cmd, capture_output=True, text=True)

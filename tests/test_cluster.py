@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import psutil
 
@@ -59,10 +60,14 @@ def test_ray_job_submit_runs_a_job_file(tmp_path, tiny_model_dir):
         (work / "job.yaml").write_text(f"kind: add_model\nsource: {tiny_model_dir}\nname: tiny-submitted\n")
         ray_exe = os.path.join(os.path.dirname(sys.executable), "ray")
         runtime_env = json.dumps({"env_vars": {"MISTUDIO_HOME": str(home)}})
-        out = subprocess.run([ray_exe, "job", "submit", "--address", head["dashboard"], "--working-dir", str(work),
-                              "--runtime-env-json", runtime_env, "--",
-                              sys.executable, "-m", "ui.cli", "run", "job.yaml"],
-                             env=env, capture_output=True, text=True, timeout=300)
+        submit = [ray_exe, "job", "submit", "--address", head["dashboard"], "--working-dir", str(work),
+                  "--runtime-env-json", runtime_env, "--", sys.executable, "-m", "ui.cli", "run", "job.yaml"]
+        for _ in range(10):
+            out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+            # A head that has just started may not have its job agent up yet; Ray says to try again.
+            if "No available agent to submit job" not in out.stderr:
+                break
+            time.sleep(5)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         assert "succeeded" in out.stdout and '"model_id": "tiny-submitted"' in out.stdout
 
