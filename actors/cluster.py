@@ -8,6 +8,7 @@ starting that head (`ray start --head` on free ports) when none answers. The spe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -121,18 +122,21 @@ def stop_head(settings: Settings) -> bool:
 
     if ray.is_initialized():
         ray.shutdown()
-    head = recorded_head(settings)
-    head_file(settings).unlink(missing_ok=True)
-    if head is None:
+    f = head_file(settings)
+    if not f.exists():
         return False
-    port = head["address"].rpartition(":")[2]
+    # Not recorded_head(): a head that no longer answers (half shut down) must be ended too.
+    port = json.loads(f.read_text())["address"].rpartition(":")[2]
+    f.unlink()
     mark = re.compile(rf"[:=]{port}(?![0-9])")  # gcs_server_port=P, --gcs-address=HOST:P
     procs = []
     for p in psutil.process_iter(["cmdline"]):
         if mark.search(" ".join(p.info["cmdline"] or [])) and p.pid != os.getpid():
-            procs.append(p)
-            p.terminate()
+            with contextlib.suppress(psutil.NoSuchProcess):  # it may exit on its own meanwhile
+                p.terminate()
+                procs.append(p)
     _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        p.kill()
-    return True
+    for p in alive:  # gcs_server can linger in shutdown after SIGTERM
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    return bool(procs)
