@@ -29,20 +29,10 @@ class Client:
     # -- jobs ------------------------------------------------------------------------
     def submit(self, kind: str, spec: dict[str, Any]) -> str:
         """Enqueue a job; bad input raises UserError with a one-line reason."""
-        try:
-            return ray.get(self.manager.submit.remote(kind, spec))["id"]
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, UserError):
-                raise UserError(str(e.cause)) from None
-            raise
+        return _get(self.manager.submit.remote(kind, spec))["id"]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        try:
-            return ray.get(self.manager.cancel.remote(job_id))
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, UserError):
-                raise UserError(str(e.cause)) from None
-            raise
+        return _get(self.manager.cancel.remote(job_id))
 
     def job(self, job_id: str) -> dict[str, Any]:
         job = self.registry.get(Job, job_id)
@@ -115,3 +105,13 @@ class Client:
     def feature_table(self, sae_id: str):
         sae = self.registry.get(SAE, sae_id)
         return pq.read_table(f"{sae['features_path']}/features.parquet")
+
+
+def _get(ref):
+    """ray.get that re-raises the JobManager's UserError as itself (one line, no Ray wrapper)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, UserError):
+            raise UserError(str(e.cause)) from None
+        raise

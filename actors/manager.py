@@ -20,7 +20,7 @@ import ray
 
 from actors import specs
 from actors.worker import NAMESPACE, ModelWorker
-from core import hooks
+from core import hooks, models
 from core.errors import Cancelled, UserError
 from storage import Artifacts, Registry, Settings
 from storage.registry import SAE, Activation, Dataset, Job, Model, new_id
@@ -165,8 +165,12 @@ class JobManager:
 
     # -- job kinds: each builds step plans with paths and records the outputs --------------
     def _job_add_model(self, job_id: str, spec: specs.AddModelSpec) -> dict[str, Any]:
-        name = spec.name or ("SmolLM2-135M-Instruct" if spec.source == "embedded" else Path(spec.source).stem
-                             if Path(spec.source).exists() else spec.source)
+        if spec.name:
+            name = spec.name
+        elif spec.source == "embedded":
+            name = models.EMBEDDED_MODEL_NAME
+        else:  # a folder or file is named after itself, a hub id stays as written
+            name = Path(spec.source).stem if Path(spec.source).exists() else spec.source
         model_id = slug(name)
         out = self.artifacts.model(model_id)
         info = self._call(job_id, "add_model", {"model_id": model_id, "source": spec.source, "out_dir": str(out),
