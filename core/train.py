@@ -17,9 +17,9 @@ EleutherAI's sparsify, with the lessons recorded in DESIGN.md:
   weights (bf16 autocast for the encoder matmul only on CUDA).
 
 Speed: the decoder is a gather (`embedding_bag` over the k chosen rows) and the encoder's
-gradient is computed sparsely (`_GatherPre`), so one step costs one dense matmul plus O(N·k·d)
+gradient is computed sparsely (see core/sae/topk.py), so one step costs one dense matmul plus O(N·k·d)
 work. Measured on the 2-core dev CPU at d_in=576, d_sae=4608, k=32, batch 4096: ≈4× faster than
-a dense decoder with autograd through the dense pre-activations (see `_train_step`).
+a dense decoder with autograd through the dense pre-activations.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import Cancelled, UserError
-from core.sae import TopKSAE, check_k
+from core.sae import SAE, StepContext, TopKSAE, build_sae, check_k
 
 Progress = Callable[[dict], None]
 
@@ -204,136 +204,11 @@ def _batches(activations, d_in: int, cfg: TrainConfig, threshold: float, budget:
 # --------------------------------------------------------------------------- model step
 
 
-class _GatherPre(torch.autograd.Function):
-    """Encoder pre-activations at chosen (token, latent) pairs, with a sparse backward.
-
-    The values come from the dense pre-activations computed without autograd; this Function
-    only supplies their gradient, which touches the N×K chosen entries instead of a dense
-    N×d_sae matrix: the two backward matmuls (x.T @ grad_pre and grad_pre @ W_enc.T) become a
-    sparse mm and an embedding_bag.
-    """
-
-    @staticmethod
-    def forward(ctx, x_c, W_enc, b_enc, indices, values):
-        ctx.save_for_backward(x_c, W_enc, indices)
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        x_c, W_enc, indices = ctx.saved_tensors
-        n, kk = indices.shape
-        d_sae = W_enc.shape[1]
-        grad = grad.contiguous().float()
-        flat = indices.reshape(-1)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(indices, W_enc.T.contiguous(), per_sample_weights=grad, mode="sum")
-        if ctx.needs_input_grad[1]:
-            rows = torch.arange(n, device=indices.device).repeat_interleave(kk)
-            S = torch.sparse_coo_tensor(torch.stack([flat, rows]), grad.reshape(-1), (d_sae, n), check_invariants=False)
-            grad_W = torch.sparse.mm(S, x_c.float()).T.contiguous()
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(d_sae, device=grad.device).index_add_(0, flat, grad.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None
-
-
-class _GatherDecode(torch.autograd.Function):
-    """x̂ = Σ_j acts[:, j] · W_dec[indices[:, j]], with a sparse backward for W_dec.
-
-    `embedding_bag`'s own W_dec backward sorts the indices; a COO sparse mm is ~2× faster here.
-    """
-
-    @staticmethod
-    def forward(ctx, indices, acts, W_dec):
-        ctx.save_for_backward(indices, acts, W_dec)
-        return F.embedding_bag(indices, W_dec, per_sample_weights=acts, mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad):
-        indices, acts, W_dec = ctx.saved_tensors
-        n, kk = indices.shape
-        grad_acts = grad_W = None
-        if ctx.needs_input_grad[1]:
-            # grad_acts[n, j] = grad[n] · W_dec[indices[n, j]]: embedding_bag's per-sample-weight
-            # backward, taken with W_dec detached so no dense W_dec gradient is built.
-            with torch.enable_grad():
-                a = acts.detach().requires_grad_()
-                out = F.embedding_bag(indices, W_dec.detach(), per_sample_weights=a, mode="sum")
-                (grad_acts,) = torch.autograd.grad(out, a, grad)
-        if ctx.needs_input_grad[2]:
-            rows = torch.arange(n, device=indices.device).repeat_interleave(kk)
-            S = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), rows]), acts.reshape(-1).float(),
-                                        (W_dec.shape[0], n), check_invariants=False)
-            grad_W = torch.sparse.mm(S, grad.float())
-        return None, grad_acts, grad_W
-
-
-class _StepOut(NamedTuple):
-    loss: torch.Tensor
-    fvu: torch.Tensor
-    sq_err: torch.Tensor  # Σ‖x − x̂‖² over the batch (scaled units)
-    l0: torch.Tensor
-    fired: torch.Tensor  # bool [d_sae]: latents that fired in this batch
-
-
-def _train_step(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, auxk_alpha: float, amp: bool) -> _StepOut:
-    """Forward + loss for one batch of scaled activations (backward is the caller's).
-
-    Measured at d_in=576, d_sae=4608, k=32, batch 4096 on 2 shared CPU cores: a dense decoder
-    (z @ W_dec) with autograd through the dense pre-activations took 1.9 s per step (≈2,100
-    tokens/s); `embedding_bag` decoding 1.2 s; with the sparse encoder and decoder backward
-    and fused Adam 0.35–0.45 s (≈9,000–12,000 tokens/s; the encoder matmul is ~0.2 s of it).
-    """
-    k, d_in = sae.k, sae.d_in
-    x_c = x - sae.b_dec
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        pre = torch.addmm(sae.b_enc, x_c.detach(), sae.W_enc)
-    top_v, top_i = pre.topk(k, dim=1, sorted=False)
-    del pre
-    acts = _GatherPre.apply(x_c, sae.W_enc, sae.b_enc, top_i, top_v.float()).relu()
-    x_hat = _GatherDecode.apply(top_i, acts, sae.W_dec) + sae.b_dec
-    total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-    sq_err = (x_hat - x).pow(2).sum()
-    fvu = sq_err / total_var
-    loss = fvu
-    n_dead = int(dead.sum())
-    if n_dead and auxk_alpha > 0:
-        loss = loss + auxk_alpha * _auxk_loss(sae, x_c, (x - x_hat).detach(), dead, n_dead, amp) / total_var
-    live = acts > 0
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
-    fired[top_i[live]] = True
-    return _StepOut(loss, fvu.detach(), sq_err.detach(), live.sum(1).float().mean(), fired)
-
-
-def _auxk_loss(sae: TopKSAE, x_c, resid, dead, n_dead: int, amp: bool) -> torch.Tensor:
-    """AuxK (Gao et al.): the top k_aux = d_in/2 dead latents reconstruct what the live ones
-    missed (no bias), scaled down while fewer than k_aux latents are dead, as in sparsify.
-
-    Computed densely over the dead latents' columns only: with the usual few percent dead this
-    is a handful of small matmuls, cheaper than a sparse path with k_aux = 288 entries per token.
-    Its cost grows with the number of dead latents.
-    """
-    k_aux_max = sae.d_in // 2
-    k_aux = min(k_aux_max, n_dead)
-    idx = dead.nonzero().squeeze(1)
-    with torch.autocast(x_c.device.type, dtype=torch.bfloat16, enabled=amp):
-        pre = torch.addmm(sae.b_enc[idx], x_c, sae.W_enc[:, idx]).float()
-    v, i = pre.topk(k_aux, dim=1, sorted=False)
-    z = torch.zeros_like(pre).scatter(1, i, v.relu())
-    aux_hat = z @ sae.W_dec[idx]
-    return min(n_dead / k_aux_max, 1.0) * (aux_hat - resid).pow(2).sum()
-
-
 @torch.no_grad()
 def _project_decoder_grad(W_dec: torch.nn.Parameter) -> None:
     """Remove the gradient component parallel to each (unit-norm) decoder row."""
     if W_dec.grad is not None:
         W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
-
-
-@torch.no_grad()
-def _normalize_decoder(W_dec: torch.nn.Parameter) -> None:
-    W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def _lr_factor(step: int, total_steps: int, warmup_frac: float, decay_frac: float) -> float:
@@ -358,22 +233,6 @@ def _check_cancel(should_cancel) -> None:
 
 
 # --------------------------------------------------------------------------- fold + eval
-
-
-@torch.no_grad()
-def _folded(sae: TopKSAE, scale: float) -> TopKSAE:
-    """A CPU copy mapping raw x to raw x̂.
-
-    Trained on s·x: pre_s = (s·x − b_dec)W_enc + b_enc. Dividing both biases by s gives
-    pre = pre_s / s, so TopK picks the same latents, activations come out in raw units, and
-    z·W_dec + b_dec/s = x̂_s / s. W_enc and the unit-norm W_dec rows stay as trained.
-    """
-    out = TopKSAE(sae.d_in, sae.d_sae, sae.k, sae.apply_b_dec_to_input)
-    out.W_enc.copy_(sae.W_enc.float().cpu())
-    out.W_dec.copy_(sae.W_dec.float().cpu())
-    out.b_enc.copy_(sae.b_enc.float().cpu() / scale)
-    out.b_dec.copy_(sae.b_dec.float().cpu() / scale)
-    return out
 
 
 @torch.no_grad()
@@ -421,7 +280,7 @@ def train_sae(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        sae = TopKSAE(d_in, d_sae, cfg.k)
+        sae = build_sae("topk", d_in, d_sae, cfg.k)
     with torch.no_grad():
         sae.b_dec.copy_(_geometric_median(stats.sample * stats.scale))
     sae.to(device)
@@ -444,14 +303,14 @@ def train_sae(
         for group in opt.param_groups:
             group["lr"] = lr
         x = xb.to(device, non_blocking=True) * stats.scale
-        out = _train_step(sae, x, since_fired >= dead_tokens, cfg.auxk_alpha, amp)
+        out = sae.training_step(x, StepContext(since_fired >= dead_tokens, 0.0, cfg.auxk_alpha, amp))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         _project_decoder_grad(sae.W_dec)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        _normalize_decoder(sae.W_dec)
+        sae.after_step()
 
         since_fired += len(x)
         since_fired[out.fired] = 0
@@ -476,7 +335,7 @@ def train_sae(
         raise UserError("every token was excluded as an outlier or non-finite; raise --outlier-norm-multiple or check the activations")
     if window["steps"]:
         history.append(_log_entry(window, step, tokens, lr, d_in, stats.scale, since_fired >= dead_tokens))
-    folded = _folded(sae, stats.scale)
+    folded = sae.folded(stats.scale)
     final = evaluate(folded, stats.sample, cfg.batch_size) | {
         "dead_frac": float((since_fired >= dead_tokens).float().mean()),
         "tokens": tokens,

@@ -99,7 +99,7 @@ def test_load_rejects_bad_folders(tmp_path):
     good = json.loads(cfg_path.read_text())
 
     cfg_path.write_text(json.dumps(good | {"d_in": 7}))
-    with pytest.raises(UserError, match=r"W_enc has shape \[6, 12\] but cfg.json \(d_in=7, d_sae=12\)"):
+    with pytest.raises(UserError, match=r"W_enc in .* has shape \[6, 12\] but the config \(d_in=7, d_sae=12\)"):
         load_saelens(folder)
     cfg_path.write_text(json.dumps(good))
 

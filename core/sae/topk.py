@@ -1,0 +1,143 @@
+"""TopK SAE with AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+z = TopK(ReLU(pre)): the k largest pre-activations per token survive. The loss is the FVU plus
+AuxK: the top k_aux = d_in/2 dead latents reconstruct what the live ones missed.
+
+Speed: the decoder is a gather (`embedding_bag` over the k chosen rows) and the encoder's
+gradient is computed sparsely (`_GatherPre`), so one step costs one dense matmul plus O(N·k·d)
+work. Measured on 2 shared CPU cores at d_in=576, d_sae=4608, k=32, batch 4096: a dense decoder
+with autograd through the dense pre-activations took 1.9 s per step (≈2,100 tokens/s);
+`embedding_bag` decoding 1.2 s; with the sparse encoder and decoder backward and fused Adam
+0.35–0.45 s (≈9,000–12,000 tokens/s; the encoder matmul is ~0.2 s of it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from core.sae.base import SAE, SAEConfig, StepContext, StepOut, check_k, reconstruction_terms
+
+
+class TopKSAE(SAE):
+    architecture = "topk"
+
+    def __init__(self, d_in: int, d_sae: int, k: int, apply_b_dec_to_input: bool = True):
+        check_k(k, d_sae)
+        super().__init__(d_in, d_sae, apply_b_dec_to_input)
+        self.k = k
+
+    @classmethod
+    def from_config(cls, cfg: SAEConfig) -> "TopKSAE":
+        return cls(cfg.d_in, cfg.d_sae, cfg.k, cfg.apply_b_dec_to_input)
+
+    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k kept activations and their latent indices, each [..., k] (values may be 0)."""
+        values, indices = self.pre_acts(x).topk(self.k, dim=-1)
+        return values.relu(), indices
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        values, indices = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+    def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOut:
+        x_c = x - self.b_dec
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
+            pre = torch.addmm(self.b_enc, x_c.detach(), self.W_enc)
+        top_v, top_i = pre.topk(self.k, dim=1, sorted=False)
+        del pre
+        acts = _GatherPre.apply(x_c, self.W_enc, self.b_enc, top_i, top_v.float()).relu()
+        x_hat = _GatherDecode.apply(top_i, acts, self.W_dec) + self.b_dec
+        sq_err, total_var = reconstruction_terms(x, x_hat)
+        fvu = sq_err / total_var
+        loss = fvu + auxk_loss(self, x_c, (x - x_hat).detach(), ctx) / total_var
+        live = acts > 0
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+        fired[top_i[live]] = True
+        return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum(1).float().mean(), fired)
+
+
+def auxk_loss(sae: SAE, x_c: torch.Tensor, resid: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """AuxK (Gao et al.): the top k_aux = d_in/2 dead latents reconstruct what the live ones
+    missed (no bias), scaled down while fewer than k_aux latents are dead, as in sparsify.
+    Returns α·Σ‖aux − resid‖² (0 when nothing is dead).
+
+    Computed densely over the dead latents' columns only: with the usual few percent dead this
+    is a handful of small matmuls, cheaper than a sparse path with k_aux = 288 entries per token.
+    """
+    n_dead = int(ctx.dead.sum())
+    if not n_dead or ctx.auxk_alpha <= 0:
+        return x_c.new_zeros(())
+    k_aux_max = sae.d_in // 2
+    k_aux = max(1, min(k_aux_max, n_dead))
+    idx = ctx.dead.nonzero().squeeze(1)
+    with torch.autocast(x_c.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
+        pre = torch.addmm(sae.b_enc[idx], x_c, sae.W_enc[:, idx]).float()
+    v, i = pre.topk(k_aux, dim=1, sorted=False)
+    z = torch.zeros_like(pre).scatter(1, i, v.relu())
+    aux_hat = z @ sae.W_dec[idx]
+    return ctx.auxk_alpha * min(n_dead / max(k_aux_max, 1), 1.0) * (aux_hat - resid).pow(2).sum()
+
+
+class _GatherPre(torch.autograd.Function):
+    """Encoder pre-activations at chosen (token, latent) pairs, with a sparse backward.
+
+    The values come from the dense pre-activations computed without autograd; this Function
+    only supplies their gradient, which touches the N×K chosen entries instead of a dense
+    N×d_sae matrix: the two backward matmuls (x.T @ grad_pre and grad_pre @ W_enc.T) become a
+    sparse mm and an embedding_bag.
+    """
+
+    @staticmethod
+    def forward(ctx, x_c, W_enc, b_enc, indices, values):
+        ctx.save_for_backward(x_c, W_enc, indices)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_c, W_enc, indices = ctx.saved_tensors
+        n, kk = indices.shape
+        d_sae = W_enc.shape[1]
+        grad = grad.contiguous().float()
+        flat = indices.reshape(-1)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(indices, W_enc.T.contiguous(), per_sample_weights=grad, mode="sum")
+        if ctx.needs_input_grad[1]:
+            rows = torch.arange(n, device=indices.device).repeat_interleave(kk)
+            S = torch.sparse_coo_tensor(torch.stack([flat, rows]), grad.reshape(-1), (d_sae, n), check_invariants=False)
+            grad_W = torch.sparse.mm(S, x_c.float()).T.contiguous()
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(d_sae, device=grad.device).index_add_(0, flat, grad.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None
+
+
+class _GatherDecode(torch.autograd.Function):
+    """x̂ = Σ_j acts[:, j] · W_dec[indices[:, j]], with a sparse backward for W_dec.
+
+    `embedding_bag`'s own W_dec backward sorts the indices; a COO sparse mm is ~2× faster here.
+    """
+
+    @staticmethod
+    def forward(ctx, indices, acts, W_dec):
+        ctx.save_for_backward(indices, acts, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=acts, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        indices, acts, W_dec = ctx.saved_tensors
+        n, kk = indices.shape
+        grad_acts = grad_W = None
+        if ctx.needs_input_grad[1]:
+            # grad_acts[n, j] = grad[n] · W_dec[indices[n, j]]: embedding_bag's per-sample-weight
+            # backward, taken with W_dec detached so no dense W_dec gradient is built.
+            with torch.enable_grad():
+                a = acts.detach().requires_grad_()
+                out = F.embedding_bag(indices, W_dec.detach(), per_sample_weights=a, mode="sum")
+                (grad_acts,) = torch.autograd.grad(out, a, grad)
+        if ctx.needs_input_grad[2]:
+            rows = torch.arange(n, device=indices.device).repeat_interleave(kk)
+            S = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), rows]), acts.reshape(-1).float(),
+                                        (W_dec.shape[0], n), check_invariants=False)
+            grad_W = torch.sparse.mm(S, grad.float())
+        return None, grad_acts, grad_W
