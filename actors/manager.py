@@ -8,6 +8,7 @@ step's outputs (activations, SAEs, features) in the registry.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import re
 import threading
@@ -20,7 +21,7 @@ import ray
 
 from actors import specs
 from actors.worker import NAMESPACE, ModelWorker
-from core import hooks, models
+from core import hooks, models, pipeline
 from core.errors import Cancelled, UserError
 from storage import Artifacts, Registry, Settings
 from storage.registry import SAE, Activation, Dataset, Job, Model, new_id
@@ -107,8 +108,7 @@ class JobManager:
             if kind == "pipeline":
                 self._check_k(specs.train_config(spec.train), model["d_model"])
         if kind == "train":
-            act = self._need(Activation, spec.activation_id, "activation set", "list them with: mistudio extract list")
-            self._check_k(specs.train_config(spec.config), act["d_model"])
+            self._train_inputs(spec)
         if kind == "discover":
             self._need(SAE, spec.sae_id, "SAE", "list them with: mistudio train list")
             self._need(Dataset, spec.dataset_id, "dataset", "add it first with: mistudio datasets add")
@@ -118,9 +118,46 @@ class JobManager:
     @staticmethod
     def _check_k(cfg, d_in: int) -> None:
         width = d_in * cfg.expansion_factor
-        if not 1 <= cfg.k <= width:
+        if cfg.architecture in ("topk", "batchtopk") and not 1 <= cfg.k <= width:
             raise UserError(f"k={cfg.k} must be between 1 and the SAE width {width} "
                             f"({d_in} x expansion {cfg.expansion_factor}); lower k or raise the expansion factor")
+        cfg.validate(d_in)
+
+    def _train_inputs(self, spec: specs.TrainSpec) -> dict[str, Any]:
+        """Model, datasets (in order) and {hook: d_in, [activation rows per dataset]} of a train spec."""
+        if spec.activation_ids:
+            acts = [self._need(Activation, a, "activation set", "list them with: mistudio extract list")
+                    for a in spec.activation_ids]
+            model_ids = {a["model_id"] for a in acts}
+            if len(model_ids) != 1:
+                raise UserError(f"the activation sets come from different models ({', '.join(sorted(model_ids))}); "
+                                "train on one model's activations")
+            dataset_ids = list(dict.fromkeys(a["dataset_id"] for a in acts))
+            by_hook: dict[str, dict[str, dict]] = {}
+            for a in acts:
+                by_hook.setdefault(a["hook_name"], {})[a["dataset_id"]] = a
+            for hook, sets in by_hook.items():
+                if list(sets) != dataset_ids:
+                    raise UserError(f"{hook} lacks activations for some of the datasets {', '.join(dataset_ids)} "
+                                    "(or lists them in another order); give one activation set per hook and dataset")
+            model = self.registry.get(Model, model_ids.pop())
+            d_ins = {h: next(iter(sets.values()))["d_model"] for h, sets in by_hook.items()}
+        else:
+            model = self._need(Model, spec.model_id, "model", "add it first with: mistudio models add")
+            dataset_ids = spec.dataset_ids
+            for d in dataset_ids:
+                self._need(Dataset, d, "dataset", "add it first with: mistudio datasets add")
+            for name in spec.hook_names:
+                layer, _ = hooks.parse_hook_name(name)
+                if layer >= model["n_layers"]:
+                    raise UserError(f"layer {layer} is out of range: {model['id']} has {model['n_layers']} "
+                                    f"layers (0-{model['n_layers'] - 1}); pick a layer within it")
+            by_hook, d_ins = {}, {h: model["d_model"] for h in spec.hook_names}
+        for cfg in specs.train_variants(spec):
+            for d_in in d_ins.values():
+                self._check_k(cfg, d_in)
+        return {"model": model, "datasets": [self.registry.get(Dataset, d) for d in dataset_ids],
+                "by_hook": by_hook, "d_ins": d_ins}
 
     # -- dispatch --------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -212,23 +249,46 @@ class JobManager:
         return {"activation_ids": ids, "seconds": res["seconds"]}
 
     def _job_train(self, job_id: str, spec: specs.TrainSpec) -> dict[str, Any]:
-        act = self.registry.get(Activation, spec.activation_id)
-        model = self.registry.get(Model, act["model_id"])
-        dataset = self.registry.get(Dataset, act["dataset_id"])
-        sae_id = new_id("sae")
-        out = self.artifacts.sae(sae_id)
-        meta = {"model_name": model["name"], "hook_name": act["hook_name"],
-                "context_size": dataset["context_length"], "dataset_path": dataset["source"]}
-        res = self._call(job_id, "train", {"hook_dir": act["path"], "out_dir": str(out), "config": spec.config,
-                                           "meta": meta})
-        self.set_state(job_id, "saving", "recording the SAE")
-        self.registry.add(SAE(id=sae_id, name=f"{model['id']}/{act['hook_name']}/topk-{res['k']}",
-                              model_id=model["id"], hook_name=act["hook_name"], architecture=res["architecture"],
-                              d_in=res["d_in"], d_sae=res["d_sae"], k=res["k"], path=str(out),
-                              training_job_id=job_id, activation_id=act["id"], metrics=res["final"],
-                              history=res["history"]))
-        self.registry.update(Job, job_id, sae_id=sae_id)
-        return {"sae_id": sae_id, **res["final"]}
+        inputs = self._train_inputs(spec)
+        model, datasets, d_ins = inputs["model"], inputs["datasets"], inputs["d_ins"]
+        first = datasets[0]
+        eval_rows = spec.eval_rows if spec.eval_rows is not None else pipeline.default_eval_rows(first["rows"])
+        runs, saes = [], {}
+        for hook, d_in in d_ins.items():
+            for cfg in specs.train_variants(spec):
+                arch = cfg.architecture + (f"-k{cfg.k}" if cfg.architecture in ("topk", "batchtopk") else "")
+                name = f"{hook}/{arch}-x{cfg.expansion_factor}"
+                if name in saes:
+                    name = f"{name}-{len(saes)}"
+                sae_id = new_id("sae")
+                saes[name] = {"id": sae_id, "hook": hook, "path": str(self.artifacts.sae(sae_id)),
+                              "meta": {"model_name": model["name"], "hook_name": hook,
+                                       "context_size": first["context_length"],
+                                       "dataset_path": ",".join(d["source"] for d in datasets)}}
+                runs.append({"name": name, "hook_name": hook, "d_in": d_in, "config": dataclasses.asdict(cfg)})
+        plan = {"runs": runs, "saes": saes, "model_id": model["id"], "model_path": model["path"],
+                "dataset_paths": [d["path"] for d in datasets], "eval_rows": eval_rows,
+                "hook_dirs": {h: [a["path"] for a in sets.values()] for h, sets in inputs["by_hook"].items()},
+                "batch_size": spec.batch_size, "max_tokens": spec.max_tokens,
+                "checkpoint_dir": str(self.artifacts.checkpoints(spec.resume_job or job_id)),
+                "checkpoint_every": spec.checkpoint_every, "keep_checkpoints": spec.keep_checkpoints,
+                "resume": bool(spec.resume_job)}
+        res = self._call(job_id, "train", plan)
+        self.set_state(job_id, "saving", "recording the SAEs")
+        act_ids = {h: next(iter(sets.values()))["id"] for h, sets in inputs["by_hook"].items()}
+        out = {}
+        for name, r in res["runs"].items():
+            sae = saes[name]
+            self.registry.add(SAE(id=sae["id"], name=f"{model['id']}/{name}", model_id=model["id"],
+                                  hook_name=sae["hook"], architecture=r["architecture"], d_in=r["d_in"],
+                                  d_sae=r["d_sae"], k=r["k"], path=sae["path"], training_job_id=job_id,
+                                  activation_id=act_ids.get(sae["hook"]), metrics=r["metrics"],
+                                  history=r["history"]))
+            out[name] = {"sae_id": sae["id"], **r["metrics"]}
+        first_sae = next(iter(out.values()))
+        self.registry.update(Job, job_id, sae_id=first_sae["sae_id"])
+        # A single SAE keeps the flat result shape (sae_id + metrics) the CLI and dashboard show.
+        return first_sae if len(out) == 1 else {"saes": out, "sae_id": first_sae["sae_id"]}
 
     def _job_discover(self, job_id: str, spec: specs.DiscoverSpec) -> dict[str, Any]:
         sae = self.registry.get(SAE, spec.sae_id)
@@ -252,7 +312,7 @@ class JobManager:
         ext = self._job_extract(job_id, specs.ExtractSpec(spec.model_id, spec.dataset_id, [spec.layer], spec.site,
                                                            spec.batch_size, spec.max_tokens))
         (act_id,) = ext["activation_ids"].values()
-        tr = self._job_train(job_id, specs.TrainSpec(act_id, spec.train))
+        tr = self._job_train(job_id, specs.TrainSpec(activation_ids=[act_id], config=spec.train))
         disc = self._job_discover(job_id, specs.DiscoverSpec(tr["sae_id"], spec.dataset_id, spec.top_k,
                                                              spec.batch_size, spec.max_tokens))
         return {"activation_id": act_id, "train": tr, "discover": disc, "sae_id": tr["sae_id"]}

@@ -51,9 +51,32 @@ class ExtractSpec:
 
 @dataclass
 class TrainSpec:
-    activation_id: str
+    """Train one SAE per hook × variant from one pass over the data.
+
+    The data is either cached activations (`activation_ids`: one set per hook and dataset; the
+    datasets are mixed) or, with `model_id` + `dataset_ids` + `hook_names`, the model run on the
+    fly with no activation cache.
+    """
+
+    activation_ids: list[str] = field(default_factory=list)
+    model_id: str = ""
+    dataset_ids: list[str] = field(default_factory=list)
+    hook_names: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
-    """TrainConfig fields (expansion_factor, k, lr, batch_size, epochs, ...)."""
+    """TrainConfig fields shared by every SAE (architecture, expansion_factor, k, lr, batch_size, epochs, ...)."""
+    variants: list[dict[str, Any]] = field(default_factory=list)
+    """TrainConfig overrides, one SAE per hook for each (e.g. [{"k": 16}, {"k": 64}]); empty → one SAE per hook."""
+    eval_rows: int | None = None
+    """Rows of the first dataset held out for evaluation; None → 5% (1 to 64); 0 → evaluate on the training sample."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints; 0 → none."""
+    keep_checkpoints: int = 2
+    resume_job: str = ""
+    """Continue from the newest checkpoint of this earlier train job (same settings)."""
+    batch_size: int = 8
+    """Sequences per forward pass when training on the fly."""
+    max_tokens: int | None = None
+    """Tokens per dataset when training on the fly."""
 
 
 @dataclass
@@ -108,7 +131,7 @@ def parse_spec(kind: str, values: dict[str, Any]):
     except TypeError as e:  # a required key is missing
         raise UserError(f"{kind} spec: {e}".replace("__init__() ", "")) from None
     if kind == "train":
-        train_config(spec.config)
+        _check_train(spec)
     if kind == "pipeline":
         train_config(spec.train)
     return spec
@@ -116,6 +139,25 @@ def parse_spec(kind: str, values: dict[str, Any]):
 
 def train_config(values: dict[str, Any]) -> TrainConfig:
     return _config(TrainConfig, values, "training")
+
+
+def train_variants(spec: TrainSpec) -> list[TrainConfig]:
+    """The TrainConfig of each variant (config overridden by the variant's fields)."""
+    return [train_config(spec.config | v) for v in (spec.variants or [{}])]
+
+
+def _check_train(spec: TrainSpec) -> None:
+    cached, live = bool(spec.activation_ids), bool(spec.model_id or spec.dataset_ids or spec.hook_names)
+    if cached == live:
+        raise UserError("a train spec needs either activation_ids (cached activations) or model_id + dataset_ids + "
+                        "hook_names (train on the fly), not both")
+    if live and not (spec.model_id and spec.dataset_ids and spec.hook_names):
+        raise UserError("training on the fly needs model_id, dataset_ids and hook_names")
+    if spec.eval_rows is not None and spec.eval_rows < 0:
+        raise UserError(f"eval_rows={spec.eval_rows} must be 0 or more")
+    if spec.checkpoint_every < 0 or spec.keep_checkpoints < 1:
+        raise UserError("checkpoint_every must be ≥ 0 and keep_checkpoints ≥ 1")
+    train_variants(spec)
 
 
 def discover_config(top_k: int) -> DiscoverConfig:

@@ -8,6 +8,7 @@ back to the JobManager as plain dicts of numbers and paths. Heavy work runs on o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from actors.progress import Reporter
 from core import models, pipeline
 from core.discover import DiscoverConfig
-from core.train import TrainConfig
+from core.train import CheckpointConfig, RunSpec, TrainConfig
 from storage.settings import Settings
 
 NAMESPACE = "mistudio"
@@ -114,15 +115,39 @@ class ModelWorker:
         return {"hooks": {h: s.to_dict() for h, s in stats.items()}, "seconds": time.perf_counter() - t0}
 
     def _train(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
-        self._state(job_id, "running")
-        cfg = TrainConfig(**plan["config"])
+        runs = [RunSpec(r["name"], r["hook_name"], r["d_in"], TrainConfig(**r["config"])) for r in plan["runs"]]
         if self.device == "cuda":
-            cfg.device = "cuda"
-        result, sae_cfg = pipeline.train_on_activations(
-            Path(plan["hook_dir"]), Path(plan["out_dir"]), cfg, plan["meta"],
-            progress=report, should_cancel=report.should_cancel)
-        return {"final": result.final, "history": result.history, "d_in": sae_cfg.d_in,
-                "d_sae": sae_cfg.d_sae, "k": sae_cfg.k, "architecture": sae_cfg.architecture}
+            runs = [r._replace(cfg=dataclasses.replace(r.cfg, device="cuda")) for r in runs]
+        first = Path(plan["dataset_paths"][0])
+        if plan["hook_dirs"]:  # cached activations
+            self._state(job_id, "running")
+            hook_dirs = {h: [Path(p) for p in dirs] for h, dirs in plan["hook_dirs"].items()}
+            source, runs, holdout = pipeline.cached_training(hook_dirs, runs, plan["eval_rows"])
+        else:  # on the fly: the model runs as the trainer consumes
+            model, tok = self._model(job_id, plan["model_id"], plan["model_path"])
+            source, holdout = pipeline.live_training(model, tok, [Path(p) for p in plan["dataset_paths"]], runs,
+                                                     plan["eval_rows"], plan["batch_size"], plan["max_tokens"])
+        ck = None
+        if plan["checkpoint_every"] or plan["resume"]:
+            ck = CheckpointConfig(Path(plan["checkpoint_dir"]), plan["checkpoint_every"], plan["keep_checkpoints"],
+                                  resume=plan["resume"])
+        saes = plan["saes"]
+        results = pipeline.train_runs(source, runs, {n: Path(s["path"]) for n, s in saes.items()},
+                                      {n: s["meta"] for n, s in saes.items()}, holdout_tokens=holdout,
+                                      checkpoint=ck, progress=report, should_cancel=report.should_cancel)
+        out = {}
+        for name, result in results.items():
+            metrics = dict(result.final)
+            if plan["eval_rows"]:  # CE loss recovered and KL need the model on the held-out rows
+                model, tok = self._model(job_id, plan["model_id"], plan["model_path"])
+                metrics |= pipeline.evaluate_saved_sae(
+                    model, tok, Path(saes[name]["path"]), first, plan["eval_rows"],
+                    outlier_norm_threshold=result.final["outlier_norm_threshold"],
+                    progress=report, should_cancel=report.should_cancel)
+            cfg = result.sae.config()
+            out[name] = {"metrics": metrics, "history": result.history, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+                         "k": cfg.k, "architecture": cfg.architecture}
+        return {"runs": out}
 
     def _discover(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
         model, tok = self._model(job_id, plan["model_id"], plan["model_path"])

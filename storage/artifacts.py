@@ -32,3 +32,7 @@ class Artifacts:
     def features(self, sae_id: str) -> Path:
         """features.parquet + examples.parquet."""
         return self.home / "features" / sae_id
+
+    def checkpoints(self, job_id: str) -> Path:
+        """Training checkpoints (ckpt-*.pt) of one train job."""
+        return self.home / "checkpoints" / job_id

@@ -74,7 +74,7 @@ def test_job_shows_queued_at_once_and_progress_history(client, tiny_run):
 def test_cancel_running_training_leaves_no_sae(client, tiny_run):
     act_id = tiny_run["job"]["result"]["activation_id"]
     before = {s["id"] for s in client.saes()}
-    job_id = client.submit("train", {"activation_id": act_id,
+    job_id = client.submit("train", {"activation_ids": [act_id],
                                      "config": {"expansion_factor": 4, "k": 8, "batch_size": 64, "epochs": 500}})
     client.wait(job_id, timeout=60, poll=0.2,
                 on_progress=lambda job, p: client.cancel(job_id) if p.get("phase") == "train" else None)
@@ -125,3 +125,60 @@ def test_bad_model_and_dataset_sources_fail_cleanly(client, tiny_run, tmp_path):
     assert "column 'text' not found" in msg and "body" in msg
     datasets_dir = client.settings.home / "datasets"
     assert not any(p.name.startswith(".tmp-") for p in datasets_dir.iterdir())
+
+
+def test_pipeline_sae_carries_held_out_evaluation(client, tiny_run):
+    sae = client.get(SAE, tiny_run["job"]["result"]["sae_id"])
+    m = sae["metrics"]
+    assert m["eval_split"] == "held-out" and m["eval_rows"] >= 1
+    for key in ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "ce_loss_recovered_zero", "ce_loss_recovered_mean",
+                "kl_sae", "cos_sim", "dense_frac", "density_hist", "fvu", "l0", "dead_frac"):
+        assert key in m, key
+    assert m["ce_loss_recovered_zero"] == pytest.approx(
+        (m["ce_zero"] - m["ce_sae"]) / (m["ce_zero"] - m["ce_clean"]), rel=1e-6)
+    on_disk = json.loads((Path(sae["path"]) / "eval.json").read_text())
+    assert on_disk["ce_sae"] == m["ce_sae"]
+
+
+def test_one_train_job_trains_hooks_times_variants(client, tiny_run):
+    """Two hooks extracted together × two variants = four SAEs from one pass; then the same
+    spec on the fly (no cache); then a resumed run equals the checkpointed one."""
+    ds = tiny_run["dataset_id"]
+    ext = client.wait(client.submit("extract", {"model_id": "tiny-llama", "dataset_id": ds, "layers": [0, 1],
+                                                "max_tokens": 1500}))
+    assert ext["state"] == "completed", ext["message"]
+    acts = list(ext["result"]["activation_ids"].values())
+    cfg = {"expansion_factor": 2, "k": 4, "batch_size": 128, "epochs": 1}
+    job = client.wait(client.submit("train", {"activation_ids": acts, "config": cfg, "eval_rows": 2,
+                                              "variants": [{}, {"architecture": "batchtopk", "k": 2}]}), timeout=300)
+    assert job["state"] == "completed", job["message"]
+    saes = job["result"]["saes"]
+    assert len(saes) == 4
+    rows = [client.get(SAE, s["sae_id"]) for s in saes.values()]
+    assert {(r["hook_name"], r["architecture"]) for r in rows} == {
+        (f"blocks.{layer}.hook_resid_post", arch) for layer in (0, 1) for arch in ("topk", "jumprelu")}
+    assert all(r["training_job_id"] == job["id"] and "ce_loss_recovered_zero" in r["metrics"] for r in rows)
+
+    live = client.wait(client.submit("train", {
+        "model_id": "tiny-llama", "dataset_ids": [ds, ds], "hook_names": ["blocks.0.hook_mlp_out"],
+        "config": cfg | {"total_tokens": 1000}, "eval_rows": 2, "max_tokens": 600}), timeout=300)
+    assert live["state"] == "completed", live["message"]
+    sae = client.get(SAE, live["result"]["sae_id"])
+    assert sae["hook_name"] == "blocks.0.hook_mlp_out" and sae["metrics"]["tokens"] == 1000
+
+    spec = {"activation_ids": acts[:1], "config": cfg | {"epochs": 3}, "checkpoint_every": 5}
+    first = client.wait(client.submit("train", spec), timeout=300)
+    assert first["state"] == "completed", first["message"]
+    assert sorted((client.settings.home / "checkpoints" / first["id"]).glob("ckpt-*.pt"))
+    again = client.wait(client.submit("train", spec | {"resume_job": first["id"]}), timeout=300)
+    assert again["state"] == "completed", again["message"]
+    a, b = client.get(SAE, first["result"]["sae_id"]), client.get(SAE, again["result"]["sae_id"])
+    assert a["metrics"]["fvu"] == b["metrics"]["fvu"] and a["history"] == b["history"]
+
+
+def test_train_spec_with_mismatched_inputs_is_refused(client, tiny_run):
+    with pytest.raises(UserError, match="activation set 'nope' is not registered"):
+        client.submit("train", {"activation_ids": ["nope"]})
+    with pytest.raises(UserError, match="layer 9 is out of range"):
+        client.submit("train", {"model_id": "tiny-llama", "dataset_ids": [tiny_run["dataset_id"]],
+                                "hook_names": ["blocks.9.hook_resid_post"]})

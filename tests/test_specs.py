@@ -30,7 +30,12 @@ def test_json_files_work_too(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("kind: train\nactivation_id: a\nlr: 0.1\n", "unknown key(s) lr in a train spec"),
+    ("kind: train\nactivation_ids: [a]\nlr: 0.1\n", "unknown key(s) lr in a train spec"),
+    ("kind: train\nconfig: {k: 3}\n", "needs either activation_ids"),
+    ("kind: train\nactivation_ids: [a]\nmodel_id: m\n", "not both"),
+    ("kind: train\nmodel_id: m\nhook_names: [blocks.1.hook_resid_post]\n", "needs model_id, dataset_ids and hook_names"),
+    ("kind: train\nactivation_ids: [a]\nvariants: [{kk: 1}]\n", "unknown training option(s) kk"),
+    ("kind: train\nactivation_ids: [a]\nconfig: {architecture: gated}\n", "unknown SAE architecture 'gated'"),
     ("kind: extract\nmodel_id: m\ndataset_id: d\nlayers: five\n", "'layers' should be list[int], got 'five'"),
     ("kind: extract\nmodel_id: m\ndataset_id: d\nbatch_size: 2.5\n", "'batch_size' should be int"),
     ("kind: pipeline\nmodel_id: m\ndataset_id: d\ntrain: {kk: 3}\n", "unknown training option(s) kk"),
@@ -52,10 +57,10 @@ def test_missing_file(tmp_path):
 
 
 def test_cli_refuses_a_bad_file_before_touching_ray(tmp_path):
-    bad = write(tmp_path, "kind: train\nactivation_id: a\ncolour: red\n")
+    bad = write(tmp_path, "kind: train\nactivation_ids: [a]\ncolour: red\n")
     env_home = tmp_path / "home"
     out = subprocess.run([sys.executable, "-m", "ui.cli", "run", bad], capture_output=True, text=True,
                          env={"PATH": "", "MISTUDIO_HOME": str(env_home), "HOME": str(tmp_path)})
     assert out.returncode == 1
-    assert out.stderr.strip() == "error: unknown key(s) colour in a train spec; allowed: activation_id, config"
+    assert out.stderr.strip().startswith("error: unknown key(s) colour in a train spec; allowed: activation_ids, model_id")
     assert not env_home.exists()  # no Ray head was started, nothing was written

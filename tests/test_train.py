@@ -199,3 +199,165 @@ def test_bf16_autocast_path_runs_and_stays_close():
     assert all(p.dtype == torch.float32 for p in sae.parameters())
     cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
     assert cos > 0.9
+
+
+# --------------------------------------------------------------------------- architectures
+
+ARCH_CFG = dict(expansion_factor=4, k=4, batch_size=256, epochs=4, lr=1e-2, log_every=10, sample_tokens=4096)
+
+
+@pytest.mark.parametrize("arch, extra, inference", [
+    ("topk", {}, "topk"),
+    ("batchtopk", {}, "jumprelu"),
+    ("standard", {"l1_coefficient": 0.2}, "standard"),
+    ("jumprelu", {"l0_coefficient": 0.01}, "jumprelu"),
+])
+def test_every_architecture_learns_a_sparse_code(arch, extra, inference, tmp_path):
+    """On sparse synthetic data each architecture ends with a low held-out FVU at a small L0,
+    and is saved in its SAELens inference form."""
+    x = synthetic()
+    result = train_sae(source(x), D_IN, TrainConfig(architecture=arch, **ARCH_CFG, **extra), holdout_tokens=2_000)
+    assert result.sae.architecture == inference
+    assert result.final["eval_split"] == "held-out" and result.final["eval_tokens"] == 2_000
+    assert result.final["tokens"] == 4 * (len(x) - 2_000)
+    assert result.final["fvu"] < 0.15, result.final
+    assert 1 <= result.final["l0"] <= 12, result.final
+    sae, cfg = load_saelens(save_saelens(result.sae, result.sae.config(hook_name="blocks.0.hook_resid_post"),
+                                         tmp_path / arch))
+    assert cfg.architecture == inference
+    xt = torch.from_numpy(x[:300])
+    torch.testing.assert_close(sae.encode(xt), result.sae.encode(xt))
+
+
+def test_batchtopk_threshold_keeps_mean_l0_near_k():
+    x = synthetic()
+    result = train_sae(source(x), D_IN, TrainConfig(architecture="batchtopk", **ARCH_CFG))
+    thresholds = result.sae.threshold.detach()
+    assert bool((thresholds == thresholds[0]).all()) and float(thresholds[0]) > 0  # one global threshold
+    assert 2 <= result.final["l0"] <= 6
+
+
+def test_sparsity_coefficient_warms_up(monkeypatch):
+    seen = []
+    from core.sae import StandardSAE
+
+    real = StandardSAE.training_step
+
+    def spy(self, x, ctx):
+        seen.append(ctx.sparsity_coefficient)
+        return real(self, x, ctx)
+
+    monkeypatch.setattr(StandardSAE, "training_step", spy)
+    cfg = TrainConfig(architecture="standard", expansion_factor=2, batch_size=100, total_tokens=2_000,
+                      l1_coefficient=2.0, sparsity_warmup_frac=0.5, sample_tokens=500)
+    train_sae(source(synthetic(n=2_000)), D_IN, cfg)
+    assert seen == pytest.approx([2.0 * min(1.0, (i + 1) / 10) for i in range(20)])
+
+
+# --------------------------------------------------------------------------- several SAEs, one pass
+
+
+def two_hook_source(a: np.ndarray, b: np.ndarray, chunk=2_500, reads=None):
+    def src(start):
+        if reads is not None:
+            reads.append(start)
+        for i in range(start * chunk, len(a), chunk):
+            yield {"h0": a[i: i + chunk], "h1": b[i: i + chunk]}
+    return src
+
+
+def test_several_saes_from_one_pass_equal_separate_runs():
+    from core.train import RunSpec, train_saes
+    a, b = synthetic(seed=1), synthetic(seed=2)[:, :16].copy()
+    cfg_a = TrainConfig(expansion_factor=4, k=4, batch_size=256, epochs=2, lr=1e-2, sample_tokens=2048)
+    cfg_b = dataclasses_replace(cfg_a, architecture="batchtopk", k=2, seed=3)
+    runs = [RunSpec("a", "h0", D_IN, cfg_a), RunSpec("a2", "h0", D_IN, dataclasses_replace(cfg_a, k=2)),
+            RunSpec("b", "h1", 16, cfg_b)]
+    reads = []
+    together = train_saes(two_hook_source(a, b, reads=reads), runs, holdout_tokens=1_000)
+    assert set(together) == {"a", "a2", "b"}
+    # One read for the sample and one per epoch, shared by all three SAEs.
+    assert reads == [0, 0, 0]
+    for spec in runs:
+        alone = train_saes(two_hook_source(a, b), [spec], holdout_tokens=1_000)[spec.name]
+        for name, p in alone.sae.state_dict().items():
+            assert torch.equal(p, together[spec.name].sae.state_dict()[name]), (spec.name, name)
+        assert alone.final == together[spec.name].final
+
+
+def test_progress_of_several_runs_lists_each():
+    from core.train import RunSpec, train_saes
+    a = synthetic(n=3_000)
+    cfg = TrainConfig(expansion_factor=2, k=2, batch_size=200, epochs=1, sample_tokens=500, log_every=2)
+    calls = []
+    train_saes(two_hook_source(a, a[:, :16].copy(), chunk=500),
+               [RunSpec("x", "h0", D_IN, cfg), RunSpec("y", "h1", 16, cfg)], progress=calls.append)
+    last = calls[-1]
+    assert set(last["runs"]) == {"x", "y"} and last["done"] == last["total"] == 6_000
+    assert {"fvu", "l0", "dead_frac", "tokens"} <= set(last["runs"]["y"])
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+
+
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    from core.train import CheckpointConfig, checkpoints
+    x = synthetic(n=6_000)
+    cfg = TrainConfig(architecture="topk", expansion_factor=4, k=4, batch_size=256, epochs=3, lr=1e-2,
+                      sample_tokens=1024, log_every=3)
+    full = train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=500)
+
+    ck = CheckpointConfig(tmp_path / "ck", every_steps=5, keep=2)
+    steps = []
+
+    def cancel_midway():
+        return len(steps) > 0 and steps[-1] >= 40
+
+    with pytest.raises(Cancelled):
+        train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=500, checkpoint=ck,
+                  progress=lambda d: steps.append(d["step"]), should_cancel=cancel_midway)
+    kept = checkpoints(ck.folder)
+    assert len(kept) == 2  # retention
+    assert not list(ck.folder.glob(".tmp-*"))  # nothing half-written left behind
+    resumed = train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=500, checkpoint=ck)
+    for name, p in full.sae.state_dict().items():
+        assert torch.equal(p, resumed.sae.state_dict()[name]), name
+    assert resumed.history == full.history
+    assert resumed.final == full.final
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    from core.train import CheckpointConfig
+    x = synthetic(n=3_000)
+    cfg = TrainConfig(expansion_factor=4, k=4, batch_size=256, epochs=1, sample_tokens=512)
+    ck = CheckpointConfig(tmp_path / "ck", every_steps=2)
+    train_sae(source(x, chunk=500), D_IN, cfg, checkpoint=ck)
+    with pytest.raises(UserError, match="other settings"):
+        train_sae(source(x, chunk=500), D_IN, dataclasses_replace(cfg, k=3), checkpoint=ck)
+    newest = sorted(ck.folder.glob("ckpt-*.pt"))[-1]
+    newest.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot be read.*delete it"):
+        train_sae(source(x, chunk=500), D_IN, cfg, checkpoint=ck)
+
+
+def test_held_out_tokens_are_never_trained_on():
+    """Poison the held-out slice with huge values: training must be unaffected by it."""
+    x = synthetic(n=4_000)
+    poisoned = x.copy()
+    poisoned[:1_000] = 0.0  # a different held-out slice, same training tokens
+    cfg = TrainConfig(expansion_factor=4, k=4, batch_size=256, epochs=2, sample_tokens=1024)
+    a = train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=1_000)
+    b = train_sae(source(poisoned, chunk=500), D_IN, cfg, holdout_tokens=1_000)
+    for name, p in a.sae.state_dict().items():
+        assert torch.equal(p, b.sae.state_dict()[name])
+    assert a.final["tokens"] == 2 * 3_000 and a.final["eval_tokens"] == 1_000
+
+
+def test_unknown_architecture_is_a_user_error():
+    with pytest.raises(UserError, match="unknown SAE architecture 'gated'; pick one of standard, topk, jumprelu, batchtopk"):
+        TrainConfig(architecture="gated")

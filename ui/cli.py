@@ -152,14 +152,20 @@ def cmd_extract(a) -> None:
 def cmd_train(a) -> None:
     c = client()
     if a.action == "run":
-        cfg = {"expansion_factor": a.expansion, "k": a.k, "epochs": a.epochs, "batch_size": a.batch_size}
-        if a.lr is not None:
-            cfg["lr"] = a.lr
-        job = run_job(c, "train", {"activation_id": a.activations, "config": cfg})
+        cfg = {"architecture": a.architecture, "expansion_factor": a.expansion, "k": a.k, "epochs": a.epochs,
+               "batch_size": a.batch_size}
+        for flag, key in (("lr", "lr"), ("l1", "l1_coefficient"), ("l0", "l0_coefficient")):
+            if getattr(a, flag) is not None:
+                cfg[key] = getattr(a, flag)
+        spec = {"activation_ids": a.activations.split(","), "config": cfg, "eval_rows": a.eval_rows,
+                "checkpoint_every": a.checkpoint_every, "resume_job": a.resume or ""}
+        if a.k_variants:
+            spec["variants"] = [{"k": int(k)} for k in a.k_variants.split(",")]
+        job = run_job(c, "train", spec)
         print(json.dumps(job["result"], indent=2))
-    rows = [dict(s, fvu=s["metrics"].get("fvu"), l0=s["metrics"].get("l0"),
-                 dead=s["metrics"].get("dead_frac")) for s in c.saes()]
-    table(rows, ["id", "hook_name", "d_in", "d_sae", "k", "fvu", "l0", "dead", "path"])
+    rows = [dict(s, fvu=s["metrics"].get("fvu"), l0=s["metrics"].get("l0"), dead=s["metrics"].get("dead_frac"),
+                 ce_rec=s["metrics"].get("ce_loss_recovered_zero")) for s in c.saes()]
+    table(rows, ["id", "hook_name", "architecture", "d_sae", "k", "fvu", "l0", "dead", "ce_rec", "path"])
 
 
 def cmd_discover(a) -> None:
@@ -243,9 +249,12 @@ def demo_summary(c, job: dict[str, Any]) -> str:
         f"miStudio demo — job {job['id']} completed",
         f"  tokens extracted : {act['tokens']:,} at {act['hook_name']}",
         f"  SAE              : {res['sae_id']} (TopK, {disc['n_latents']} latents)",
-        f"  FVU              : {tr['fvu']:.4f}",
+        f"  FVU (held-out)   : {tr['fvu']:.4f}",
         f"  L0               : {tr['l0']:.1f}",
         f"  dead latents     : {100 * tr['dead_frac']:.2f}%",
+        f"  CE loss recovered: {tr['ce_loss_recovered_zero']:.3f} vs zero ablation, "
+        f"{tr['ce_loss_recovered_mean']:.3f} vs mean ablation (KL {tr['kl_sae']:.3f}; "
+        f"{tr['eval_rows']} held-out rows)",
         f"  live features    : {disc['live_features']:,}",
         "  most frequent live features:",
     ]
@@ -329,14 +338,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=None)
     e.set_defaults(fn=cmd_extract)
 
-    t = sub.add_parser("train", help="train a TopK SAE on extracted activations")
+    t = sub.add_parser("train", help="train SAEs on extracted activations (one per hook × variant)")
     t.add_argument("action", choices=["run", "list"])
-    t.add_argument("--activations", help="activation set id (see: mistudio extract list)")
+    t.add_argument("--activations", help="activation set id(s), comma-separated: several hooks and/or datasets "
+                                         "(see: mistudio extract list)")
+    t.add_argument("--architecture", default="topk", choices=["topk", "batchtopk", "jumprelu", "standard"])
     t.add_argument("--expansion", type=int, default=8)
     t.add_argument("--k", type=int, default=32)
+    t.add_argument("--k-variants", default=None, help="comma-separated k values: one SAE per value, one pass")
+    t.add_argument("--l1", type=float, default=None, help="L1 coefficient (standard)")
+    t.add_argument("--l0", type=float, default=None, help="L0 coefficient (jumprelu)")
     t.add_argument("--epochs", type=int, default=1)
     t.add_argument("--batch-size", type=int, default=4096)
     t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--eval-rows", type=int, default=None, help="rows held out for evaluation (default 5%%, ≤64)")
+    t.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
+    t.add_argument("--resume", default=None, help="continue from the checkpoints of this earlier train job")
     t.set_defaults(fn=cmd_train)
 
     di = sub.add_parser("discover", help="find every latent's top activating contexts")

@@ -61,7 +61,9 @@ class SAEConfig:
             "normalize_activations": self.normalize_activations,
             # Newer SAELens versions know these; older ones drop unknown fields on load.
             "reshape_activations": "none",
-            "metadata": {name: getattr(self, name) for name in _METADATA_FIELDS},
+            # sae_lens_version marks the v6 layout: SAELens reads configs without it as pre-6.0
+            # and drops the metadata block (hook_name, model_name, ...).
+            "metadata": {name: getattr(self, name) for name in _METADATA_FIELDS} | {"sae_lens_version": "6.0.0"},
         }
         if self.architecture == "topk":
             d |= {"k": self.k, "rescale_acts_by_decoder_norm": False}

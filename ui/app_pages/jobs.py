@@ -70,7 +70,11 @@ def run_form(client) -> None:
                                        help=f"the dataset has {fmt_number(datasets[dataset_id]['tokens'])} tokens")
         batch_size = c[3].number_input("Batch size (sequences)", min_value=1, value=DEFAULTS["batch_size"],
                                        key="batch_size")
-        st.markdown("**Training** — TopK SAE")
+        st.markdown("**Training**")
+        architecture = st.selectbox("SAE type", ["topk", "batchtopk", "jumprelu", "standard"], key="architecture",
+                                    help="topk: k latents per token (+AuxK); batchtopk: k per token on average, "
+                                         "saved as JumpReLU; jumprelu: learned thresholds, L0 penalty; "
+                                         "standard: ReLU + L1 penalty")
         c = st.columns(4)
         expansion = c[0].number_input("Expansion factor", min_value=1, value=DEFAULTS["expansion_factor"],
                                       key="expansion_factor",
@@ -90,7 +94,7 @@ def run_form(client) -> None:
     spec: dict[str, Any] = {
         "model_id": model_id, "dataset_id": dataset_id, "layer": int(layer), "site": site,
         "batch_size": int(batch_size), "max_tokens": int(max_tokens) or None,
-        "train": {"expansion_factor": int(expansion), "k": int(k), "epochs": int(epochs),
+        "train": {"architecture": architecture, "expansion_factor": int(expansion), "k": int(k), "epochs": int(epochs),
                   "batch_size": int(train_batch)},
         "top_k": int(top_k),
     }
