@@ -252,7 +252,11 @@ class JobManager:
         inputs = self._train_inputs(spec)
         model, datasets, d_ins = inputs["model"], inputs["datasets"], inputs["d_ins"]
         first = datasets[0]
-        eval_rows = spec.eval_rows if spec.eval_rows is not None else pipeline.default_eval_rows(first["rows"])
+        eval_rows = spec.eval_rows
+        if eval_rows is None:  # 5% of the rows actually used (an extraction may cover part of the dataset)
+            used = [sets[first["id"]]["tokens"] for sets in inputs["by_hook"].values()] or [spec.max_tokens or 0]
+            share = min(1.0, used[0] / first["tokens"]) if used[0] else 1.0
+            eval_rows = pipeline.default_eval_rows(round(first["rows"] * share))
         runs, saes = [], {}
         for hook, d_in in d_ins.items():
             for cfg in specs.train_variants(spec):

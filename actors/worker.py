@@ -140,10 +140,10 @@ class ModelWorker:
             metrics = dict(result.final)
             if plan["eval_rows"]:  # CE loss recovered and KL need the model on the held-out rows
                 model, tok = self._model(job_id, plan["model_id"], plan["model_path"])
-                metrics |= pipeline.evaluate_saved_sae(
+                metrics |= _renamed(pipeline.evaluate_saved_sae(
                     model, tok, Path(saes[name]["path"]), first, plan["eval_rows"],
                     outlier_norm_threshold=result.final["outlier_norm_threshold"],
-                    progress=report, should_cancel=report.should_cancel)
+                    progress=report, should_cancel=report.should_cancel), {"tokens": "eval_tokens"})
             cfg = result.sae.config()
             out[name] = {"metrics": metrics, "history": result.history, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
                          "k": cfg.k, "architecture": cfg.architecture}
@@ -156,3 +156,8 @@ class ModelWorker:
             DiscoverConfig(top_k=plan["top_k"], max_norm=plan["max_norm"]), batch_size=plan["batch_size"],
             max_tokens=plan["max_tokens"], progress=report, should_cancel=report.should_cancel)
         return summary._asdict()
+
+
+def _renamed(d: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """`d` with some keys renamed (the evaluation's `tokens` are not the tokens trained on)."""
+    return {names.get(k, k): v for k, v in d.items()}

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from core import data, extract, hooks
+from core import data, evaluate, extract, hooks
 from core.data import TokenBatch
 from core.discover import DiscoverConfig, DiscoverySummary, discover
 from core.errors import UserError
@@ -226,8 +226,6 @@ def evaluate_saved_sae(model, tokenizer, sae_dir: Path, dataset_dir: Path, rows:
     `rows` rows (the held-out slice), written to `eval.json` in the SAE folder."""
     sae, cfg = load_saelens(sae_dir)
     batches = data.iter_batches(dataset_dir, batch_size, tokenizer.pad_token_id, max_rows=rows)
-    from core import evaluate
-
     metrics = evaluate.evaluate_sae(model, sae, cfg.hook_name, batches, outlier_norm_threshold=outlier_norm_threshold,
                                     progress=progress, should_cancel=should_cancel)
     metrics["eval_rows"] = rows

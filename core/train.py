@@ -210,7 +210,7 @@ def train_saes(source: Source, runs: Sequence[RunSpec], *, progress: Progress | 
     _report(progress, states, t0)
     last_ckpt = max(s.step for s in states)
     while not all(s.done for s in states):
-        produced = 0
+        produced, whole_pass = 0, cursor.chunk == 0
         for chunk in source(cursor.chunk):
             _check_cancel(should_cancel)
             for hook in hooks:
@@ -233,7 +233,7 @@ def train_saes(source: Source, runs: Sequence[RunSpec], *, progress: Progress | 
             cursor.next_pass()
             for s in states:
                 # Runs counted in epochs stop after their last pass; an empty pass ends everything.
-                if produced == 0 or (s.cfg.total_tokens is None and cursor.passes >= s.cfg.epochs):
+                if (whole_pass and produced == 0) or (s.cfg.total_tokens is None and cursor.passes >= s.cfg.epochs):
                     s.finish(progress, states, t0, should_cancel)
     return {s.spec.name: s.result(held.get(s.spec.hook_name), progress, states, t0) for s in states}
 

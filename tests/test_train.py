@@ -361,3 +361,17 @@ def test_held_out_tokens_are_never_trained_on():
 def test_unknown_architecture_is_a_user_error():
     with pytest.raises(UserError, match="unknown SAE architecture 'gated'; pick one of standard, topk, jumprelu, batchtopk"):
         TrainConfig(architecture="gated")
+
+
+def test_resume_from_a_checkpoint_taken_at_the_end_of_a_pass(tmp_path):
+    """A checkpoint written after a pass's last chunk resumes into the next pass, not into a
+    run that believes the data is empty (which would stop it short)."""
+    from core.train import CheckpointConfig
+    x = synthetic(n=6_000)
+    cfg = TrainConfig(expansion_factor=4, k=4, batch_size=256, total_tokens=3 * 5_500, lr=1e-2, sample_tokens=1024)
+    ck = CheckpointConfig(tmp_path / "ck", every_steps=5, keep=2, resume=False)
+    full = train_sae(source(x, chunk=4_096), D_IN, cfg, holdout_tokens=500, checkpoint=ck)
+    resumed = train_sae(source(x, chunk=4_096), D_IN, cfg, holdout_tokens=500, checkpoint=ck._replace(resume=True))
+    for name, p in full.sae.state_dict().items():
+        assert torch.equal(p, resumed.sae.state_dict()[name]), name
+    assert resumed.final == full.final

@@ -1,0 +1,221 @@
+"""evaluate_sae on the tiny Llama (hand-computed references) and, slow, on the real SmolLM2."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.data import TokenBatch, builtin_corpus, iter_batches, tokenize_to_shards
+from core.errors import Cancelled, UserError
+from core.evaluate import evaluate_sae
+from core.hooks import patched, run_hooked
+from core.sae import StandardSAE, TopKSAE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def perfect_sae(d: int) -> StandardSAE:
+    """ReLU(x) − ReLU(−x) = x: W_enc = [I, −I], W_dec = [I; −I], zero biases. Exact in fp32."""
+    sae = StandardSAE(d, 2 * d)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def random_sae(d: int, k: int = 4) -> TopKSAE:
+    torch.manual_seed(5)
+    return TopKSAE(d, 4 * d, k)
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval") / "ds"
+    tokenize_to_shards(builtin_corpus()[:6], tiny_tokenizer, folder, context_length=48)
+    # Rows of different lengths, so the batches are padded.
+    return list(iter_batches(folder, batch_size=4, pad_token_id=tiny_tokenizer.pad_token_id, max_rows=10))
+
+
+@pytest.fixture(scope="module")
+def fitted_llama(tiny_llama, batches):
+    """A copy of the tiny Llama fitted to the slice, so its clean CE is far below uniform and an
+    ablation or a bad SAE visibly hurts it (on the random model every CE is ≈ log V)."""
+    model = copy.deepcopy(tiny_llama).train()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    torch.manual_seed(0)
+    for _ in range(30):
+        for b in batches:
+            labels = b.input_ids.masked_fill(b.attention_mask == 0, -100)
+            loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def _ce_by_hand(model, batches, edits=None):
+    """Mean next-token CE over positions whose next token is real, from model(...).logits."""
+    total, n = 0.0, 0
+    for b in batches:
+        with torch.no_grad(), patched(model, edits(b) if edits else {}):
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        target = b.attention_mask[:, 1:].bool()
+        total += float(F.cross_entropy(logits[:, :-1][target], b.input_ids[:, 1:][target], reduction="sum"))
+        n += int(target.sum())
+    return total / n
+
+
+def test_perfect_sae_recovers_everything(tiny_llama, batches):
+    r = evaluate_sae(tiny_llama, perfect_sae(64), HOOK, batches)
+    assert r["tokens"] == sum(int(b.attention_mask.sum()) for b in batches)
+    assert r["excluded_outliers"] == 0
+    assert r["fvu"] < 1e-10 and r["mse"] < 1e-12 and r["cos_sim"] == pytest.approx(1, abs=1e-6)
+    assert r["ce_sae"] == pytest.approx(r["ce_clean"], abs=1e-6) and abs(r["kl_sae"]) < 1e-7
+    assert r["ce_loss_recovered_zero"] == pytest.approx(1, abs=1e-4)
+    assert r["ce_loss_recovered_mean"] == pytest.approx(1, abs=1e-4)
+    # Each input dimension fires exactly one of its two latents (none when it is exactly 0).
+    assert r["l0"] == pytest.approx(64, abs=0.01)
+    assert r["dead_frac"] == 0 and 0 < r["dense_frac"] <= 1
+    hist = r["density_hist"]
+    assert len(hist["edges"]) == 41 and sum(hist["counts"]) == 128 and hist["edges"][-1] == 0
+    json_safe = (int, float, str, type(None), dict)
+    assert all(isinstance(v, json_safe) for v in r.values())
+
+
+def test_ablations_and_recovered_fractions(fitted_llama, batches):
+    r = evaluate_sae(fitted_llama, random_sae(64), HOOK, batches)
+    assert r["ce_zero"] > r["ce_clean"] + 1 and r["ce_mean"] > r["ce_clean"] + 1
+    assert r["kl_zero"] > 0 and r["kl_mean"] > 0
+    assert r["ce_loss_recovered_zero"] == (r["ce_zero"] - r["ce_sae"]) / (r["ce_zero"] - r["ce_clean"])
+    assert r["ce_loss_recovered_mean"] == (r["ce_mean"] - r["ce_sae"]) / (r["ce_mean"] - r["ce_clean"])
+    # Zero ablation by hand at every non-pad position.
+    zero = _ce_by_hand(fitted_llama, batches, lambda b: {HOOK: lambda x: x * (1 - b.attention_mask[..., None])})
+    assert r["ce_zero"] == pytest.approx(zero, rel=1e-5)
+
+
+def test_mean_ablation_at_a_sublayer_by_hand(fitted_llama, batches):
+    """ce_mean and kl_mean at attn_out: the mean over the slice's real tokens spliced in by hand."""
+    hook = "blocks.1.hook_attn_out"
+    r = evaluate_sae(fitted_llama, random_sae(64), hook, batches)
+    xs = torch.cat([run_hooked(fitted_llama, b.input_ids, b.attention_mask, [hook])[hook][b.attention_mask.bool()]
+                    for b in batches])
+    mean = xs.double().mean(0).float()
+
+    def edits(b):
+        real = b.attention_mask.bool()[..., None]
+        return {hook: lambda x: torch.where(real, mean, x)}
+    assert r["ce_mean"] == pytest.approx(_ce_by_hand(fitted_llama, batches, edits), rel=1e-5)
+    kl, n = 0.0, 0
+    for b in batches:
+        target = b.attention_mask[:, 1:].bool()
+        with torch.no_grad():
+            clean = fitted_llama(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1][target]
+            with patched(fitted_llama, edits(b)):
+                spliced = fitted_llama(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1][target]
+        p, q = clean.log_softmax(-1), spliced.log_softmax(-1)
+        kl += float((p.exp() * (p - q)).sum())
+        n += int(target.sum())
+    assert r["kl_mean"] == pytest.approx(kl / n, rel=1e-4)
+    assert r["ce_mean"] > r["ce_clean"] + 0.1
+
+
+def test_random_sae_recovers_less_than_perfect(fitted_llama, batches):
+    bad = evaluate_sae(fitted_llama, random_sae(64), HOOK, batches)
+    good = evaluate_sae(fitted_llama, perfect_sae(64), HOOK, batches)
+    assert bad["ce_loss_recovered_zero"] < 0.95 and bad["ce_loss_recovered_mean"] < 0.95
+    assert bad["ce_sae"] > bad["ce_clean"] + 0.1 and bad["kl_sae"] > 0.05 and bad["fvu"] > 0.05
+    assert good["ce_loss_recovered_zero"] == pytest.approx(1, abs=1e-5) and abs(good["kl_sae"]) < 1e-6
+    assert (good["ce_clean"], good["ce_zero"], good["ce_mean"]) == (bad["ce_clean"], bad["ce_zero"], bad["ce_mean"])
+
+
+def test_ce_clean_matches_hand_computed_loss(tiny_llama, batches):
+    r = evaluate_sae(tiny_llama, perfect_sae(64), HOOK, batches)
+    assert r["ce_clean"] == pytest.approx(_ce_by_hand(tiny_llama, batches), rel=1e-6)
+    assert r["ce_tokens"] == sum(int(b.attention_mask[:, 1:].sum()) for b in batches)
+    # The model's own loss (labels = -100 at padding) agrees on a single row.
+    b = batches[0]
+    labels = b.input_ids.masked_fill(b.attention_mask == 0, -100)
+    with torch.no_grad():
+        loss = tiny_llama(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
+    assert evaluate_sae(tiny_llama, perfect_sae(64), HOOK, [b])["ce_clean"] == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_outliers_are_counted_and_left_unpatched(tiny_llama, batches):
+    norms = [run_hooked(tiny_llama, b.input_ids, b.attention_mask, [HOOK])[HOOK].norm(dim=-1) for b in batches]
+    real = torch.cat([n[b.attention_mask.bool()] for n, b in zip(norms, batches)])
+    threshold = float(real.quantile(0.8))
+    expected = int((real > threshold).sum())
+    assert 0 < expected < len(real)
+
+    sae = random_sae(64)
+    r = evaluate_sae(tiny_llama, sae, HOOK, batches, outlier_norm_threshold=threshold)
+    assert r["excluded_outliers"] == expected and r["tokens"] == len(real)
+    # Zeroing the whole stream here would give exactly uniform predictions, log V.
+    assert abs(r["ce_zero"] - math.log(tiny_llama.config.vocab_size)) > 1e-3
+
+    # Zero ablation everywhere except at the outliers (and pads), by hand.
+    def keep_outliers(b, n):
+        spliced = (b.attention_mask.bool() & (n <= threshold))[..., None]
+        return {HOOK: lambda x: torch.where(spliced, torch.zeros_like(x), x)}
+    it = iter(norms)
+    assert r["ce_zero"] == pytest.approx(_ce_by_hand(tiny_llama, batches, lambda b: keep_outliers(b, next(it))),
+                                         rel=1e-5)
+    # Reconstruction metrics cover only the kept tokens.
+    xs = torch.cat([run_hooked(tiny_llama, b.input_ids, b.attention_mask, [HOOK])[HOOK][
+        b.attention_mask.bool() & (n <= threshold)] for b, n in zip(batches, norms)])
+    with torch.no_grad():
+        x_hat, z = sae(xs)
+    assert r["mse"] == pytest.approx(float((x_hat - xs).pow(2).mean()), rel=1e-4)
+    assert r["fvu"] == pytest.approx(float((x_hat - xs).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()), rel=1e-4)
+    assert r["l0"] == pytest.approx(float((z > 0).sum(1).float().mean()), rel=1e-6)
+    assert r["dead_frac"] == pytest.approx(float((z > 0).sum(0).eq(0).float().mean()))
+
+    with pytest.raises(UserError, match="every token at blocks.0.hook_resid_post was excluded as an outlier"):
+        evaluate_sae(tiny_llama, sae, HOOK, batches, outlier_norm_threshold=0.0)
+
+
+def test_progress_and_cancel(tiny_llama, batches):
+    seen = []
+    r = evaluate_sae(tiny_llama, perfect_sae(64), HOOK, batches[:2], progress=seen.append)
+    assert len(seen) == 4 and all(p["phase"] == "evaluate" and p["unit"] == "tokens" for p in seen)
+    assert seen[-1]["done"] == seen[-1]["total"] == 2 * r["tokens"] and seen[-1]["eta_s"] == 0
+    with pytest.raises(Cancelled):
+        evaluate_sae(tiny_llama, perfect_sae(64), HOOK, batches, should_cancel=lambda: True)
+
+
+def test_bad_input(tiny_llama, batches):
+    with pytest.raises(UserError, match=r"d_in=32 but blocks.0.hook_resid_post of this model has width 64"):
+        evaluate_sae(tiny_llama, perfect_sae(32), HOOK, batches)
+    with pytest.raises(UserError, match="the batches are empty"):
+        evaluate_sae(tiny_llama, perfect_sae(64), HOOK, [])
+    empty = TokenBatch(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1))
+    with pytest.raises(UserError, match="the batches are empty"):
+        evaluate_sae(tiny_llama, perfect_sae(64), HOOK, [empty])
+    with pytest.raises(UserError, match="layer 7 is out of range"):
+        evaluate_sae(tiny_llama, perfect_sae(64), "blocks.7.hook_resid_post", batches)
+
+
+@pytest.mark.slow
+def test_perfect_sae_on_smollm2(smollm2_dir, tmp_path):
+    from core.models import load_model
+
+    model, tokenizer = load_model(smollm2_dir)
+    tokenize_to_shards(builtin_corpus()[:4], tokenizer, tmp_path / "ds", context_length=128)
+    batches = list(iter_batches(tmp_path / "ds", batch_size=4, pad_token_id=tokenizer.pad_token_id, max_tokens=600))
+    hook = "blocks.15.hook_resid_post"
+    r = evaluate_sae(model, perfect_sae(576), hook, batches)
+    assert r["ce_loss_recovered_zero"] == pytest.approx(1, abs=1e-3)
+    assert r["kl_sae"] < 1e-4
+    assert r["ce_zero"] > r["ce_clean"] + 1
+    assert r["fvu"] < 1e-6 and math.isfinite(r["ce_mean"])
+    # On a real model a random SAE loses most of what the layer carries.
+    bad = evaluate_sae(model, random_sae(576, k=32), hook, batches)
+    print("PROBE", r, bad)
+    assert bad["ce_loss_recovered_zero"] < 0.9 and bad["kl_sae"] > 0.1
