@@ -217,5 +217,4 @@ def test_perfect_sae_on_smollm2(smollm2_dir, tmp_path):
     assert r["fvu"] < 1e-6 and math.isfinite(r["ce_mean"])
     # On a real model a random SAE loses most of what the layer carries.
     bad = evaluate_sae(model, random_sae(576, k=32), hook, batches)
-    print("PROBE", r, bad)
     assert bad["ce_loss_recovered_zero"] < 0.9 and bad["kl_sae"] > 0.1
