@@ -1,5 +1,8 @@
 """Hooked extraction: activations of every real (unpadded) token, streamed to Parquet shards.
 
+Positions holding a token id listed in `exclude_token_ids` (BOS and other special tokens, when
+the user asks) are dropped exactly like padding; their count is kept in stats.json.
+
 Layout, one folder per hook under the extraction folder:
 
     {out_dir}/{hook_name}/shard-00000.parquet, ...   act: fixed_size_list<float32, d_model>
@@ -12,11 +15,12 @@ Layout, one folder per hook under the extraction folder:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +53,9 @@ class HookStats:
     """Mean over all tokens and dimensions."""
     std: float
     """Standard deviation over all tokens and dimensions."""
+    excluded_special: int = 0
+    """Real tokens dropped because their id was in `exclude_token_ids` (a default, so stats.json
+    files written before the option existed still load)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,45 +155,61 @@ class _ActivationWriter:
 def extract(model, batches: Iterable[TokenBatch], hook_names: list[str], out_dir,
             shard_tokens: int = 16384, progress: Callable[[dict], None] | None = None,
             should_cancel: Callable[[], bool] | None = None, *,
-            total_tokens: int | None = None) -> dict[str, HookStats]:
+            total_tokens: int | None = None, exclude_token_ids: Sequence[int] = ()) -> dict[str, HookStats]:
     """Run the model over `batches` and save the activations of every unpadded token.
 
     The forward stops after the deepest hooked layer. Memory stays bounded by one shard per
     hook plus one batch. `out_dir` appears only when the whole run succeeded. `total_tokens`
-    (optional) lets progress report a total and an ETA.
+    (optional) lets progress report a total and an ETA; progress counts excluded tokens as
+    done, since `total_tokens` counts every real token. Positions whose token id is in
+    `exclude_token_ids` (pass `tokenizer.all_special_ids` to drop BOS/EOS/...) are not written
+    and not in the stats: BOS in particular carries activations far larger than any text token.
     """
     validate_hooks(model, hook_names)
     if shard_tokens < 1:
         raise UserError(f"shard size must be positive, got {shard_tokens} tokens")
     names = list(dict.fromkeys(hook_names))
     stats = {name: _RunningStats() for name in names}
-    done = 0
+    excluded_ids = torch.tensor(sorted(set(int(i) for i in exclude_token_ids)), dtype=torch.long)
+    done = written = excluded = 0
     start = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         writers = {name: _ActivationWriter(tmp / name, shard_tokens) for name in names}
         for batch in batches:
             if should_cancel is not None and should_cancel():
                 raise Cancelled("extraction cancelled")
-            done += _extract_batch(model, batch, names, writers, stats)
+            kept, dropped = _extract_batch(model, batch, names, writers, stats, excluded_ids)
+            written, excluded, done = written + kept, excluded + dropped, done + kept + dropped
             if progress is not None:
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 rate = done / elapsed
                 eta = (total_tokens - done) / rate if total_tokens and rate > 0 else None
                 progress({"phase": "extract", "done": done, "total": total_tokens, "unit": "tokens",
                           "samples_per_s": rate, "eta_s": eta})
-        if done == 0:
+        if written == 0:
+            if excluded:
+                raise UserError(f"no tokens to extract: all {excluded} tokens are excluded special tokens; "
+                                "turn off excluding special tokens or check the dataset")
             raise UserError("no tokens to extract: the batches were empty; check the dataset")
+        results = {}
         for name in names:
             writers[name].close()
-            result = stats[name].result(name)
-            (tmp / name / "stats.json").write_text(json.dumps(result.to_dict(), indent=1))
-    return {name: stats[name].result(name) for name in names}
+            results[name] = dataclasses.replace(stats[name].result(name), excluded_special=excluded)
+            (tmp / name / "stats.json").write_text(json.dumps(results[name].to_dict(), indent=1))
+    return results
 
 
-def _extract_batch(model, batch: TokenBatch, names: list[str], writers, stats) -> int:
-    """Hook one batch, keep the real tokens, hand them to the writers. Returns the token count."""
-    acts = run_hooked(model, batch.input_ids, batch.attention_mask, names)
-    mask = batch.attention_mask.bool()
+def _extract_batch(model, batch: TokenBatch, names: list[str], writers, stats,
+                   excluded_ids: torch.Tensor) -> tuple[int, int]:
+    """Hook one batch, keep the real tokens that are not excluded, hand them to the writers.
+    Returns (tokens written, real tokens excluded)."""
+    try:
+        acts = run_hooked(model, batch.input_ids, batch.attention_mask, names)
+    except IndexError as e:  # a learned position table (GPT-2's wpe) shorter than the rows
+        raise UserError(f"the model failed on rows of {batch.input_ids.shape[1]} tokens ({e}); its position "
+                        "table is probably shorter: re-tokenize the dataset with a smaller context length") from e
+    real = batch.attention_mask.bool()
+    mask = real & ~torch.isin(batch.input_ids, excluded_ids)
     b, t = mask.shape
     row_ids = batch.row_ids.view(b, 1).expand(b, t)[mask].numpy()
     pos = torch.arange(t, dtype=torch.int32).view(1, t).expand(b, t)[mask].numpy()
@@ -196,7 +219,8 @@ def _extract_batch(model, batch: TokenBatch, names: list[str], writers, stats) -
         kept = acts[name][mask.to(acts[name].device)].cpu().numpy()
         stats[name].update(kept)
         writers[name].add(kept, row_ids, pos, token_ids)
-    return int(mask.sum())
+    n = int(mask.sum())
+    return n, int(real.sum()) - n
 
 
 def _shards(hook_dir) -> list[Path]:

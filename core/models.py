@@ -9,7 +9,9 @@ at `gpt_neox.layers`, ...).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +29,10 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
+_DTYPE_LABELS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+QUANTIZATIONS = ("none", "8bit", "4bit")
+"""bitsandbytes modes: "8bit" is LLM.int8, "4bit" is NF4 with double quantization."""
+_BNB_INSTALL = "pip install bitsandbytes"
 # "org/name" on the hub; a bare legacy id such as "gpt2" is accepted too.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -110,34 +116,100 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or source.endswith(".gguf") or source in (".", "..")
 
 
-def load_model(source: str | Path, *, device: str = "cpu", dtype: str = "float32",
-               trust_remote_code: bool = False):
-    """Load (model, tokenizer) from a model folder, a .gguf file or a Hugging Face id.
-
-    The model is in eval mode on `device`; the tokenizer pads on the right with eos when it
-    has no pad token of its own.
-    """
-    if dtype not in _DTYPES:
-        raise UserError(f"unknown dtype '{dtype}'; use one of: float32, bfloat16, float16")
-    torch_dtype = _DTYPES[dtype]
+def _resolve(source: str | Path) -> tuple[str, Path | str]:
+    """("gguf", file), ("folder", dir) or ("hub", id) for a model source; UserError if it is none."""
     text = str(source)
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = _load_gguf(path, torch_dtype)
-    elif path.is_dir():
+        return "gguf", path
+    if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{path} has no config.json, so it is not a Hugging Face model folder; "
                             "point at the folder that holds config.json and the weights")
-        model, tokenizer = _from_pretrained(str(path), torch_dtype, trust_remote_code)
-    elif path.exists():
+        return "folder", path
+    if path.exists():
         raise UserError(f"{text} is a file but not a .gguf model; give a model folder (with config.json), "
                         "a .gguf file, or a Hugging Face id like org/name")
-    elif _looks_like_path(text) or not _HUB_ID.match(text):
+    if _looks_like_path(text) or not _HUB_ID.match(text):
         raise UserError(f"model not found: {text}; give an existing model folder, a .gguf file, "
                         "or a Hugging Face id like org/name")
+    return "hub", text
+
+
+def _check_options(dtype: str, quantization: str) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype '{dtype}'; use one of: float32, bfloat16, float16")
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"unknown quantization '{quantization}'; use one of: {', '.join(QUANTIZATIONS)}")
+    return _DTYPES[dtype]
+
+
+class _DropInt8CastWarning(logging.Filter):
+    """bitsandbytes logs "inputs will be cast ... to float16" on every int8 matmul call
+    (hundreds per forward); the cast is how LLM.int8 works, not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will be cast from" not in record.getMessage()
+
+
+_INT8_FILTER = _DropInt8CastWarning()
+
+
+def _bnb_config(quantization: str, dtype: torch.dtype, device: str):
+    """transformers' BitsAndBytesConfig for "8bit" / "4bit" (None for "none").
+
+    Checked before anything is read, so a missing or unusable bitsandbytes is one clear line,
+    not a trace from deep inside from_pretrained (or after a 20 s GGUF conversion).
+    """
+    if quantization == "none":
+        return None
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # noqa: BLE001 - absent, or a build whose native library fails to load
+        raise UserError(f"{quantization} loading needs bitsandbytes, which cannot be imported "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"install it with: {_BNB_INSTALL}, or load with quantization none") from e
+    kind = torch.device(device).type
+    supported = set(getattr(bnb, "supported_torch_devices", ()))
+    if kind not in supported:
+        raise UserError(f"bitsandbytes {bnb.__version__} cannot run on device '{device}' (it supports: "
+                        f"{', '.join(sorted(supported)) or 'none'}); use one of those or quantization none")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_INT8_FILTER)
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # NF4 is the 4-bit type meant for normally distributed weights; double quantization also
+    # quantizes the per-block scales (0.5 -> 0.13 bits per weight), which QLoRA found costs no accuracy.
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_use_double_quant=True)
+
+
+def load_model(source: str | Path, *, device: str = "cpu", dtype: str = "float32",
+               trust_remote_code: bool = False, quantization: str = "none"):
+    """Load (model, tokenizer) from a model folder, a .gguf file or a Hugging Face id.
+
+    The model is in eval mode on `device`; the tokenizer pads on the right with eos when it
+    has no pad token of its own. `quantization` "8bit" (LLM.int8) or "4bit" (NF4, computing in
+    `dtype`) replaces the Linear layers with bitsandbytes ones as the weights load; embeddings,
+    norms and the output head stay in `dtype`, and the decoder blocks (what the hooks wrap)
+    keep their structure. transformers refuses to quantize while reading a GGUF file, so a
+    GGUF source is first dequantized into a temporary folder (convert it once with
+    `convert_gguf` to skip that on every load).
+    """
+    torch_dtype = _check_options(dtype, quantization)
+    bnb = _bnb_config(quantization, torch_dtype, device)
+    kind, where = _resolve(source)
+    if kind == "gguf" and bnb is not None:
+        with tempfile.TemporaryDirectory(prefix="mistudio-gguf-", ignore_cleanup_errors=True) as tmp:
+            folder = convert_gguf(where, Path(tmp) / "model")
+            model, tokenizer = _from_pretrained(str(folder), torch_dtype, False, bnb, device)
+    elif kind == "gguf":
+        model, tokenizer = _load_gguf(where, torch_dtype)
     else:
-        model, tokenizer = _from_pretrained(text, torch_dtype, trust_remote_code)
-    model.to(device)
+        model, tokenizer = _from_pretrained(str(where), torch_dtype, trust_remote_code, bnb, device)
+    if bnb is None:  # a quantized model was placed by device_map; bitsandbytes models refuse .to()
+        model.to(device)
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -145,17 +217,32 @@ def load_model(source: str | Path, *, device: str = "cpu", dtype: str = "float32
     return model, tokenizer
 
 
-def _from_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool):
+def _from_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool, bnb=None, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    extra = {} if bnb is None else {"quantization_config": bnb, "device_map": {"": device}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **extra)
     except OSError as e:  # missing files, or the hub unreachable / HF_HUB_OFFLINE=1
         raise UserError(f"cannot load model '{name}' ({str(e).splitlines()[0]}); if it is a hub id, "
                         "check the name and that you are online (HF_HUB_OFFLINE=1 allows only cached models), "
                         "or give a local folder") from e
+    except (ImportError, RuntimeError) as e:
+        if bnb is None:
+            raise
+        mode = "8bit" if bnb.load_in_8bit else "4bit"
+        raise UserError(f"bitsandbytes cannot load '{name}' in {mode} on {device} "
+                        f"({str(e).splitlines()[0]}); load with quantization none") from e
     return model, tokenizer
+
+
+def quantization_of(model) -> str:
+    """"8bit", "4bit" or "none": how `load_model` quantized this model."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        return "4bit"
+    return "8bit" if getattr(model, "is_loaded_in_8bit", False) else "none"
 
 
 @dataclass
@@ -212,10 +299,17 @@ def model_info(model) -> ModelInfo:
         architecture=str(model.config.model_type),
         n_layers=n_layers(model),
         d_model=d_model(model),
-        n_params=sum(p.numel() for p in params.values()),
+        n_params=sum(_numel(p) for p in params.values()),
         dtype=str(first.dtype).removeprefix("torch."),
         vocab_size=int(getattr(_text_config(model), "vocab_size", None) or model.get_input_embeddings().num_embeddings),
     )
+
+
+def _numel(p: torch.Tensor) -> int:
+    # bitsandbytes 4-bit packs two weights per byte into a [n/2, 1] tensor; its quant state
+    # keeps the real shape.
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None else p.numel()
 
 
 def find_layers(model) -> torch.nn.ModuleList:
@@ -231,3 +325,129 @@ def find_layers(model) -> torch.nn.ModuleList:
             return module
     raise UserError(f"no list of {expected} decoder blocks found in {type(model).__name__}; "
                     "this architecture is not supported")
+
+
+# --------------------------------------------------------------------------- memory estimate
+
+
+@dataclass
+class MemoryEstimate:
+    """Memory a model will need, estimated from its config before any weight is read."""
+
+    weights_bytes: int
+    """Parameters and buffers as `load_model` would hold them (quantized Linear weights with
+    their scales)."""
+    activations_bytes: int
+    """Peak extra memory of one no-grad forward of batch × context tokens (see `estimate_memory`)."""
+    total_bytes: int
+    detail: str
+    """One human-readable line, e.g. "weights 538 MB (fp32, 135M params) + activations ..."."""
+    n_params: int
+    """Parameter count (tied weights once), exact: counted on the model built from the config."""
+
+
+def _human(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _config(source, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    kind, where = _resolve(source)
+    try:
+        if kind == "gguf":  # parses the metadata (and the vocabulary: a few seconds), not the tensors
+            return AutoConfig.from_pretrained(where.parent, gguf_file=where.name)
+        return AutoConfig.from_pretrained(str(where), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot read the config of '{source}' ({str(e).splitlines()[0]}); check the name and "
+                        "that you are online (HF_HUB_OFFLINE=1 allows only cached models), or give a local folder") from e
+    except ValueError as e:  # transformers' way of saying "unsupported GGUF architecture / model type"
+        raise UserError(f"cannot read the config of '{source}' ({str(e).splitlines()[0]}); "
+                        "use the model's Hugging Face folder or id instead") from e
+
+
+def _first(cfg, *keys, default=None):
+    return next((getattr(cfg, k) for k in keys if isinstance(getattr(cfg, k, None), int)), default)
+
+
+def estimate_memory(source, *, dtype: str = "float32", quantization: str = "none", batch_size: int = 8,
+                    context_length: int = 256, deepest_layer: int | None = None,
+                    trust_remote_code: bool = False) -> MemoryEstimate:
+    """Estimate the memory of loading `source` and running a forward, without loading weights.
+
+    Weights: the model is built from its config on the meta device (no memory, no weights
+    read), so every parameter is counted exactly for any architecture instead of by a
+    per-family formula (GPT-2's position table, GPT-NeoX's biases, untied heads all come out
+    right). Bytes per parameter follow what transformers does with bitsandbytes: only the
+    Linear (and GPT-2 Conv1D) layers other than the output head are quantized — 8bit: 1 byte
+    per weight + a float32 scale per output row; 4bit NF4 with double quantization: 0.5 byte +
+    one 8-bit scale per 64 weights + one float32 per 16384 — while embeddings, norms, biases and
+    the head stay in `dtype`.
+
+    Activations: the peak a no-grad forward keeps alive, in `dtype`, for B = batch_size and
+    T = context_length tokens. Earlier blocks' activations are freed, so the peak is one block's
+    plus what lives across blocks:
+      * across blocks: the residual stream (B·T·d) and one hooked site copied to float32 (B·T·d·4);
+      * attention: normed input (d), q and its rotary copy (2·H·hd), k and v (2·Hkv·hd), k and v
+        repeated to every head for GQA (2·H·hd), the output (H·hd), per token; with eager
+        attention also the scores and their softmax (2·B·H·T²) — the default SDPA kernel
+        computes them blockwise, so they are left out;
+      * MLP: normed input (d) + up, act(gate) and their product (3·ffn), per token;
+      * the full model (deepest_layer None) adds the logits (B·T·vocab);
+      * 4bit adds one weight matrix dequantized to `dtype` (bitsandbytes dequantizes per matmul).
+    The peak is the larger of attention, MLP and logits, plus what lives across blocks. Against
+    the RSS growth measured around SmolLM2 forwards on CPU this is within a factor of 2
+    (tests/test_models.py); allocator caching and kernel workspaces make exact numbers moot.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    torch_dtype = _check_options(dtype, quantization)
+    if batch_size < 1 or context_length < 1:
+        raise UserError(f"batch size and context length must be positive, got {batch_size} and {context_length}")
+    config = _config(source, trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings()
+    quantized = {id(m.weight) for m in model.modules()
+                 if (type(m) is torch.nn.Linear or isinstance(m, Conv1D)) and m is not head}
+    weights = n_params = biggest = 0
+    for p in {id(p): p for p in model.parameters()}.values():  # tied weights once
+        n, rows = p.numel(), p.shape[0]
+        n_params += n
+        if quantization == "none" or id(p) not in quantized:
+            weights += n * p.element_size()
+        elif quantization == "8bit":
+            weights += n + 4 * rows
+        else:
+            weights += n // 2 + n // 64 + n // 16384 * 4
+            biggest = max(biggest, n)
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers_ = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
+    d = _first(cfg, "hidden_size", "n_embd", "d_model")
+    heads = _first(cfg, "num_attention_heads", "n_head")
+    kv_heads = _first(cfg, "num_key_value_heads", default=heads)
+    head_dim = _first(cfg, "head_dim", default=d // heads)
+    ffn = _first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * d)
+    vocab = _first(cfg, "vocab_size")
+    if deepest_layer is not None and not 0 <= deepest_layer < n_layers_:
+        raise UserError(f"layer {deepest_layer} is out of range: the model has {n_layers_} layers "
+                        f"(0-{n_layers_ - 1}); pick a layer within it")
+    eager = model.config._attn_implementation == "eager"
+    e, tokens = torch_dtype.itemsize, batch_size * context_length
+    attention = tokens * (d + 5 * heads * head_dim + 2 * kv_heads * head_dim) * e
+    if eager:
+        attention += 2 * batch_size * heads * context_length ** 2 * e
+    mlp = tokens * (d + 3 * ffn) * e
+    logits = tokens * vocab * e if deepest_layer is None else 0
+    activations = tokens * d * (e + 4) + attention + mlp + logits + biggest * e
+
+    label = _DTYPE_LABELS[torch_dtype] if quantization == "none" else \
+        f"{'int8' if quantization == '8bit' else 'NF4'} + {_DTYPE_LABELS[torch_dtype]}"
+    ran = n_layers_ if deepest_layer is None else deepest_layer + 1
+    detail = (f"weights {_human(weights)} ({label}, {n_params / 1e6:.0f}M params) + activations "
+              f"{_human(activations)} (batch {batch_size} × {context_length} tokens, {ran} of {n_layers_} layers"
+              f"{', eager attention' if eager else ''}{', logits' if logits else ''})")
+    return MemoryEstimate(weights, activations, weights + activations, detail, n_params)

@@ -106,3 +106,86 @@ def test_median_from_reservoir(monkeypatch):
     assert s.tokens == 20_000
     assert s.median_norm == pytest.approx(50, abs=8)  # a sample of 500 from U(0, 100)
     assert s.mean_norm == pytest.approx(scales.mean(), rel=1e-6)
+
+
+def test_exclude_special_tokens(tmp_path, tiny_llama, tiny_tokenizer):
+    """Special-token positions are dropped like padding, counted in stats.json, and every kept
+    position keeps its original `pos` and activation."""
+    eos = tiny_tokenizer.eos_token  # the tiny tokenizer's only special token (id 256, also the pad)
+    texts = [f"{eos}The quick brown fox.", f"Hi!{eos}again", "No special token here.", f"{eos}{eos}x"]
+    tokenize_to_shards(texts, tiny_tokenizer, tmp_path / "ds", context_length=32)
+    batches = _batches(tmp_path / "ds", tiny_tokenizer)
+    special = tiny_tokenizer.all_special_ids
+    real = [b.attention_mask.bool() for b in batches]
+    n_special = sum(int((m & (b.input_ids == 256)).sum()) for m, b in zip(real, batches))
+    n_real = sum(int(m.sum()) for m in real)
+    assert n_special == 4
+    seen = []
+    stats = extract(tiny_llama, batches, HOOKS, tmp_path / "acts", exclude_token_ids=special, progress=seen.append,
+                    total_tokens=n_real)
+    assert seen[-1]["done"] == seen[-1]["total"] == n_real  # excluded tokens count as processed
+    for name in HOOKS:
+        hook_dir = tmp_path / "acts" / name
+        s = read_hook_stats(hook_dir)
+        assert s == stats[name] and s.excluded_special == n_special and s.tokens == n_real - n_special
+        table = pq.read_table(sorted(hook_dir.glob("shard-*.parquet")))
+        assert 256 not in table.column("token_id").to_pylist()
+        expected = []
+        for b, m in zip(batches, real):
+            keep = m & (b.input_ids != 256)
+            expected.append(run_hooked(tiny_llama, b.input_ids, b.attention_mask, [name])[name][keep].numpy())
+        expected = np.concatenate(expected)
+        np.testing.assert_allclose(np.concatenate(list(iter_activations(hook_dir))), expected, atol=1e-5)
+        assert s.mean_norm == pytest.approx(np.linalg.norm(expected, axis=1).mean(), rel=1e-5)
+        assert table.column("pos").to_pylist()[:3] == [1, 2, 3]  # row 0 starts with the excluded eos
+    # Without the option nothing is excluded, and the count says so.
+    plain = extract(tiny_llama, batches, HOOKS[:1], tmp_path / "plain")
+    assert plain[HOOKS[0]].excluded_special == 0 and plain[HOOKS[0]].tokens == n_real
+
+
+def test_only_special_tokens_is_an_error(tmp_path, tiny_llama, tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token
+    tokenize_to_shards([eos * 5], tiny_tokenizer, tmp_path / "ds", context_length=32)
+    with pytest.raises(UserError, match="all 5 tokens are excluded special tokens"):
+        extract(tiny_llama, _batches(tmp_path / "ds", tiny_tokenizer), HOOKS, tmp_path / "acts",
+                exclude_token_ids=tiny_tokenizer.all_special_ids)
+    assert not (tmp_path / "acts").exists()
+
+
+def test_old_stats_json_loads(tmp_path):
+    """stats.json written before `excluded_special` existed still reads, as 0."""
+    old = {"hook_name": "blocks.0.hook_resid_post", "tokens": 10, "d_model": 4, "mean_norm": 1.0,
+           "median_norm": 1.0, "max_norm": 2.0, "mean": 0.0, "std": 1.0}
+    (tmp_path / "stats.json").write_text(__import__("json").dumps(old))
+    assert read_hook_stats(tmp_path).excluded_special == 0
+
+
+def test_context_longer_than_model_max_length(tmp_path, tiny_llama, tiny_tokenizer):
+    """No hidden cap: rows longer than the tokenizer's model_max_length are tokenized, batched and
+    extracted whole (the tiny Llama has 512 positions; RoPE models have no hard limit anyway)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, eos_token="<|endoftext|>",
+                                  model_max_length=128)
+    tok.pad_token = tok.eos_token
+    text = " ".join(f"word{i}" for i in range(200))  # 1,489 byte tokens
+    ds = tokenize_to_shards([text], tok, tmp_path / "ds", context_length=500)
+    assert ds.rows == 3 and ds.tokens == len(tok(text, verbose=False)["input_ids"]) > 1000
+    batches = list(iter_batches(tmp_path / "ds", batch_size=2, pad_token_id=tok.pad_token_id))
+    assert batches[0].input_ids.shape == (2, 500)
+    stats = extract(tiny_llama, batches, HOOKS[:1], tmp_path / "acts")
+    assert stats[HOOKS[0]].tokens == ds.tokens
+    shards = sorted((tmp_path / "acts" / HOOKS[0]).glob("shard-*.parquet"))
+    pos = pq.read_table(shards, columns=["pos"]).column("pos").to_numpy()
+    assert pos.max() == 499
+
+
+def test_rows_longer_than_learned_positions(tmp_path, tiny_tokenizer):
+    """GPT-2's learned position table is a hard limit: a clear error instead of an IndexError."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=16, vocab_size=257,
+                                       bos_token_id=256, eos_token_id=256)).eval()
+    tokenize_to_shards(["x" * 40], tiny_tokenizer, tmp_path / "ds", context_length=32)
+    with pytest.raises(UserError, match="rows of 32 tokens.*smaller context length"):
+        extract(model, _batches(tmp_path / "ds", tiny_tokenizer), ["blocks.0.hook_resid_post"], tmp_path / "acts")
