@@ -104,7 +104,7 @@ def test_submit_enqueues_a_job_and_cancel(tiny_run, ui_client):
     new = [j for j in ui_client.jobs() if j["id"] not in before]
     assert len(new) == 1 and new[0]["kind"] == "pipeline"
     job_id = new[0]["id"]
-    assert new[0]["spec"]["train"] == {"expansion_factor": 2, "k": 4, "epochs": 1, "batch_size": 128}
+    assert new[0]["spec"]["train"] == {"architecture": "topk", "expansion_factor": 2, "k": 4, "epochs": 1, "batch_size": 128}
     assert new[0]["spec"]["max_tokens"] == 600 and new[0]["spec"]["layer"] == 1
     assert any(job_id in s.value for s in at.success)  # the new id shows at once
     # the job shows up in the panel straight away: queued at 0%, or already further along
