@@ -47,6 +47,7 @@ MEM = C.CACHE / "mem"
 
 def child(kind: str, src: str, out: str, tokens: int, threads: int) -> None:
     t0 = time.perf_counter()
+    trace: list[tuple[int, float]] = []
     if kind == "tokenize":
         from transformers import AutoTokenizer
 
@@ -68,7 +69,11 @@ def child(kind: str, src: str, out: str, tokens: int, threads: int) -> None:
         else:
             from core.pipeline import extract_activations
 
-            extract_activations(model, tok, Path(src), [C.HOOK], Path(out), batch_size=8, max_tokens=tokens)
+            def progress(d):  # peak RSS so far after every batch: shows where the growth happens
+                trace.append((d["done"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+            extract_activations(model, tok, Path(src), [C.HOOK], Path(out), batch_size=8, max_tokens=tokens,
+                                progress=progress)
     elif kind in ("train", "train-base"):
         import torch
 
@@ -83,7 +88,8 @@ def child(kind: str, src: str, out: str, tokens: int, threads: int) -> None:
     else:
         raise SystemExit(f"unknown child kind {kind}")
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print("RESULT " + json.dumps({"peak_mib": peak_kib / 1024, "seconds": time.perf_counter() - t0}), flush=True)
+    print("RESULT " + json.dumps({"peak_mib": peak_kib / 1024, "seconds": time.perf_counter() - t0, "trace": trace}),
+          flush=True)
 
 
 # --------------------------------------------------------------------------- parent side
@@ -162,6 +168,9 @@ def main(argv=None) -> None:
     size.add_argument("--quick", action="store_true", help="extraction 2.5k vs 25k tokens, training 25k vs 250k")
     size.add_argument("--full", action="store_true", help="the whole corpus (≈143k tokens) vs 10× (hours)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--reps", type=int, default=2, help="runs of every case (median reported; default 2)")
+    ap.add_argument("--extract-tokens", type=int, help="extraction tokens at 1× (overrides the size flags)")
+    ap.add_argument("--train-tokens", type=int, help="training cache tokens at 1× (overrides the size flags)")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--src", default="", help=argparse.SUPPRESS)
@@ -174,6 +183,7 @@ def main(argv=None) -> None:
     load_before = C.load_avg()
     n_ext = 2_500 if args.quick else (None if args.full else 5_000)
     n_train = 25_000 if args.quick else (None if args.full else 50_000)
+    n_ext, n_train = args.extract_tokens or n_ext, args.train_tokens or n_train
     print(f"[memory] load {load_before}; fixtures under {MEM}", flush=True)
     C.model_dir()
     import shutil
@@ -181,35 +191,43 @@ def main(argv=None) -> None:
     runs = MEM / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
-    res: dict[str, dict] = {}
+    from core.extract import count_activations
 
-    # Tokenize the 1× and 10× corpora (measured, informational); they feed the extraction cases.
-    ds = {}
-    for times in (1, 10):
-        ds[times] = runs / f"ds-{times}x"
-        res[f"tokenize {times}×"] = run_child("tokenize", corpus_jsonl(times), ds[times], 0, args.threads)
-        res[f"tokenize {times}×"]["tokens"] = json.loads((ds[times] / "stats.json").read_text())["tokens"]
-    corpus_tokens = res["tokenize 1×"]["tokens"]
+    samples: dict[str, list[dict]] = {}
+
+    def case(name: str, kind: str, src="", out="", tokens: int = 0, count=None) -> None:
+        r = run_child(kind, src, out, tokens, args.threads)
+        r["tokens"] = count() if count else tokens
+        samples.setdefault(name, []).append(r)
+        if out and kind != "tokenize":
+            shutil.rmtree(out, ignore_errors=True)
+
+    # Each group: its baseline, then 1× and 10× alternating, `reps` times (RSS varies by tens of
+    # MiB between identical runs: allocator and page-in timing).
+    ds = {t: runs / f"ds-{t}x" for t in (1, 10)}
+    for r in range(args.reps):
+        for t in (1, 10):  # tokenize the 1× and 10× corpora; the first repetition's feed the extraction
+            out = ds[t] if r == 0 else runs / f"ds-{t}x-{r}"
+            case(f"tokenize {t}×", "tokenize", corpus_jsonl(t), out,
+                 count=lambda out=out: json.loads((out / "stats.json").read_text())["tokens"])
+    corpus_tokens = samples["tokenize 1×"][0]["tokens"]
     n_ext = n_ext or corpus_tokens
     n_train = n_train or corpus_tokens
-
-    res["extract baseline"] = run_child("extract-base", threads=args.threads)
-    res["extract baseline"]["tokens"] = 0
-    for times in (1, 10):
-        r = run_child("extract", ds[times], runs / f"ext-{times}x", n_ext * times, args.threads)
-        from core.extract import count_activations
-
-        r["tokens"] = count_activations(runs / f"ext-{times}x" / C.HOOK)
-        res[f"extract {times}×"] = r
-        shutil.rmtree(runs / f"ext-{times}x", ignore_errors=True)
-
-    caches = {times: activation_cache(n_train * times) for times in (1, 10)}
-    res["train baseline"] = run_child("train-base", threads=args.threads)
-    res["train baseline"]["tokens"] = 0
-    for times in (1, 10):
-        r = run_child("train", caches[times], runs / f"sae-{times}x", n_train * times, args.threads)
-        r["tokens"] = n_train * times
-        res[f"train {times}×"] = r
+    for r in range(args.reps):
+        case("extract baseline", "extract-base")
+        for t in (1, 10):
+            out = runs / f"ext-{t}x"
+            case(f"extract {t}×", "extract", ds[t], out, n_ext * t,
+                 count=lambda out=out: count_activations(out / C.HOOK))
+    caches = {t: activation_cache(n_train * t) for t in (1, 10)}
+    for r in range(args.reps):
+        case("train baseline", "train-base")
+        for t in (1, 10):
+            case(f"train {t}×", "train", caches[t], runs / f"sae-{t}x", n_train * t)
+    res = {name: {"peak_mib": C.median([x["peak_mib"] for x in xs]), "wait4_mib": C.median([x["wait4_mib"] for x in xs]),
+                  "seconds": C.median([x["seconds"] for x in xs]), "tokens": xs[0]["tokens"],
+                  "range": f"{min(x['peak_mib'] for x in xs):,.0f}–{max(x['peak_mib'] for x in xs):,.0f}"}
+           for name, xs in samples.items()}
 
     ratios = {k: res[f"{k} 10×"]["peak_mib"] / res[f"{k} 1×"]["peak_mib"] for k in ("tokenize", "extract", "train")}
     above = {k: (res[f"{k} 10×"]["peak_mib"] - res[f"{k} baseline"]["peak_mib"],
@@ -221,23 +239,38 @@ def main(argv=None) -> None:
     load_after = C.load_avg()
     if args.no_record:
         return
-    rows = [[name, f"{r['tokens']:,}", f"{r['peak_mib']:,.0f}", f"{r['wait4_mib']:,.0f}", f"{r['seconds']:.0f}"]
-            for name, r in res.items()]
+    rows = [[name, f"{r['tokens']:,}", f"{r['peak_mib']:,.0f}", r["range"], f"{r['wait4_mib']:,.0f}",
+             f"{r['seconds']:.0f}"] for name, r in res.items()]
     size_note = "--quick" if args.quick else ("--full" if args.full else "default sizes")
+    if args.extract_tokens or args.train_tokens:
+        size_note = " ".join(a for a in sys.argv[1:] if not a.startswith("--no-"))
+    # Peak RSS so far along the first 10× extraction run: where the growth happens.
+    tr = samples["extract 10×"][0]["trace"]
+    points = [tr[min(len(tr) - 1, max(0, round(f * len(tr)) - 1))] for f in (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)]
+    trace_line = ", ".join(f"{n:,} → {m:,.0f}" for n, m in points)
+    at_1x = next((m for n, m in tr if n >= n_ext), tr[-1][1])
+    late = next((m for n, m in tr if n >= 0.3 * n_ext * 10), tr[-1][1])
     body = "\n".join([
         f"Sizes ({size_note}): extraction {n_ext:,} vs {10 * n_ext:,} tokens (1× corpus dataset vs a dataset of the "
         f"corpus repeated 10×, {res['tokenize 1×']['tokens']:,} vs {res['tokenize 10×']['tokens']:,} tokens on disk); "
         f"training one epoch over a {n_train:,}- vs {10 * n_train:,}-token activation cache "
         "(core.extract Parquet layout, real SmolLM2 activations, the 10× one repeating them). "
-        "One fresh subprocess per case; peak = its ru_maxrss.\n",
-        C.table(["case", "tokens", "peak RSS MiB (self)", "peak RSS MiB (wait4)", "seconds"], rows), "",
+        f"One fresh subprocess per run, {args.reps} runs per case (1× and 10× alternating); peak = the run's own "
+        "ru_maxrss (cross-checked by the rusage os.wait4 returns), median over runs.\n",
+        C.table(["case", "tokens", "peak RSS MiB (median)", "min–max", "wait4 MiB (median)", "seconds"], rows), "",
         C.table(["measure", "value", "target", "status"], [
             ["extraction peak RSS 10× / 1×", f"{ratios['extract']:.3f}", "≤ 1.15", C.ok(ratios["extract"] <= 1.15)],
             ["training peak RSS 10× / 1×", f"{ratios['train']:.3f}", "≤ 1.15", C.ok(ratios["train"] <= 1.15)],
             ["tokenization peak RSS 10× / 1× (informational)", f"{ratios['tokenize']:.3f}", "—", "—"],
         ]), "",
         f"Above the baseline process: extraction {above['extract'][1]:,.0f} → {above['extract'][0]:,.0f} MiB, "
-        f"training {above['train'][1]:,.0f} → {above['train'][0]:,.0f} MiB (1× → 10×).",
+        f"training {above['train'][1]:,.0f} → {above['train'][0]:,.0f} MiB (1× → 10×). For scale: core.extract "
+        f"buffers up to one shard per hook before writing it (16,384 tokens × 576 × 4 B = 36 MiB, plus the "
+        f"concatenated copy made to write it); an extraction of fewer tokens than a shard never fills that buffer.",
+        "",
+        f"Peak RSS so far along the first 10× extraction run (tokens → MiB): {trace_line}. At {n_ext:,} tokens "
+        f"(the 1× size) it was {at_1x:,.0f} MiB; from 30% of the run to its end it grew "
+        f"{tr[-1][1] - late:,.0f} MiB ({(tr[-1][1] - late) / late:.1%}).",
     ])
     C.append_result("peak memory vs corpus size (bench/memory.py)", body, load_before=load_before,
                     load_after=load_after)
