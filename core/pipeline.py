@@ -23,7 +23,7 @@ from core.discover import DiscoverConfig, DiscoverySummary, discover
 from core.errors import UserError
 from core.io import atomic_file
 from core.sae import SAEConfig, load_saelens, save_saelens
-from core.train import CheckpointConfig, RunSpec, Source, TrainConfig, TrainResult, train_saes
+from core.train import CheckpointConfig, RunSpec, Source, TrainConfig, TrainResult, replayable, train_saes
 
 EVAL_FILENAME = "eval.json"
 
@@ -136,7 +136,7 @@ def cached_source(hook_dirs: dict[str, list[Path]], chunk_tokens: int = 4096, le
         for arrays in zip(*its):
             yield dict(zip(hooks_, arrays))
 
-    return _skipping(lambda: _interleave([dataset(i) for i in range(n)], lead_tokens))
+    return replayable(lambda: _interleave([dataset(i) for i in range(n)], lead_tokens))
 
 
 def model_source(model, dataset_dirs: list[Path], hook_names: list[str], pad_token_id: int, batch_size: int = 8,
@@ -191,14 +191,6 @@ def _interleave(iterators: list[Iterator], lead_tokens: int, size: Callable[[Any
                 live.remove(it)
             else:
                 yield item
-
-
-def _skipping(make: Callable[[], Iterator]) -> Source:
-    def src(start: int) -> Iterator:
-        for i, item in enumerate(make()):
-            if i >= start:
-                yield item
-    return src
 
 
 def holdout_tokens(hook_dir: Path, rows: int) -> int:

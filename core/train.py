@@ -171,11 +171,7 @@ def train_sae(activations: Callable[[], Iterable[np.ndarray]], d_in: int, cfg: T
               holdout_tokens: int = 0, checkpoint: CheckpointConfig | None = None) -> TrainResult:
     """Train one SAE on `activations()` (a fresh iterator of float32 [N, d_in] chunks per call)."""
 
-    def source(start: int) -> Iterator[dict[str, np.ndarray]]:
-        for i, chunk in enumerate(activations()):
-            if i >= start:
-                yield {"x": chunk}
-
+    source = replayable(lambda: ({"x": chunk} for chunk in activations()))
     results = train_saes(source, [RunSpec("sae", "x", d_in, cfg)], progress=progress, should_cancel=should_cancel,
                          holdout_tokens=holdout_tokens, checkpoint=checkpoint)
     return results["sae"]
@@ -239,6 +235,16 @@ def train_saes(source: Source, runs: Sequence[RunSpec], *, progress: Progress | 
 
 
 # --------------------------------------------------------------------------- data
+
+
+def replayable(make: Callable[[], Iterable[dict[str, np.ndarray]]]) -> Source:
+    """A Source from a function that restarts the chunk stream: chunks before `start` are
+    read and dropped (cheap for cached activations; a live model skips batches itself)."""
+    def source(start: int) -> Iterator[dict[str, np.ndarray]]:
+        for i, chunk in enumerate(make()):
+            if i >= start:
+                yield chunk
+    return source
 
 
 def _check_cancel(should_cancel) -> None:
@@ -369,8 +375,10 @@ class _RunState:
         self.opt = torch.optim.Adam(self.params, lr=self.base_lr, betas=(0.9, 0.999), fused=True)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.since_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
-        self.buf = torch.zeros(0, spec.d_in)
+        self.parts: list[torch.Tensor] = []  # tokens waiting to be shuffled into batches
+        self.buffered = 0
         self.excluded = self.step = self.tokens = 0
+        self.final: dict | None = None  # set by result(); shown in progress
         self.finished = False  # the data ran out before the budget (epochs counted with outliers)
         self.lr = 0.0
         self.history: list[dict] = []
@@ -386,21 +394,29 @@ class _RunState:
         norms = x.norm(dim=1)
         keep = norms <= self.stats.threshold  # NaN norms compare False: non-finite tokens are dropped too
         self.excluded += int((~keep).sum())
-        self.buf = torch.cat([self.buf, x if bool(keep.all()) else x[keep]])
-        if len(self.buf) >= self.cfg.batch_size * max(1, self.cfg.shuffle_batches):
+        self.parts.append(x if bool(keep.all()) else x[keep])
+        self.buffered += len(self.parts[-1])
+        if self.buffered >= self.cfg.batch_size * max(1, self.cfg.shuffle_batches):
             self._flush(False, progress, states, t0, should_cancel)
+
+    def buffer(self) -> torch.Tensor:
+        """The waiting tokens as one tensor (joined once, at a flush or a checkpoint)."""
+        if len(self.parts) != 1:
+            self.parts = [torch.cat(self.parts) if self.parts else torch.zeros(0, self.spec.d_in)]
+        return self.parts[0]
 
     def finish(self, progress, states, t0, should_cancel) -> None:
         """The data ran out: train on what is buffered (the last batch may be short), then stop."""
-        if len(self.buf) and not self.done:
+        if self.buffered and not self.done:
             self._flush(True, progress, states, t0, should_cancel)
         self.finished = True
 
     def _flush(self, final: bool, progress, states, t0, should_cancel) -> None:
-        x = self.buf[torch.randperm(len(self.buf), generator=self.gen)]
+        buf = self.buffer()
+        x = buf[torch.randperm(len(buf), generator=self.gen)]
         bs = self.cfg.batch_size
         stop = len(x) if final else len(x) // bs * bs
-        self.buf = x[stop:]
+        self.parts, self.buffered = [x[stop:]], len(x) - stop
         for i in range(0, stop, bs):
             b = x[i: min(i + bs, stop, i + self.budget - self.tokens)]
             if len(b) == 0 or self.done:
@@ -485,16 +501,15 @@ class _RunState:
             "eval_tokens": len(eval_x),
             "eval_split": split,
         }
-        if progress is not None:
-            self.final = final
-            _report(progress, states, t0)
+        self.final = final
+        _report(progress, states, t0)
         return TrainResult(folded, self.history, final, self.stats.scale)
 
     # ---- checkpoint state (plain types and tensors only: loadable with weights_only=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "gen": self.gen.get_state(),
-                "since_fired": self.since_fired.cpu(), "buf": self.buf, "excluded": self.excluded,
+                "since_fired": self.since_fired.cpu(), "buf": self.buffer(), "excluded": self.excluded,
                 "step": self.step, "tokens": self.tokens, "lr": self.lr, "history": self.history,
                 "window": self.window, "finished": self.finished}
 
@@ -503,7 +518,7 @@ class _RunState:
         self.opt.load_state_dict(d["opt"])
         self.gen.set_state(d["gen"])
         self.since_fired.copy_(d["since_fired"])
-        self.buf = d["buf"]
+        self.parts, self.buffered = [d["buf"]], len(d["buf"])
         self.excluded, self.step, self.tokens, self.lr = d["excluded"], d["step"], d["tokens"], d["lr"]
         self.history, self.window, self.finished = list(d["history"]), dict(d["window"]), d["finished"]
 
@@ -610,9 +625,8 @@ def _report(progress, states: Sequence[_RunState], t0: float) -> None:
     per_run = {}
     for s in states:
         m = {k: s.history[-1][k] for k in _METRICS} if s.history else {}
-        final = getattr(s, "final", None)
-        if final is not None:
-            m |= {k: final[k] for k in ("mse", "fvu", "l0", "dead_frac")}
+        if s.final is not None:
+            m |= {k: s.final[k] for k in ("mse", "fvu", "l0", "dead_frac")}
         per_run[s.spec.name] = m | {"step": s.step, "tokens": s.tokens}
     d |= {k: v for k, v in per_run[states[0].spec.name].items() if k in _METRICS}
     if len(states) > 1:
