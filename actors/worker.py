@@ -143,7 +143,7 @@ class ModelWorker:
                 metrics |= _renamed(pipeline.evaluate_saved_sae(
                     model, tok, Path(saes[name]["path"]), first, plan["eval_rows"],
                     outlier_norm_threshold=result.final["outlier_norm_threshold"],
-                    progress=report, should_cancel=report.should_cancel), {"tokens": "eval_tokens"})
+                    progress=report, should_cancel=report.should_cancel), {"tokens": "eval_tokens", "dead_frac": "eval_dead_frac"})
             cfg = result.sae.config()
             out[name] = {"metrics": metrics, "history": result.history, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
                          "k": cfg.k, "architecture": cfg.architecture}
@@ -159,5 +159,7 @@ class ModelWorker:
 
 
 def _renamed(d: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
-    """`d` with some keys renamed (the evaluation's `tokens` are not the tokens trained on)."""
+    """`d` with some keys renamed: the evaluation's `tokens` are not the tokens trained on, and its
+    `dead_frac` (never fired on the small held-out slice) is not training's (no firing for
+    `dead_tokens` tokens), so both are kept under their own names."""
     return {names.get(k, k): v for k, v in d.items()}

@@ -132,7 +132,7 @@ def test_pipeline_sae_carries_held_out_evaluation(client, tiny_run):
     m = sae["metrics"]
     assert m["eval_split"] == "held-out" and m["eval_rows"] >= 1
     for key in ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "ce_loss_recovered_zero", "ce_loss_recovered_mean",
-                "kl_sae", "cos_sim", "dense_frac", "density_hist", "fvu", "l0", "dead_frac"):
+                "kl_sae", "cos_sim", "dense_frac", "density_hist", "fvu", "l0", "dead_frac", "eval_dead_frac"):
         assert key in m, key
     assert m["ce_loss_recovered_zero"] == pytest.approx(
         (m["ce_zero"] - m["ce_sae"]) / (m["ce_zero"] - m["ce_clean"]), rel=1e-6)
