@@ -198,6 +198,9 @@ class JobManager:
                 num_cpus=self.settings.cpus_per_worker, num_gpus=self.settings.num_gpus,
             ).remote(self.settings_env)
         self.registry.update(Job, job_id, step=step)
+        model = self.registry.get(Model, plan["model_id"]) if "model_id" in plan else None
+        if model is not None:  # every job loads a model the way it was registered
+            plan = {**plan, "model_dtype": model["dtype"], "quantization": model["quantization"]}
         return ray.get(self._worker.run.remote(job_id, step, plan))
 
     # -- job kinds: each builds step plans with paths and records the outputs --------------
@@ -211,7 +214,8 @@ class JobManager:
         model_id = slug(name)
         out = self.artifacts.model(model_id)
         info = self._call(job_id, "add_model", {"model_id": model_id, "source": spec.source, "out_dir": str(out),
-                                                "dtype": spec.dtype, "trust_remote_code": spec.trust_remote_code})
+                                                "dtype": spec.dtype, "quantization": spec.quantization,
+                                                "trust_remote_code": spec.trust_remote_code})
         self.registry.add(Model(id=model_id, name=name, source=spec.source, **info))
         self.registry.update(Job, job_id, model_id=model_id)
         return {"model_id": model_id}
@@ -239,7 +243,8 @@ class JobManager:
         out = self.artifacts.activations(job_id)
         res = self._call(job_id, "extract", {
             "model_id": model["id"], "model_path": model["path"], "dataset_path": dataset["path"],
-            "hook_names": names, "out_dir": str(out), "batch_size": spec.batch_size, "max_tokens": spec.max_tokens})
+            "hook_names": names, "out_dir": str(out), "batch_size": spec.batch_size, "max_tokens": spec.max_tokens,
+            "exclude_special_tokens": spec.exclude_special_tokens})
         ids = {}
         for name, st in res["hooks"].items():
             ids[name] = new_id("act")
@@ -274,6 +279,7 @@ class JobManager:
                 "dataset_paths": [d["path"] for d in datasets], "eval_rows": eval_rows,
                 "hook_dirs": {h: [a["path"] for a in sets.values()] for h, sets in inputs["by_hook"].items()},
                 "batch_size": spec.batch_size, "max_tokens": spec.max_tokens,
+                "exclude_special_tokens": spec.exclude_special_tokens,
                 "checkpoint_dir": str(self.artifacts.checkpoints(spec.resume_job or job_id)),
                 "checkpoint_every": spec.checkpoint_every, "keep_checkpoints": spec.keep_checkpoints,
                 "resume": bool(spec.resume_job)}
@@ -314,7 +320,8 @@ class JobManager:
 
     def _job_pipeline(self, job_id: str, spec: specs.PipelineSpec) -> dict[str, Any]:
         ext = self._job_extract(job_id, specs.ExtractSpec(spec.model_id, spec.dataset_id, [spec.layer], spec.site,
-                                                           spec.batch_size, spec.max_tokens))
+                                                           spec.batch_size, spec.max_tokens,
+                                                           spec.exclude_special_tokens))
         (act_id,) = ext["activation_ids"].values()
         tr = self._job_train(job_id, specs.TrainSpec(activation_ids=[act_id], config=spec.train))
         disc = self._job_discover(job_id, specs.DiscoverSpec(tr["sae_id"], spec.dataset_id, spec.top_k,

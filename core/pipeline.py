@@ -44,13 +44,13 @@ def tokenize_dataset(tokenizer, source: str, out_dir: Path, text_column: str = "
 
 def extract_activations(model, tokenizer, dataset_dir: Path, hook_names: list[str], out_dir: Path,
                         batch_size: int = 8, max_tokens: int | None = None,
-                        progress: Progress = None, should_cancel: CancelCheck = None
-                        ) -> dict[str, extract.HookStats]:
+                        progress: Progress = None, should_cancel: CancelCheck = None,
+                        exclude_token_ids: Sequence[int] = ()) -> dict[str, extract.HookStats]:
     """Run the hooked forward over a tokenized dataset and stream activations to Parquet."""
     hooks.validate_hooks(model, hook_names)
     batches = data.iter_batches(dataset_dir, batch_size, tokenizer.pad_token_id, max_tokens=max_tokens)
     return extract.extract(model, batches, hook_names, out_dir, progress=progress, should_cancel=should_cancel,
-                           total_tokens=_total_tokens(dataset_dir, max_tokens))
+                           total_tokens=_total_tokens(dataset_dir, max_tokens), exclude_token_ids=exclude_token_ids)
 
 
 def train_on_activations(hook_dir: Path, out_dir: Path, cfg: TrainConfig, meta: dict[str, Any],
@@ -79,20 +79,23 @@ def cached_training(hook_dirs: dict[str, list[Path]], runs: list[RunSpec], eval_
 
 
 def live_training(model, tokenizer, dataset_dirs: list[Path], runs: list[RunSpec], eval_rows: int,
-                  batch_size: int = 8, max_tokens: int | None = None) -> tuple[Source, int]:
+                  batch_size: int = 8, max_tokens: int | None = None,
+                  exclude_token_ids: Sequence[int] = ()) -> tuple[Source, int]:
     """Source and held-out tokens for training on the fly (the model runs as the trainer reads)."""
-    holdout = row_tokens(dataset_dirs[0], eval_rows)
+    holdout = row_tokens(dataset_dirs[0], eval_rows, exclude_token_ids)
     hook_names = list(dict.fromkeys(r.hook_name for r in runs))
     source = model_source(model, dataset_dirs, hook_names, tokenizer.pad_token_id, batch_size, max_tokens,
-                          lead_tokens=holdout)
+                          lead_tokens=holdout, exclude_token_ids=exclude_token_ids)
     return source, holdout
 
 
-def row_tokens(dataset_dir: Path, rows: int) -> int:
-    """Real tokens in the dataset's first `rows` rows."""
+def row_tokens(dataset_dir: Path, rows: int, exclude_token_ids: Sequence[int] = ()) -> int:
+    """Real tokens in the dataset's first `rows` rows, not counting excluded token ids."""
     if rows <= 0:
         return 0
-    return sum(_batch_tokens(b) for b in data.iter_batches(dataset_dir, 256, 0, max_rows=rows))
+    excluded = torch.tensor(sorted(set(exclude_token_ids)), dtype=torch.long)
+    return sum(int((b.attention_mask.bool() & ~torch.isin(b.input_ids, excluded)).sum())
+               for b in data.iter_batches(dataset_dir, 256, 0, max_rows=rows))
 
 
 def _with_budget(cfg: TrainConfig, pass_tokens: int) -> TrainConfig:

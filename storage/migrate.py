@@ -23,6 +23,7 @@ in `storage/migrations/versions/`, and make it work on SQLite (batch ops) and Po
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
 import time
@@ -32,7 +33,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, MetaData, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
@@ -107,13 +108,26 @@ def _sqlite_migration_engine(engine: Engine) -> Engine:
     return eng
 
 
-def _adopt_unversioned(conn: Connection, cfg: Config, metadata: MetaData, where: str) -> None:
+@functools.cache
+def _initial_schema() -> dict[str, set[str]]:
+    """Table → column names of the initial revision: what `create_all` made before migrations."""
+    eng = create_engine("sqlite://")
+    with eng.begin() as conn:
+        command.upgrade(alembic_config(connection=conn), INITIAL_REVISION)
+        insp = inspect(conn)
+        schema = {t: {c["name"] for c in insp.get_columns(t)} for t in insp.get_table_names() if t != "alembic_version"}
+    eng.dispose()
+    return schema
+
+
+def _adopt_unversioned(conn: Connection, cfg: Config, where: str) -> None:
     """Stamp a registry made by `create_all` (tables, no alembic_version) at the initial revision."""
     insp = inspect(conn)
     existing = set(insp.get_table_names())
     if "alembic_version" in existing:
         return
-    ours = set(metadata.tables)
+    initial = _initial_schema()
+    ours = set(initial)
     present = ours & existing
     if not present:
         return  # a fresh database (or one holding only other applications' tables)
@@ -122,8 +136,8 @@ def _adopt_unversioned(conn: Connection, cfg: Config, metadata: MetaData, where:
             f"the registry database at {where} has some miStudio tables ({', '.join(sorted(present))}) but not "
             f"{', '.join(sorted(ours - present))} and no alembic_version table; point MISTUDIO_DATABASE_URL at "
             "a complete registry or an empty database")
-    missing = [f"{t}.{c.name}" for t in sorted(ours) for c in metadata.tables[t].columns
-               if c.name not in {col["name"] for col in insp.get_columns(t)}]
+    missing = [f"{t}.{c}" for t in sorted(ours) for c in sorted(initial[t])
+               if c not in {col["name"] for col in insp.get_columns(t)}]
     if missing:
         raise UserError(
             f"the registry database at {where} predates migrations and lacks columns {', '.join(missing)}; "
@@ -143,7 +157,7 @@ def connect(engine: Engine, where: str) -> Connection:
             "and that the database server is running and accepts this user") from None
 
 
-def upgrade_to_head(engine: Engine, metadata: MetaData, where: str) -> None:
+def upgrade_to_head(engine: Engine, where: str) -> None:
     """Bring the registry schema to the newest revision; a no-op when it is already there.
 
     `where` is the URL to show in errors, password masked.
@@ -159,7 +173,7 @@ def upgrade_to_head(engine: Engine, metadata: MetaData, where: str) -> None:
                 return  # the common case: nothing to do, nothing written
             with _ALEMBIC_LOCK:  # alembic.context / alembic.op are process-wide proxies
                 cfg = alembic_config(connection=conn)
-                _adopt_unversioned(conn, cfg, metadata, where)
+                _adopt_unversioned(conn, cfg, where)
                 command.upgrade(cfg, "head")
     finally:
         if sqlite:

@@ -56,6 +56,8 @@ class Model(Base):
     n_params: Mapped[int] = mapped_column(Count)
     dtype: Mapped[str] = mapped_column(String(16))
     vocab_size: Mapped[int] = mapped_column(Integer)
+    quantization: Mapped[str] = mapped_column(String(8), default="none")
+    """bitsandbytes loading: none, 8bit or 4bit; every job loads the model this way."""
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
 
 
@@ -143,6 +145,37 @@ class Feature(Base):
     mean_act: Mapped[float] = mapped_column(Float)
     top_tokens: Mapped[list[Any]] = mapped_column(default=list)
     label: Mapped[str] = mapped_column(Text, default="")
+    """The label's short name ("" until labeled)."""
+    category: Mapped[str] = mapped_column(String(32), default="")
+    description: Mapped[str] = mapped_column(Text, default="")
+    label_source: Mapped[str] = mapped_column(String(128), default="")
+    """Who wrote the label: heuristic, local:<model>, openai:<model> or user."""
+    analysis: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """Measured analysis of this latent (logit effects, similar features, ablation, NLP summary)."""
+
+
+class Template(Base):
+    """A saved job form (any job kind), discovery config, or steering prompt set, exportable as JSON."""
+
+    __tablename__ = "templates"
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    """A job kind (train, discover, ...) or `steering_prompts` / `label_prompt`."""
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    values: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+
+
+class Experiment(Base):
+    """A saved steering experiment: the request and every output."""
+
+    __tablename__ = "experiments"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    sae_id: Mapped[str] = mapped_column(String(64), index=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    record: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """The experiment as core.steer writes it: prompts, features, generation settings, outputs."""
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
 
 
 def engine_url(url: str) -> URL:
@@ -193,7 +226,7 @@ class Registry:
                 "connect_timeout" not in u.query else {}
             self.engine = create_engine(u, pool_pre_ping=True, connect_args=connect_args)
         try:
-            upgrade_to_head(self.engine, Base.metadata, where)
+            upgrade_to_head(self.engine, where)
         except BaseException:
             self.engine.dispose()
             raise

@@ -182,3 +182,29 @@ def test_train_spec_with_mismatched_inputs_is_refused(client, tiny_run):
     with pytest.raises(UserError, match="layer 9 is out of range"):
         client.submit("train", {"model_id": "tiny-llama", "dataset_ids": [tiny_run["dataset_id"]],
                                 "hook_names": ["blocks.9.hook_resid_post"]})
+
+
+def test_quantization_and_special_token_exclusion_reach_the_worker(client, tiny_model_dir, tmp_path):
+    """A model registered 8-bit is loaded 8-bit by every job; `exclude_special_tokens` drops the
+    tokenizer's special tokens from extraction (counted in the activation stats)."""
+    job = client.wait(client.submit("add_model", {"source": str(tiny_model_dir), "name": "tiny-8bit",
+                                                  "quantization": "8bit"}))
+    assert job["state"] == "completed", job["message"]
+    assert client.get(Model, "tiny-8bit")["quantization"] == "8bit"
+    eos = "<|endoftext|>"  # the tiny tokenizer's special token
+    (tmp_path / "docs.txt").write_text(f"{eos}The quick brown fox.\nHi!{eos}again\nNo special token here.\n")
+    ds = client.wait(client.submit("add_dataset", {"model_id": "tiny-8bit", "source": str(tmp_path / "docs.txt"),
+                                                   "context_length": 32}))
+    assert ds["state"] == "completed", ds["message"]
+    runs = {}
+    for exclude in (False, True):
+        job = client.wait(client.submit("extract", {"model_id": "tiny-8bit", "dataset_id": ds["result"]["dataset_id"],
+                                                    "layers": [1], "exclude_special_tokens": exclude}))
+        assert job["state"] == "completed", job["message"]
+        (act_id,) = job["result"]["activation_ids"].values()
+        runs[exclude] = client.get(Activation, act_id)
+    assert client.worker_status()["quantization"]["tiny-8bit"] == "8bit"
+    assert runs[True]["stats"]["excluded_special"] == 2
+    assert runs[True]["tokens"] == runs[False]["tokens"] - 2
+    with pytest.raises(UserError, match="quantization 'int3'"):
+        client.submit("add_model", {"source": str(tiny_model_dir), "quantization": "int3"})

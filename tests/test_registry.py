@@ -13,13 +13,14 @@ import threading
 import uuid
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, make_url, text
 
 from core.errors import UserError
 from storage import Registry
-from storage.migrate import head_revision, upgrade_to_head
+from storage.migrate import INITIAL_REVISION, alembic_config, head_revision, upgrade_to_head
 from storage.registry import SAE, Base, Job, Model, engine_url
 
 LOCAL_PG = ["postgresql://postgres@127.0.0.1:5432/test", "postgresql://root@127.0.0.1:5432/test"]
@@ -162,7 +163,7 @@ def test_upgrade_again_is_a_no_op(db_url):
     first = Registry(db_url)
     job = first.create_job("extract", {"layers": [1]})
     second = Registry(db_url)  # a second process starting on the same database
-    upgrade_to_head(second.engine, Base.metadata, "test")  # and once more, directly
+    upgrade_to_head(second.engine, "test")  # and once more, directly
     assert second.get(Job, job["id"])["spec"] == {"layers": [1]}
     with second.engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [head_revision()]
@@ -171,9 +172,13 @@ def test_upgrade_again_is_a_no_op(db_url):
 
 
 def test_a_registry_made_by_create_all_is_adopted(db_url):
-    """Registries from before migrations: tables made by create_all, no alembic_version."""
+    """Registries from before migrations: tables made by create_all, no alembic_version.
+
+    Those tables had the initial schema, so build them with revision 0001 and drop its stamp."""
     eng = create_engine(engine_url(db_url))
-    Base.metadata.create_all(eng)
+    with eng.begin() as conn:
+        command.upgrade(alembic_config(connection=conn), INITIAL_REVISION)
+        conn.execute(text("DROP TABLE alembic_version"))
     with eng.begin() as conn:
         conn.execute(Job.__table__.insert(), [{"id": "old-job", "kind": "extract", "state": "completed", "spec": {},
                                                "step": "", "message": "done", "result": {"n": 1},

@@ -100,12 +100,25 @@ def _layers(text: str) -> list[int]:
 
 # -- commands --------------------------------------------------------------------------
 def cmd_models(a) -> None:
+    if a.action == "estimate":
+        return print(estimate(a))
     c = client()
     if a.action == "add":
+        print(estimate(a), file=sys.stderr)
         job = run_job(c, "add_model", {"source": a.source, "name": a.name, "dtype": a.dtype,
-                                       "trust_remote_code": a.trust_remote_code})
+                                       "quantization": a.quantization, "trust_remote_code": a.trust_remote_code})
         print(f"registered model {job['result']['model_id']}")
-    table(c.models(), ["id", "architecture", "n_layers", "d_model", "n_params", "dtype", "path"])
+    table(c.models(), ["id", "architecture", "n_layers", "d_model", "n_params", "dtype", "quantization", "path"])
+
+
+def estimate(a) -> str:
+    """The memory a model will need at the chosen precision, read from its config before loading."""
+    from core import models
+
+    source = models.embedded_gguf_path() if a.source == "embedded" else a.source
+    est = models.estimate_memory(source, dtype=a.dtype, quantization=a.quantization, batch_size=a.batch_size,
+                                 context_length=a.context_length, trust_remote_code=a.trust_remote_code)
+    return f"memory estimate: {est.detail}"
 
 
 def cmd_datasets(a) -> None:
@@ -142,7 +155,8 @@ def cmd_extract(a) -> None:
     c = client()
     if a.action == "run":
         job = run_job(c, "extract", {"model_id": a.model, "dataset_id": a.dataset, "layers": a.layers,
-                                     "site": a.site, "batch_size": a.batch_size, "max_tokens": a.max_tokens})
+                                     "site": a.site, "batch_size": a.batch_size, "max_tokens": a.max_tokens,
+                                     "exclude_special_tokens": a.exclude_special})
         print(json.dumps(job["result"], indent=2))
     rows = [dict(r, mean_norm=r["stats"].get("mean_norm"), median_norm=r["stats"].get("median_norm"),
                  std=r["stats"].get("std")) for r in c.activations()]
@@ -308,12 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_stop)
 
     m = sub.add_parser("models", help="register and list models")
-    m.add_argument("action", choices=["add", "list"])
+    m.add_argument("action", choices=["add", "list", "estimate"])
     m.add_argument("source", nargs="?", default="embedded",
                    help="'embedded' (SmolLM2-135M-Instruct), a model folder, a .gguf file or a Hugging Face id")
     m.add_argument("--name", default="")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"],
+                   help="bitsandbytes loading: 8bit (LLM.int8) or 4bit (NF4); every job loads the model this way")
     m.add_argument("--trust-remote-code", action="store_true")
+    m.add_argument("--batch-size", type=int, default=8, help="for the estimate: sequences per forward")
+    m.add_argument("--context-length", type=int, default=256, help="for the estimate: tokens per sequence")
     m.set_defaults(fn=cmd_models)
 
     ds = sub.add_parser("datasets", help="tokenize and list datasets")
@@ -336,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--site", default="resid_post")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-tokens", type=int, default=None)
+    e.add_argument("--exclude-special", action="store_true",
+                   help="leave BOS/EOS and other special tokens out of the activations")
     e.set_defaults(fn=cmd_extract)
 
     t = sub.add_parser("train", help="train SAEs on extracted activations (one per hook × variant)")
