@@ -6,6 +6,7 @@ ProgressActor, so a restarted UI finds every job and its live numbers on its fir
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ from actors import cluster
 from core.discover import read_examples
 from core.errors import UserError
 from storage import Registry, Settings
-from storage.registry import FINAL_STATES, SAE, Activation, Dataset, Job, Model
+from storage.registry import FINAL_STATES, SAE, Activation, Dataset, Job, Model, Template
 
 
 class Client:
@@ -65,6 +66,32 @@ class Client:
             if timeout is not None and time.monotonic() - start > timeout:
                 raise TimeoutError(f"job {job_id} still {job['state']} after {timeout:.0f}s")
             time.sleep(poll)
+
+    # -- templates -------------------------------------------------------------------
+    def save_template(self, kind: str, name: str, values: dict[str, Any]) -> dict[str, Any]:
+        return _get(self.manager.save_template.remote(kind, name, values))
+
+    def delete_template(self, kind: str, name: str) -> bool:
+        return _get(self.manager.delete_template.remote(kind, name))
+
+    def templates(self, kind: str | None = None) -> list[dict[str, Any]]:
+        return self.registry.templates(kind)
+
+    def template(self, kind: str, name: str) -> dict[str, Any]:
+        row = self.registry.get(Template, (kind, name))
+        if row is None:
+            raise UserError(f"no {kind} template named {name!r}; list them with: mistudio templates list")
+        return row
+
+    def export_template(self, kind: str, name: str) -> str:
+        from actors.specs import template_document
+
+        return json.dumps(template_document(kind, name, self.template(kind, name)["values"]), indent=2)
+
+    def import_template(self, text: str, where: str = "template file") -> dict[str, Any]:
+        from actors.specs import read_template_document
+
+        return self.save_template(*read_template_document(text, where))
 
     def worker_status(self) -> dict[str, Any] | None:
         return ray.get(self.manager.worker_status.remote())

@@ -24,7 +24,7 @@ from actors.worker import NAMESPACE, ModelWorker
 from core import hooks, models, pipeline
 from core.errors import Cancelled, UserError
 from storage import Artifacts, Registry, Settings
-from storage.registry import SAE, Activation, Dataset, Job, Model, new_id
+from storage.registry import SAE, Activation, Dataset, Job, Model, Template, new_id
 
 
 def slug(text: str) -> str:
@@ -75,6 +75,16 @@ class JobManager:
         if job["state"] == "queued":  # never started: cancelled at once
             return self.registry.set_job_state(job_id, "cancelled", message="cancelled before it started")
         return job
+
+    def save_template(self, kind: str, name: str, values: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace a template (the manager is the registry's one writer)."""
+        if not name.strip():
+            raise UserError("a template needs a name")
+        specs.check_template(kind, values)
+        return self.registry.add(Template(kind=kind, name=name.strip(), values=values))
+
+    def delete_template(self, kind: str, name: str) -> bool:
+        return self.registry.delete(Template, kind, name)
 
     def database_url(self) -> str:
         return self.settings.database_url

@@ -8,6 +8,7 @@ errors naming the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,60 @@ SPECS: dict[str, type] = {
 }
 
 
+PROMPT_SETS = "steering_prompts"
+"""Template kind of a named list of prompts for steering: values {"prompts": [...]}."""
+LABEL_PROMPT = "label_prompt"
+"""Template kind of a labeling prompt: values are core.label.PromptTemplate's fields."""
+TEMPLATE_FORMAT = "mistudio-template/1"
+
+
+def check_template(kind: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Validate a template's values: a job form may leave out required fields (it is filled in
+    when used), but every key it has must exist and have the right type."""
+    if kind == PROMPT_SETS:
+        prompts = values.get("prompts")
+        if set(values) != {"prompts"} or not isinstance(prompts, list) or not prompts \
+                or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise UserError('a steering_prompts template needs {"prompts": [...]} with at least one non-empty prompt')
+        return values
+    if kind == LABEL_PROMPT:
+        from core.label import PromptTemplate
+
+        PromptTemplate.from_json(json.dumps(values))  # raises a one-line UserError when malformed
+        return values
+    if kind not in SPECS:
+        raise UserError(f"unknown template kind {kind!r}; choose one of {', '.join([*SPECS, PROMPT_SETS, LABEL_PROMPT])}")
+    cls = SPECS[kind]
+    hints = typing.get_type_hints(cls)
+    unknown = set(values) - set(hints)
+    if unknown:
+        raise UserError(f"unknown key(s) {', '.join(sorted(unknown))} in a {kind} template; allowed: {', '.join(hints)}")
+    for name, value in values.items():
+        if not _type_ok(value, hints[name]):
+            raise UserError(f"{kind} template key {name!r} should be {_type_name(hints[name])}, got {value!r}")
+    return values
+
+
+def template_document(kind: str, name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A template as an exported JSON document."""
+    return {"format": TEMPLATE_FORMAT, "kind": kind, "name": name, "values": values}
+
+
+def read_template_document(text: str, where: str = "template file") -> tuple[str, str, dict[str, Any]]:
+    """(kind, name, values) from an exported template, validated."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} is not JSON ({e.msg} at line {e.lineno}); export templates with: "
+                        "mistudio templates export") from None
+    if not isinstance(doc, dict) or doc.get("format") != TEMPLATE_FORMAT:
+        raise UserError(f"{where} is not a miStudio template (no \"format\": \"{TEMPLATE_FORMAT}\")")
+    kind, name, values = doc.get("kind"), doc.get("name"), doc.get("values")
+    if not isinstance(kind, str) or not isinstance(name, str) or not name.strip() or not isinstance(values, dict):
+        raise UserError(f"{where} needs a string kind, a non-empty name and a values object")
+    return kind, name.strip(), check_template(kind, values)
+
+
 def parse_spec(kind: str, values: dict[str, Any]):
     """Build the spec dataclass for `kind` from a dict, with one-line errors for bad input."""
     if kind not in SPECS:
@@ -214,10 +269,13 @@ def to_dict(spec) -> dict[str, Any]:
     return dataclasses.asdict(spec)
 
 
-def load_job_file(path: str) -> tuple[str, dict[str, Any]]:
+def load_job_file(path: str, partial: bool = False,
+                  template: tuple[str, dict[str, Any]] | None = None) -> tuple[str, dict[str, Any]]:
     """Read a job config (YAML or JSON: `kind:` plus the spec's fields) and validate it fully.
 
-    Everything is checked here, before any Ray call, so a typo costs nothing.
+    Everything is checked here, before any Ray call, so a typo costs nothing. `partial` checks
+    keys and types only (a template may leave fields to fill in); `template` (kind, values)
+    supplies defaults that the file's fields override.
     """
     import yaml
 
@@ -233,8 +291,16 @@ def load_job_file(path: str) -> tuple[str, dict[str, Any]]:
     if not isinstance(doc, dict):
         raise UserError(f"{p.name} must be a mapping with a 'kind' key and the job's fields")
     values = dict(doc)
-    kind = values.pop("kind", None)
+    kind = values.pop("kind", None) or (template[0] if template else None)
     if kind is None:
         raise UserError(f"{p.name} has no 'kind'; set it to one of {', '.join(SPECS)}")
-    parse_spec(str(kind), values)
-    return str(kind), values
+    kind = str(kind)
+    if template is not None:
+        if template[0] != kind:
+            raise UserError(f"the template is for {template[0]} jobs but {p.name} is a {kind} job")
+        values = {**template[1], **values}
+    if partial:
+        check_template(kind, values)
+    else:
+        parse_spec(kind, values)
+    return kind, values

@@ -306,6 +306,21 @@ class Registry:
             q = select(Job).where(Job.state.not_in(FINAL_STATES)).order_by(Job.created_at)
             return [r.to_dict() for r in s.scalars(q)]
 
+    # -- templates ---------------------------------------------------------------
+    def templates(self, kind: str | None = None) -> list[dict[str, Any]]:
+        with self.session() as s:
+            q = select(Template).order_by(Template.kind, Template.name)
+            if kind:
+                q = q.where(Template.kind == kind)
+            return [r.to_dict() for r in s.scalars(q)]
+
+    def delete(self, table: type[Base], *key: Any) -> bool:
+        with self.session() as s, s.begin():
+            row = s.get(table, key if len(key) > 1 else key[0])
+            if row is not None:
+                s.delete(row)
+            return row is not None
+
     # -- features ----------------------------------------------------------------
     def replace_features(self, sae_id: str, rows: Iterable[dict[str, Any]]) -> int:
         """Replace an SAE's feature rows in one bulk insert (never row by row)."""

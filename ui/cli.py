@@ -208,16 +208,58 @@ def cmd_jobs(a) -> None:
     table(c.jobs(state=a.state), ["id", "kind", "state", "step", "model_id", "created_at", "message"])
 
 
+def cmd_templates(a) -> None:
+    from actors.specs import load_job_file
+
+    c = client()
+    if a.action == "save":
+        if not (a.name and a.file):
+            raise UserError("templates save needs a name and --from FILE (a job config with 'kind:')")
+        kind, values = load_job_file(a.file, partial=True)
+        c.save_template(kind, a.name, values)
+        print(f"saved {kind} template {a.name!r}")
+    elif a.action == "import":
+        if not a.file:
+            raise UserError("templates import needs --from FILE (a file written by: mistudio templates export)")
+        row = c.import_template(Path(a.file).read_text(), a.file)
+        print(f"imported {row['kind']} template {row['name']!r}")
+    elif a.action in ("show", "export", "delete"):
+        if not (a.kind and a.name):
+            raise UserError(f"templates {a.action} needs --kind and a name")
+        if a.action == "delete":
+            print("deleted" if c.delete_template(a.kind, a.name) else "no such template")
+        elif a.action == "export" and a.out:
+            from core.io import atomic_file
+
+            with atomic_file(Path(a.out)) as tmp:
+                tmp.write_text(c.export_template(a.kind, a.name))
+            print(f"wrote {a.out}")
+        else:
+            print(c.export_template(a.kind, a.name))
+        return
+    table(c.templates(a.kind), ["kind", "name", "created_at", "values"])
+
+
 def cmd_run(a) -> None:
     from actors.specs import load_job_file  # validates before any Ray call
 
-    kind, spec = load_job_file(a.config)
+    kind, spec = load_job_file(a.config, template=_template_values(a.template))
     c = client()
     if a.no_wait:
         print(c.submit(kind, spec))
         return
     job = run_job(c, kind, spec)
     print(json.dumps(job["result"], indent=2, default=str))
+
+
+def _template_values(ref: str | None) -> tuple[str, dict[str, Any]] | None:
+    """KIND/NAME → (kind, values) of a saved template, read from the registry."""
+    if not ref:
+        return None
+    kind, _, name = ref.partition("/")
+    if not name:
+        raise UserError(f"--template {ref!r}: write it as KIND/NAME, e.g. train/my-recipe")
+    return kind, client().template(kind, name)["values"]
 
 
 def cmd_demo(a) -> None:
@@ -312,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="submit a job described in a YAML/JSON file (kind + fields), validated first")
     r.add_argument("config", help="e.g. train.yaml with 'kind: train' and the spec's fields")
     r.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    r.add_argument("--template", default=None, help="KIND/NAME of a saved template; the file's fields override it")
     r.set_defaults(fn=cmd_run)
 
     u = sub.add_parser("ui", help="serve the dashboard on localhost")
@@ -385,6 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--latent", type=int, default=None, help="show this latent's top contexts")
     di.add_argument("--limit", type=int, default=20)
     di.set_defaults(fn=cmd_discover)
+
+    tp = sub.add_parser("templates", help="save, list, export and import job forms and prompt sets as JSON")
+    tp.add_argument("action", choices=["list", "show", "save", "delete", "export", "import"])
+    tp.add_argument("name", nargs="?")
+    tp.add_argument("--kind", default=None, help="job kind (train, discover, ...), steering_prompts or label_prompt")
+    tp.add_argument("--from", dest="file", default=None, help="save: a job config file; import: an exported template")
+    tp.add_argument("--out", default=None, help="export: write here instead of stdout")
+    tp.set_defaults(fn=cmd_templates)
 
     j = sub.add_parser("jobs", help="list, watch, show and cancel jobs")
     j.add_argument("action", choices=["list", "watch", "show", "cancel"])
