@@ -120,9 +120,12 @@ class JobManager:
         if kind == "train":
             self._train_inputs(spec)
         if kind == "discover":
-            self._need(SAE, spec.sae_id, "SAE", "list them with: mistudio train list")
+            for sae_id in spec.all_sae_ids:
+                sae = self._need(SAE, sae_id, "SAE", "list them with: mistudio train list")
+                if not sae["model_id"]:
+                    raise UserError(f"SAE {sae_id} is not tied to a registered model; import it with --model")
             self._need(Dataset, spec.dataset_id, "dataset", "add it first with: mistudio datasets add")
-        if kind in ("discover", "pipeline"):
+        if kind == "pipeline":
             specs.discover_config(spec.top_k)
 
     @staticmethod
@@ -198,7 +201,8 @@ class JobManager:
             self.registry.set_job_state(job_id, state, message=message.splitlines()[0] if message else state)
             self.progress.report.remote(job_id, {"phase": state, "message": message})
             return
-        self.registry.set_job_state(job_id, "completed", message="completed", result=result)
+        # a job that completed with something to say (a batch with failures) keeps it as its message
+        self.registry.set_job_state(job_id, "completed", message=result.get("note", "completed"), result=result)
         self.progress.report.remote(job_id, {"phase": "completed", "fraction": 1.0, "message": "completed"})
 
     def _call(self, job_id: str, step: str, plan: dict[str, Any]) -> dict[str, Any]:
@@ -311,21 +315,45 @@ class JobManager:
         return first_sae if len(out) == 1 else {"saes": out, "sae_id": first_sae["sae_id"]}
 
     def _job_discover(self, job_id: str, spec: specs.DiscoverSpec) -> dict[str, Any]:
-        sae = self.registry.get(SAE, spec.sae_id)
+        """Each SAE in turn; a failed one is recorded and the next one still runs."""
+        sae_ids = spec.all_sae_ids
+        results, failures = {}, {}
+        for position, sae_id in enumerate(sae_ids, start=1):
+            try:
+                results[sae_id] = self._discover_one(job_id, spec, sae_id, position, len(sae_ids))
+            except Exception as e:  # noqa: BLE001 - the batch goes on; _run sees a cancel or a dead worker
+                cause = getattr(e, "cause", None) or e
+                if len(sae_ids) == 1 or isinstance(cause, Cancelled) or isinstance(e, ray.exceptions.ActorDiedError):
+                    raise
+                failures[sae_id] = (str(cause) or type(cause).__name__).splitlines()[0]
+        if len(sae_ids) == 1:
+            return results[sae_ids[0]]
+        if not results:
+            raise UserError(f"all {len(sae_ids)} SAEs failed; first: {next(iter(failures.items()))}")
+        note = f"{len(results)} of {len(sae_ids)} SAEs discovered"
+        if failures:
+            note += "; failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items())
+        return {"saes": results, "failed": failures, "sae_id": next(iter(results)), "note": note}
+
+    def _discover_one(self, job_id: str, spec: specs.DiscoverSpec, sae_id: str, position: int,
+                      total: int) -> dict[str, Any]:
+        sae = self.registry.get(SAE, sae_id)
         model = self.registry.get(Model, sae["model_id"])
         dataset = self.registry.get(Dataset, spec.dataset_id)
         out = self.artifacts.features(sae["id"])
+        config = {"top_k": spec.top_k, **spec.config,
+                  # the same outlier cut as training, so both see the same tokens
+                  "max_norm": sae["metrics"].get("outlier_norm_threshold")}
         res = self._call(job_id, "discover", {
-            "model_id": model["id"], "model_path": model["path"], "sae_path": sae["path"],
-            "dataset_path": dataset["path"], "out_dir": str(out), "top_k": spec.top_k,
-            # the same outlier cut as training, so both see the same tokens
-            "max_norm": sae["metrics"].get("outlier_norm_threshold"),
-            "batch_size": spec.batch_size, "max_tokens": spec.max_tokens})
-        self.set_state(job_id, "saving", "recording features")
+            "model_id": model["id"], "model_path": model["path"], "sae_id": sae_id, "sae_path": sae["path"],
+            "dataset_path": dataset["path"], "out_dir": str(out), "config": config,
+            "batch_size": spec.batch_size, "max_tokens": spec.max_tokens,
+            "exclude_special_tokens": spec.exclude_special_tokens, "position": position, "of": total})
+        self.set_state(job_id, "saving", f"recording features of {sae_id}")
         cols = ["latent", "n_fired", "frequency", "max_act", "mean_act", "top_tokens"]
         rows = pq.read_table(out / "features.parquet", columns=cols).to_pylist()
         self.registry.replace_features(sae["id"], rows)
-        self.registry.update(SAE, sae["id"], features_path=str(out))
+        self.registry.update(SAE, sae["id"], features_path=str(out), features_dataset_id=dataset["id"])
         return {k: v for k, v in res.items() if k != "paths"}
 
     def _job_pipeline(self, job_id: str, spec: specs.PipelineSpec) -> dict[str, Any]:
@@ -334,7 +362,8 @@ class JobManager:
                                                            spec.exclude_special_tokens))
         (act_id,) = ext["activation_ids"].values()
         tr = self._job_train(job_id, specs.TrainSpec(activation_ids=[act_id], config=spec.train))
-        disc = self._job_discover(job_id, specs.DiscoverSpec(tr["sae_id"], spec.dataset_id, spec.top_k,
-                                                             spec.batch_size, spec.max_tokens))
+        disc = self._job_discover(job_id, specs.DiscoverSpec(
+            spec.dataset_id, sae_id=tr["sae_id"], top_k=spec.top_k, batch_size=spec.batch_size,
+            max_tokens=spec.max_tokens, exclude_special_tokens=spec.exclude_special_tokens))
         return {"activation_id": act_id, "train": tr, "discover": disc, "sae_id": tr["sae_id"]}
 

@@ -90,11 +90,24 @@ class TrainSpec:
 
 @dataclass
 class DiscoverSpec:
-    sae_id: str
+    """Discovery for one SAE (`sae_id`) or several run one after another (`sae_ids`), continuing
+    past a failed one."""
+
     dataset_id: str
+    sae_id: str = ""
+    sae_ids: list[str] = field(default_factory=list)
     top_k: int = 20
+    config: dict[str, Any] = field(default_factory=dict)
+    """Other DiscoverConfig fields: n_quantiles, quantile_examples, one_per_document, min_frequency,
+    window_before, window_after, ..."""
     batch_size: int = 8
     max_tokens: int | None = None
+    exclude_special_tokens: bool = False
+    """Leave special tokens out of the candidates (they stay in the model's input)."""
+
+    @property
+    def all_sae_ids(self) -> list[str]:
+        return list(dict.fromkeys([self.sae_id, *self.sae_ids] if self.sae_id else self.sae_ids))
 
 
 @dataclass
@@ -199,6 +212,10 @@ def parse_spec(kind: str, values: dict[str, Any]):
         raise UserError(f"quantization {spec.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     if kind == "train":
         _check_train(spec)
+    if kind == "discover":
+        if not spec.all_sae_ids:
+            raise UserError("a discover spec needs sae_id or sae_ids")
+        discover_config(spec.top_k, spec.config)
     if kind == "pipeline":
         train_config(spec.train)
     return spec
@@ -227,10 +244,13 @@ def _check_train(spec: TrainSpec) -> None:
     train_variants(spec)
 
 
-def discover_config(top_k: int) -> DiscoverConfig:
+def discover_config(top_k: int, values: dict[str, Any] | None = None) -> DiscoverConfig:
     if top_k < 1:
         raise UserError(f"top_k={top_k} must be at least 1")
-    return DiscoverConfig(top_k=top_k)
+    values = dict(values or {})
+    if "top_k" in values or "max_norm" in values:
+        raise UserError("set top_k as its own field; max_norm comes from the SAE's training run")
+    return _config(DiscoverConfig, {"top_k": top_k, **values}, "discovery")
 
 
 def _config(cls, values: dict[str, Any], what: str):
@@ -238,6 +258,10 @@ def _config(cls, values: dict[str, Any], what: str):
     unknown = set(values) - names
     if unknown:
         raise UserError(f"unknown {what} option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if not _type_ok(value, hints[name]):
+            raise UserError(f"{what} option {name!r} should be {_type_name(hints[name])}, got {value!r}")
     return cls(**values)
 
 

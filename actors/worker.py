@@ -164,10 +164,12 @@ class ModelWorker:
 
     def _discover(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
         model, tok = self._model(job_id, plan)
+        where = {"sae_id": plan["sae_id"], "sae_position": plan["position"], "sae_total": plan["of"]}
         summary = pipeline.discover_features(
             model, tok, Path(plan["sae_path"]), Path(plan["dataset_path"]), Path(plan["out_dir"]),
-            DiscoverConfig(top_k=plan["top_k"], max_norm=plan["max_norm"]), batch_size=plan["batch_size"],
-            max_tokens=plan["max_tokens"], progress=report, should_cancel=report.should_cancel)
+            DiscoverConfig(**plan["config"]), batch_size=plan["batch_size"], max_tokens=plan["max_tokens"],
+            progress=lambda p: report({**p, **where}), should_cancel=report.should_cancel,
+            exclude_token_ids=self._excluded(plan, tok))
         return summary._asdict()
 
 

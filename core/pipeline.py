@@ -231,8 +231,11 @@ def evaluate_saved_sae(model, tokenizer, sae_dir: Path, dataset_dir: Path, rows:
 
 def discover_features(model, tokenizer, sae_dir: Path, dataset_dir: Path, out_dir: Path,
                       cfg: DiscoverConfig, batch_size: int = 8, max_tokens: int | None = None,
-                      progress: Progress = None, should_cancel: CancelCheck = None) -> DiscoverySummary:
-    """Top activating contexts, frequency and max/mean activation for every latent of an SAE."""
+                      progress: Progress = None, should_cancel: CancelCheck = None,
+                      exclude_token_ids: Sequence[int] = ()) -> DiscoverySummary:
+    """Top activating contexts, frequency and max/mean activation for every latent of an SAE.
+
+    Positions holding an `exclude_token_ids` token are no candidates (the model still reads them)."""
     sae, sae_cfg = load_saelens(sae_dir)
     hook_name = sae_cfg.hook_name
     hooks.validate_hooks(model, [hook_name])
@@ -242,11 +245,12 @@ def discover_features(model, tokenizer, sae_dir: Path, dataset_dir: Path, out_di
                         "pick the model the SAE was trained on")
     sae = sae.to(next(model.parameters()).device)
     total = _total_tokens(dataset_dir, max_tokens)
+    excluded = torch.tensor(sorted(set(exclude_token_ids)), dtype=torch.long)
 
     def hooked_batches():
         for b in data.iter_batches(dataset_dir, batch_size, tokenizer.pad_token_id, max_tokens=max_tokens):
             acts = hooks.run_hooked(model, b.input_ids, b.attention_mask, [hook_name])[hook_name]
-            yield b.input_ids, b.attention_mask, b.row_ids, acts
+            yield b.input_ids, b.attention_mask * ~torch.isin(b.input_ids, excluded), b.row_ids, acts
 
     with torch.no_grad():
         return discover(sae, hooked_batches(), out_dir, lambda ids: decode_tokens(tokenizer, ids), cfg,

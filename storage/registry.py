@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sqlalchemy import (JSON, URL, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event,
-                        make_url, select)
+                        make_url, select, update)
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -132,6 +132,8 @@ class SAE(Base):
     """Training metrics at every log step, for the loss/FVU/L0 charts."""
     features_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     """Folder with features.parquet + examples.parquet once discovery ran."""
+    features_dataset_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The dataset discovery ran on: its rows are the contexts the examples point at."""
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
 
 
@@ -176,6 +178,9 @@ class Experiment(Base):
     record: Mapped[dict[str, Any]] = mapped_column(default=dict)
     """The experiment as core.steer writes it: prompts, features, generation settings, outputs."""
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+
+
+LABEL_FIELDS = ("label", "category", "description", "label_source")
 
 
 def engine_url(url: str) -> URL:
@@ -323,12 +328,28 @@ class Registry:
 
     # -- features ----------------------------------------------------------------
     def replace_features(self, sae_id: str, rows: Iterable[dict[str, Any]]) -> int:
-        """Replace an SAE's feature rows in one bulk insert (never row by row)."""
-        rows = [dict(r, sae_id=sae_id) for r in rows]
+        """Replace an SAE's feature rows in one bulk insert (never row by row).
+
+        Labels describe the latent (the SAE's weights), so a new discovery keeps them; the
+        analysis came from the old examples and is dropped."""
         with self.session() as s, s.begin():
+            kept = {r.latent: {k: getattr(r, k) for k in LABEL_FIELDS}
+                    for r in s.scalars(select(Feature).where(Feature.sae_id == sae_id, Feature.label != ""))}
+            # every row names every column: an executemany INSERT takes its columns from the first row
+            blank = {k: "" for k in LABEL_FIELDS}
+            rows = [{**blank, **r, **kept.get(r["latent"], {}), "sae_id": sae_id} for r in rows]
             s.query(Feature).filter(Feature.sae_id == sae_id).delete()
             if rows:
                 s.execute(Feature.__table__.insert(), rows)
+        return len(rows)
+
+    def update_features(self, sae_id: str, rows: Iterable[dict[str, Any]]) -> int:
+        """Set some columns (label fields, analysis) of many latents in one bulk UPDATE; each row
+        has `latent` and the columns to set."""
+        rows = [dict(r, sae_id=sae_id) for r in rows]
+        if rows:
+            with self.session() as s, s.begin():
+                s.execute(update(Feature), rows)
         return len(rows)
 
     def features(self, sae_id: str, order_by: str = "frequency", limit: int | None = None,

@@ -208,3 +208,31 @@ def test_quantization_and_special_token_exclusion_reach_the_worker(client, tiny_
     assert runs[True]["tokens"] == runs[False]["tokens"] - 2
     with pytest.raises(UserError, match="quantization 'int3'"):
         client.submit("add_model", {"source": str(tiny_model_dir), "quantization": "int3"})
+
+
+def test_batch_discovery_goes_past_a_failed_sae(client, tiny_run, tmp_path):
+    """Several SAEs in one discover job, one after another: a bad one (d_in 32 on a d_model 64
+    model) is recorded with its reason and the next one still runs; progress says which SAE of
+    how many is running."""
+    from core.sae import build_sae, save_saelens
+
+    good = tiny_run["job"]["result"]["sae_id"]
+    bad = build_sae("topk", 32, 64, k=4)
+    save_saelens(bad, bad.config(hook_name="blocks.1.hook_resid_post", model_name="tiny-llama"), tmp_path / "bad")
+    client.registry.add(SAE(id="sae-bad-din", name="bad", model_id="tiny-llama", hook_name="blocks.1.hook_resid_post",
+                            architecture="topk", d_in=32, d_sae=64, k=4, path=str(tmp_path / "bad")))
+    job_id = client.submit("discover", {"dataset_id": tiny_run["dataset_id"], "sae_ids": ["sae-bad-din", good],
+                                        "top_k": 3, "max_tokens": 600})
+    job = client.wait(job_id, timeout=300)
+    assert job["state"] == "completed", job["message"]
+    res = job["result"]
+    assert list(res["saes"]) == [good] and "d_in=32" in res["failed"]["sae-bad-din"]
+    assert job["message"].startswith("1 of 2 SAEs discovered; failed: sae-bad-din: SAE d_in=32")
+    seen = {(p.get("sae_id"), p.get("sae_position"), p.get("sae_total")) for p in client.history(job_id)}
+    assert (good, 2, 2) in seen
+    assert client.get(SAE, good)["features_dataset_id"] == tiny_run["dataset_id"]
+
+    job = client.wait(client.submit("discover", {"dataset_id": tiny_run["dataset_id"], "sae_ids": ["sae-bad-din"]}))
+    assert job["state"] == "failed" and "d_in=32" in job["message"]
+    with pytest.raises(UserError, match="unknown discovery option"):
+        client.submit("discover", {"dataset_id": tiny_run["dataset_id"], "sae_id": good, "config": {"topk": 3}})

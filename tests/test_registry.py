@@ -254,3 +254,22 @@ def test_postgresql_urls_use_psycopg3():
     assert engine_url("postgres://u@h/db").drivername == "postgresql+psycopg"
     assert engine_url("postgresql+psycopg2://u@h/db").drivername == "postgresql+psycopg2"  # explicit: kept
     assert engine_url("sqlite:///x.db").drivername == "sqlite"
+
+
+def test_feature_labels_survive_a_new_discovery_and_bulk_updates(registry):
+    registry.add(SAE(id="sae-lab", name="s", hook_name="blocks.0.hook_resid_post", architecture="topk", d_in=4,
+                     d_sae=3, path="/x"))
+    base = [{"latent": i, "n_fired": i, "frequency": i / 10, "max_act": 1.0, "mean_act": 0.5, "top_tokens": ["a"]}
+            for i in range(3)]
+    registry.replace_features("sae-lab", base)
+    n = registry.update_features("sae-lab", [
+        {"latent": 1, "label": "cities", "category": "entity", "description": "city names", "label_source": "user"},
+        {"latent": 2, "analysis": {"similar": [[0, 0.5]]}}])
+    assert n == 2
+    rows = {f["latent"]: f for f in registry.features("sae-lab")}
+    assert rows[1]["label"] == "cities" and rows[1]["category"] == "entity" and rows[0]["label"] == ""
+    assert rows[2]["analysis"] == {"similar": [[0, 0.5]]}
+    registry.replace_features("sae-lab", [dict(r, n_fired=r["n_fired"] + 5) for r in base])  # rediscovered
+    rows = {f["latent"]: f for f in registry.features("sae-lab")}
+    assert rows[1]["n_fired"] == 6 and (rows[1]["label"], rows[1]["label_source"]) == ("cities", "user")
+    assert rows[2]["analysis"] == {}, "analysis came from the old examples"

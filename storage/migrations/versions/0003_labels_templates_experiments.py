@@ -4,7 +4,7 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-24
 
-models gains the quantization every job loads it with; features gains the label's category, description and source, and a JSON `analysis`; new tables
+models gains the quantization every job loads it with; saes the dataset discovery ran on; features gains the label's category, description and source, and a JSON `analysis`; new tables
 `templates` (saved forms and prompt sets, keyed by kind and name) and `experiments` (saved
 steering runs). Adding columns with server defaults needs no table copy on SQLite.
 """
@@ -21,6 +21,7 @@ depends_on: Union[str, Sequence[str], None] = None
 
 def upgrade() -> None:
     op.add_column("models", sa.Column("quantization", sa.String(8), nullable=False, server_default="none"))
+    op.add_column("saes", sa.Column("features_dataset_id", sa.String(64), nullable=True))
     op.add_column("features", sa.Column("category", sa.String(32), nullable=False, server_default=""))
     op.add_column("features", sa.Column("description", sa.Text(), nullable=False, server_default=""))
     op.add_column("features", sa.Column("label_source", sa.String(128), nullable=False, server_default=""))
@@ -51,5 +52,7 @@ def downgrade() -> None:
     with op.batch_alter_table("features") as batch:
         for column in ("analysis", "label_source", "description", "category"):
             batch.drop_column(column)
+    with op.batch_alter_table("saes") as batch:
+        batch.drop_column("features_dataset_id")
     with op.batch_alter_table("models") as batch:
         batch.drop_column("quantization")
