@@ -356,28 +356,32 @@ class TokenBatch(NamedTuple):
     """[B, T] 1 for real tokens, 0 for padding."""
     row_ids: torch.LongTensor
     """[B] global row index of each row (the `row_id` column)."""
+    doc_ids: torch.LongTensor | None = None
+    """[B] source document of each row (a long document spans several rows)."""
 
 
-def _pad(rows: list[np.ndarray], row_ids: list[int], pad_token_id: int) -> TokenBatch:
+def _pad(rows: list[np.ndarray], row_ids: list[int], pad_token_id: int, doc_ids: list[int]) -> TokenBatch:
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
         ids[i, :len(r)] = r
         mask[i, :len(r)] = 1
-    return TokenBatch(torch.from_numpy(ids), torch.from_numpy(mask), torch.tensor(row_ids, dtype=torch.int64))
+    return TokenBatch(torch.from_numpy(ids), torch.from_numpy(mask), torch.tensor(row_ids, dtype=torch.int64),
+                      torch.tensor(doc_ids, dtype=torch.int64))
 
 
-def _iter_rows(dataset_dir: Path) -> Iterator[tuple[np.ndarray, int]]:
-    """(tokens, row_id) for every row, shard by shard, a record batch at a time."""
+def _iter_rows(dataset_dir: Path) -> Iterator[tuple[np.ndarray, int, int]]:
+    """(tokens, row_id, doc_id) for every row, shard by shard, a record batch at a time."""
     for shard in _shard_files(dataset_dir):
-        for rb in pq.ParquetFile(shard).iter_batches(batch_size=1024, columns=["input_ids", "row_id"]):
+        for rb in pq.ParquetFile(shard).iter_batches(batch_size=1024, columns=["input_ids", "row_id", "doc_id"]):
             col = rb.column(0)
             # .offsets index into .values (which ignores any slice offset), so they agree.
             offsets = col.offsets.to_numpy()
             values = col.values.to_numpy()
+            docs = rb.column(2).to_numpy()
             for i, row_id in enumerate(rb.column(1).to_numpy()):
-                yield values[offsets[i]:offsets[i + 1]], int(row_id)
+                yield values[offsets[i]:offsets[i + 1]], int(row_id), int(docs[i])
 
 
 def iter_batches(dataset_dir, batch_size: int, pad_token_id: int, max_rows: int | None = None,
@@ -392,16 +396,34 @@ def iter_batches(dataset_dir, batch_size: int, pad_token_id: int, max_rows: int 
         raise UserError(f"batch size must be positive, got {batch_size}")
     rows: list[np.ndarray] = []
     row_ids: list[int] = []
+    doc_ids: list[int] = []
     n_rows = n_tokens = 0
-    for tokens, row_id in _iter_rows(dataset_dir):
+    for tokens, row_id, doc_id in _iter_rows(dataset_dir):
         if (max_rows is not None and n_rows >= max_rows) or (max_tokens is not None and n_tokens >= max_tokens):
             break
         rows.append(tokens)
         row_ids.append(row_id)
+        doc_ids.append(doc_id)
         n_rows += 1
         n_tokens += len(tokens)
         if len(rows) == batch_size:
-            yield _pad(rows, row_ids, pad_token_id)
-            rows, row_ids = [], []
+            yield _pad(rows, row_ids, pad_token_id, doc_ids)
+            rows, row_ids, doc_ids = [], [], []
     if rows:
-        yield _pad(rows, row_ids, pad_token_id)
+        yield _pad(rows, row_ids, pad_token_id, doc_ids)
+
+
+def read_rows(dataset_dir, row_ids: Iterable[int]) -> dict[int, np.ndarray]:
+    """The token ids of the given rows (by `row_id`), read with a filter per shard."""
+    wanted = sorted(set(int(r) for r in row_ids))
+    out: dict[int, np.ndarray] = {}
+    for shard in _shard_files(Path(dataset_dir)):
+        if not wanted:
+            break
+        table = pq.read_table(shard, columns=["input_ids", "row_id"], filters=[("row_id", "in", wanted)])
+        for ids, rid in zip(table.column("input_ids").to_pylist(), table.column("row_id").to_pylist()):
+            out[int(rid)] = np.asarray(ids, dtype=np.int64)
+    missing = set(wanted) - set(out)
+    if missing:
+        raise UserError(f"rows {sorted(missing)[:5]} are not in {dataset_dir}; was the dataset re-tokenized?")
+    return out

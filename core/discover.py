@@ -1,25 +1,35 @@
-"""Feature discovery: for every SAE latent, its exact top activating token positions.
+"""Feature discovery: for every SAE latent, its exact top activating token positions, a
+uniform sample of its firing tokens split into activation quantiles, an exact activation
+histogram, and the latents that fire beside it.
 
 Every non-pad token position is a candidate (not one example per sequence). The running
-state is a [d_sae, top_k] table of the best activations so far; each batch contributes its own
-per-latent top-k, the two are concatenated and merged with one `torch.topk` — no per-feature
-Python heaps. Because the activations are gone after a batch, each candidate carries its
-context window (token ids, and that latent's activation at each window position) gathered,
-vectorized, when it enters the table, so tokens and activations stay aligned.
+state is a table of [d_sae, n] slots per latent; each batch contributes its own per-latent
+best candidates, the two are concatenated and merged with one `torch.topk` on a key — no
+per-feature Python heaps. The top table's key is the activation; the quantile reservoir's key
+is a uniform random number drawn for each firing (token, latent) pair, so its survivors are a
+uniform sample without replacement of the latent's firing tokens (the top-S of i.i.d. keys).
+Because the activations are gone after a batch, each candidate carries its context window
+(token ids, and that latent's activation at each window position) and the strongest other
+latents at its token, gathered vectorized when it enters a table, so they stay aligned.
 
 Tokens whose activation norm is an outlier (see DESIGN.md: a handful of SmolLM2 tokens have
-norms ~100× the median) are kept out of the top-k and the statistics and listed separately in
+norms ~100× the median) are kept out of the tables and the statistics and listed separately in
 `outliers.parquet`.
 
 Outputs (written atomically into `out_dir`):
-* `features.parquet`: one row per latent — n_fired, frequency, max_act, mean_act, top_tokens.
-* `examples.parquet`: one row per (latent, rank) with activation > 0, sorted by latent then
-  rank, in row groups of `row_group_latents` latents so a reader can filter by latent.
+* `features.parquet`: one row per latent — n_fired, frequency, max_act, mean_act, top_tokens,
+  hist_counts (exact counts in the log-spaced bins of discovery.json), below_min_frequency.
+* `examples.parquet`: per latent its top rows (kind "top", bin -1, by rank) then its quantile
+  rows (kind "quantile", bin 0 = lowest decile ..., by activation), with windows and co-active
+  latents, in row groups of about `row_group_latents` latents so a reader can filter by latent.
 * `outliers.parquet`: the excluded tokens with their strongest latents.
+* `discovery.json`: the config, token counts and the histogram's bin edges.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -35,14 +45,19 @@ import torch
 from core.errors import Cancelled, UserError
 from core.io import atomic_dir
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-"""(input_ids LongTensor[B,T], attention_mask LongTensor[B,T], row_ids LongTensor[B], acts FloatTensor[B,T,d_in])."""
+Batch = tuple
+"""(input_ids LongTensor[B,T], attention_mask LongTensor[B,T], row_ids LongTensor[B], acts FloatTensor[B,T,d_in]
+[, doc_ids LongTensor[B]]); without doc_ids every row counts as its own document."""
 
 FEATURES_FILE = "features.parquet"
 EXAMPLES_FILE = "examples.parquet"
 OUTLIERS_FILE = "outliers.parquet"
+INFO_FILE = "discovery.json"
 TOP_TOKENS = 5  # max-token strings listed per feature
 OUTLIER_LATENTS = 10  # strongest latents listed per outlier token
+HIST_EDGES = np.round(10.0 ** np.arange(-3.0, 4.0 + 1e-9, 0.1), 10)
+"""Activation histogram bin edges: 10 per decade from 1e-3 to 1e4, plus an underflow bin below
+and an overflow bin above (len(HIST_EDGES) + 1 counts per latent)."""
 
 
 @dataclass
@@ -64,6 +79,31 @@ class DiscoverConfig:
     """When max_norm is None: the cut is this × the median norm of the first batch; None disables."""
     row_group_latents: int = 64
     """Latents per row group of examples.parquet (smaller = finer filtering, more overhead)."""
+    n_quantiles: int = 10
+    """Quantile bins of each latent's firing distribution (deciles by default); 0 disables."""
+    quantile_examples: int = 5
+    """Examples per quantile bin: the reservoir holds n_quantiles × quantile_examples tokens."""
+    one_per_document: bool = False
+    """Top examples hold at most one token per document (its best); quantile samples stay per token."""
+    min_frequency: float = 0.0
+    """Latents firing on a smaller fraction of tokens keep their statistics but no examples."""
+    n_coactive: int = 8
+    """Strongest other latents recorded at each example's token (its co-occurring features)."""
+    seed: int = 0
+    """Seed of the quantile reservoir's random keys: the same data and seed give the same samples."""
+
+    def check(self) -> None:
+        if self.top_k < 1 or self.window_before < 0 or self.window_after < 0:
+            raise UserError(f"top_k={self.top_k}, window_before={self.window_before}, window_after={self.window_after}: "
+                            "use top_k >= 1 and windows >= 0")
+        if self.n_quantiles < 0 or self.quantile_examples < 0 or self.n_coactive < 0:
+            raise UserError("n_quantiles, quantile_examples and n_coactive must be 0 or more")
+        if not 0.0 <= self.min_frequency <= 1.0:
+            raise UserError(f"min_frequency={self.min_frequency} must be a fraction between 0 and 1")
+
+    @property
+    def reservoir(self) -> int:
+        return self.n_quantiles * self.quantile_examples
 
 
 class DiscoverySummary(NamedTuple):
@@ -74,69 +114,123 @@ class DiscoverySummary(NamedTuple):
     features_in_heap: int
     """Latents with at least one example with activation > 0."""
     heap_examples_count: int
-    """Examples held with activation > 0."""
+    """Top examples held with activation > 0."""
     live_features: int
     """Latents that fired (activation > 0) on at least one token."""
     paths: dict
-    """File name stem → path: features, examples, outliers."""
+    """File name stem → path: features, examples, outliers, info."""
     excluded_outliers: int = 0
     """Non-pad tokens excluded as norm outliers."""
+    quantile_examples_count: int = 0
+    """Quantile examples held (a uniform sample of firing tokens per latent)."""
 
 
-class _TopK(NamedTuple):
-    """Running per-latent table; every field has leading dims [d_sae, top_k]."""
-
-    values: torch.Tensor  # float32, -inf where empty
-    row_id: torch.Tensor  # int64
-    pos: torch.Tensor  # int64
-    win_tokens: torch.Tensor  # int64 [.., W], -1 outside the row or on padding
-    win_acts: torch.Tensor  # float32 [.., W], 0 there
+Table = dict[str, torch.Tensor]
+"""A running per-latent table; every field has leading dims [d_sae, slots]: key (what the merge
+ranks by, -inf where empty), value (the activation), row_id, pos, doc, win_tokens [.., W] (-1
+outside the row or on padding), win_acts [.., W] (0 there), co_lat / co_val [.., n_coactive+1]."""
 
 
-def _empty_table(d_sae: int, k: int, w: int, device: torch.device) -> _TopK:
-    return _TopK(
-        torch.full((d_sae, k), -torch.inf, device=device),
-        torch.full((d_sae, k), -1, dtype=torch.long, device=device),
-        torch.full((d_sae, k), -1, dtype=torch.long, device=device),
-        torch.full((d_sae, k, w), -1, dtype=torch.long, device=device),
-        torch.zeros((d_sae, k, w), device=device),
-    )
+def _empty_table(d_sae: int, k: int, w: int, m: int, device: torch.device) -> Table:
+    long = lambda *shape: torch.full((d_sae, k, *shape), -1, dtype=torch.long, device=device)
+    return {"key": torch.full((d_sae, k), -torch.inf, device=device), "value": torch.zeros((d_sae, k), device=device),
+            "row_id": long(), "pos": long(), "doc": long(), "win_tokens": long(w),
+            "win_acts": torch.zeros((d_sae, k, w), device=device), "co_lat": long(m),
+            "co_val": torch.zeros((d_sae, k, m), device=device)}
 
 
-def _candidates(z: torch.Tensor, cand: torch.Tensor, c: int, b_idx, t_idx, pos_map, input_ids, row_ids,
-                before: int, after: int) -> _TopK:
-    """Each latent's top `c` activations among token rows `cand` of z, with their windows."""
-    zc = z if len(cand) == len(z) else z[cand]
-    values, top = zc.topk(c, dim=0)  # [c, d_sae]
-    values, flat = values.T, cand[top.T]  # [d_sae, c]; flat indexes z's rows
-    b, t = b_idx[flat], t_idx[flat]
+class _BatchView(NamedTuple):
+    """One batch's non-pad tokens and what a candidate gathers from them."""
+
+    z: torch.Tensor  # [n, d_sae] latent activations of the non-pad tokens
+    b_idx: torch.Tensor  # [n] batch row of each token
+    t_idx: torch.Tensor  # [n] position of each token
+    pos_map: torch.Tensor  # [B, T] token index in z, -1 on padding
+    input_ids: torch.Tensor
+    row_ids: torch.Tensor
+    doc_ids: torch.Tensor
+    co_i: torch.Tensor  # [n, m] strongest latents of each token
+    co_v: torch.Tensor
+
+
+def _gather(view: _BatchView, keys: torch.Tensor, flat: torch.Tensor, before: int, after: int) -> Table:
+    """Table fields for candidates `flat` ([d_sae, c] token indices into view.z) with their keys."""
+    z = view.z
+    latent = torch.arange(z.shape[1], device=z.device)
+    b, t = view.b_idx[flat], view.t_idx[flat]
     offsets = torch.arange(-before, after + 1, device=z.device)
     tt = t[..., None] + offsets  # [d_sae, c, W]
-    in_row = (tt >= 0) & (tt < pos_map.shape[1])
-    tt = tt.clamp(0, pos_map.shape[1] - 1)
+    in_row = (tt >= 0) & (tt < view.pos_map.shape[1])
+    tt = tt.clamp(0, view.pos_map.shape[1] - 1)
     bb = b[..., None].expand_as(tt)
-    src = pos_map[bb, tt]  # row of z for that window position, -1 on padding
+    src = view.pos_map[bb, tt]  # token index of each window position, -1 on padding
     valid = in_row & (src >= 0)
-    latent = torch.arange(z.shape[1], device=z.device)[:, None, None]
-    win_acts = torch.where(valid, z[src.clamp_min(0), latent], 0.0)
-    win_tokens = torch.where(valid, input_ids[bb, tt], -1)
-    return _TopK(values, row_ids[b], t, win_tokens, win_acts)
+    return {"key": keys, "value": z[flat, latent[:, None]], "row_id": view.row_ids[b], "pos": t,
+            "doc": view.doc_ids[b], "win_tokens": torch.where(valid, view.input_ids[bb, tt], -1),
+            "win_acts": torch.where(valid, z[src.clamp_min(0), latent[:, None, None]], 0.0),
+            "co_lat": view.co_i[flat], "co_val": view.co_v[flat]}
 
 
-def _merge(table: _TopK, new: _TopK, k: int) -> _TopK:
-    """Keep each latent's best k of the running table and the batch candidates."""
-    values, sel = torch.cat([table.values, new.values], 1).topk(k, dim=1)
+def _top_candidates(view: _BatchView, cand: torch.Tensor, c: int, one_per_document: bool) -> tuple:
+    """Each latent's best `c` tokens among `cand` (or best rows, one token each): keys, flat."""
+    z = view.z
+    if not one_per_document:
+        zc = z if len(cand) == len(z) else z[cand]
+        keys, top = zc.topk(min(c, len(cand)), dim=0)
+        return keys.T, cand[top.T]
+    # The best token of each row per latent, then the best rows; rows of one document (here or
+    # in the table) are merged in `_merge`.
+    B, T = view.pos_map.shape
+    dense = torch.full((B * T, z.shape[1]), -torch.inf, device=z.device)
+    dense[view.b_idx[cand] * T + view.t_idx[cand]] = z[cand]
+    row_max, row_arg = dense.view(B, T, -1).max(dim=1)  # [B, d_sae]
+    keys, rows = row_max.topk(min(c, B), dim=0)  # [c, d_sae]
+    latent = torch.arange(z.shape[1], device=z.device)
+    flat = view.pos_map[rows, row_arg[rows, latent]]  # -1 where the row had no candidate
+    keys = torch.where(flat >= 0, keys, -torch.inf)
+    return keys.T, flat.clamp_min(0).T
 
-    def pick(old: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        index = sel if old.dim() == 2 else sel[..., None].expand(-1, -1, old.shape[2])
-        return torch.cat([old, cand], 1).gather(1, index)
 
-    return _TopK(values, *(pick(a, b) for a, b in zip(table[1:], new[1:])))
+def _merge(table: Table, new: Table, k: int, dedup_docs: bool = False) -> Table:
+    """Keep each latent's best k entries (by key) of the running table and the batch candidates;
+    with `dedup_docs`, only the best entry of each document."""
+    both = {f: torch.cat([table[f], new[f]], 1) for f in table}
+    keys = both["key"]
+    if dedup_docs:
+        order = keys.argsort(dim=1, descending=True)
+        both = {f: v.gather(1, order if v.dim() == 2 else order[..., None].expand_as(v)) for f, v in both.items()}
+        doc = both["doc"]
+        earlier = torch.ones(doc.shape[1], doc.shape[1], dtype=torch.bool, device=doc.device).tril(-1)
+        dup = ((doc[:, :, None] == doc[:, None, :]) & earlier).any(2) & (doc >= 0)
+        keys = torch.where(dup, -torch.inf, both["key"])
+        both["key"] = keys
+    _, sel = keys.topk(k, dim=1)
+    out = {f: v.gather(1, sel if v.dim() == 2 else sel[..., None].expand(-1, -1, v.shape[2])) for f, v in both.items()}
+    out["value"] = torch.where(out["key"] > -torch.inf, out["value"], 0.0)  # an empty slot holds nothing
+    return out
 
 
 def _check_cancel(should_cancel) -> None:
     if should_cancel is not None and should_cancel():
         raise Cancelled("discovery cancelled")
+
+
+def _as_tensors(batch: Batch, device) -> tuple:
+    if len(batch) not in (4, 5):
+        raise UserError("a discovery batch is (input_ids, attention_mask, row_ids, acts[, doc_ids])")
+    input_ids, mask, row_ids, acts = batch[:4]
+    input_ids = torch.as_tensor(input_ids, device=device).long()
+    mask = torch.as_tensor(mask, device=device).bool()
+    row_ids = torch.as_tensor(row_ids, device=device).long()
+    acts = torch.as_tensor(acts, device=device)
+    doc_ids = torch.as_tensor(batch[4], device=device).long() if len(batch) == 5 and batch[4] is not None else row_ids
+    if acts.shape[:2] != mask.shape or input_ids.shape != mask.shape or row_ids.shape != mask.shape[:1] \
+            or doc_ids.shape != row_ids.shape:
+        raise UserError(
+            f"batch shapes disagree: input_ids {list(input_ids.shape)}, attention_mask {list(mask.shape)}, "
+            f"row_ids {list(row_ids.shape)}, acts {list(acts.shape)}; they must be [B,T], [B,T], [B], [B,T,d_in]"
+        )
+    return input_ids, mask, row_ids, acts, doc_ids
 
 
 @torch.no_grad()
@@ -150,13 +244,18 @@ def discover(
     progress: Callable[[dict], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> DiscoverySummary:
-    """Exact per-latent top-k examples and firing statistics over every non-pad token of `batches`."""
-    if cfg.top_k < 1 or cfg.window_before < 0 or cfg.window_after < 0:
-        raise UserError(f"top_k={cfg.top_k}, window_before={cfg.window_before}, window_after={cfg.window_after}: use top_k >= 1 and windows >= 0")
+    """Exact per-latent top-k examples, quantile samples, histograms and firing statistics over
+    every non-pad token of `batches`."""
+    cfg.check()
     device = next(sae.parameters()).device
     d_sae = int(sae.W_dec.shape[0])
     w = cfg.window_before + 1 + cfg.window_after
-    table = _empty_table(d_sae, cfg.top_k, w, device)
+    m = min(cfg.n_coactive + 1, d_sae)  # +1: the latent itself is among its token's strongest
+    top = _empty_table(d_sae, cfg.top_k, w, m, device)
+    sample = _empty_table(d_sae, cfg.reservoir, w, m, device) if cfg.reservoir else None
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    edges = torch.tensor(HIST_EDGES, dtype=torch.float32, device=device)
+    hist = torch.zeros(d_sae * (len(HIST_EDGES) + 1), dtype=torch.long, device=device)
     n_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
     sum_act = torch.zeros(d_sae, dtype=torch.float64, device=device)
     max_act = torch.zeros(d_sae, device=device)
@@ -165,17 +264,9 @@ def discover(
     tokens = seen = n_batches = 0
     t0 = time.perf_counter()
 
-    for input_ids, attention_mask, row_ids, acts in batches:
+    for batch in batches:
         _check_cancel(should_cancel)
-        input_ids = torch.as_tensor(input_ids, device=device).long()
-        mask = torch.as_tensor(attention_mask, device=device).bool()
-        row_ids = torch.as_tensor(row_ids, device=device).long()
-        acts = torch.as_tensor(acts, device=device)
-        if acts.shape[:2] != mask.shape or input_ids.shape != mask.shape or row_ids.shape != mask.shape[:1]:
-            raise UserError(
-                f"batch shapes disagree: input_ids {list(input_ids.shape)}, attention_mask {list(mask.shape)}, "
-                f"row_ids {list(row_ids.shape)}, acts {list(acts.shape)}; they must be [B,T], [B,T], [B], [B,T,d_in]"
-            )
+        input_ids, mask, row_ids, acts, doc_ids = _as_tensors(batch, device)
         n_batches += 1
         b_idx, t_idx = mask.nonzero(as_tuple=True)
         if len(b_idx) == 0:
@@ -193,21 +284,37 @@ def discover(
         if len(cand):
             pos_map = torch.full(mask.shape, -1, dtype=torch.long, device=device)
             pos_map[b_idx, t_idx] = torch.arange(len(b_idx), device=device)
-            new = _candidates(z, cand, min(cfg.top_k, len(cand)), b_idx, t_idx, pos_map, input_ids, row_ids,
-                              cfg.window_before, cfg.window_after)
-            table = _merge(table, new, cfg.top_k)
+            co_v, co_i = z.topk(m, dim=1)
+            view = _BatchView(z, b_idx, t_idx, pos_map, input_ids, row_ids, doc_ids, co_i, co_v)
+            keys, flat = _top_candidates(view, cand, cfg.top_k, cfg.one_per_document)
+            top = _merge(top, _gather(view, keys, flat, cfg.window_before, cfg.window_after), cfg.top_k,
+                         dedup_docs=cfg.one_per_document)
             z_ok = z[cand] if len(cand) < len(z) else z
+            if sample is not None:
+                # uniform random keys on firing pairs: the reservoir keeps the top-S keys
+                rand = torch.rand(z_ok.shape, generator=gen, device=device)
+                rand = torch.where(z_ok > 0, rand, -torch.inf)
+                rk, rtop = rand.topk(min(cfg.reservoir, len(cand)), dim=0)
+                sample = _merge(sample, _gather(view, rk.T, cand[rtop.T], cfg.window_before, cfg.window_after),
+                                cfg.reservoir)
             # Column reductions in fp32/int32 (a float64 or int64 reduction over [n, d_sae] is
             # several times slower); per-batch sums are accumulated in float64.
             n_fired += (z_ok > 0).sum(0, dtype=torch.int32)
             sum_act += z_ok.sum(0)
             max_act = torch.maximum(max_act, z_ok.amax(0))
+            tok, lat = (z_ok > 0).nonzero(as_tuple=True)
+            bins = torch.bucketize(z_ok[tok, lat], edges)
+            hist.index_add_(0, lat * (len(HIST_EDGES) + 1) + bins, torch.ones_like(bins))
             tokens += len(cand)
         if progress is not None:
-            progress(_progress(seen, total_tokens, t0, table, n_batches))
+            progress(_progress(seen, total_tokens, t0, top, n_batches))
 
+    hist = hist.view(d_sae, -1)
     with atomic_dir(out_dir) as tmp:
-        counts = _write(tmp, table, n_fired, sum_act, max_act, tokens, outliers, decode_tokens, cfg)
+        counts = _write(tmp, top, sample, n_fired, sum_act, max_act, hist, tokens, outliers, decode_tokens, cfg)
+        info = {"config": dataclasses.asdict(cfg), "tokens": tokens, "excluded_outliers": seen - tokens,
+                "hist_edges": HIST_EDGES.tolist(), "n_latents": d_sae}
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
     out_dir = Path(out_dir)
     return DiscoverySummary(
         n_latents=d_sae,
@@ -216,15 +323,16 @@ def discover(
         heap_examples_count=counts[1],
         live_features=int((n_fired > 0).sum()),
         paths={"features": str(out_dir / FEATURES_FILE), "examples": str(out_dir / EXAMPLES_FILE),
-               "outliers": str(out_dir / OUTLIERS_FILE)},
+               "outliers": str(out_dir / OUTLIERS_FILE), "info": str(out_dir / INFO_FILE)},
         excluded_outliers=seen - tokens,
+        quantile_examples_count=counts[2],
     )
 
 
-def _progress(seen: int, total: int | None, t0: float, table: _TopK, n_batches: int) -> dict:
+def _progress(seen: int, total: int | None, t0: float, table: Table, n_batches: int) -> dict:
     elapsed = time.perf_counter() - t0
     rate = seen / elapsed if elapsed > 0 else 0.0
-    held = table.values > 0
+    held = table["value"] > 0
     return {
         "phase": "discover",
         "done": seen,
@@ -233,7 +341,7 @@ def _progress(seen: int, total: int | None, t0: float, table: _TopK, n_batches: 
         "samples_per_s": rate,
         "eta_s": (total - seen) / rate if total and rate else None,
         "batches": n_batches,
-        "features_in_heap": int(held[:, 0].sum()),
+        "features_in_heap": int(held.any(1).sum()),
         "heap_examples_count": int(held.sum()),
     }
 
@@ -287,45 +395,103 @@ def _top_tokens(latent: np.ndarray, center: np.ndarray, d_sae: int) -> tuple[np.
     return chosen, np.bincount(lat_s[keep], minlength=d_sae)
 
 
-def _write(folder: Path, table: _TopK, n_fired, sum_act, max_act, tokens: int, outliers: list[dict],
-           decode_tokens, cfg: DiscoverConfig) -> tuple[int, int]:
-    values = table.values.cpu().numpy()
+def _held_rows(table: Table) -> dict[str, np.ndarray]:
+    """The table's filled slots (activation > 0) as numpy arrays, in (latent, slot) order."""
+    values = table["value"].cpu().numpy()
     held = values > 0
-    latent, rank = np.nonzero(held)  # row-major: sorted by latent, then rank
-    win_tokens = table.win_tokens.cpu().numpy()[held]
-    win_acts = table.win_acts.cpu().numpy()[held]
+    latent, slot = np.nonzero(held)
+    rows = {f: v.cpu().numpy()[held] for f, v in table.items() if f != "key"}
+    rows.update(latent=latent, slot=slot)
+    return rows
+
+
+def _quantile_bins(rows: dict[str, np.ndarray], n_quantiles: int, per_bin: int) -> np.ndarray:
+    """Each sampled row's quantile bin by rank of activation within its latent's sample; keeps
+    rows in (latent, activation) order and at most `per_bin` per bin."""
+    order = np.lexsort((rows["value"], rows["latent"]))
+    for f in rows:
+        rows[f] = rows[f][order]
+    lat = rows["latent"]
+    start = np.searchsorted(lat, lat, side="left")
+    n = np.searchsorted(lat, lat, side="right") - start
+    r = np.arange(len(lat)) - start
+    bins = (r * n_quantiles) // np.maximum(n, 1)
+    first = np.searchsorted(lat * n_quantiles + bins, lat * n_quantiles + bins, side="left")
+    keep = (np.arange(len(lat)) - first) < per_bin
+    for f in rows:
+        rows[f] = rows[f][keep]
+    return bins[keep]
+
+
+def _coactive(rows: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, up to n other latents firing at its token: flat latents, flat values, lengths."""
+    keep = (rows["co_lat"] != rows["latent"][:, None]) & (rows["co_val"] > 0)
+    keep &= np.cumsum(keep, axis=1) <= n
+    return rows["co_lat"][keep], rows["co_val"][keep], keep.sum(1)
+
+
+def _write(folder: Path, top: Table, sample: Table | None, n_fired, sum_act, max_act, hist, tokens: int,
+           outliers: list[dict], decode_tokens, cfg: DiscoverConfig) -> tuple[int, int, int]:
+    d_sae = top["value"].shape[0]
+    n_fired_np = n_fired.cpu().numpy()
+    frequency = n_fired_np / tokens if tokens else np.zeros(d_sae)
+    rare = frequency < cfg.min_frequency
+
+    parts = []
+    t = _held_rows(top)
+    parts.append((t, np.zeros(len(t["latent"]), np.int8), np.full(len(t["latent"]), -1, np.int16), t["slot"]))
+    if sample is not None:
+        q = _held_rows(sample)
+        bins = _quantile_bins(q, cfg.n_quantiles, cfg.quantile_examples)
+        first = np.searchsorted(q["latent"] * cfg.n_quantiles + bins, q["latent"] * cfg.n_quantiles + bins)
+        parts.append((q, np.ones(len(bins), np.int8), bins.astype(np.int16), np.arange(len(bins)) - first))
+    rows = {f: np.concatenate([p[0][f] for p in parts]) for f in parts[0][0]}
+    kind, bin_, rank = (np.concatenate([p[i] for p in parts]) for i in (1, 2, 3))
+    keep = ~rare[rows["latent"]]
+    order = np.lexsort((rank, bin_, kind, rows["latent"]))
+    order = order[keep[order]]
+    rows = {f: v[order] for f, v in rows.items()}
+    kind, bin_, rank = kind[order], bin_[order], rank[order]
+
+    win_tokens, win_acts = rows["win_tokens"], rows["win_acts"]
     valid = win_tokens >= 0  # trim out-of-row and padding positions (tokens and acts together)
     out_ids = np.concatenate([o["token_id"] for o in outliers]) if outliers else np.array([], dtype=np.int64)
     lookup = _decoder(np.concatenate([win_tokens[valid], out_ids]), decode_tokens)
-    d_sae = values.shape[0]
 
-    center = win_tokens[:, cfg.window_before]
-    top_ids, top_counts = _top_tokens(latent, center, d_sae)
-    n_fired_np = n_fired.cpu().numpy()
+    is_top = kind == 0
+    top_ids, top_counts = _top_tokens(t["latent"], t["win_tokens"][:, cfg.window_before], d_sae)
     fired = np.maximum(n_fired_np, 1)
     features = pa.table({
         "latent": pa.array(np.arange(d_sae, dtype=np.int32)),
         "n_fired": pa.array(n_fired_np.astype(np.int64)),
-        "frequency": pa.array(n_fired_np / tokens if tokens else np.zeros(d_sae)),
+        "frequency": pa.array(frequency),
         "max_act": pa.array(max_act.cpu().numpy().astype(np.float32)),
         "mean_act": pa.array((sum_act.cpu().numpy() / fired).astype(np.float32)),
         "top_tokens": _list_array(lookup(top_ids), top_counts, pa.string()),
+        "hist_counts": _list_array(hist.cpu().numpy().reshape(-1), np.full(d_sae, hist.shape[1]), pa.int64()),
+        "below_min_frequency": pa.array(rare),
     })
     pq.write_table(features, folder / FEATURES_FILE)
 
     lengths = valid.sum(1)
+    co_lat, co_val, co_len = _coactive(rows, cfg.n_coactive)
     examples = pa.table({
-        "latent": pa.array(latent.astype(np.int32)),
+        "latent": pa.array(rows["latent"].astype(np.int32)),
+        "kind": pa.array(np.where(is_top, "top", "quantile")),
+        "bin": pa.array(bin_),
         "rank": pa.array(rank.astype(np.int16)),
-        "activation": pa.array(values[held].astype(np.float32)),
-        "row_id": pa.array(table.row_id.cpu().numpy()[held].astype(np.int64)),
-        "pos": pa.array(table.pos.cpu().numpy()[held].astype(np.int32)),
+        "activation": pa.array(rows["value"].astype(np.float32)),
+        "row_id": pa.array(rows["row_id"].astype(np.int64)),
+        "pos": pa.array(rows["pos"].astype(np.int32)),
         "token_ids": _list_array(win_tokens[valid].astype(np.int32), lengths, pa.int32()),
         "tokens": _list_array(lookup(win_tokens[valid]), lengths, pa.string()),
         "acts": _list_array(win_acts[valid].astype(np.float32), lengths, pa.float32()),
         "max_index": pa.array(valid[:, : cfg.window_before].sum(1).astype(np.int16)),
+        "coactive_latents": _list_array(co_lat.astype(np.int32), co_len, pa.int32()),
+        "coactive_acts": _list_array(co_val.astype(np.float32), co_len, pa.float32()),
     })
-    pq.write_table(examples, folder / EXAMPLES_FILE, row_group_size=max(1, cfg.row_group_latents * cfg.top_k))
+    per_latent = max(1, len(examples) // max(1, len(np.unique(rows["latent"]))))
+    pq.write_table(examples, folder / EXAMPLES_FILE, row_group_size=max(1, cfg.row_group_latents * per_latent))
 
     cat = lambda key: np.concatenate([o[key] for o in outliers]) if outliers else np.zeros((0,))
     n_out = len(out_ids)
@@ -340,7 +506,8 @@ def _write(folder: Path, table: _TopK, n_fired, sum_act, max_act, tokens: int, o
         "acts": _list_array(cat("acts").reshape(-1).astype(np.float32), np.full(n_out, k_out), pa.float32()),
     })
     pq.write_table(out_table, folder / OUTLIERS_FILE)
-    return int(held[:, 0].sum()) if d_sae else 0, int(held.sum())
+    n_top = int((is_top).sum())
+    return len(np.unique(t["latent"])), int(len(t["latent"])), len(kind) - n_top
 
 
 # --------------------------------------------------------------------------- reading
@@ -353,7 +520,33 @@ def top_features(features_path: str | os.PathLike, n: int) -> list[dict]:
     return table.take(order[:n]).to_pylist()
 
 
-def read_examples(examples_path: str | os.PathLike, latent: int) -> list[dict]:
-    """One latent's examples in rank order; the filter lets Parquet skip other row groups."""
-    table = pq.read_table(examples_path, filters=[("latent", "=", int(latent))])
-    return table.sort_by("rank").to_pylist()
+def read_examples(examples_path: str | os.PathLike, latent: int, kind: str | None = "top") -> list[dict]:
+    """One latent's examples: top rows by rank, then quantile rows from the lowest bin up (kind
+    None gives both). The filter lets Parquet skip other latents' row groups."""
+    filters = [("latent", "=", int(latent))] + ([("kind", "=", kind)] if kind else [])
+    table = pq.read_table(examples_path, filters=filters)
+    if "kind" not in table.column_names:  # written before quantiles existed: all top rows
+        return table.sort_by("rank").to_pylist() if kind in (None, "top") else []
+    return table.sort_by([("kind", "descending"), ("bin", "ascending"), ("rank", "ascending")]).to_pylist()
+
+
+def read_histogram(out_dir: str | os.PathLike, latent: int) -> tuple[list[float], list[int]]:
+    """(bin edges, counts) of one latent's positive activations; counts has one more entry than
+    edges (below the first edge, between consecutive edges, above the last)."""
+    edges = json.loads((Path(out_dir) / INFO_FILE).read_text())["hist_edges"]
+    table = pq.read_table(Path(out_dir) / FEATURES_FILE, columns=["latent", "hist_counts"],
+                          filters=[("latent", "=", int(latent))])
+    if table.num_rows == 0:
+        raise UserError(f"latent {latent} is out of range for this SAE's features")
+    return edges, table.column("hist_counts")[0].as_py()
+
+
+def coactive_features(examples_path: str | os.PathLike, latent: int, n: int = 10) -> list[dict]:
+    """Latents that fire at the same tokens as `latent`'s examples (top and quantile): how many
+    of its examples each appears in, and its mean activation there; most frequent first."""
+    counts: dict[int, list[float]] = {}
+    for ex in read_examples(examples_path, latent, kind=None):
+        for other, act in zip(ex.get("coactive_latents") or [], ex.get("coactive_acts") or []):
+            counts.setdefault(other, []).append(act)
+    ranked = sorted(counts.items(), key=lambda kv: (-len(kv[1]), -float(np.mean(kv[1])), kv[0]))
+    return [{"latent": int(k), "count": len(v), "mean_act": float(np.mean(v))} for k, v in ranked[:n]]

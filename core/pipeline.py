@@ -233,7 +233,8 @@ def discover_features(model, tokenizer, sae_dir: Path, dataset_dir: Path, out_di
                       cfg: DiscoverConfig, batch_size: int = 8, max_tokens: int | None = None,
                       progress: Progress = None, should_cancel: CancelCheck = None,
                       exclude_token_ids: Sequence[int] = ()) -> DiscoverySummary:
-    """Top activating contexts, frequency and max/mean activation for every latent of an SAE.
+    """Top activating contexts, quantile samples, histograms, co-active latents, frequency and
+    max/mean activation for every latent of an SAE.
 
     Positions holding an `exclude_token_ids` token are no candidates (the model still reads them)."""
     sae, sae_cfg = load_saelens(sae_dir)
@@ -250,7 +251,7 @@ def discover_features(model, tokenizer, sae_dir: Path, dataset_dir: Path, out_di
     def hooked_batches():
         for b in data.iter_batches(dataset_dir, batch_size, tokenizer.pad_token_id, max_tokens=max_tokens):
             acts = hooks.run_hooked(model, b.input_ids, b.attention_mask, [hook_name])[hook_name]
-            yield b.input_ids, b.attention_mask * ~torch.isin(b.input_ids, excluded), b.row_ids, acts
+            yield b.input_ids, b.attention_mask * ~torch.isin(b.input_ids, excluded), b.row_ids, acts, b.doc_ids
 
     with torch.no_grad():
         return discover(sae, hooked_batches(), out_dir, lambda ids: decode_tokens(tokenizer, ids), cfg,

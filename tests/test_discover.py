@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from core.discover import DiscoverConfig, discover, read_examples, top_features
+from core.discover import (HIST_EDGES, DiscoverConfig, coactive_features, discover, read_examples, read_histogram,
+                           top_features)
 from core.errors import Cancelled
 from core.sae import TopKSAE
 
@@ -164,9 +165,10 @@ def test_examples_file_is_filterable_by_latent(run):
     f = pq.ParquetFile(summary.paths["examples"])
     assert f.metadata.num_row_groups > 1
     table = f.read()
-    latents = table.column("latent").to_pylist()
-    ranks = table.column("rank").to_pylist()
-    assert list(zip(latents, ranks)) == sorted(zip(latents, ranks))
+    # per latent: top rows by rank, then quantile rows by bin and rank
+    key = [(r["latent"], r["kind"] != "top", r["bin"], r["rank"])
+           for r in table.select(["latent", "kind", "bin", "rank"]).to_pylist()]
+    assert key == sorted(key) and len(set(key)) == len(key)
     assert min(table.column("activation").to_pylist()) > 0
 
 
@@ -197,3 +199,125 @@ def test_cancel_between_batches(tmp_path):
     with pytest.raises(Cancelled):
         discover(make_sae(), iter(make_batches()), tmp_path / "out", decode, CFG, should_cancel=lambda: True)
     assert not (tmp_path / "out").exists()
+
+
+def test_quantile_samples_are_firing_tokens_in_rank_bins(run):
+    """Quantile rows are real firing tokens of their latent with aligned windows; each bin's
+    activations lie between the bins below and above; a latent that fired on fewer tokens than
+    the reservoir has every firing token sampled."""
+    sae, batches, summary, _, _ = run
+    entries, _, rows, _ = reference(sae, batches, CFG)
+    assert summary.quantile_examples_count > 0
+    for latent, fired in entries.items():
+        got = read_examples(summary.paths["examples"], latent, kind="quantile")
+        firing = {(r, p): v for v, r, p in fired}
+        assert len(got) == min(len(fired), CFG.reservoir)
+        for e in got:
+            assert e["kind"] == "quantile" and 0 <= e["bin"] < CFG.n_quantiles
+            assert firing[(e["row_id"], e["pos"])] == e["activation"]
+            assert e["acts"][e["max_index"]] == e["activation"]
+            ids, _, z = rows[e["row_id"]]
+            assert e["token_ids"][e["max_index"]] == ids[e["pos"]]
+        assert len({(e["row_id"], e["pos"]) for e in got}) == len(got)
+        acts = [e["activation"] for e in got]
+        assert acts == sorted(acts), "bins ascend and rows ascend within a bin"
+        if len(fired) <= CFG.reservoir:
+            assert sorted(acts) == sorted(v for v, _, _ in fired)
+    both = read_examples(summary.paths["examples"], 0, kind=None)
+    assert [e["kind"] for e in both] == sorted((e["kind"] for e in both), key=lambda k: k != "top")
+
+
+def test_histograms_are_exact(run):
+    sae, batches, summary, _, _ = run
+    entries, _, _, _ = reference(sae, batches, CFG)
+    folder = summary.paths["features"].rsplit("/", 1)[0]
+    for latent in range(D_SAE):
+        edges, counts = read_histogram(folder, latent)
+        assert edges == pytest.approx(list(HIST_EDGES))
+        vals = np.array([v for v, _, _ in entries.get(latent, [])], dtype=np.float32)
+        want = np.bincount(np.searchsorted(np.asarray(edges, np.float32), vals, side="left"), minlength=len(edges) + 1)
+        assert counts == want.tolist() and sum(counts) == len(vals)
+
+
+def test_coactive_latents_match_brute_force(run):
+    sae, batches, summary, _, _ = run
+    _, _, rows, _ = reference(sae, batches, CFG)
+    n_checked = 0
+    for latent in range(D_SAE):
+        for e in read_examples(summary.paths["examples"], latent, kind=None):
+            z = rows[e["row_id"]][2][e["pos"]]
+            order = [int(i) for i in torch.argsort(z, descending=True, stable=True) if i != latent and z[i] > 0]
+            want = order[: CFG.n_coactive]
+            assert sorted(e["coactive_latents"]) == sorted(want)
+            assert e["coactive_acts"] == [pytest.approx(float(z[i])) for i in e["coactive_latents"]]
+            n_checked += 1
+    assert n_checked > 0
+    co = coactive_features(summary.paths["examples"], 0, n=3)
+    assert 1 <= len(co) <= 3 and all(c["latent"] != 0 and c["count"] >= 1 for c in co)
+    assert [c["count"] for c in co] == sorted((c["count"] for c in co), reverse=True)
+
+
+def test_one_example_per_document_is_exact(tmp_path):
+    """Documents span rows and batches: each latent keeps the best token of each of its best
+    documents."""
+    sae, batches = make_sae(), make_batches(n_batches=4)
+    # two rows of one document per batch, and document 1 spans batches 0 and 1
+    batches = [(*b, torch.tensor([0, 0, 1]) + 2 * i) for i, b in enumerate(batches)]
+    batches[1] = (*batches[1][:4], torch.tensor([1, 1, 3]))
+    cfg = DiscoverConfig(top_k=3, window_before=2, window_after=1, outlier_norm_multiple=None, one_per_document=True,
+                         n_quantiles=0)
+    summary = discover(sae, iter(batches), tmp_path / "out", decode, cfg)
+    entries, _, _, _ = reference(sae, [b[:4] for b in batches], cfg)
+    doc_of = {int(r): int(d) for _, _, row_ids, _, docs in batches for r, d in zip(row_ids, docs)}
+    for latent in range(D_SAE):
+        best: dict[int, tuple] = {}
+        for v, r, p in entries.get(latent, []):
+            d = doc_of[r]
+            if d not in best or v > best[d][0]:
+                best[d] = (v, r, p)
+        want = sorted(best.values(), key=lambda e: -e[0])[: cfg.top_k]
+        got = read_examples(summary.paths["examples"], latent)
+        assert [(e["activation"], e["row_id"], e["pos"]) for e in got] == [(pytest.approx(v, abs=0, rel=0), r, p)
+                                                                          for v, r, p in want]
+        assert len({doc_of[e["row_id"]] for e in got}) == len(got)
+
+
+def test_min_frequency_keeps_stats_but_drops_examples(tmp_path):
+    sae, batches = make_sae(), make_batches()
+    cfg = DiscoverConfig(top_k=3, window_before=1, window_after=1, outlier_norm_multiple=None, min_frequency=0.3)
+    summary = discover(sae, iter(batches), tmp_path / "out", decode, cfg)
+    features = pq.read_table(summary.paths["features"]).to_pylist()
+    rare = {f["latent"] for f in features if f["frequency"] < 0.3}
+    assert rare and len(rare) < D_SAE
+    assert all(f["below_min_frequency"] == (f["latent"] in rare) for f in features)
+    assert all(f["n_fired"] >= 0 for f in features if f["latent"] in rare)
+    for latent in range(D_SAE):
+        got = read_examples(summary.paths["examples"], latent, kind=None)
+        assert (not got) == (latent in rare or features[latent]["n_fired"] == 0)
+
+
+def test_a_small_reservoir_samples_each_bin(tmp_path):
+    """With fewer slots than firing tokens, each latent keeps exactly n_quantiles × per-bin
+    sampled tokens, per_bin in each bin, all real firing tokens."""
+    sae, batches = make_sae(), make_batches(n_batches=6)
+    cfg = DiscoverConfig(top_k=2, window_before=1, window_after=1, outlier_norm_multiple=None, n_quantiles=2,
+                         quantile_examples=3)
+    summary = discover(sae, iter(batches), tmp_path / "out", decode, cfg)
+    entries, _, _, _ = reference(sae, batches, cfg)
+    crowded = [l for l, e in entries.items() if len(e) > cfg.reservoir]
+    assert crowded
+    for latent in crowded:
+        got = read_examples(summary.paths["examples"], latent, kind="quantile")
+        assert [e["bin"] for e in got] == [0, 0, 0, 1, 1, 1]
+        firing = {(r, p): v for v, r, p in entries[latent]}
+        assert all(firing[(e["row_id"], e["pos"])] == e["activation"] for e in got)
+
+
+def test_same_seed_same_samples(tmp_path):
+    cfg = DiscoverConfig(top_k=2, window_before=1, window_after=1, outlier_norm_multiple=None, seed=7)
+    runs = [discover(make_sae(), iter(make_batches()), tmp_path / f"o{i}", decode, cfg) for i in range(2)]
+    tables = [pq.read_table(r.paths["examples"]).to_pylist() for r in runs]
+    assert tables[0] == tables[1]
+    other = discover(make_sae(), iter(make_batches()), tmp_path / "o3", decode,
+                     DiscoverConfig(top_k=2, window_before=1, window_after=1, outlier_norm_multiple=None, seed=8))
+    assert pq.read_table(other.paths["examples"]).to_pylist() != tables[0]
