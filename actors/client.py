@@ -17,7 +17,7 @@ from actors import cluster
 from core.discover import read_examples
 from core.errors import UserError
 from storage import Registry, Settings
-from storage.registry import FINAL_STATES, SAE, Activation, Dataset, Job, Model, Template
+from storage.registry import FINAL_STATES, SAE, Activation, Dataset, Experiment, Job, Model, Template
 
 
 class Client:
@@ -121,6 +121,16 @@ class Client:
     def features(self, sae_id: str, order_by: str = "frequency", limit: int | None = None,
                  min_frequency: float = 0.0) -> list[dict[str, Any]]:
         return self.registry.features(sae_id, order_by=order_by, limit=limit, min_frequency=min_frequency)
+
+    def experiments(self, sae_id: str | None = None) -> list[dict[str, Any]]:
+        where = {"sae_id": sae_id} if sae_id else {}
+        return self.registry.list(Experiment, order_by=Experiment.created_at.desc(), **where)
+
+    def experiment(self, experiment_id: str) -> dict[str, Any]:
+        row = self.registry.get(Experiment, experiment_id)
+        if row is None:
+            raise UserError(f"no steering experiment {experiment_id!r}; list them with: mistudio steer list")
+        return row
 
     def examples(self, sae_id: str, latent: int) -> list[dict[str, Any]]:
         """The stored top contexts of one latent, read from Parquet by a filter (not the whole file)."""

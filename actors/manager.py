@@ -24,7 +24,7 @@ from actors.worker import NAMESPACE, ModelWorker
 from core import hooks, models, pipeline
 from core.errors import Cancelled, UserError
 from storage import Artifacts, Registry, Settings
-from storage.registry import SAE, Activation, Dataset, Job, Model, Template, new_id
+from storage.registry import SAE, Activation, Dataset, Experiment, Job, Model, Template, new_id
 
 
 def slug(text: str) -> str:
@@ -127,6 +127,15 @@ class JobManager:
             self._need(Dataset, spec.dataset_id, "dataset", "add it first with: mistudio datasets add")
         if kind == "pipeline":
             specs.discover_config(spec.top_k)
+        if kind == "steer":
+            sae = self._need(SAE, spec.sae_id, "SAE", "list them with: mistudio train list")
+            if not sae["model_id"]:
+                raise UserError(f"SAE {spec.sae_id} is not tied to a registered model; import it with --model")
+            if spec.prompt_template:
+                self._need(Template, (specs.PROMPT_SETS, spec.prompt_template), "steering prompt template",
+                           "list them with: mistudio templates list --kind steering_prompts")
+            elif not spec.prompts:
+                raise UserError("give at least one prompt (prompts or prompt_template)")
 
     @staticmethod
     def _check_k(cfg, d_in: int) -> None:
@@ -355,6 +364,24 @@ class JobManager:
         self.registry.replace_features(sae["id"], rows)
         self.registry.update(SAE, sae["id"], features_path=str(out), features_dataset_id=dataset["id"])
         return {k: v for k, v in res.items() if k != "paths"}
+
+    def _job_steer(self, job_id: str, spec: specs.SteerSpec) -> dict[str, Any]:
+        sae = self.registry.get(SAE, spec.sae_id)
+        model = self.registry.get(Model, sae["model_id"])
+        prompts = list(spec.prompts)
+        if spec.prompt_template:
+            prompts = self.registry.get(Template, (specs.PROMPT_SETS, spec.prompt_template))["values"]["prompts"] + prompts
+        record = self._call(job_id, "steer", {
+            "model_id": model["id"], "model_path": model["path"], "sae_path": sae["path"], "sae_id": sae["id"],
+            "prompts": prompts, "features": spec.features, "mode": spec.mode, "strengths": spec.strengths,
+            "generation": spec.generation, "name": spec.name})
+        out = {"outputs": record["outputs"]}
+        if spec.save:
+            exp_id = new_id("exp")
+            self.registry.add(Experiment(id=exp_id, name=spec.name or exp_id, sae_id=sae["id"], mode=spec.mode,
+                                         record=record))
+            out["experiment_id"] = exp_id
+        return out
 
     def _job_pipeline(self, job_id: str, spec: specs.PipelineSpec) -> dict[str, Any]:
         ext = self._job_extract(job_id, specs.ExtractSpec(spec.model_id, spec.dataset_id, [spec.layer], spec.site,

@@ -126,6 +126,26 @@ class PipelineSpec:
     """Leave out BOS/EOS and the tokenizer's other special tokens (they stay in the model's input)."""
 
 
+@dataclass
+class SteerSpec:
+    """Generate with SAE features steered, beside an unsteered baseline (core.steer)."""
+
+    sae_id: str
+    prompts: list[str] = field(default_factory=list)
+    features: list[dict[str, Any]] = field(default_factory=list)
+    """[{"latent": 12, "strength": 8.0, "mode": "add" | "clamp"}, ...]"""
+    mode: str = "compare"
+    """compare (each feature alone), blend (all together) or sweep (one feature, `strengths`)."""
+    strengths: list[float] = field(default_factory=list)
+    generation: dict[str, Any] = field(default_factory=dict)
+    """GenerationConfig fields: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, steer_prompt."""
+    prompt_template: str = ""
+    """Name of a saved steering_prompts template whose prompts come before `prompts`."""
+    name: str = ""
+    save: bool = True
+    """Keep the experiment in the registry."""
+
+
 SPECS: dict[str, type] = {
     "add_model": AddModelSpec,
     "add_dataset": AddDatasetSpec,
@@ -133,6 +153,7 @@ SPECS: dict[str, type] = {
     "train": TrainSpec,
     "discover": DiscoverSpec,
     "pipeline": PipelineSpec,
+    "steer": SteerSpec,
 }
 
 
@@ -212,6 +233,8 @@ def parse_spec(kind: str, values: dict[str, Any]):
         raise UserError(f"quantization {spec.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     if kind == "train":
         _check_train(spec)
+    if kind == "steer":
+        steer_request(spec)
     if kind == "discover":
         if not spec.all_sae_ids:
             raise UserError("a discover spec needs sae_id or sae_ids")
@@ -242,6 +265,21 @@ def _check_train(spec: TrainSpec) -> None:
     if spec.checkpoint_every < 0 or spec.keep_checkpoints < 1:
         raise UserError("checkpoint_every must be ≥ 0 and keep_checkpoints ≥ 1")
     train_variants(spec)
+
+
+def steer_request(spec: SteerSpec):
+    """The features and generation settings of a steer spec, checked (latents are checked
+    against the SAE on the worker)."""
+    from core.steer import MODES, GenerationConfig, SteerFeature
+
+    feats = [_config(SteerFeature, f, "steering feature") for f in spec.features]
+    if spec.mode not in MODES:
+        raise UserError(f"steering mode {spec.mode!r} is not one of {', '.join(MODES)}")
+    if not feats:
+        raise UserError('pick at least one feature: features=[{"latent": 12, "strength": 8.0}]')
+    gen = _config(GenerationConfig, spec.generation, "generation")
+    gen.check()
+    return feats, gen
 
 
 def discover_config(top_k: int, values: dict[str, Any] | None = None) -> DiscoverConfig:

@@ -18,7 +18,7 @@ import ray
 import torch
 
 from actors.progress import Reporter
-from core import models, pipeline
+from core import models, pipeline, steer
 from core.discover import DiscoverConfig
 from core.train import CheckpointConfig, RunSpec, TrainConfig
 from storage.settings import Settings
@@ -171,6 +171,21 @@ class ModelWorker:
             progress=lambda p: report({**p, **where}), should_cancel=report.should_cancel,
             exclude_token_ids=self._excluded(plan, tok))
         return summary._asdict()
+
+    def _steer(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
+        """Generations for a steer job; the SAE is loaded fresh (small) onto the model's device."""
+        from core.sae import load_saelens
+
+        model, tok = self._model(job_id, plan)
+        sae, cfg = load_saelens(plan["sae_path"])
+        sae = sae.to(next(model.parameters()).device)
+        feats = [steer.SteerFeature(**f) for f in plan["features"]]
+        gen = steer.GenerationConfig(**plan["generation"])
+        outputs = steer.steer(model, tok, sae, cfg.hook_name, plan["prompts"], feats, plan["mode"], gen,
+                              plan["strengths"] or None, progress=report)
+        exp = steer.Experiment(plan["mode"], plan["prompts"], feats, gen, outputs, hook_name=cfg.hook_name,
+                               sae=plan["sae_id"], strengths=plan["strengths"], name=plan["name"])
+        return exp.to_dict()
 
 
 def _renamed(d: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:

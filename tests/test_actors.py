@@ -236,3 +236,39 @@ def test_batch_discovery_goes_past_a_failed_sae(client, tiny_run, tmp_path):
     assert job["state"] == "failed" and "d_in=32" in job["message"]
     with pytest.raises(UserError, match="unknown discovery option"):
         client.submit("discover", {"dataset_id": tiny_run["dataset_id"], "sae_id": good, "config": {"topk": 3}})
+
+
+def test_steer_job_runs_on_the_worker_and_saves_the_experiment(client, tiny_run, tmp_path, capsys, monkeypatch):
+    from core.steer import Experiment
+    from ui import cli
+
+    sae_id = tiny_run["job"]["result"]["sae_id"]
+    client.save_template("steering_prompts", "greetings", {"prompts": ["Hello"]})
+    job = client.wait(client.submit("steer", {
+        "sae_id": sae_id, "prompts": ["The"], "prompt_template": "greetings", "mode": "sweep",
+        "features": [{"latent": 3, "strength": 0.0}], "strengths": [0.0, 30.0],
+        "generation": {"max_new_tokens": 4, "temperature": 0}}))
+    assert job["state"] == "completed", job["message"]
+    outs = job["result"]["outputs"]
+    assert [(o["prompt"], o["label"]) for o in outs] == [
+        (p, label) for p in ("Hello", "The") for label in ("baseline", "latent 3 add +0", "latent 3 add +30")]
+    assert outs[0]["token_ids"] == outs[1]["token_ids"]
+    exp = Experiment.from_dict(client.experiment(job["result"]["experiment_id"])["record"])
+    assert exp.sae == sae_id and exp.hook_name == "blocks.1.hook_resid_post" and exp.outputs[2].label.endswith("+30")
+    assert [e["id"] for e in client.experiments(sae_id)][0] == job["result"]["experiment_id"]
+
+    bad = client.wait(client.submit("steer", {"sae_id": sae_id, "prompts": ["x"],
+                                              "features": [{"latent": 9999, "strength": 1.0}]}))
+    assert bad["state"] == "failed" and bad["message"].startswith("latent 9999 is out of range")
+    with pytest.raises(UserError, match="unknown steering feature option"):
+        client.submit("steer", {"sae_id": sae_id, "prompts": ["x"], "features": [{"latnt": 1, "strength": 1.0}]})
+
+    monkeypatch.setenv("MISTUDIO_HOME", str(client.settings.home))
+    monkeypatch.setenv("MISTUDIO_RAY_ADDRESS", "local")
+    cli.main(["steer", "run", "--sae", sae_id, "--feature", "3:25", "--feature", "4:1:clamp", "--prompt", "Hi",
+              "--max-new-tokens", "3", "--name", "cli-run"])
+    out = capsys.readouterr().out
+    assert "[baseline]" in out and "[latent 3 add +25]" in out and "[latent 4 clamp 1]" in out
+    exp_id = out.strip().splitlines()[-1].split()[-1]
+    cli.main(["steer", "export", "--experiment", exp_id, "--out", str(tmp_path / "e.json")])
+    assert Experiment.from_json((tmp_path / "e.json").read_text()).name == "cli-run"

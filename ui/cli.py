@@ -195,6 +195,45 @@ def cmd_discover(a) -> None:
         table(c.features(a.sae, limit=a.limit), ["latent", "frequency", "max_act", "mean_act", "top_tokens"])
 
 
+def _feature_arg(text: str) -> dict[str, Any]:
+    """LATENT:STRENGTH[:add|clamp] → a steering feature."""
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        return {"latent": int(parts[0]), "strength": float(parts[1]), "mode": parts[2] if len(parts) == 3 else "add"}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"write a feature as LATENT:STRENGTH[:add|clamp], e.g. 12:8 or 5:3:clamp; "
+                                         f"got {text!r}") from None
+
+
+def cmd_steer(a) -> None:
+    c = client()
+    if a.action == "run":
+        gen = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p,
+               "top_k": a.top_k, "repetition_penalty": a.repetition_penalty, "seed": a.seed}
+        job = run_job(c, "steer", {"sae_id": a.sae, "prompts": a.prompt or [], "features": a.feature or [],
+                                   "mode": a.mode, "strengths": a.strengths or [], "generation": gen,
+                                   "prompt_template": a.prompt_template or "", "name": a.name})
+        for o in job["result"]["outputs"]:
+            ppl = f"{o['perplexity']:.2f}" if o["perplexity"] is not None else "–"
+            print(f"[{o['label']}] (perplexity {ppl})\n  {o['prompt']}{o['text']}")
+        if job["result"].get("experiment_id"):
+            print(f"saved experiment {job['result']['experiment_id']}")
+    elif a.action == "export":
+        from core.io import atomic_file
+
+        text = json.dumps(c.experiment(a.experiment)["record"], indent=1)
+        if a.out:
+            with atomic_file(Path(a.out)) as tmp:
+                tmp.write_text(text)
+            print(f"wrote {a.out}")
+        else:
+            print(text)
+    else:
+        table(c.experiments(a.sae), ["id", "name", "sae_id", "mode", "created_at"])
+
+
 def cmd_jobs(a) -> None:
     c = client()
     if a.action == "cancel":
@@ -429,6 +468,27 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--limit", type=int, default=20)
     di.set_defaults(fn=cmd_discover)
 
+    st = sub.add_parser("steer", help="generate with SAE features added or clamped, beside the unsteered baseline")
+    st.add_argument("action", choices=["run", "list", "export"])
+    st.add_argument("--sae")
+    st.add_argument("--feature", type=_feature_arg, action="append",
+                    help="LATENT:STRENGTH[:add|clamp]; repeat for several features")
+    st.add_argument("--prompt", action="append", help="a prompt; repeat for several")
+    st.add_argument("--prompt-template", default=None, help="a saved steering_prompts template")
+    st.add_argument("--mode", default="compare", choices=["compare", "blend", "sweep"])
+    st.add_argument("--strengths", type=lambda t: [float(x) for x in t.split(",")], default=None,
+                    help="sweep: comma-separated strengths, e.g. 0,4,8,16")
+    st.add_argument("--max-new-tokens", type=int, default=40)
+    st.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    st.add_argument("--top-p", type=float, default=1.0)
+    st.add_argument("--top-k", type=int, default=0)
+    st.add_argument("--repetition-penalty", type=float, default=1.0)
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--name", default="")
+    st.add_argument("--experiment", help="export: the experiment id")
+    st.add_argument("--out", default=None, help="export: write here instead of stdout")
+    st.set_defaults(fn=cmd_steer)
+
     tp = sub.add_parser("templates", help="save, list, export and import job forms and prompt sets as JSON")
     tp.add_argument("action", choices=["list", "show", "save", "delete", "export", "import"])
     tp.add_argument("name", nargs="?")
@@ -447,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 REQUIRED = {("extract", "run"): ["dataset"], ("train", "run"): ["activations"],
             ("discover", "run"): ["sae", "dataset"], ("discover", "show"): ["sae"],
+            ("steer", "run"): ["sae", "feature"], ("steer", "export"): ["experiment"],
             ("jobs", "watch"): ["job_id"], ("jobs", "show"): ["job_id"], ("jobs", "cancel"): ["job_id"]}
 
 
