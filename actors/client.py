@@ -7,6 +7,7 @@ ProgressActor, so a restarted UI finds every job and its live numbers on its fir
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Callable
 
@@ -28,9 +29,22 @@ class Client:
         self.registry = Registry(self.settings.database_url)
 
     # -- jobs ------------------------------------------------------------------------
-    def submit(self, kind: str, spec: dict[str, Any]) -> str:
-        """Enqueue a job; bad input raises UserError with a one-line reason."""
-        return _get(self.manager.submit.remote(kind, spec))["id"]
+    def submit(self, kind: str, spec: dict[str, Any], api_key: str | None = None) -> str:
+        """Enqueue a job; bad input raises UserError with a one-line reason.
+
+        An openai labeling job takes the endpoint's key from `api_key` or this process's
+        MISTUDIO_LABEL_API_KEY / OPENAI_API_KEY; it travels with the job in memory only."""
+        secrets = None
+        if kind == "label" and spec.get("method") == "openai":
+            from core.label import KEY_ENV
+
+            key = api_key or next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), "")
+            secrets = {"api_key": key} if key else None
+        return _get(self.manager.submit.remote(kind, spec, secrets))["id"]
+
+    def set_label(self, sae_id: str, latent: int, name: str, category: str = "other", description: str = "") -> dict:
+        """Write a feature's label by hand (source "user"); an empty name clears it."""
+        return _get(self.manager.set_label.remote(sae_id, latent, name, category, description))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return _get(self.manager.cancel.remote(job_id))

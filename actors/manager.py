@@ -41,6 +41,7 @@ class JobManager:
         self.progress = ray.get_actor("progress", namespace=NAMESPACE)
         self._queue: queue.Queue[str] = queue.Queue()
         self._worker = None
+        self._secrets: dict[str, dict[str, str]] = {}
         # Jobs left unfinished by a previous manager cannot be resumed yet: say so instead of
         # leaving them "running" forever.
         for job in self.registry.active_jobs():
@@ -48,8 +49,11 @@ class JobManager:
         threading.Thread(target=self._dispatch, daemon=True, name="dispatcher").start()
 
     # -- API -----------------------------------------------------------------------
-    def submit(self, kind: str, values: dict[str, Any]) -> dict[str, Any]:
-        """Validate and enqueue; raises UserError (also recorded as a failed job) on bad input."""
+    def submit(self, kind: str, values: dict[str, Any], secrets: dict[str, str] | None = None) -> dict[str, Any]:
+        """Validate and enqueue; raises UserError (also recorded as a failed job) on bad input.
+
+        `secrets` (an endpoint's API key) stay in this actor's memory for the job's run and are
+        never written to the registry."""
         spec = specs.parse_spec(kind, values)
         refs = {k: getattr(spec, k) for k in ("model_id", "dataset_id", "sae_id") if hasattr(spec, k)}
         job = self.registry.create_job(kind, specs.to_dict(spec), **refs)
@@ -60,6 +64,8 @@ class JobManager:
             raise
         self.progress.report.remote(job["id"], {"phase": "queued", "done": 0, "fraction": 0.0,
                                                 "message": "queued, waiting for a worker"})
+        if secrets:
+            self._secrets[job["id"]] = dict(secrets)
         self._queue.put(job["id"])
         return job
 
@@ -127,6 +133,16 @@ class JobManager:
             self._need(Dataset, spec.dataset_id, "dataset", "add it first with: mistudio datasets add")
         if kind == "pipeline":
             specs.discover_config(spec.top_k)
+        if kind in ("analyze", "label"):
+            sae = self._need(SAE, spec.sae_id, "SAE", "list them with: mistudio train list")
+            if not sae["features_path"] or not sae["model_id"]:
+                raise UserError(f"SAE {spec.sae_id} has no discovered features yet; run: mistudio discover run "
+                                f"--sae {spec.sae_id} --dataset <dataset-id>")
+            if kind == "label" and spec.method == "local" and spec.model_id:
+                self._need(Model, spec.model_id, "model", "add it first with: mistudio models add")
+            if kind == "label" and spec.template:
+                self._need(Template, (specs.LABEL_PROMPT, spec.template), "label prompt template",
+                           "list them with: mistudio templates list --kind label_prompt")
         if kind == "steer":
             sae = self._need(SAE, spec.sae_id, "SAE", "list them with: mistudio train list")
             if not sae["model_id"]:
@@ -382,6 +398,68 @@ class JobManager:
                                          record=record))
             out["experiment_id"] = exp_id
         return out
+
+    def _job_analyze(self, job_id: str, spec: specs.AnalyzeSpec) -> dict[str, Any]:
+        sae = self.registry.get(SAE, spec.sae_id)
+        model = self.registry.get(Model, sae["model_id"])
+        dataset = self.registry.get(Dataset, sae["features_dataset_id"]) if sae["features_dataset_id"] else None
+        res = self._call(job_id, "analyze", {
+            "model_id": model["id"], "model_path": model["path"], "sae_path": sae["path"],
+            "features_path": sae["features_path"], "dataset_path": dataset["path"] if dataset else "",
+            "latents": spec.latents or None, "config": spec.config})
+        self.set_state(job_id, "saving", "recording the analysis")
+        self.registry.update_features(sae["id"], [{"latent": int(k), "analysis": v} for k, v in res.items()])
+        return {"latents": len(res), "ablations": sum("ablation" in v for v in res.values())}
+
+    def _job_label(self, job_id: str, spec: specs.LabelSpec) -> dict[str, Any]:
+        sae = self.registry.get(SAE, spec.sae_id)
+        feats = self.registry.features(sae["id"])  # most frequent first
+        wanted = set(spec.latents)
+        rows = [f for f in feats if (f["latent"] in wanted if wanted else f["n_fired"] > 0)]
+        if spec.keep_user_labels:
+            rows = [f for f in rows if f["label_source"] != "user"]
+        rows = rows[: spec.limit or None]
+        model = self.registry.get(Model, spec.model_id or sae["model_id"])
+        template = self.registry.get(Template, (specs.LABEL_PROMPT, spec.template))["values"] if spec.template else None
+        plan = {"method": spec.method, "features_path": sae["features_path"], "template": template,
+                "detection": spec.detection, "base_url": spec.base_url, "endpoint_model": spec.endpoint_model,
+                "api_key": self._secrets.pop(job_id, {}).get("api_key", ""),
+                "features": [{k: f[k] for k in ("latent", "top_tokens", "frequency", "analysis")} for f in rows]}
+        if spec.method == "local":
+            plan |= {"model_id": model["id"], "model_path": model["path"]}
+        res = self._call(job_id, "label", plan)
+        self.set_state(job_id, "saving", "recording labels")
+        analyses = {f["latent"]: f["analysis"] for f in rows}
+        updates = []
+        for latent, lab in res["labels"].items():
+            row = {"latent": int(latent), "label": lab["name"], "category": lab["category"],
+                   "description": lab["description"], "label_source": lab["source"]}
+            if "detection" in lab:
+                row["analysis"] = {**analyses[int(latent)], "detection": lab["detection"]}
+            updates.append(row)
+        self.registry.update_features(sae["id"], [u for u in updates if "analysis" not in u])
+        self.registry.update_features(sae["id"], [u for u in updates if "analysis" in u])
+        note = f"labeled {len(updates)} of {len(rows)} features"
+        if res["errors"]:
+            note += f"; {len(res['errors'])} failed, e.g. latent {next(iter(res['errors']))}: " \
+                    f"{next(iter(res['errors'].values()))}"
+        return {"labeled": len(updates), "failed": res["errors"], "note": note}
+
+    def set_label(self, sae_id: str, latent: int, name: str, category: str = "other",
+                  description: str = "") -> dict[str, Any]:
+        """A label written by a person (source "user"); an empty name clears the label."""
+        from core.label import CATEGORIES
+
+        if category not in CATEGORIES:
+            raise UserError(f"category {category!r} is not one of {', '.join(CATEGORIES)}")
+        sae = self._need(SAE, sae_id, "SAE", "list them with: mistudio train list")
+        if not 0 <= latent < sae["d_sae"]:
+            raise UserError(f"latent {latent} is out of range: {sae_id} has latents 0-{sae['d_sae'] - 1}")
+        name = " ".join(name.split())
+        self.registry.update_features(sae_id, [{"latent": latent, "label": name, "category": category if name else "",
+                                                "description": description.strip() if name else "",
+                                                "label_source": "user" if name else ""}])
+        return {"latent": latent, "label": name}
 
     def _job_pipeline(self, job_id: str, spec: specs.PipelineSpec) -> dict[str, Any]:
         ext = self._job_extract(job_id, specs.ExtractSpec(spec.model_id, spec.dataset_id, [spec.layer], spec.site,

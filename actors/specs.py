@@ -146,6 +146,42 @@ class SteerSpec:
     """Keep the experiment in the registry."""
 
 
+@dataclass
+class AnalyzeSpec:
+    """Feature analysis of a discovered SAE (core.pipeline.analyze_features)."""
+
+    sae_id: str
+    latents: list[int] = field(default_factory=list)
+    """Latents to analyse; empty → every live latent."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """AnalyzeConfig fields: n_logits, n_similar, n_coactive, nlp, ablation_latents, ablation_top, ..."""
+
+
+@dataclass
+class LabelSpec:
+    """Label features: heuristic (no model), local (a registered Hugging Face model) or openai
+    (an OpenAI-compatible endpoint; its key from MISTUDIO_LABEL_API_KEY of the submitting process)."""
+
+    sae_id: str
+    method: str = "heuristic"
+    latents: list[int] = field(default_factory=list)
+    """Latents to label; empty → live latents, most frequent first, up to `limit`."""
+    limit: int = 0
+    """At most this many latents (0: all)."""
+    model_id: str = ""
+    """local: the labeling model; empty → the SAE's own model."""
+    base_url: str = ""
+    """openai: e.g. http://127.0.0.1:8000/v1."""
+    endpoint_model: str = ""
+    """openai: the model name the endpoint serves."""
+    template: str = ""
+    """A saved label_prompt template; empty → the default prompt."""
+    detection: bool = False
+    """Also score each label by detection (local and openai)."""
+    keep_user_labels: bool = True
+    """Leave labels a person wrote alone."""
+
+
 SPECS: dict[str, type] = {
     "add_model": AddModelSpec,
     "add_dataset": AddDatasetSpec,
@@ -154,7 +190,10 @@ SPECS: dict[str, type] = {
     "discover": DiscoverSpec,
     "pipeline": PipelineSpec,
     "steer": SteerSpec,
+    "analyze": AnalyzeSpec,
+    "label": LabelSpec,
 }
+LABEL_METHODS = ("heuristic", "local", "openai")
 
 
 PROMPT_SETS = "steering_prompts"
@@ -235,6 +274,15 @@ def parse_spec(kind: str, values: dict[str, Any]):
         _check_train(spec)
     if kind == "steer":
         steer_request(spec)
+    if kind == "analyze":
+        analyze_config(spec.config)
+    if kind == "label":
+        if spec.method not in LABEL_METHODS:
+            raise UserError(f"labeling method {spec.method!r} is not one of {', '.join(LABEL_METHODS)}")
+        if spec.method == "openai" and not (spec.base_url and spec.endpoint_model):
+            raise UserError("openai labeling needs base_url (e.g. http://127.0.0.1:8000/v1) and endpoint_model")
+        if spec.limit < 0:
+            raise UserError(f"limit={spec.limit} must be 0 (all) or more")
     if kind == "discover":
         if not spec.all_sae_ids:
             raise UserError("a discover spec needs sae_id or sae_ids")
@@ -265,6 +313,12 @@ def _check_train(spec: TrainSpec) -> None:
     if spec.checkpoint_every < 0 or spec.keep_checkpoints < 1:
         raise UserError("checkpoint_every must be ≥ 0 and keep_checkpoints ≥ 1")
     train_variants(spec)
+
+
+def analyze_config(values: dict[str, Any]):
+    from core.pipeline import AnalyzeConfig
+
+    return _config(AnalyzeConfig, values, "analysis")
 
 
 def steer_request(spec: SteerSpec):

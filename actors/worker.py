@@ -172,6 +172,27 @@ class ModelWorker:
             exclude_token_ids=self._excluded(plan, tok))
         return summary._asdict()
 
+    def _analyze(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
+        model, tok = self._model(job_id, plan)
+        cfg = pipeline.AnalyzeConfig(**plan["config"])
+        return pipeline.analyze_features(model, tok, Path(plan["sae_path"]), Path(plan["features_path"]),
+                                         Path(plan["dataset_path"]), cfg, plan["latents"], progress=report,
+                                         should_cancel=report.should_cancel)
+
+    def _label(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
+        from core import label
+
+        labeler = None
+        if plan["method"] == "local":
+            model, tok = self._model(job_id, plan)
+            labeler = label.LocalLabeler(model, tok, plan["model_id"])
+        elif plan["method"] == "openai":
+            labeler = label.OpenAILabeler(plan["base_url"], plan["endpoint_model"], api_key=plan["api_key"])
+        self._state(job_id, "running")
+        template = label.PromptTemplate(**plan["template"]) if plan["template"] else label.DEFAULT_TEMPLATE
+        return label.label_features(labeler, plan["features"], Path(plan["features_path"]), template,
+                                    detection=plan["detection"], progress=report, should_cancel=report.should_cancel)
+
     def _steer(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
         """Generations for a steer job; the SAE is loaded fresh (small) onto the model's device."""
         from core.sae import load_saelens

@@ -544,8 +544,13 @@ def read_histogram(out_dir: str | os.PathLike, latent: int) -> tuple[list[float]
 def coactive_features(examples_path: str | os.PathLike, latent: int, n: int = 10) -> list[dict]:
     """Latents that fire at the same tokens as `latent`'s examples (top and quantile): how many
     of its examples each appears in, and its mean activation there; most frequent first."""
+    return rank_coactive(read_examples(examples_path, latent, kind=None), n)
+
+
+def rank_coactive(examples: Iterable[dict], n: int = 10) -> list[dict]:
+    """`coactive_features` over example rows already read."""
     counts: dict[int, list[float]] = {}
-    for ex in read_examples(examples_path, latent, kind=None):
+    for ex in examples:
         for other, act in zip(ex.get("coactive_latents") or [], ex.get("coactive_acts") or []):
             counts.setdefault(other, []).append(act)
     ranked = sorted(counts.items(), key=lambda kv: (-len(kv[1]), -float(np.mean(kv[1])), kv[0]))

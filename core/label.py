@@ -335,3 +335,37 @@ def detection_score(scorer, label: Label, positives: list[str], negatives: list[
     tn = len(negatives) - fp
     return DetectionResult(0.5 * (tp / len(positives) + tn / len(negatives)), tp, len(positives) - tp, tn, fp,
                            len(positives) + len(negatives))
+
+
+def label_features(labeler, features: list[dict], features_dir, template: PromptTemplate = DEFAULT_TEMPLATE,
+                   detection: bool = False, n_detect: int = 5, progress: Callable[[dict], None] | None = None,
+                   should_cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Label registry feature rows (latent, top_tokens, frequency, analysis) from their discovered
+    examples; with `detection` (and a model), score each label on its top contexts against other
+    features' contexts. Returns {"labels": {latent: label dict}, "errors": {latent: message}}."""
+    import pyarrow.parquet as pq
+
+    from core.discover import EXAMPLES_FILE
+
+    latents = {f["latent"] for f in features}
+    table = pq.read_table(f"{features_dir}/{EXAMPLES_FILE}", columns=["latent", "kind", "tokens", "max_index"],
+                          filters=[("kind", "=", "top")])
+    examples: dict[int, list[dict]] = {}
+    for row in table.to_pylist():
+        if row["latent"] in latents:
+            examples.setdefault(row["latent"], []).append(row)
+    contexts = [FeatureContext.build(f["latent"], f, examples.get(f["latent"], []), (f.get("analysis") or {}).get("nlp"),
+                                     (f.get("analysis") or {}).get("logits")) for f in features]
+    labels, errors = label_many(labeler, contexts, template, progress, should_cancel)
+    out = {i: lab.to_dict() for i, lab in labels.items()}
+    if detection and labeler is not None:
+        texts = {i: ["".join(e["tokens"]) for e in ex[:n_detect]] for i, ex in examples.items()}
+        order = sorted(texts)
+        for i, lab in labels.items():
+            others = [t for j in order if j != i for t in texts[j][:1]][:n_detect]
+            if texts.get(i) and others:
+                try:
+                    out[i]["detection"] = detection_score(labeler, lab, texts[i], others)._asdict()
+                except UserError as e:
+                    errors[i] = str(e)
+    return {"labels": out, "errors": errors}

@@ -20,7 +20,7 @@ import torch
 from core import data, evaluate, extract, hooks
 from core.data import TokenBatch
 from core.discover import DiscoverConfig, DiscoverySummary, discover
-from core.errors import UserError
+from core.errors import Cancelled, UserError
 from core.io import atomic_file
 from core.sae import SAEConfig, load_saelens, save_saelens
 from core.train import CheckpointConfig, RunSpec, Source, TrainConfig, TrainResult, replayable, train_saes
@@ -266,4 +266,107 @@ def decode_tokens(tokenizer, ids: list[int]) -> list[str]:
 def _total_tokens(dataset_dir: Path, max_tokens: int | None) -> int:
     tokens = data.read_stats(dataset_dir).tokens
     return min(tokens, max_tokens) if max_tokens else tokens
+
+
+
+@dataclasses.dataclass
+class AnalyzeConfig:
+    """What `analyze_features` computes; every number is measured or read off the weights."""
+
+    n_logits: int = 10
+    """Promoted and suppressed tokens per latent (logit effects)."""
+    n_similar: int = 10
+    """Nearest latents by decoder cosine."""
+    n_coactive: int = 10
+    """Latents most often firing at the same tokens as the latent's examples."""
+    nlp: bool = True
+    """spaCy summary of each latent's top contexts."""
+    ablation_latents: list[int] = dataclasses.field(default_factory=list)
+    """Latents whose ablation effect is measured (two forwards over their contexts each)."""
+    ablation_top: int = 8
+    """Also measure the ablation of this many of the most frequent live latents."""
+    ablation_contexts: int = 8
+    """Top contexts per measured latent."""
+    ablation_after: int = 16
+    """Tokens after the max position kept in each context (the row's prefix is always whole)."""
+
+
+def analyze_features(model, tokenizer, sae_dir: Path, features_dir: Path, dataset_dir: Path, cfg: AnalyzeConfig,
+                     latents: Sequence[int] | None = None, progress: Progress = None,
+                     should_cancel: CancelCheck = None) -> dict[int, dict[str, Any]]:
+    """Per live latent (or `latents`): logit effects, similar and co-active features, an NLP
+    summary, and for a chosen few the measured ablation effect — as JSON-ready dicts."""
+    from core import analysis, nlp
+    from core.discover import EXAMPLES_FILE, FEATURES_FILE, rank_coactive
+
+    sae, sae_cfg = load_saelens(sae_dir)
+    sae = sae.to(next(model.parameters()).device)
+    feats = pq.read_table(Path(features_dir) / FEATURES_FILE, columns=["latent", "n_fired", "frequency"]).to_pylist()
+    live = [f["latent"] for f in sorted(feats, key=lambda f: -f["frequency"]) if f["n_fired"] > 0]
+    targets = sorted(set(live if latents is None else latents))
+    if not targets:
+        return {}
+    report = _stage_reporter(progress, len(targets))
+    out: dict[int, dict[str, Any]] = {i: {} for i in targets}
+    eff = analysis.logit_effects(model, sae, targets, n=cfg.n_logits)
+    strings = lambda rows: [decode_tokens(tokenizer, r) for r in rows]
+    for j, i in enumerate(targets):
+        out[i]["logits"] = {"pos_str": strings([eff.top_ids[j]])[0], "pos_values": eff.top_values[j],
+                            "neg_str": strings([eff.bottom_ids[j]])[0], "neg_values": eff.bottom_values[j],
+                            "final_norm": eff.final_norm}
+    ids, cos = analysis.similar_features(sae, targets, n=cfg.n_similar)
+    for j, i in enumerate(targets):
+        out[i]["similar"] = [[a, b] for a, b in zip(ids[j], cos[j])]
+    report("logits and similar features", len(targets))
+
+    examples = _examples_by_latent(Path(features_dir) / EXAMPLES_FILE, set(targets))
+    for i in targets:
+        out[i]["coactive"] = rank_coactive(examples.get(i, []), cfg.n_coactive)
+    if cfg.nlp:
+        for n_done, i in enumerate(targets, start=1):
+            _check(should_cancel)
+            out[i]["nlp"] = nlp.analyze([e for e in examples.get(i, []) if e["kind"] == "top"]).to_dict()
+            if n_done % 64 == 0 or n_done == len(targets):
+                report("NLP", n_done)
+    chosen = [i for i in dict.fromkeys([*cfg.ablation_latents, *live[:cfg.ablation_top]]) if i in out]
+    for n_done, i in enumerate(chosen, start=1):
+        _check(should_cancel)
+        top = [e for e in examples.get(i, []) if e["kind"] == "top"][: cfg.ablation_contexts]
+        rows = data.read_rows(dataset_dir, [e["row_id"] for e in top])
+        ctx = [torch.from_numpy(rows[e["row_id"]][: e["pos"] + 1 + cfg.ablation_after]) for e in top]
+        try:
+            ab = analysis.ablation_effect(model, sae, sae_cfg.hook_name, ctx, [e["pos"] for e in top], i,
+                                          pad_id=tokenizer.pad_token_id or 0)
+        except UserError as e:  # e.g. every context ends at its max token: say so on the feature
+            out[i]["ablation"] = {"error": str(e)}
+            continue
+        d = ab._asdict()
+        d["dropped_str"] = decode_tokens(tokenizer, ab.dropped_ids)
+        d["raised_str"] = decode_tokens(tokenizer, ab.raised_ids)
+        out[i]["ablation"] = d
+        report("ablation", n_done, len(chosen))
+    return out
+
+
+def _check(should_cancel: CancelCheck) -> None:
+    if should_cancel is not None and should_cancel():
+        raise Cancelled("analysis cancelled")
+
+
+def _stage_reporter(progress: Progress, total: int):
+    def report(stage: str, done: int, of: int | None = None):
+        if progress is not None:
+            progress({"phase": "analyze", "stage": stage, "done": done, "total": of or total, "unit": "latents"})
+    return report
+
+
+def _examples_by_latent(path: Path, latents: set[int]) -> dict[int, list[dict[str, Any]]]:
+    """Every example row of the given latents, read once (columns a feature analysis needs)."""
+    cols = ["latent", "kind", "row_id", "pos", "tokens", "max_index", "coactive_latents", "coactive_acts"]
+    table = pq.read_table(path, columns=cols)
+    by: dict[int, list[dict[str, Any]]] = {}
+    for row in table.to_pylist():
+        if row["latent"] in latents:
+            by.setdefault(row["latent"], []).append(row)
+    return by
 

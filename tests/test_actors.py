@@ -272,3 +272,43 @@ def test_steer_job_runs_on_the_worker_and_saves_the_experiment(client, tiny_run,
     exp_id = out.strip().splitlines()[-1].split()[-1]
     cli.main(["steer", "export", "--experiment", exp_id, "--out", str(tmp_path / "e.json")])
     assert Experiment.from_json((tmp_path / "e.json").read_text()).name == "cli-run"
+
+
+def test_analyze_label_and_edit_features(client, tiny_run):
+    """Analysis fills every live feature's logit effects, neighbours, co-active latents and NLP
+    summary, and measures the ablation of the most frequent ones; heuristic and local-model
+    labels are written; a person's label is kept by later labeling."""
+    sae_id = tiny_run["job"]["result"]["sae_id"]
+    job = client.wait(client.submit("analyze", {"sae_id": sae_id, "config": {"ablation_top": 2, "n_logits": 4}}))
+    assert job["state"] == "completed", job["message"]
+    feats = client.features(sae_id)
+    live = [f for f in feats if f["n_fired"] > 0]
+    assert job["result"]["latents"] == len(live) and job["result"]["ablations"] == 2
+    top = live[0]["analysis"]
+    assert len(top["logits"]["pos_str"]) == 4 and "not applied" in top["logits"]["final_norm"]
+    assert len(top["similar"]) == 10 and top["nlp"]["n_examples"] >= 1 and top["nlp"]["summary"]
+    assert all(c["latent"] != live[0]["latent"] for c in top["coactive"])
+    ab = top["ablation"]
+    assert ab["n_contexts"] >= 1 and len(ab["delta_loss_at_max"]) == ab["n_contexts"] and ab["dropped_str"]
+
+    client.set_label(sae_id, live[1]["latent"], "my own label", "semantic", "written by hand")
+    job = client.wait(client.submit("label", {"sae_id": sae_id, "method": "heuristic"}))
+    assert job["state"] == "completed", job["message"]
+    by = {f["latent"]: f for f in client.features(sae_id)}
+    assert by[live[0]["latent"]]["label_source"] == "heuristic" and by[live[0]["latent"]]["label"]
+    assert (by[live[1]["latent"]]["label"], by[live[1]["latent"]]["label_source"]) == ("my own label", "user")
+
+    job = client.wait(client.submit("label", {"sae_id": sae_id, "method": "local", "limit": 2, "detection": True}))
+    assert job["state"] == "completed", job["message"]
+    assert job["result"]["labeled"] + len(job["result"]["failed"]) == 2
+    local = [f for f in client.features(sae_id) if f["label_source"] == "local:tiny-llama"]
+    assert len(local) == job["result"]["labeled"]
+    assert all(0 <= f["analysis"]["detection"]["balanced_accuracy"] <= 1 for f in local)
+    assert "logits" in local[0]["analysis"], "detection is added to the analysis, not replacing it"
+
+    with pytest.raises(UserError, match="category 'colour' is not one of"):
+        client.set_label(sae_id, 0, "x", "colour")
+    with pytest.raises(UserError, match="latent 99999 is out of range"):
+        client.set_label(sae_id, 99999, "x")
+    with pytest.raises(UserError, match="openai labeling needs base_url"):
+        client.submit("label", {"sae_id": sae_id, "method": "openai"})
