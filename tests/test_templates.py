@@ -20,7 +20,8 @@ def test_save_list_export_import_round_trip(client):
     client.save_template("discover", "quick", values)
     client.save_template("steering_prompts", "cities", {"prompts": ["I live in", "The capital of France is"]})
     assert {(t["kind"], t["name"]) for t in client.templates()} >= {("discover", "quick"), ("steering_prompts", "cities")}
-    assert [t["name"] for t in client.templates("steering_prompts")] == ["cities"]
+    prompt_sets = client.templates("steering_prompts")  # the session's registry may hold others
+    assert "cities" in [t["name"] for t in prompt_sets] and {t["kind"] for t in prompt_sets} == {"steering_prompts"}
 
     exported = client.export_template("discover", "quick")
     doc = json.loads(exported)
