@@ -148,10 +148,47 @@ class Client:
 
     def examples(self, sae_id: str, latent: int) -> list[dict[str, Any]]:
         """The stored top contexts of one latent, read from Parquet by a filter (not the whole file)."""
+        return read_examples(f"{self._discovered(sae_id)['features_path']}/examples.parquet", latent)
+
+    def feature_documents(self, sae_id: str, latents: list[int] | None = None) -> list[dict[str, Any]]:
+        """Feature-page documents (core.export) of the given latents, else of every live latent."""
+        from core.export import feature_documents
+
+        sae = self._discovered(sae_id)
+        rows = self.registry.features(sae_id)
+        if latents is not None:
+            wanted = set(latents)
+            rows = [r for r in rows if r["latent"] in wanted]
+            missing = wanted - {r["latent"] for r in rows}
+            if missing:
+                raise UserError(f"latent {min(missing)} is out of range: {sae_id} has latents 0-{sae['d_sae'] - 1}")
+        else:
+            rows = [r for r in rows if r["n_fired"] > 0]
+        return feature_documents(rows, sae["features_path"])
+
+    def export_features(self, sae_id: str, fmt: str, out: str, latents: list[int] | None = None) -> str:
+        """Write a Neuronpedia batch folder or a dashboard bundle (.zip); returns the path."""
+        from core import export
+        from core.hooks import parse_hook_name
+
+        if fmt not in ("neuronpedia", "bundle"):
+            raise UserError(f"export format {fmt!r} is not one of neuronpedia, bundle")
+        sae = self._discovered(sae_id)
+        docs = self.feature_documents(sae_id, latents)
+        if fmt == "neuronpedia":
+            layer = parse_hook_name(sae["hook_name"])[0]
+            export.write_neuronpedia(docs, out, sae["model_id"] or "", layer, sae["name"])
+        else:
+            meta = {k: sae[k] for k in ("id", "name", "model_id", "hook_name", "architecture", "d_in", "d_sae", "k",
+                                        "metrics")}
+            export.write_bundle(docs, out, {"sae": meta})
+        return out
+
+    def _discovered(self, sae_id: str) -> dict[str, Any]:
         sae = self.registry.get(SAE, sae_id)
         if sae is None or not sae.get("features_path"):
             raise UserError(f"SAE {sae_id!r} has no discovered features; run: mistudio discover run --sae {sae_id}")
-        return read_examples(f"{sae['features_path']}/examples.parquet", latent)
+        return sae
 
     def feature_table(self, sae_id: str):
         sae = self.registry.get(SAE, sae_id)

@@ -7,7 +7,7 @@ import pytest
 
 from ui import cli
 
-COMMANDS = ["demo", "run", "ui", "stop", "models", "datasets", "extract", "train", "discover", "jobs", "templates", "steer"]
+COMMANDS = ["demo", "run", "ui", "stop", "models", "datasets", "extract", "train", "discover", "jobs", "templates", "steer", "features"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

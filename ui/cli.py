@@ -195,6 +195,63 @@ def cmd_discover(a) -> None:
         table(c.features(a.sae, limit=a.limit), ["latent", "frequency", "max_act", "mean_act", "top_tokens"])
 
 
+def cmd_features(a) -> None:
+    c = client()
+    if a.action == "analyze":
+        cfg = {"ablation_top": a.ablation_top, "nlp": not a.no_nlp}
+        job = run_job(c, "analyze", {"sae_id": a.sae, "latents": a.latents or [], "config": cfg})
+        print(json.dumps(job["result"]))
+    elif a.action == "autolabel":
+        job = run_job(c, "label", {"sae_id": a.sae, "method": a.method, "latents": a.latents or [], "limit": a.limit,
+                                   "model_id": a.label_model or "", "base_url": a.base_url or "",
+                                   "endpoint_model": a.endpoint_model or "", "template": a.template or "",
+                                   "detection": a.detection})
+        print(job["message"])
+    elif a.action == "label":
+        if a.latent is None or a.name is None:
+            raise UserError("features label needs --latent and --name (an empty --name clears the label)")
+        c.set_label(a.sae, a.latent, a.name, a.category, a.description)
+        print(f"latent {a.latent}: {a.name!r}" if a.name else f"latent {a.latent}: label cleared")
+    elif a.action == "export":
+        if not a.out:
+            raise UserError("features export needs --out (a folder for neuronpedia, a .zip for bundle)")
+        print(f"wrote {c.export_features(a.sae, a.format, a.out, a.latents)}")
+    else:
+        if a.latent is None:
+            raise UserError("features show needs --latent")
+        print(feature_text(c.feature_documents(a.sae, [a.latent])[0]))
+
+
+def feature_text(doc: dict[str, Any]) -> str:
+    """A feature page as text: label, numbers, logit effects, neighbours, NLP, ablation, contexts."""
+    ex = doc["explanation"]
+    lines = [f"latent {doc['feature_index']}: {ex['name'] or '(no label)'}"
+             + (f" [{ex['category']}, {ex['source']}]" if ex["name"] else ""),
+             f"  frequency {doc['frac_nonzero']:.4%}  max {doc['max_act']:.4g}  mean {doc['mean_act']:.4g}"]
+    if ex["description"]:
+        lines.append(f"  {ex['description']}")
+    if doc["pos_str"]:
+        lines.append("  promotes  " + " ".join(repr(t) for t in doc["pos_str"][:8]))
+        lines.append("  suppresses " + " ".join(repr(t) for t in doc["neg_str"][:8]))
+    if doc["similar_features"]:
+        lines.append("  similar   " + ", ".join(f"#{i} ({c:.2f})" for i, c in doc["similar_features"][:5]))
+    if doc["coactive_features"]:
+        lines.append("  co-active " + ", ".join(f"#{x['latent']} ×{x['count']}" for x in doc["coactive_features"][:5]))
+    if doc.get("nlp"):
+        lines.append(f"  NLP: {doc['nlp']['summary']}")
+    ab = doc.get("ablation") or {}
+    if "mean_delta_loss_at_max" in ab:
+        lines.append(f"  ablation: next-token loss {ab['mean_delta_loss_at_max']:+.4f} nats at the max token, "
+                     f"{ab['mean_delta_loss_after']:+.4f} after ({ab['n_contexts']} contexts)")
+    for a in doc["activations"]:
+        kind = "top" if a["bin_min"] == -1 else f"q {a['bin_min']:.3g}-{a['bin_max']:.3g}"
+        toks = a["tokens"]
+        i = a["maxValueTokenIndex"]
+        text = "".join(toks[:i]) + "[[" + toks[i] + "]]" + "".join(toks[i + 1:])
+        lines.append(f"  {kind:>16} {a['maxValue']:8.3f}  {text!r}")
+    return "\n".join(lines)
+
+
 def _feature_arg(text: str) -> dict[str, Any]:
     """LATENT:STRENGTH[:add|clamp] → a steering feature."""
     parts = text.split(":")
@@ -468,6 +525,27 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--limit", type=int, default=20)
     di.set_defaults(fn=cmd_discover)
 
+    fe = sub.add_parser("features", help="a feature's page, labels, analysis and exports")
+    fe.add_argument("action", choices=["show", "label", "analyze", "autolabel", "export"])
+    fe.add_argument("--sae")
+    fe.add_argument("--latent", type=int, default=None)
+    fe.add_argument("--latents", type=_layers, default=None, help="comma-separated latents (default: all live)")
+    fe.add_argument("--name", default=None, help="label: the label's name ('' clears it)")
+    fe.add_argument("--category", default="other")
+    fe.add_argument("--description", default="")
+    fe.add_argument("--ablation-top", type=int, default=8, help="analyze: measure the ablation of this many latents")
+    fe.add_argument("--no-nlp", action="store_true", help="analyze: skip the spaCy summaries")
+    fe.add_argument("--method", default="heuristic", choices=["heuristic", "local", "openai"])
+    fe.add_argument("--limit", type=int, default=0, help="autolabel: at most this many latents, most frequent first")
+    fe.add_argument("--label-model", default=None, help="autolabel local: a registered model (default: the SAE's)")
+    fe.add_argument("--base-url", default=None, help="autolabel openai: e.g. http://127.0.0.1:8000/v1")
+    fe.add_argument("--endpoint-model", default=None, help="autolabel openai: the served model's name")
+    fe.add_argument("--template", default=None, help="autolabel: a saved label_prompt template")
+    fe.add_argument("--detection", action="store_true", help="autolabel: score each label by detection")
+    fe.add_argument("--format", default="neuronpedia", choices=["neuronpedia", "bundle"])
+    fe.add_argument("--out", default=None)
+    fe.set_defaults(fn=cmd_features)
+
     st = sub.add_parser("steer", help="generate with SAE features added or clamped, beside the unsteered baseline")
     st.add_argument("action", choices=["run", "list", "export"])
     st.add_argument("--sae")
@@ -507,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 REQUIRED = {("extract", "run"): ["dataset"], ("train", "run"): ["activations"],
             ("discover", "run"): ["sae", "dataset"], ("discover", "show"): ["sae"],
-            ("steer", "run"): ["sae", "feature"], ("steer", "export"): ["experiment"],
+            ("steer", "run"): ["sae", "feature"], ("features", "show"): ["sae"], ("features", "label"): ["sae"],
+            ("features", "analyze"): ["sae"], ("features", "autolabel"): ["sae"], ("features", "export"): ["sae"], ("steer", "export"): ["experiment"],
             ("jobs", "watch"): ["job_id"], ("jobs", "show"): ["job_id"], ("jobs", "cancel"): ["job_id"]}
 
 
