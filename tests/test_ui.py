@@ -17,6 +17,7 @@ from streamlit.testing.v1 import AppTest
 UI = Path(__file__).resolve().parents[1] / "ui"
 APP, JOBS, FEATURES = str(UI / "app.py"), str(UI / "app_pages" / "jobs.py"), str(UI / "app_pages" / "features.py")
 SYSTEM = str(UI / "app_pages" / "system.py")
+STEERING = str(UI / "app_pages" / "steering.py")
 TIMEOUT = 60  # the first run imports the engine and connects
 
 
@@ -152,7 +153,7 @@ def test_features_page_lists_features_and_contexts(tiny_run, ui_client):
     assert len(at.get("vega_lite_chart")) >= 4  # training curves: loss, MSE, FVU, L0, dead fraction
     (table,) = at.dataframe
     df = table.value
-    assert list(df.columns) == ["latent", "frequency", "n_fired", "max_act", "mean_act", "top_tokens"]
+    assert list(df.columns) == ["latent", "label", "frequency", "n_fired", "max_act", "mean_act", "top_tokens"]
     assert len(df) > 0 and (df["n_fired"] > 0).all()
     assert df["frequency"].is_monotonic_decreasing
     live = {f["latent"] for f in ui_client.features(sae_id) if f["n_fired"] > 0}
@@ -163,9 +164,10 @@ def test_features_page_lists_features_and_contexts(tiny_run, ui_client):
     assert latent == int(df["latent"].iloc[0])
     examples = ui_client.examples(sae_id, latent)
     assert examples
-    (block,) = at.html
-    assert block.value.count("background-color: rgba(255, 127, 14,") >= sum(len(e["tokens"]) for e in examples)
-    assert "outline" in block.value
+    top_block, quantile_block = at.html  # top contexts, then quantile samples (in an expander)
+    assert top_block.value.count("background-color: rgba(255, 127, 14,") >= sum(len(e["tokens"]) for e in examples)
+    assert "outline" in top_block.value and "–" in quantile_block.value  # quantile rows show their bin range
+    assert any("Activation histogram" in m.value for m in at.markdown)
 
     # pick another latent
     other = int(df["latent"].iloc[-1])
@@ -188,6 +190,50 @@ def test_features_page_lists_features_and_contexts(tiny_run, ui_client):
     found = at.dataframe[0].value
     assert feature["latent"] in set(found["latent"])
     assert len(found) <= len(df)
+
+
+def test_feature_page_label_editing_and_jobs(tiny_run, ui_client):
+    sae_id = tiny_run["job"]["result"]["sae_id"]
+    at = run_page(FEATURES)
+    at.selectbox(key="sae").select(sae_id).run()
+    latent = at.selectbox(key="latent").value
+    at.text_input(key=f"label_name-{latent}").input("edited in the browser")
+    at.selectbox(key=f"label_category-{latent}").select("semantic")
+    at.button[[b.label for b in at.button].index("Save label")].click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    row = next(f for f in ui_client.features(sae_id) if f["latent"] == latent)
+    assert (row["label"], row["category"], row["label_source"]) == ("edited in the browser", "semantic", "user")
+    assert any("edited in the browser" in m.value for m in at.markdown)
+
+    before = {j["id"] for j in ui_client.jobs()}
+    at.button(key="analyze").click().run()
+    new = [j for j in ui_client.jobs() if j["id"] not in before]
+    assert [j["kind"] for j in new] == ["analyze"] and any(new[0]["id"] in x.value for x in at.success)
+    assert ui_client.wait(new[0]["id"], timeout=300)["state"] == "completed"
+    at.run()
+    # the page shows the most frequent latent, one of the 8 whose ablation the button measures
+    assert any("Ablation effect" in m.value for m in at.markdown)
+    assert list(at.dataframe[1].value.columns) == ["promotes", "+", "suppresses", "−"]
+    assert any("final norm" in c.value for c in at.caption), "logit effects say what was applied"
+
+
+def test_steering_page_compares_with_the_baseline(tiny_run, ui_client):
+    sae_id = tiny_run["job"]["result"]["sae_id"]
+    at = run_page(STEERING)
+    at.selectbox(key="steer_sae").select(sae_id).run()
+    latent = next(f["latent"] for f in ui_client.features(sae_id) if f["n_fired"] > 0)
+    at.multiselect(key="steer_latents").select(latent).run()
+    at.number_input(key=f"steer_strength-{latent}").set_value(40.0)
+    at.text_area(key="steer_prompts").input("Hello\nThe end")
+    at.number_input(key="steer_max_tokens").set_value(4)
+    at.button(key="steer_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    labels = [m.value for m in at.markdown if m.value.startswith("*") and not m.value.startswith("**")]
+    assert labels[:2] == ["*baseline* · perplexity " + labels[0].split("perplexity ")[1],
+                          f"*latent {latent} add +40* · perplexity " + labels[1].split("perplexity ")[1]]
+    assert len(at.code) >= 4  # two prompts × (baseline, steered)
+    exp = ui_client.experiments(sae_id)[0]
+    assert exp["mode"] == "compare" and any(exp["id"] in c.value for c in at.caption)
 
 
 def test_features_page_before_any_discovery_says_how(monkeypatch, ui_client):
@@ -218,6 +264,8 @@ def test_app_navigates_between_pages(tiny_run, ui_client):
     at.switch_page("app_pages/features.py").run()
     assert not at.exception
     assert at.title[0].value == "Features"
+    at.switch_page("app_pages/steering.py").run()
+    assert not at.exception and at.title[0].value == "Steering"
     at.switch_page("app_pages/system.py").run()
     assert not at.exception
     assert at.title[0].value == "System"

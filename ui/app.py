@@ -11,6 +11,7 @@ st.set_page_config(page_title="miStudio", layout="wide")
 pages = st.navigation([
     st.Page("app_pages/jobs.py", title="Jobs", icon=":material/play_circle:", default=True),
     st.Page("app_pages/features.py", title="Features", icon=":material/insights:"),
+    st.Page("app_pages/steering.py", title="Steering", icon=":material/tune:"),
     st.Page("app_pages/system.py", title="System", icon=":material/monitor_heart:"),
 ])
 pages.run()

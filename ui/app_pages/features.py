@@ -5,8 +5,11 @@ from __future__ import annotations
 import html
 from typing import Any
 
+import altair as alt
 import pandas as pd
 import streamlit as st
+
+from core.label import CATEGORIES
 
 from ui.widgets import fmt_number, get_client, guard, line_charts, token_html, top_token_text
 
@@ -41,13 +44,13 @@ def _matches(row: dict[str, Any], query: str) -> bool:
     q = query.lower()
     if q.strip().isdigit() and int(q) == row["latent"]:
         return True
-    return any(q in str(t[0] if isinstance(t, (list, tuple)) and t else t).lower()
-               for t in row.get("top_tokens") or [])
+    return q in (row.get("label") or "").lower() or any(
+        q in str(t[0] if isinstance(t, (list, tuple)) and t else t).lower() for t in row.get("top_tokens") or [])
 
 
 def features_table(client, sae: dict[str, Any]) -> tuple[pd.DataFrame, dict[int, dict[str, Any]]]:
     c = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
-    query = c[0].text_input("Search top tokens", key="search", placeholder="a token, e.g. def or (  — or a latent number")
+    query = c[0].text_input("Search tokens and labels", key="search", placeholder="a token or label, e.g. def or (  — or a latent number")
     min_freq = c[1].number_input("Min frequency", min_value=0.0, max_value=1.0, value=0.0, step=0.0001,
                                  format="%.4f", key="min_frequency", help="fraction of tokens the latent fires on")
     order = c[2].selectbox("Sort by", list(SORTS), format_func=SORTS.get, key="order_by")
@@ -58,15 +61,16 @@ def features_table(client, sae: dict[str, Any]) -> tuple[pd.DataFrame, dict[int,
     if query:
         rows = [r for r in rows if _matches(r, query)]
     by_latent = {r["latent"]: r for r in rows}
-    df = pd.DataFrame([{"latent": r["latent"], "frequency": r["frequency"], "n_fired": r["n_fired"],
+    df = pd.DataFrame([{"latent": r["latent"], "label": r["label"], "frequency": r["frequency"], "n_fired": r["n_fired"],
                         "max_act": r["max_act"], "mean_act": r["mean_act"],
                         "top_tokens": top_token_text(r["top_tokens"])} for r in rows],
-                      columns=["latent", "frequency", "n_fired", "max_act", "mean_act", "top_tokens"])
+                      columns=["latent", "label", "frequency", "n_fired", "max_act", "mean_act", "top_tokens"])
     st.caption(f"{len(df):,} of {fmt_number(sae.get('d_sae'))} latents · select a row, or pick a latent below")
     event = st.dataframe(
         df, hide_index=True, key="features_table", on_select="rerun", selection_mode="single-row", height=320,
         column_config={
             "latent": st.column_config.NumberColumn("latent", format="%d"),
+            "label": st.column_config.TextColumn("label", width="medium"),
             "frequency": st.column_config.NumberColumn("frequency", format="%.5f", help="fraction of tokens"),
             "n_fired": st.column_config.NumberColumn("fired", format="%d", help="tokens it fired on"),
             "max_act": st.column_config.NumberColumn("max act", format="%.3f"),
@@ -92,29 +96,122 @@ def contexts(client, sae: dict[str, Any], latents: list[int], by_latent: dict[in
     st.session_state["latent_sae"] = sae["id"]
     latent = st.selectbox(
         "Latent", latents, key="latent",
-        format_func=lambda i: f"{i} · freq {by_latent[i]['frequency']:.4g} · {top_token_text(by_latent[i]['top_tokens'], 5)}")
-    feat = by_latent[latent]
+        format_func=lambda i: f"{i} · {by_latent[i]['label'] or top_token_text(by_latent[i]['top_tokens'], 5)} · "
+                              f"freq {by_latent[i]['frequency']:.4g}")
+    doc = client.feature_documents(sae["id"], [latent])[0]
+    feature_page(client, sae, doc)
+
+
+def feature_page(client, sae: dict[str, Any], doc: dict[str, Any]) -> None:
+    """Everything known about one feature, rendered from its export document (core.export)."""
+    latent = doc["feature_index"]
+    label_editor(client, sae, doc)
     c = st.columns(4)
-    c[0].metric("Frequency", f"{feat['frequency']:.4%}")
-    c[1].metric("Fired on", fmt_number(feat["n_fired"]), help="tokens")
-    c[2].metric("Max activation", fmt_number(feat["max_act"], 4))
-    c[3].metric("Mean activation", fmt_number(feat["mean_act"], 4))
-    examples = client.examples(sae["id"], latent)
-    if not examples:
-        st.caption("No stored contexts for this latent (it never fired on the dataset).")
+    c[0].metric("Frequency", f"{doc['frac_nonzero']:.4%}")
+    c[1].metric("Fired on", fmt_number(doc["n_fired"]), help="tokens")
+    c[2].metric("Max activation", fmt_number(doc["max_act"], 4))
+    c[3].metric("Mean activation", fmt_number(doc["mean_act"], 4))
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Activation histogram** (log-spaced bins, exact counts)")
+        if doc["freq_hist_data_bar_values"]:
+            hist = pd.DataFrame({"activation": doc["freq_hist_data_bar_values"],
+                                 "tokens": doc["freq_hist_data_bar_heights"]})
+            st.altair_chart(alt.Chart(hist).mark_bar().encode(
+                x=alt.X("activation:Q", scale=alt.Scale(type="log"), title="activation"),
+                y=alt.Y("tokens:Q", title="tokens")).properties(height=180), use_container_width=True)
+        else:
+            st.caption("No histogram (the latent never fired, or discovery predates histograms).")
+    with right:
+        st.markdown("**Logit effects**")
+        if doc["pos_str"]:
+            st.caption(doc["logits_final_norm"])
+            st.dataframe(pd.DataFrame({"promotes": doc["pos_str"], "+": doc["pos_values"],
+                                       "suppresses": doc["neg_str"], "−": doc["neg_values"]}),
+                         hide_index=True, height=200)
+        else:
+            st.caption("Not analysed yet: press Analyze features above.")
+    a, b, n = st.columns(3)
+    with a:
+        st.markdown("**Similar features** (decoder cosine)")
+        st.write(", ".join(f"#{i} ({cos:.2f})" for i, cos in doc["similar_features"][:8]) or "–")
+    with b:
+        st.markdown("**Co-occurring features** (at its examples' tokens)")
+        st.write(", ".join(f"#{x['latent']} ×{x['count']}" for x in doc["coactive_features"][:8]) or "–")
+    with n:
+        st.markdown("**NLP summary**")
+        st.write((doc.get("nlp") or {}).get("summary") or "–")
+    ab = doc.get("ablation") or {}
+    if "mean_delta_loss_at_max" in ab:
+        st.markdown(f"**Ablation effect** (measured on {ab['n_contexts']} top contexts): next-token loss "
+                    f"{ab['mean_delta_loss_at_max']:+.4f} nats at the max token, {ab['mean_delta_loss_after']:+.4f} "
+                    f"on average after it; prediction falls most for {', '.join(repr(t) for t in ab['dropped_str'][:5])}.")
+    elif ab.get("error"):
+        st.caption(f"Ablation: {ab['error']}")
+    detection = doc.get("detection")
+    if detection:
+        st.caption(f"Label detection score: balanced accuracy {detection['balanced_accuracy']:.2f} "
+                   f"over {detection['n']} texts (0.5 is chance).")
+    acts = doc["activations"]
+    if not acts:
+        st.caption("No stored contexts for this latent (it never fired, or it is below the minimum frequency).")
         return
-    st.caption(f"Top {len(examples)} contexts · shading from 0 to the latent's max activation "
-               f"({feat['max_act']:.3f}); the outlined token is where the context's maximum sits; hover for values.")
+    top = [x for x in acts if x["bin_min"] == -1]
+    quant = [x for x in acts if x["bin_min"] != -1]
+    st.markdown(f"**Top {len(top)} contexts** · shading from 0 to the max activation ({doc['max_act']:.3f}); "
+                "the outlined token is the context's maximum; hover for values.")
+    st.html(_context_rows(top, doc["max_act"]))
+    if quant:
+        with st.expander(f"Quantile samples ({len(quant)} contexts from across the activation range)"):
+            st.html(_context_rows(quant, doc["max_act"], ranges=True))
+
+
+def _context_rows(acts: list[dict[str, Any]], max_act: float, ranges: bool = False) -> str:
     lines = []
-    for ex in sorted(examples, key=lambda e: e.get("rank", 0)):
-        label = html.escape(f"{ex['activation']:.3f}")
+    for a in acts:
+        label = html.escape(f"{a['maxValue']:.3f}")
+        if ranges:
+            label += f'<br><span style="color: #888; font-size: 0.7rem;">{a["bin_min"]:.3g}–{a["bin_max"]:.3g}</span>'
         lines.append(
             '<div style="display: flex; gap: 0.75rem; align-items: baseline; padding: 0.3rem 0; '
             'border-bottom: 1px solid rgba(128,128,128,0.2);">'
             f'<div style="min-width: 4.5rem; font-family: monospace; color: #b34700;">{label}</div>'
-            f'<div style="flex: 1;">{token_html(ex["tokens"], ex["acts"], feat["max_act"], ex.get("max_index"))}'
+            f'<div style="flex: 1;">{token_html(a["tokens"], a["values"], max_act, a["maxValueTokenIndex"])}'
             "</div></div>")
-    st.html("".join(lines))
+    return "".join(lines)
+
+
+def label_editor(client, sae: dict[str, Any], doc: dict[str, Any]) -> None:
+    ex = doc["explanation"]
+    latent = doc["feature_index"]
+    st.markdown(f"### Latent {latent}: {html.escape(ex['name']) or '_no label yet_'}")
+    if ex["name"]:
+        st.caption(f"{ex['category']} · by {ex['source']}" + (f" · {ex['description']}" if ex["description"] else ""))
+    with st.expander("Edit label"):
+        with st.form(key=f"label-{sae['id']}-{latent}"):
+            name = st.text_input("Name", value=ex["name"], key=f"label_name-{latent}")
+            cats = list(CATEGORIES)
+            category = st.selectbox("Category", cats, index=cats.index(ex["category"]) if ex["category"] in cats
+                                    else cats.index("other"), key=f"label_category-{latent}")
+            description = st.text_area("Description", value=ex["description"], key=f"label_description-{latent}")
+            if st.form_submit_button("Save label"):
+                client.set_label(sae["id"], latent, name, category, description)
+                st.success(f"Saved the label of latent {latent}.")
+                st.rerun()
+
+
+def feature_jobs(client, sae: dict[str, Any]) -> None:
+    """Start analysis and labeling of this SAE's features (they run as jobs on the worker)."""
+    c = st.columns([1, 1, 1, 2], vertical_alignment="bottom")
+    if c[0].button("Analyze features", key="analyze", help="logit effects, neighbours, NLP, measured ablations"):
+        job_id = client.submit("analyze", {"sae_id": sae["id"], "config": {"ablation_top": 8}})
+        st.success(f"Started analysis job `{job_id}`; follow it on the Jobs page.")
+    method = c[1].selectbox("Labeling", ["heuristic", "local"], key="label_method",
+                            help="heuristic: from tokens and NLP, instant; local: the SAE's model writes labels")
+    if c[2].button("Auto-label", key="autolabel"):
+        spec = {"sae_id": sae["id"], "method": method, "limit": 0 if method == "heuristic" else 50}
+        job_id = client.submit("label", spec)
+        st.success(f"Started labeling job `{job_id}`; hand-written labels are kept.")
 
 
 def page() -> None:
@@ -136,8 +233,9 @@ def page() -> None:
     sae = by_id[sae_id]
     sae_summary(sae)
     st.subheader("Latents")
+    feature_jobs(client, sae)
     df, by_latent = features_table(client, sae)
-    st.subheader("Top contexts")
+    st.subheader("Feature")
     contexts(client, sae, df["latent"].astype(int).tolist(), by_latent)
 
 
