@@ -171,15 +171,32 @@ def _gather(view: _BatchView, keys: torch.Tensor, flat: torch.Tensor, before: in
             "co_lat": view.co_i[flat], "co_val": view.co_v[flat]}
 
 
-def _top_candidates(view: _BatchView, cand: torch.Tensor, c: int, one_per_document: bool) -> tuple:
-    """Each latent's best `c` tokens among `cand` (or best rows, one token each): keys, flat."""
+def _segment_top(seg: torch.Tensor, key: torch.Tensor, n_seg: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For entries grouped by `seg` (e.g. latent), each group's `c` largest keys: keys [n_seg, c]
+    (-inf where a group has fewer) and entry indices (-1 there). Two stable sorts, no loop."""
+    order = torch.argsort(key, descending=True, stable=True)
+    order = order[torch.argsort(seg[order], stable=True)]
+    s = seg[order]
+    counts = torch.bincount(s, minlength=n_seg)
+    rank = torch.arange(len(s), device=seg.device) - (torch.cumsum(counts, 0) - counts)[s]
+    keep = rank < c
+    keys = torch.full((n_seg, c), -torch.inf, device=key.device, dtype=key.dtype)
+    entry = torch.full((n_seg, c), -1, dtype=torch.long, device=seg.device)
+    keys[s[keep], rank[keep]] = key[order[keep]]
+    entry[s[keep], rank[keep]] = order[keep]
+    return keys, entry
+
+
+def _per_token_top(tok: torch.Tensor, lat: torch.Tensor, val: torch.Tensor, n: int, m: int):
+    """Each token's m strongest firing latents and their activations ([n, m]; -1 / 0 where fewer)."""
+    keys, entry = _segment_top(tok, val, n, m)
+    return torch.where(entry >= 0, lat[entry.clamp_min(0)], -1), torch.where(entry >= 0, keys, 0.0)
+
+
+def _best_per_row(view: _BatchView, cand: torch.Tensor, c: int) -> tuple:
+    """Each latent's best `c` rows of the batch, one token each (its best): keys, flat."""
     z = view.z
-    if not one_per_document:
-        zc = z if len(cand) == len(z) else z[cand]
-        keys, top = zc.topk(min(c, len(cand)), dim=0)
-        return keys.T, cand[top.T]
-    # The best token of each row per latent, then the best rows; rows of one document (here or
-    # in the table) are merged in `_merge`.
+    # Rows of one document (here or in the table) are merged in `_merge`.
     B, T = view.pos_map.shape
     dense = torch.full((B * T, z.shape[1]), -torch.inf, device=z.device)
     dense[view.b_idx[cand] * T + view.t_idx[cand]] = z[cand]
@@ -250,7 +267,7 @@ def discover(
     device = next(sae.parameters()).device
     d_sae = int(sae.W_dec.shape[0])
     w = cfg.window_before + 1 + cfg.window_after
-    m = min(cfg.n_coactive + 1, d_sae)  # +1: the latent itself is among its token's strongest
+    m = min(cfg.n_coactive + 1, d_sae) if cfg.n_coactive else 1  # +1: the latent itself is among its token's strongest
     top = _empty_table(d_sae, cfg.top_k, w, m, device)
     sample = _empty_table(d_sae, cfg.reservoir, w, m, device) if cfg.reservoir else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -271,7 +288,8 @@ def discover(
         b_idx, t_idx = mask.nonzero(as_tuple=True)
         if len(b_idx) == 0:
             continue
-        x = acts[b_idx, t_idx].float()
+        # rows without padding (the usual case) are a view, not a copy
+        x = (acts.reshape(-1, acts.shape[-1]) if bool(mask.all()) else acts[b_idx, t_idx]).float()
         z = sae.encode(x).float()
         norms = x.norm(dim=1)
         if threshold is None:
@@ -284,26 +302,34 @@ def discover(
         if len(cand):
             pos_map = torch.full(mask.shape, -1, dtype=torch.long, device=device)
             pos_map[b_idx, t_idx] = torch.arange(len(b_idx), device=device)
-            co_v, co_i = z.topk(m, dim=1)
+            # Everything below reads only the firing (token, latent) entries: a TopK SAE's z has
+            # k nonzeros per token, so this is O(n·k) work instead of passes over [n, d_sae].
+            z_ok = z[cand] if len(cand) < len(z) else z
+            tok, lat = (z_ok > 0).nonzero(as_tuple=True)  # sorted by token
+            val = z_ok[tok, lat]
+            tok = cand[tok]  # rows of z
+            if cfg.n_coactive:
+                co_i, co_v = _per_token_top(tok, lat, val, len(z), m)
+            else:
+                co_i, co_v = torch.full((len(z), 1), -1, device=device), torch.zeros((len(z), 1), device=device)
             view = _BatchView(z, b_idx, t_idx, pos_map, input_ids, row_ids, doc_ids, co_i, co_v)
-            keys, flat = _top_candidates(view, cand, cfg.top_k, cfg.one_per_document)
+            if cfg.one_per_document:
+                keys, flat = _best_per_row(view, cand, cfg.top_k)
+            else:
+                keys, entry = _segment_top(lat, val, d_sae, cfg.top_k)
+                flat = tok[entry.clamp_min(0)]
             top = _merge(top, _gather(view, keys, flat, cfg.window_before, cfg.window_after), cfg.top_k,
                          dedup_docs=cfg.one_per_document)
-            z_ok = z[cand] if len(cand) < len(z) else z
             if sample is not None:
                 # uniform random keys on firing pairs: the reservoir keeps the top-S keys
-                rand = torch.rand(z_ok.shape, generator=gen, device=device)
-                rand = torch.where(z_ok > 0, rand, -torch.inf)
-                rk, rtop = rand.topk(min(cfg.reservoir, len(cand)), dim=0)
-                sample = _merge(sample, _gather(view, rk.T, cand[rtop.T], cfg.window_before, cfg.window_after),
-                                cfg.reservoir)
-            # Column reductions in fp32/int32 (a float64 or int64 reduction over [n, d_sae] is
-            # several times slower); per-batch sums are accumulated in float64.
-            n_fired += (z_ok > 0).sum(0, dtype=torch.int32)
-            sum_act += z_ok.sum(0)
-            max_act = torch.maximum(max_act, z_ok.amax(0))
-            tok, lat = (z_ok > 0).nonzero(as_tuple=True)
-            bins = torch.bucketize(z_ok[tok, lat], edges)
+                rand = torch.rand(val.shape, generator=gen, device=device)
+                rk, entry = _segment_top(lat, rand, d_sae, cfg.reservoir)
+                sample = _merge(sample, _gather(view, rk, tok[entry.clamp_min(0)], cfg.window_before,
+                                                cfg.window_after), cfg.reservoir)
+            n_fired += torch.bincount(lat, minlength=d_sae)
+            sum_act.index_add_(0, lat, val.double())
+            max_act = max_act.scatter_reduce(0, lat, val, "amax")
+            bins = torch.bucketize(val, edges)
             hist.index_add_(0, lat * (len(HIST_EDGES) + 1) + bins, torch.ones_like(bins))
             tokens += len(cand)
         if progress is not None:
