@@ -428,6 +428,9 @@ class JobManager:
         if spec.method == "local":
             plan |= {"model_id": model["id"], "model_path": model["path"]}
         res = self._call(job_id, "label", plan)
+        if rows and not res["labels"]:  # nothing labeled (an endpoint down, say): the job fails with the reason
+            raise UserError(f"no feature was labeled; latent {next(iter(res['errors']))}: "
+                            f"{next(iter(res['errors'].values()))}")
         self.set_state(job_id, "saving", "recording labels")
         analyses = {f["latent"]: f["analysis"] for f in rows}
         updates = []

@@ -176,7 +176,8 @@ class ModelWorker:
         model, tok = self._model(job_id, plan)
         cfg = pipeline.AnalyzeConfig(**plan["config"])
         return pipeline.analyze_features(model, tok, Path(plan["sae_path"]), Path(plan["features_path"]),
-                                         Path(plan["dataset_path"]), cfg, plan["latents"], progress=report,
+                                         Path(plan["dataset_path"]) if plan["dataset_path"] else None, cfg,
+                                         plan["latents"], progress=report,
                                          should_cancel=report.should_cancel)
 
     def _label(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:

@@ -88,6 +88,9 @@ CODE_CHARS = set("(){}[]<>=;:._/\\#*&|$@`'\"")
 
 def heuristic_label(ctx: FeatureContext) -> Label:
     """A label from the top tokens and the NLP summary alone."""
+    if ctx.top_tokens and not any(t.strip() for t in ctx.top_tokens[:3]):
+        return Label("whitespace and line breaks", "format/code",
+                     f"Fires on layout: {', '.join(repr(t) for t in ctx.top_tokens[:3])}.")
     toks = [t for t in ctx.top_tokens if t.strip()] or ctx.top_tokens
     n_pos = sum(ctx.pos.values())
     if toks and all(set(t.strip()) <= CODE_CHARS for t in toks[:3] if t.strip()) and any(t.strip() for t in toks[:3]):
@@ -105,7 +108,7 @@ def heuristic_label(ctx: FeatureContext) -> Label:
         return Label(POS_NAMES.get(tag, tag.lower()), "syntax",
                      f"Fires on {POS_NAMES.get(tag, tag.lower())}: {', '.join(repr(t) for t in toks[:3])}. "
                      f"{ctx.nlp_summary}".strip())
-    name = " / ".join(t.strip() for t in toks[:3]) or f"latent {ctx.latent}"
+    name = " / ".join(t.strip() or repr(t) for t in toks[:3]) or f"latent {ctx.latent}"
     return Label(name[:MAX_NAME], "other", f"Top tokens {', '.join(repr(t) for t in toks[:5])}. {ctx.nlp_summary}".strip())
 
 

@@ -85,18 +85,28 @@ def _share(counter: Counter, total: int) -> tuple[str, float]:
 def analyze(examples: list[dict], nlp=None) -> NlpSummary:
     """POS, entities, words and neighbouring n-grams of the max-activating words of `examples`
     (dicts with `tokens`, a list of decoded token strings, and `max_index`)."""
-    usable = [e for e in examples if e.get("tokens") and 0 <= (e.get("max_index") or 0) < len(e["tokens"])]
-    if not usable:
-        return NlpSummary(0, summary="No contexts to analyse.")
+    return analyze_many({0: examples}, nlp)[0]
+
+
+def analyze_many(examples: dict[int, list[dict]], nlp=None, per_feature: int = 10) -> dict[int, NlpSummary]:
+    """`analyze` for many features at once: one `nlp.pipe` over every window (the parser, which
+    nothing here reads, is skipped), at most `per_feature` windows each."""
     nlp = nlp or load_spacy()
-    spans = [_window_text(list(e["tokens"]), int(e.get("max_index") or 0)) for e in usable]
-    pos, ents, ent_texts, lemmas, before, after = Counter(), Counter(), Counter(), Counter(), Counter(), Counter()
-    n = 0
-    for doc, (_, start, end) in zip(nlp.pipe([s[0] for s in spans]), spans):
+    jobs = []  # (key, text, start, end)
+    for key, exs in examples.items():
+        for e in exs[:per_feature]:
+            toks, i = list(e.get("tokens") or []), int(e.get("max_index") or 0)
+            if toks and 0 <= i < len(toks):
+                jobs.append((key, *_window_text(toks, i)))
+    counters = {key: [Counter() for _ in range(6)] for key in examples}
+    n = Counter()
+    disable = [p for p in ("parser",) if p in nlp.pipe_names]
+    for doc, (key, _, start, end) in zip(nlp.pipe([j[1] for j in jobs], batch_size=256, disable=disable), jobs):
         word = _max_word(doc, start, end)
         if word is None:
             continue
-        n += 1
+        pos, ents, ent_texts, lemmas, before, after = counters[key]
+        n[key] += 1
         pos[word.pos_] += 1
         if word.ent_type_:
             ents[word.ent_type_] += 1
@@ -108,11 +118,14 @@ def analyze(examples: list[dict], nlp=None) -> NlpSummary:
         at = sum(1 for t in doc[:word.i] if not t.is_space)
         before.update(_ngrams(words[:at], before=True))
         after.update(_ngrams(words[at + 1:], before=False))
-    summary = NlpSummary(n, dict(pos.most_common()), dict(ents.most_common()), [t for t, _ in ent_texts.most_common(TOP)],
-                         [list(x) for x in lemmas.most_common(TOP)], [list(x) for x in before.most_common(TOP)],
-                         [list(x) for x in after.most_common(TOP)])
-    summary.summary = _describe(summary)
-    return summary
+    out = {}
+    for key, (pos, ents, ent_texts, lemmas, before, after) in counters.items():
+        s = NlpSummary(n[key], dict(pos.most_common()), dict(ents.most_common()),
+                       [t for t, _ in ent_texts.most_common(TOP)], [list(x) for x in lemmas.most_common(TOP)],
+                       [list(x) for x in before.most_common(TOP)], [list(x) for x in after.most_common(TOP)])
+        s.summary = _describe(s)
+        out[key] = s
+    return out
 
 
 POS_NAMES = {"NOUN": "nouns", "PROPN": "proper nouns", "VERB": "verbs", "ADJ": "adjectives", "ADV": "adverbs",

@@ -291,7 +291,7 @@ class AnalyzeConfig:
     """Tokens after the max position kept in each context (the row's prefix is always whole)."""
 
 
-def analyze_features(model, tokenizer, sae_dir: Path, features_dir: Path, dataset_dir: Path, cfg: AnalyzeConfig,
+def analyze_features(model, tokenizer, sae_dir: Path, features_dir: Path, dataset_dir: Path | None, cfg: AnalyzeConfig,
                      latents: Sequence[int] | None = None, progress: Progress = None,
                      should_cancel: CancelCheck = None) -> dict[int, dict[str, Any]]:
     """Per live latent (or `latents`): logit effects, similar and co-active features, an NLP
@@ -323,12 +323,16 @@ def analyze_features(model, tokenizer, sae_dir: Path, features_dir: Path, datase
     for i in targets:
         out[i]["coactive"] = rank_coactive(examples.get(i, []), cfg.n_coactive)
     if cfg.nlp:
-        for n_done, i in enumerate(targets, start=1):
+        for start in range(0, len(targets), 512):  # one spaCy pass per chunk of latents
             _check(should_cancel)
-            out[i]["nlp"] = nlp.analyze([e for e in examples.get(i, []) if e["kind"] == "top"]).to_dict()
-            if n_done % 64 == 0 or n_done == len(targets):
-                report("NLP", n_done)
-    chosen = [i for i in dict.fromkeys([*cfg.ablation_latents, *live[:cfg.ablation_top]]) if i in out]
+            chunk = targets[start:start + 512]
+            tops = {i: [e for e in examples.get(i, []) if e["kind"] == "top"] for i in chunk}
+            for i, summary in nlp.analyze_many(tops).items():
+                out[i]["nlp"] = summary.to_dict()
+            report("NLP", start + len(chunk))
+    # ablation re-reads the contexts' rows: only possible when the discovery dataset is known
+    chosen = [i for i in dict.fromkeys([*cfg.ablation_latents, *live[:cfg.ablation_top]]) if i in out] \
+        if dataset_dir is not None else []
     for n_done, i in enumerate(chosen, start=1):
         _check(should_cancel)
         top = [e for e in examples.get(i, []) if e["kind"] == "top"][: cfg.ablation_contexts]

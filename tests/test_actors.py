@@ -312,3 +312,10 @@ def test_analyze_label_and_edit_features(client, tiny_run):
         client.set_label(sae_id, 99999, "x")
     with pytest.raises(UserError, match="openai labeling needs base_url"):
         client.submit("label", {"sae_id": sae_id, "method": "openai"})
+    before = {f["latent"]: f["label"] for f in client.features(sae_id)}
+    down = client.wait(client.submit("label", {"sae_id": sae_id, "method": "openai", "limit": 2,
+                                               "base_url": "http://127.0.0.1:9/v1", "endpoint_model": "m"},
+                                     api_key="sk-never-stored"))
+    assert down["state"] == "failed" and "labeling endpoint http://127.0.0.1:9/v1 is unreachable" in down["message"]
+    assert {f["latent"]: f["label"] for f in client.features(sae_id)} == before, "nothing else lost"
+    assert "sk-never-stored" not in str(client.job(down["id"]))

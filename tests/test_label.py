@@ -30,6 +30,7 @@ def test_marked_puts_the_max_token_in_brackets():
     (ctx(top=(" run", " walk", " jump"), examples=["a<< run>>", "b<< walk>>"], pos={"VERB": 9, "NOUN": 1}),
      "verbs", "syntax"),
     (ctx(top=(" a", " b"), examples=["x<< a>>", "y<< b>>"]), "a / b", "other"),
+    (ctx(top=("\n", "\n\n  "), examples=["x<<\n>>"]), "whitespace and line breaks", "format/code"),
 ])
 def test_heuristic_labels(c, name, category):
     lab = heuristic_label(c)

@@ -387,6 +387,10 @@ def run_demo(c, layer: int, max_tokens: int) -> str:
                                                 "context_length": DEMO_DEFAULTS["context_length"]})["result"]["dataset_id"]
     job = run_job(c, "pipeline", {"model_id": EMBEDDED_ID, "dataset_id": dataset_id, "layer": layer,
                                   "max_tokens": max_tokens, "train": DEMO_TRAIN})
+    sae_id = job["result"]["sae_id"]
+    # the feature pages then show logit effects, NLP summaries, measured ablations and labels
+    run_job(c, "analyze", {"sae_id": sae_id, "config": {"ablation_top": 8}})
+    run_job(c, "label", {"sae_id": sae_id, "method": "heuristic"})
     return demo_summary(c, job)
 
 
@@ -413,6 +417,9 @@ def demo_summary(c, job: dict[str, Any]) -> str:
     for f in c.features(res["sae_id"], limit=5):
         tops = ", ".join(repr(t) for t in f["top_tokens"])
         lines.append(f"    #{f['latent']:<6} freq {f['frequency']:.4f}  max {f['max_act']:.2f}  top tokens: {tops}")
+        ab = (f["analysis"] or {}).get("ablation") or {}
+        extra = f"  ablation {ab['mean_delta_loss_at_max']:+.3f} nats" if "mean_delta_loss_at_max" in ab else ""
+        lines.append(f"            label: {f['label'] or '–'} ({f['category'] or '–'}){extra}")
     return "\n".join(lines)
 
 
