@@ -43,7 +43,7 @@ class _Identity(torch.nn.Module):
         return z
 
 
-def sae_activations(n_tokens: int):
+def sae_activations(n_tokens: int, k: int = K):
     """(z [n, d_sae], the TopK SAE) from cached activations."""
     from core.extract import iter_activations
     from core.sae import build_sae
@@ -51,7 +51,7 @@ def sae_activations(n_tokens: int):
     x = np.concatenate(list(iter_activations(C.acts_dir(), 4096)))[:n_tokens]
     x = torch.from_numpy(x).float()
     torch.manual_seed(0)
-    sae = build_sae("topk", x.shape[1], D_SAE, k=K)
+    sae = build_sae("topk", x.shape[1], D_SAE, k=k)
     with torch.no_grad():
         sae.b_dec.copy_(x.mean(0))
         return sae.encode(x), sae
@@ -111,8 +111,8 @@ def check_same(summary, heaps) -> int:
     return len(heaps)
 
 
-def bench_bookkeeping(n_tokens: int, reps: int, tmp: Path) -> dict:
-    z, _ = sae_activations(n_tokens)
+def bench_bookkeeping(n_tokens: int, reps: int, tmp: Path, k: int = K) -> dict:
+    z, _ = sae_activations(n_tokens, k)
     batches = batches_of(z)
     n = sum(b[3].shape[0] * b[3].shape[1] for b in batches)
     times = {"heapq": [], "ours (top-k)": [], "ours (all defaults)": []}
@@ -122,7 +122,7 @@ def bench_bookkeeping(n_tokens: int, reps: int, tmp: Path) -> dict:
         times["heapq"].append(time.perf_counter() - t0)
         for name, full in (("ours (top-k)", False), ("ours (all defaults)", True)):
             t0 = time.perf_counter()
-            summary = ours(batches, tmp / f"{name}-{r}", full)
+            summary = ours(batches, tmp / f"{name}-{k}-{r}", full)
             times[name].append(time.perf_counter() - t0)
             if not full:
                 latents = check_same(summary, heaps)
@@ -163,6 +163,8 @@ def main() -> None:
     p.add_argument("--whole-tokens", type=int, default=8192, help="tokens for discovery vs extraction")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dense-k", type=int, default=128,
+                   help="also run (a) with this many active latents per token (a denser SAE); 0 skips")
     p.add_argument("--no-record", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -170,6 +172,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mistudio-bench-disc-"))
     try:
         bk = bench_bookkeeping(a.tokens, a.reps, tmp)
+        dense = bench_bookkeeping(a.tokens, a.reps, tmp, a.dense_k) if a.dense_k else None
         wh = bench_whole(a.whole_tokens, a.reps, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,6 +180,13 @@ def main() -> None:
     ratio_top = med["heapq"] / med["ours (top-k)"]
     ratio_all = med["heapq"] / med["ours (all defaults)"]
     rows = [[k, f"{C.median(v):.2f}", f"{bk['tokens'] / C.median(v):,.0f}"] for k, v in bk["times"].items()]
+    dense_line = ""
+    if dense:
+        dmed = {k: C.median(v) for k, v in dense["times"].items()}
+        dense_line = (f"With {a.dense_k} active latents per token ({dense['nnz']:,} nonzeros, like a ReLU/JumpReLU "
+                      f"SAE at L0 {a.dense_k}): heapq {dmed['heapq']:.2f} s, ours {dmed['ours (top-k)']:.2f} s top-k only "
+                      f"→ **{dmed['heapq'] / dmed['ours (top-k)']:.1f}×**, {dmed['ours (all defaults)']:.2f} s with all "
+                      f"defaults → {dmed['heapq'] / dmed['ours (all defaults)']:.1f}×.")
     wmed = {k: C.median(v) for k, v in wh["times"].items()}
     rate = {k: wh["tokens"][k] / wmed[k] for k in wmed}
     whole = rate["discover"] / rate["extract"]
@@ -187,7 +197,7 @@ def main() -> None:
         f"includes its Parquet writes. Median of {a.reps}.", "",
         C.table(["contender", "seconds", "tokens/s"], rows), "",
         f"Ratio heapq / ours: **{ratio_top:.1f}×** top-k only ({C.ok(ratio_top >= 10)} ≥ 10×), "
-        f"{ratio_all:.1f}× with quantile samples, histograms and co-active latents on.", "",
+        f"{ratio_all:.1f}× with quantile samples, histograms and co-active latents on.", "", dense_line, "",
         f"(b) Whole discovery (forward to layer 15 + encode + bookkeeping with all defaults + writes) vs extraction "
         f"(forward + writes), SmolLM2 {C.HOOK}, {wh['tokens']['extract']:,} tokens, batch 8, alternated, "
         f"median of {a.reps}: discovery {rate['discover']:,.0f} tokens/s, extraction {rate['extract']:,.0f} tokens/s "
