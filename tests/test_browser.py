@@ -1,0 +1,148 @@
+"""End to end in a real headless browser: `mistudio ui` (its own Ray head, actors and SQLite
+registry) on a data root prepared by a small pipeline run, driven by Playwright in Debian's
+Chromium. Visits every page, starts a job and sees its progress change, opens a feature page and
+runs a steering comparison. Screenshots of each page go to test-artifacts/browser/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("MISTUDIO_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "browser"
+PREPARE = """
+from actors.client import Client
+c = Client()
+assert c.wait(c.submit("add_model", {{"source": {model!r}, "name": "tiny-llama"}}), timeout=300)["state"] == "completed"
+ds = c.wait(c.submit("add_dataset", {{"model_id": "tiny-llama", "source": "builtin", "context_length": 64,
+                                       "max_documents": 40}}), timeout=300)
+job = c.wait(c.submit("pipeline", {{"model_id": "tiny-llama", "dataset_id": ds["result"]["dataset_id"], "layer": 1,
+                                    "max_tokens": 3000, "top_k": 5,
+                                    "train": {{"expansion_factor": 4, "k": 8, "batch_size": 256, "epochs": 2}}}}),
+             timeout=600)
+assert job["state"] == "completed", job["message"]
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def ui_url(tmp_path_factory, tiny_model_dir):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"the browser test needs Debian's chromium at {CHROMIUM} (apt-get install chromium; "
+                    "`make test` installs it when run as root)")
+    home = tmp_path_factory.mktemp("browser_home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MISTUDIO_", "RAY_ADDRESS"))}
+    env.update(MISTUDIO_HOME=str(home), MISTUDIO_WORKER_CPUS="1", RAY_USAGE_STATS_ENABLED="0")
+    subprocess.run([sys.executable, "-c", PREPARE.format(model=str(tiny_model_dir))], env=env, check=True,
+                   timeout=900)
+    port = _free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "ui.cli", "ui", "--port", str(port)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_http(f"http://localhost:{port}/_stcore/health", 120)
+        yield f"http://localhost:{port}"
+    finally:
+        ui.terminate()
+        ui.wait(30)
+        subprocess.run([sys.executable, "-m", "ui.cli", "stop"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def page(ui_url):
+    from playwright.sync_api import sync_playwright
+
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(60_000)
+        pg.goto(ui_url)
+        yield pg
+        browser.close()
+
+
+def _open(page, name: str) -> None:
+    page.get_by_role("link", name=name).first.click()
+    page.get_by_role("heading", name=name).first.wait_for()
+
+
+def _no_error(page) -> None:
+    assert page.get_by_text("Something went wrong").count() == 0
+    assert page.locator("[data-testid='stException']").count() == 0
+
+
+def test_every_page_renders(page):
+    for name in ("Jobs", "Features", "Steering", "System"):
+        _open(page, name)
+        page.wait_for_timeout(1500)  # let the page's data arrive
+        _no_error(page)
+        page.screenshot(path=str(ARTIFACTS / f"{name.lower()}.png"), full_page=True)
+    assert (ARTIFACTS / "system.png").stat().st_size > 10_000
+
+
+def test_start_a_job_and_watch_its_progress(page):
+    _open(page, "Jobs")
+    page.get_by_role("button", name="Start run").click()
+    page.get_by_text("Submitted pipeline job").wait_for()
+    bar = page.get_by_role("progressbar").first
+    seen = set()
+    end = time.monotonic() + 240
+    while time.monotonic() < end:
+        seen.add(bar.get_attribute("aria-valuenow"))
+        if page.get_by_text("completed").count() and len(seen) > 1:
+            break
+        page.wait_for_timeout(1000)
+    page.screenshot(path=str(ARTIFACTS / "jobs-running.png"), full_page=True)
+    assert len(seen) > 1, f"the progress bar never moved: {seen}"
+    _no_error(page)
+
+
+def test_feature_page(page):
+    _open(page, "Features")
+    page.get_by_text("Top 5 contexts").first.wait_for()
+    assert page.get_by_text("Activation histogram").count() >= 1
+    assert page.get_by_role("heading", name=re.compile(r"^Latent \d+")).count() == 1
+    page.screenshot(path=str(ARTIFACTS / "feature-page.png"), full_page=True)
+    _no_error(page)
+
+
+def test_steering_comparison(page):
+    _open(page, "Steering")
+    page.locator("[data-testid='stMultiSelect']").first.click()
+    page.get_by_role("option").first.click()
+    page.keyboard.press("Escape")
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text("perplexity").first.wait_for(timeout=240_000)
+    assert page.get_by_text("baseline").count() >= 1 and page.get_by_text(re.compile(r"latent \d+ add \+8")).count() >= 1
+    assert page.get_by_text("Saved as experiment").count() == 1
+    page.screenshot(path=str(ARTIFACTS / "steering.png"), full_page=True)
+    _no_error(page)
