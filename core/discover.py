@@ -153,29 +153,53 @@ class _BatchView(NamedTuple):
     co_v: torch.Tensor
 
 
-def _gather(view: _BatchView, keys: torch.Tensor, flat: torch.Tensor, before: int, after: int) -> Table:
-    """Table fields for candidates `flat` ([d_sae, c] token indices into view.z) with their keys."""
+def _gather(view: _BatchView, latents: torch.Tensor, flat: torch.Tensor, before: int, after: int) -> Table:
+    """Table fields (all but key) of candidates: token `flat` (index into view.z) for latent
+    `latents`, any matching shape; windows add a trailing W dimension."""
     z = view.z
-    latent = torch.arange(z.shape[1], device=z.device)
     b, t = view.b_idx[flat], view.t_idx[flat]
     offsets = torch.arange(-before, after + 1, device=z.device)
-    tt = t[..., None] + offsets  # [d_sae, c, W]
+    tt = t[..., None] + offsets  # [..., W]
     in_row = (tt >= 0) & (tt < view.pos_map.shape[1])
     tt = tt.clamp(0, view.pos_map.shape[1] - 1)
     bb = b[..., None].expand_as(tt)
     src = view.pos_map[bb, tt]  # token index of each window position, -1 on padding
     valid = in_row & (src >= 0)
-    return {"key": keys, "value": z[flat, latent[:, None]], "row_id": view.row_ids[b], "pos": t,
+    return {"value": z[flat, latents], "row_id": view.row_ids[b], "pos": t,
             "doc": view.doc_ids[b], "win_tokens": torch.where(valid, view.input_ids[bb, tt], -1),
-            "win_acts": torch.where(valid, z[src.clamp_min(0), latent[:, None, None]], 0.0),
+            "win_acts": torch.where(valid, z[src.clamp_min(0), latents[..., None]], 0.0),
             "co_lat": view.co_i[flat], "co_val": view.co_v[flat]}
+
+
+def _merge_winners(table: Table, keys: torch.Tensor, flat: torch.Tensor, view: _BatchView, before: int,
+                   after: int) -> Table:
+    """Merge candidates given by keys and token indices ([d_sae, c]) into the table, gathering
+    windows only for the candidates that win a slot: once the table holds high values, few do."""
+    k_old = table["key"].shape[1]
+    new_keys, sel = torch.cat([table["key"], keys], 1).topk(k_old, dim=1)
+    old = sel.clamp(max=k_old - 1)
+    out = {f: v.gather(1, old if v.dim() == 2 else old[..., None].expand(-1, -1, v.shape[2]))
+           for f, v in table.items()}
+    lat, slot = (sel >= k_old).nonzero(as_tuple=True)
+    tok = flat[lat, sel[lat, slot] - k_old]
+    for f, v in _gather(view, lat, tok, before, after).items():
+        out[f][lat, slot] = v
+    out["key"] = new_keys
+    out["value"] = torch.where(new_keys > -torch.inf, out["value"], 0.0)  # an empty slot holds nothing
+    return out
 
 
 def _segment_top(seg: torch.Tensor, key: torch.Tensor, n_seg: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For entries grouped by `seg` (e.g. latent), each group's `c` largest keys: keys [n_seg, c]
-    (-inf where a group has fewer) and entry indices (-1 there). Two stable sorts, no loop."""
-    order = torch.argsort(key, descending=True, stable=True)
-    order = order[torch.argsort(seg[order], stable=True)]
+    (-inf where a group has fewer) and entry indices (-1 there). One stable sort, no loop: the
+    bits of a non-negative float32 order like the float, so (group, key descending) packs into
+    one int64."""
+    if key.dtype == torch.float32 and (len(key) == 0 or bool(key.min() >= 0)):
+        packed = seg.long() * 2**32 + (2**31 - 1 - key.view(torch.int32).long())
+        order = torch.argsort(packed, stable=True)
+    else:
+        order = torch.argsort(key, descending=True, stable=True)
+        order = order[torch.argsort(seg[order], stable=True)]
     s = seg[order]
     counts = torch.bincount(s, minlength=n_seg)
     rank = torch.arange(len(s), device=seg.device) - (torch.cumsum(counts, 0) - counts)[s]
@@ -313,19 +337,19 @@ def discover(
             else:
                 co_i, co_v = torch.full((len(z), 1), -1, device=device), torch.zeros((len(z), 1), device=device)
             view = _BatchView(z, b_idx, t_idx, pos_map, input_ids, row_ids, doc_ids, co_i, co_v)
+            win = (cfg.window_before, cfg.window_after)
             if cfg.one_per_document:
                 keys, flat = _best_per_row(view, cand, cfg.top_k)
+                every = torch.arange(d_sae, device=device)[:, None].expand_as(flat)
+                top = _merge(top, {"key": keys, **_gather(view, every, flat, *win)}, cfg.top_k, dedup_docs=True)
             else:
                 keys, entry = _segment_top(lat, val, d_sae, cfg.top_k)
-                flat = tok[entry.clamp_min(0)]
-            top = _merge(top, _gather(view, keys, flat, cfg.window_before, cfg.window_after), cfg.top_k,
-                         dedup_docs=cfg.one_per_document)
+                top = _merge_winners(top, keys, tok[entry.clamp_min(0)], view, *win)
             if sample is not None:
                 # uniform random keys on firing pairs: the reservoir keeps the top-S keys
                 rand = torch.rand(val.shape, generator=gen, device=device)
                 rk, entry = _segment_top(lat, rand, d_sae, cfg.reservoir)
-                sample = _merge(sample, _gather(view, rk, tok[entry.clamp_min(0)], cfg.window_before,
-                                                cfg.window_after), cfg.reservoir)
+                sample = _merge_winners(sample, rk, tok[entry.clamp_min(0)], view, *win)
             n_fired += torch.bincount(lat, minlength=d_sae)
             sum_act.index_add_(0, lat, val.double())
             max_act = max_act.scatter_reduce(0, lat, val, "amax")

@@ -291,12 +291,14 @@ def test_analyze_label_and_edit_features(client, tiny_run):
     ab = top["ablation"]
     assert ab["n_contexts"] >= 1 and len(ab["delta_loss_at_max"]) == ab["n_contexts"] and ab["dropped_str"]
 
-    client.set_label(sae_id, live[1]["latent"], "my own label", "semantic", "written by hand")
+    # other tests of the session may have hand-labeled some latents already: use two that are not
+    free = [f["latent"] for f in live if f["label_source"] != "user"]
+    client.set_label(sae_id, free[1], "my own label", "semantic", "written by hand")
     job = client.wait(client.submit("label", {"sae_id": sae_id, "method": "heuristic"}))
     assert job["state"] == "completed", job["message"]
     by = {f["latent"]: f for f in client.features(sae_id)}
-    assert by[live[0]["latent"]]["label_source"] == "heuristic" and by[live[0]["latent"]]["label"]
-    assert (by[live[1]["latent"]]["label"], by[live[1]["latent"]]["label_source"]) == ("my own label", "user")
+    assert by[free[0]]["label_source"] == "heuristic" and by[free[0]]["label"]
+    assert (by[free[1]]["label"], by[free[1]]["label_source"]) == ("my own label", "user")
 
     job = client.wait(client.submit("label", {"sae_id": sae_id, "method": "local", "limit": 2, "detection": True}))
     assert job["state"] == "completed", job["message"]

@@ -151,7 +151,7 @@ def test_features_page_lists_features_and_contexts(tiny_run, ui_client):
     labels = {m.label for m in at.metric}
     assert {"FVU", "L0", "Dead"} <= labels
     assert len(at.get("vega_lite_chart")) >= 4  # training curves: loss, MSE, FVU, L0, dead fraction
-    (table,) = at.dataframe
+    table = at.dataframe[0]  # the latents table (a feature page below may add its logit effects)
     df = table.value
     assert list(df.columns) == ["latent", "label", "frequency", "n_fired", "max_act", "mean_act", "top_tokens"]
     assert len(df) > 0 and (df["n_fired"] > 0).all()
