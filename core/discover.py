@@ -232,19 +232,17 @@ def _best_per_row(view: _BatchView, cand: torch.Tensor, c: int) -> tuple:
     return keys.T, flat.clamp_min(0).T
 
 
-def _merge(table: Table, new: Table, k: int, dedup_docs: bool = False) -> Table:
-    """Keep each latent's best k entries (by key) of the running table and the batch candidates;
-    with `dedup_docs`, only the best entry of each document."""
+def _merge_documents(table: Table, new: Table, k: int) -> Table:
+    """Keep each latent's best k entries (by key) of the running table and the batch candidates,
+    only the best entry of each document."""
     both = {f: torch.cat([table[f], new[f]], 1) for f in table}
-    keys = both["key"]
-    if dedup_docs:
-        order = keys.argsort(dim=1, descending=True)
-        both = {f: v.gather(1, order if v.dim() == 2 else order[..., None].expand_as(v)) for f, v in both.items()}
-        doc = both["doc"]
-        earlier = torch.ones(doc.shape[1], doc.shape[1], dtype=torch.bool, device=doc.device).tril(-1)
-        dup = ((doc[:, :, None] == doc[:, None, :]) & earlier).any(2) & (doc >= 0)
-        keys = torch.where(dup, -torch.inf, both["key"])
-        both["key"] = keys
+    order = both["key"].argsort(dim=1, descending=True)
+    both = {f: v.gather(1, order if v.dim() == 2 else order[..., None].expand_as(v)) for f, v in both.items()}
+    doc = both["doc"]
+    earlier = torch.ones(doc.shape[1], doc.shape[1], dtype=torch.bool, device=doc.device).tril(-1)
+    dup = ((doc[:, :, None] == doc[:, None, :]) & earlier).any(2) & (doc >= 0)
+    keys = torch.where(dup, -torch.inf, both["key"])
+    both["key"] = keys
     _, sel = keys.topk(k, dim=1)
     out = {f: v.gather(1, sel if v.dim() == 2 else sel[..., None].expand(-1, -1, v.shape[2])) for f, v in both.items()}
     out["value"] = torch.where(out["key"] > -torch.inf, out["value"], 0.0)  # an empty slot holds nothing
@@ -341,7 +339,7 @@ def discover(
             if cfg.one_per_document:
                 keys, flat = _best_per_row(view, cand, cfg.top_k)
                 every = torch.arange(d_sae, device=device)[:, None].expand_as(flat)
-                top = _merge(top, {"key": keys, **_gather(view, every, flat, *win)}, cfg.top_k, dedup_docs=True)
+                top = _merge_documents(top, {"key": keys, **_gather(view, every, flat, *win)}, cfg.top_k)
             else:
                 keys, entry = _segment_top(lat, val, d_sae, cfg.top_k)
                 top = _merge_winners(top, keys, tok[entry.clamp_min(0)], view, *win)
