@@ -54,6 +54,11 @@ EXAMPLES_FILE = "examples.parquet"
 OUTLIERS_FILE = "outliers.parquet"
 INFO_FILE = "discovery.json"
 TOP_TOKENS = 5  # max-token strings listed per feature
+STRING_COLUMNS = ["kind", "tokens.list.element", "top_tokens.list.element"]
+"""Columns written dictionary-encoded (repetitive strings); numbers are written plain, which is
+faster and, for float activations, no larger."""
+FILTER_COLUMNS = ["latent", "kind", "bin"]
+"""Columns with row-group statistics: what readers filter on (by latent, then kind)."""
 OUTLIER_LATENTS = 10  # strongest latents listed per outlier token
 HIST_EDGES = np.round(10.0 ** np.arange(-3.0, 4.0 + 1e-9, 0.1), 10)
 """Activation histogram bin edges: 10 per decade from 1e-3 to 1e4, plus an underflow bin below
@@ -63,7 +68,8 @@ and an overflow bin above (len(HIST_EDGES) + 1 counts per latent)."""
 @dataclass
 class DiscoverConfig:
     """What discovery keeps per latent. The caller picks the batch size: a batch of n non-pad
-    tokens is encoded at once into a dense [n, d_sae] fp32 matrix (4096 × 4608 ≈ 75 MB)."""
+    tokens is encoded at once into a dense [n, d_sae] fp32 matrix (4096 × 4608 ≈ 75 MB), or for a
+    TopK SAE into its (values, indices) [n, k]."""
 
     top_k: int = 20
     """Examples kept per latent: the exact top activations over every token position."""
@@ -139,13 +145,61 @@ def _empty_table(d_sae: int, k: int, w: int, m: int, device: torch.device) -> Ta
             "co_val": torch.zeros((d_sae, k, m), device=device)}
 
 
+class _Acts:
+    """A batch's latent activations: a dense z [n, d_sae], or a TopK SAE's own (values,
+    indices) [n, k] — read as they are, so no pass over an [n, d_sae] matrix is needed. The
+    indices are sorted within each token, so `keys` (token · d_sae + latent) ascend and a
+    (token, latent) lookup is a binary search."""
+
+    def __init__(self, sae, x: torch.Tensor):
+        self.d_sae = int(sae.W_dec.shape[0])
+        self.z = self.values = self.indices = self.keys = None
+        if not hasattr(sae, "encode_topk"):
+            self.z = sae.encode(x).float()
+            return
+        values, indices = sae.encode_topk(x)
+        self.indices, order = indices.sort(dim=1)
+        self.values = values.float().gather(1, order)
+        self.keys = (torch.arange(len(x), device=x.device)[:, None] * self.d_sae + self.indices).reshape(-1)
+        if len(x) * self.d_sae < 2**31:  # the binary searches run faster on 4-byte keys
+            self.keys = self.keys.int()
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Dense activations [len(rows), d_sae] of some tokens (an index or a boolean mask)."""
+        if self.z is not None:
+            return self.z[rows]
+        v = self.values[rows]
+        return torch.zeros((len(v), self.d_sae), device=v.device).scatter_(1, self.indices[rows], v)
+
+    def pairs(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The firing (token, latent, activation) entries of tokens `rows`, by token then latent."""
+        if self.values is None:
+            z = self.z[rows] if len(rows) < len(self.z) else self.z
+            tok, lat = (z > 0).nonzero(as_tuple=True)
+            return rows[tok], lat, z[tok, lat]
+        v, i = self.values[rows], self.indices[rows]
+        tok = rows[:, None].expand_as(i)
+        live = v > 0
+        if bool(live.all()):  # the usual case: no selection needed
+            return tok.reshape(-1), i.reshape(-1), v.reshape(-1)
+        return tok[live], i[live], v[live]
+
+    def at(self, tok: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
+        """The activation of latent `lat` at token `tok` (same shapes)."""
+        if self.z is not None:
+            return self.z[tok, lat]
+        q = (tok * self.d_sae + lat).to(self.keys.dtype)
+        i = torch.searchsorted(self.keys, q.reshape(-1)).clamp(max=len(self.keys) - 1).view(q.shape)
+        return torch.where(self.keys[i] == q, self.values.view(-1)[i], 0.0)
+
+
 class _BatchView(NamedTuple):
     """One batch's non-pad tokens and what a candidate gathers from them."""
 
-    z: torch.Tensor  # [n, d_sae] latent activations of the non-pad tokens
+    acts: _Acts  # latent activations of the non-pad tokens
     b_idx: torch.Tensor  # [n] batch row of each token
     t_idx: torch.Tensor  # [n] position of each token
-    pos_map: torch.Tensor  # [B, T] token index in z, -1 on padding
+    pos_map: torch.Tensor  # [B, T] token index in acts, -1 on padding
     input_ids: torch.Tensor
     row_ids: torch.Tensor
     doc_ids: torch.Tensor
@@ -154,39 +208,48 @@ class _BatchView(NamedTuple):
 
 
 def _gather(view: _BatchView, latents: torch.Tensor, flat: torch.Tensor, before: int, after: int) -> Table:
-    """Table fields (all but key) of candidates: token `flat` (index into view.z) for latent
+    """Table fields (all but key) of candidates: token `flat` (index into view.acts) for latent
     `latents`, any matching shape; windows add a trailing W dimension."""
-    z = view.z
     b, t = view.b_idx[flat], view.t_idx[flat]
-    offsets = torch.arange(-before, after + 1, device=z.device)
-    tt = t[..., None] + offsets  # [..., W]
-    in_row = (tt >= 0) & (tt < view.pos_map.shape[1])
-    tt = tt.clamp(0, view.pos_map.shape[1] - 1)
-    bb = b[..., None].expand_as(tt)
-    src = view.pos_map[bb, tt]  # token index of each window position, -1 on padding
+    T = view.pos_map.shape[1]
+    tt = t[..., None] + torch.arange(-before, after + 1, device=flat.device)  # [..., W]
+    in_row = (tt >= 0) & (tt < T)
+    at = b[..., None] * T + tt.clamp(0, T - 1)  # flat [B·T] index of each window position
+    src = view.pos_map.view(-1)[at]  # token index of each window position, -1 on padding
     valid = in_row & (src >= 0)
-    return {"value": z[flat, latents], "row_id": view.row_ids[b], "pos": t,
-            "doc": view.doc_ids[b], "win_tokens": torch.where(valid, view.input_ids[bb, tt], -1),
-            "win_acts": torch.where(valid, z[src.clamp_min(0), latents[..., None]], 0.0),
-            "co_lat": view.co_i[flat], "co_val": view.co_v[flat]}
+    win_acts = torch.where(valid, view.acts.at(src.clamp_min(0), latents[..., None].expand_as(src)), 0.0)
+    return {"value": win_acts[..., before], "row_id": view.row_ids[b], "pos": t,  # the window's centre is the token
+            "doc": view.doc_ids[b], "win_tokens": torch.where(valid, view.input_ids.reshape(-1)[at], -1),
+            "win_acts": win_acts, "co_lat": view.co_i[flat], "co_val": view.co_v[flat]}
 
 
 def _merge_winners(table: Table, keys: torch.Tensor, flat: torch.Tensor, view: _BatchView, before: int,
                    after: int) -> Table:
-    """Merge candidates given by keys and token indices ([d_sae, c]) into the table, gathering
-    windows only for the candidates that win a slot: once the table holds high values, few do."""
+    """Merge candidates given by keys and token indices ([d_sae, c]) into the table in place:
+    each winner takes the slot of an entry it evicts, and windows are gathered only for winners —
+    once the table holds high values, few candidates win and nothing else moves. Slots are not
+    kept in key order (`_by_key` sorts them once, at the end)."""
     k_old = table["key"].shape[1]
     new_keys, sel = torch.cat([table["key"], keys], 1).topk(k_old, dim=1)
-    old = sel.clamp(max=k_old - 1)
-    out = {f: v.gather(1, old if v.dim() == 2 else old[..., None].expand(-1, -1, v.shape[2]))
-           for f, v in table.items()}
-    lat, slot = (sel >= k_old).nonzero(as_tuple=True)
-    tok = flat[lat, sel[lat, slot] - k_old]
+    won = (sel >= k_old) & (new_keys > -torch.inf)  # an empty candidate never displaces anything
+    kept = torch.zeros((len(sel), k_old + 1), dtype=torch.bool, device=sel.device)
+    kept.scatter_(1, sel.clamp(max=k_old), True)
+    evicted = ~kept[:, :k_old]
+    # pair each latent's winners with as many of its evicted slots, in order
+    free = evicted & (evicted.cumsum(1) <= won.sum(1, keepdim=True))
+    lat, j = won.nonzero(as_tuple=True)
+    slot = free.nonzero(as_tuple=True)[1]
+    tok = flat[lat, sel[lat, j] - k_old]
     for f, v in _gather(view, lat, tok, before, after).items():
-        out[f][lat, slot] = v
-    out["key"] = new_keys
-    out["value"] = torch.where(new_keys > -torch.inf, out["value"], 0.0)  # an empty slot holds nothing
-    return out
+        table[f][lat, slot] = v
+    table["key"][lat, slot] = new_keys[lat, j]
+    return table
+
+
+def _by_key(table: Table) -> Table:
+    """The table with each latent's slots in descending key order."""
+    order = table["key"].argsort(dim=1, descending=True, stable=True)
+    return {f: v.gather(1, order if v.dim() == 2 else order[..., None].expand_as(v)) for f, v in table.items()}
 
 
 def _segment_top(seg: torch.Tensor, key: torch.Tensor, n_seg: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +274,16 @@ def _segment_top(seg: torch.Tensor, key: torch.Tensor, n_seg: int, c: int) -> tu
     return keys, entry
 
 
+def _contenders(table_key: torch.Tensor, lat: torch.Tensor, key: torch.Tensor, c: int):
+    """`_segment_top` by latent of the entries that beat their latent's lowest key in the table
+    (-inf while it has a free slot): once the table holds high values few do, so little is
+    sorted. Entry indices point into `lat` / `key`."""
+    floor = table_key.min(dim=1).values
+    hot = (key > floor[lat]).nonzero().squeeze(1)
+    keys, entry = _segment_top(lat[hot], key[hot], len(table_key), c)
+    return keys, torch.where(entry >= 0, hot[entry.clamp_min(0)], -1)
+
+
 def _per_token_top(tok: torch.Tensor, lat: torch.Tensor, val: torch.Tensor, n: int, m: int):
     """Each token's m strongest firing latents and their activations ([n, m]; -1 / 0 where fewer)."""
     keys, entry = _segment_top(tok, val, n, m)
@@ -219,14 +292,14 @@ def _per_token_top(tok: torch.Tensor, lat: torch.Tensor, val: torch.Tensor, n: i
 
 def _best_per_row(view: _BatchView, cand: torch.Tensor, c: int) -> tuple:
     """Each latent's best `c` rows of the batch, one token each (its best): keys, flat."""
-    z = view.z
-    # Rows of one document (here or in the table) are merged in `_merge`.
+    # Rows of one document (here or in the table) are merged in `_merge_documents`.
     B, T = view.pos_map.shape
-    dense = torch.full((B * T, z.shape[1]), -torch.inf, device=z.device)
-    dense[view.b_idx[cand] * T + view.t_idx[cand]] = z[cand]
+    d_sae = view.acts.d_sae
+    dense = torch.full((B * T, d_sae), -torch.inf, device=cand.device)
+    dense[view.b_idx[cand] * T + view.t_idx[cand]] = view.acts.rows(cand)
     row_max, row_arg = dense.view(B, T, -1).max(dim=1)  # [B, d_sae]
     keys, rows = row_max.topk(min(c, B), dim=0)  # [c, d_sae]
-    latent = torch.arange(z.shape[1], device=z.device)
+    latent = torch.arange(d_sae, device=cand.device)
     flat = view.pos_map[rows, row_arg[rows, latent]]  # -1 where the row had no candidate
     keys = torch.where(flat >= 0, keys, -torch.inf)
     return keys.T, flat.clamp_min(0).T
@@ -312,41 +385,39 @@ def discover(
             continue
         # rows without padding (the usual case) are a view, not a copy
         x = (acts.reshape(-1, acts.shape[-1]) if bool(mask.all()) else acts[b_idx, t_idx]).float()
-        z = sae.encode(x).float()
+        acts_z = _Acts(sae, x)
         norms = x.norm(dim=1)
         if threshold is None:
             threshold = float(norms.median()) * cfg.outlier_norm_multiple if cfg.outlier_norm_multiple else float("inf")
         ok = norms <= threshold  # NaN norms compare False: non-finite tokens are excluded too
         seen += len(x)
         if not bool(ok.all()):
-            outliers.append(_outlier_rows(z, ~ok, norms, b_idx, t_idx, input_ids, row_ids))
+            outliers.append(_outlier_rows(acts_z.rows(~ok), ~ok, norms, b_idx, t_idx, input_ids, row_ids))
         cand = ok.nonzero().squeeze(1)
         if len(cand):
             pos_map = torch.full(mask.shape, -1, dtype=torch.long, device=device)
             pos_map[b_idx, t_idx] = torch.arange(len(b_idx), device=device)
-            # Everything below reads only the firing (token, latent) entries: a TopK SAE's z has
-            # k nonzeros per token, so this is O(n·k) work instead of passes over [n, d_sae].
-            z_ok = z[cand] if len(cand) < len(z) else z
-            tok, lat = (z_ok > 0).nonzero(as_tuple=True)  # sorted by token
-            val = z_ok[tok, lat]
-            tok = cand[tok]  # rows of z
+            # Everything below reads only the firing (token, latent) entries: a TopK SAE has
+            # k per token, so this is O(n·k) work instead of passes over [n, d_sae].
+            tok, lat, val = acts_z.pairs(cand)
+            n = len(x)
             if cfg.n_coactive:
-                co_i, co_v = _per_token_top(tok, lat, val, len(z), m)
+                co_i, co_v = _per_token_top(tok, lat, val, n, m)
             else:
-                co_i, co_v = torch.full((len(z), 1), -1, device=device), torch.zeros((len(z), 1), device=device)
-            view = _BatchView(z, b_idx, t_idx, pos_map, input_ids, row_ids, doc_ids, co_i, co_v)
+                co_i, co_v = torch.full((n, 1), -1, device=device), torch.zeros((n, 1), device=device)
+            view = _BatchView(acts_z, b_idx, t_idx, pos_map, input_ids, row_ids, doc_ids, co_i, co_v)
             win = (cfg.window_before, cfg.window_after)
             if cfg.one_per_document:
                 keys, flat = _best_per_row(view, cand, cfg.top_k)
                 every = torch.arange(d_sae, device=device)[:, None].expand_as(flat)
                 top = _merge_documents(top, {"key": keys, **_gather(view, every, flat, *win)}, cfg.top_k)
             else:
-                keys, entry = _segment_top(lat, val, d_sae, cfg.top_k)
+                keys, entry = _contenders(top["key"], lat, val, cfg.top_k)
                 top = _merge_winners(top, keys, tok[entry.clamp_min(0)], view, *win)
             if sample is not None:
                 # uniform random keys on firing pairs: the reservoir keeps the top-S keys
                 rand = torch.rand(val.shape, generator=gen, device=device)
-                rk, entry = _segment_top(lat, rand, d_sae, cfg.reservoir)
+                rk, entry = _contenders(sample["key"], lat, rand, cfg.reservoir)
                 sample = _merge_winners(sample, rk, tok[entry.clamp_min(0)], view, *win)
             n_fired += torch.bincount(lat, minlength=d_sae)
             sum_act.index_add_(0, lat, val.double())
@@ -359,7 +430,7 @@ def discover(
 
     hist = hist.view(d_sae, -1)
     with atomic_dir(out_dir) as tmp:
-        counts = _write(tmp, top, sample, n_fired, sum_act, max_act, hist, tokens, outliers, decode_tokens, cfg)
+        counts = _write(tmp, _by_key(top), sample, n_fired, sum_act, max_act, hist, tokens, outliers, decode_tokens, cfg)
         info = {"config": dataclasses.asdict(cfg), "tokens": tokens, "excluded_outliers": seen - tokens,
                 "hist_edges": HIST_EDGES.tolist(), "n_latents": d_sae}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
@@ -394,9 +465,8 @@ def _progress(seen: int, total: int | None, t0: float, table: Table, n_batches: 
     }
 
 
-def _outlier_rows(z, out, norms, b_idx, t_idx, input_ids, row_ids) -> dict:
-    """Excluded tokens and their strongest latents, as numpy arrays."""
-    zo = z[out]
+def _outlier_rows(zo, out, norms, b_idx, t_idx, input_ids, row_ids) -> dict:
+    """Excluded tokens (mask `out`, their latent activations `zo`) and their strongest latents."""
     vals, lat = zo.topk(min(OUTLIER_LATENTS, zo.shape[1]), dim=1)
     b, t = b_idx[out], t_idx[out]
     return {
@@ -412,19 +482,22 @@ def _outlier_rows(z, out, norms, b_idx, t_idx, input_ids, row_ids) -> dict:
 # --------------------------------------------------------------------------- writing
 
 
-def _list_array(values: np.ndarray, lengths: np.ndarray, type_: pa.DataType) -> pa.Array:
+def _list_array(values: np.ndarray | pa.Array, lengths: np.ndarray, type_: pa.DataType) -> pa.Array:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=type_))
+    values = values if isinstance(values, pa.Array) else pa.array(values, type=type_)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
-def _decoder(ids: np.ndarray, decode_tokens) -> Callable[[np.ndarray], np.ndarray]:
-    """Decode each distinct id once; return a vectorized id → string lookup."""
+def _decoder(ids: np.ndarray, decode_tokens) -> Callable[[np.ndarray], pa.Array]:
+    """Decode each distinct id once; return a vectorized id → string lookup giving an Arrow
+    string array (taken in Arrow, so no Python string per token)."""
     uniq = np.unique(ids)
-    strings = np.array(list(decode_tokens([int(i) for i in uniq])) if len(uniq) else [], dtype=object)
+    strings = list(decode_tokens([int(i) for i in uniq])) if len(uniq) else []
     if len(strings) != len(uniq):
         raise UserError(f"decode_tokens returned {len(strings)} strings for {len(uniq)} ids; it must return one per id")
-    return lambda a: strings[np.searchsorted(uniq, a)] if len(a) else np.array([], dtype=object)
+    table = pa.array(strings, type=pa.string())
+    return lambda a: table.take(pa.array(np.searchsorted(uniq, a))) if len(a) else pa.array([], type=pa.string())
 
 
 def _top_tokens(latent: np.ndarray, center: np.ndarray, d_sae: int) -> tuple[np.ndarray, np.ndarray]:
@@ -519,7 +592,7 @@ def _write(folder: Path, top: Table, sample: Table | None, n_fired, sum_act, max
         "hist_counts": _list_array(hist.cpu().numpy().reshape(-1), np.full(d_sae, hist.shape[1]), pa.int64()),
         "below_min_frequency": pa.array(rare),
     })
-    pq.write_table(features, folder / FEATURES_FILE)
+    pq.write_table(features, folder / FEATURES_FILE, use_dictionary=STRING_COLUMNS, write_statistics=FILTER_COLUMNS)
 
     lengths = valid.sum(1)
     co_lat, co_val, co_len = _coactive(rows, cfg.n_coactive)
@@ -539,7 +612,8 @@ def _write(folder: Path, top: Table, sample: Table | None, n_fired, sum_act, max
         "coactive_acts": _list_array(co_val.astype(np.float32), co_len, pa.float32()),
     })
     per_latent = max(1, len(examples) // max(1, len(np.unique(rows["latent"]))))
-    pq.write_table(examples, folder / EXAMPLES_FILE, row_group_size=max(1, cfg.row_group_latents * per_latent))
+    pq.write_table(examples, folder / EXAMPLES_FILE, row_group_size=max(1, cfg.row_group_latents * per_latent),
+                   use_dictionary=STRING_COLUMNS, write_statistics=FILTER_COLUMNS)
 
     cat = lambda key: np.concatenate([o[key] for o in outliers]) if outliers else np.zeros((0,))
     n_out = len(out_ids)

@@ -1,3 +1,4 @@
+import dataclasses
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -321,3 +322,28 @@ def test_same_seed_same_samples(tmp_path):
     other = discover(make_sae(), iter(make_batches()), tmp_path / "o3", decode,
                      DiscoverConfig(top_k=2, window_before=1, window_after=1, outlier_norm_multiple=None, seed=8))
     assert pq.read_table(other.paths["examples"]).to_pylist() != tables[0]
+
+
+class _DenseOnly(torch.nn.Module):
+    """The same SAE read through its dense encode only, as a ReLU or JumpReLU SAE is read."""
+
+    def __init__(self, sae):
+        super().__init__()
+        self.sae, self.W_dec = sae, sae.W_dec
+
+    def encode(self, x):
+        return self.sae.encode(x)
+
+
+@pytest.mark.parametrize("one_per_document", [False, True])
+def test_topk_values_and_dense_z_give_the_same_files(tmp_path, one_per_document):
+    """A TopK SAE is read through its own (values, indices); the dense read of the same SAE
+    writes identical features, examples (quantile samples included) and outliers."""
+    sae, batches = make_sae(), make_batches()
+    cfg = dataclasses.replace(CFG, one_per_document=one_per_document, outlier_norm_multiple=1.4)
+    sparse = discover(sae, iter(batches), tmp_path / "sparse", decode, cfg)
+    dense = discover(_DenseOnly(sae), iter(batches), tmp_path / "dense", decode, cfg)
+    assert sparse.excluded_outliers > 0 and sparse.heap_examples_count > 0
+    for name in ("features", "examples", "outliers"):
+        a, b = pq.read_table(sparse.paths[name]), pq.read_table(dense.paths[name])
+        assert a.num_rows > 0 and a.equals(b), name
