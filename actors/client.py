@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow.parquet as pq
@@ -41,6 +43,13 @@ class Client:
             key = api_key or next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), "")
             secrets = {"api_key": key} if key else None
         return _get(self.manager.submit.remote(kind, spec, secrets))["id"]
+
+    def retry(self, job_id: str, api_key: str | None = None) -> str:
+        """Submit a finished job's spec again as a new job (validated afresh); returns its id."""
+        job = self.job(job_id)
+        if job["state"] not in FINAL_STATES:
+            raise UserError(f"job {job_id} is still {job['state']}; cancel it first or wait for it to finish")
+        return self.submit(job["kind"], job["spec"], api_key=api_key)
 
     def set_label(self, sae_id: str, latent: int, name: str, category: str = "other", description: str = "") -> dict:
         """Write a feature's label by hand (source "user"); an empty name clears it."""
@@ -183,6 +192,21 @@ class Client:
                                         "metrics")}
             export.write_bundle(docs, out, {"sae": meta})
         return out
+
+    def export_sae(self, sae_id: str, out: str) -> str:
+        """The SAE as a SAELens folder at `out` (what SAELens's own loader reads), written atomically."""
+        from core.io import atomic_dir
+
+        sae = self.get(SAE, sae_id)
+        if sae is None:
+            raise UserError(f"no SAE {sae_id!r}; list them with: mistudio saes list")
+        if Path(out).exists():
+            raise UserError(f"{out} already exists; pick a new folder to export into")
+        with atomic_dir(out) as tmp:
+            for f in Path(sae["path"]).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        return str(Path(out).resolve())
 
     def _discovered(self, sae_id: str) -> dict[str, Any]:
         sae = self.registry.get(SAE, sae_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import re
+import shutil
 import threading
 import traceback
 from pathlib import Path
@@ -111,6 +112,10 @@ class JobManager:
             raise UserError(f"model file {spec.source} does not exist; check the path")
         if kind == "add_dataset":
             self._need(Model, spec.model_id, "model", "add it first with: mistudio models add")
+        if kind == "import_sae":
+            self._need(Model, spec.model_id, "model", "add it first with: mistudio models add")
+            if spec.hook_name:
+                hooks.parse_hook_name(spec.hook_name)
         if kind in ("extract", "pipeline"):
             model = self._need(Model, spec.model_id, "model", "add it first with: mistudio models add")
             self._need(Dataset, spec.dataset_id, "dataset", "add it first with: mistudio datasets add")
@@ -274,6 +279,30 @@ class JobManager:
                                   stats=stats))
         self.registry.update(Job, job_id, dataset_id=dataset_id)
         return {"dataset_id": dataset_id, **{k: stats[k] for k in ("documents", "rows", "tokens")}}
+
+    def _job_import_sae(self, job_id: str, spec: specs.ImportSAESpec) -> dict[str, Any]:
+        model = self.registry.get(Model, spec.model_id)
+        work = self.artifacts.home / "imports" / job_id
+        try:
+            found = self._call(job_id, "import_sae", {
+                "source": spec.source, "workdir": str(work), "model_id": model["id"], "model_name": model["name"],
+                "d_model": model["d_model"], "n_layers": model["n_layers"], "hook_name": spec.hook_name,
+                "format": spec.format})["saes"]
+            ids = []
+            for f in found:
+                sae_id = new_id("sae")
+                path = self.artifacts.sae(sae_id)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Path(f["path"]).rename(path)  # a whole, checked SAELens folder: one atomic move
+                name = f"{spec.name or model['id']}/{f['hook_name']}/{f['label']}"
+                self.registry.add(SAE(id=sae_id, name=name, model_id=model["id"], hook_name=f["hook_name"],
+                                      architecture=f["architecture"], d_in=f["d_in"], d_sae=f["d_sae"], k=f["k"],
+                                      path=str(path), metrics={"imported_from": spec.source, "format": f["format"]}))
+                ids.append(sae_id)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self.registry.update(Job, job_id, sae_id=ids[0])
+        return {"sae_ids": ids, "sae_id": ids[0], "note": f"imported {len(ids)} SAE(s)"}
 
     def _job_extract(self, job_id: str, spec: specs.ExtractSpec) -> dict[str, Any]:
         model = self.registry.get(Model, spec.model_id)

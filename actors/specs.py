@@ -44,6 +44,24 @@ class AddDatasetSpec:
 
 
 @dataclass
+class ImportSAESpec:
+    """SAEs from elsewhere, attached to a registered model: SAELens, sparsify, dictionary_learning
+    or Gemma Scope files (core.formats), every SAE found under the source."""
+
+    source: str
+    """A folder or file, a .zip/.tar(.gz) archive, or a Hugging Face repo id with an optional
+    subfolder (owner/name/path/inside)."""
+    model_id: str
+    """The model the SAEs read; their d_in must match its hook sites."""
+    hook_name: str = ""
+    """The hook site when the files do not name it (blocks.L.hook_resid_post ...)."""
+    format: str = ""
+    """One of core.formats.FORMATS; empty → detected."""
+    name: str = ""
+    """Registry name prefix; empty → the model id and the SAE's hook and folder."""
+
+
+@dataclass
 class ExtractSpec:
     model_id: str
     dataset_id: str
@@ -185,6 +203,7 @@ class LabelSpec:
 SPECS: dict[str, type] = {
     "add_model": AddModelSpec,
     "add_dataset": AddDatasetSpec,
+    "import_sae": ImportSAESpec,
     "extract": ExtractSpec,
     "train": TrainSpec,
     "discover": DiscoverSpec,

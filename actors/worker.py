@@ -20,6 +20,7 @@ import torch
 from actors.progress import Reporter
 from core import models, pipeline, steer
 from core.discover import DiscoverConfig
+from core.errors import UserError
 from core.train import CheckpointConfig, RunSpec, TrainConfig
 from storage.settings import Settings
 
@@ -116,6 +117,35 @@ class ModelWorker:
         stats = pipeline.tokenize_dataset(tok, plan["source"], Path(plan["out_dir"]), plan["text_column"],
                                           plan["context_length"], plan["max_documents"], progress=report)
         return stats.to_dict()
+
+    def _import_sae(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
+        """Every SAE under the source, checked against the model and written as SAELens folders
+        under the job's work folder (the manager moves them into place and registers them)."""
+        from core import formats, hooks
+        from core.sae import save_saelens
+
+        work = Path(plan["workdir"])
+        self._state(job_id, "running", f"reading {plan['source']}")
+        root = formats.open_source(plan["source"], work / "raw")
+        found = formats.find_saes(root)
+        if not found:
+            raise UserError(f"no SAE found under {plan['source']}; expected SAELens, sparsify, "
+                                        "dictionary_learning or Gemma Scope files")
+        out = []
+        for i, f in enumerate(found):
+            sae, cfg = formats.import_sae(f.path, format=plan["format"] or f.format,
+                                          hook_name=plan["hook_name"] or None, expected_d_in=plan["d_model"],
+                                          model_name=plan["model_name"])
+            layer, _ = hooks.parse_hook_name(cfg.hook_name)
+            if layer >= plan["n_layers"]:
+                raise UserError(f"{f.path.name} reads {cfg.hook_name} but {plan['model_id']} has "
+                                            f"{plan['n_layers']} layers; pick the model it was trained on")
+            path = save_saelens(sae, cfg, work / "saes" / str(i))
+            label = f.path.name if f.path != root else Path(plan["source"]).name
+            out.append({"path": str(path), "hook_name": cfg.hook_name, "architecture": cfg.architecture,
+                        "d_in": sae.d_in, "d_sae": sae.d_sae, "k": cfg.k or None, "format": f.format, "label": label})
+            report({"phase": "import", "done": i + 1, "total": len(found), "unit": "SAEs"})
+        return {"saes": out}
 
     def _extract(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
         model, tok = self._model(job_id, plan)

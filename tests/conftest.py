@@ -97,6 +97,26 @@ def tiny_run(client, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
+def ui_client(client):
+    """The session's client, with the environment set so the dashboard's own Client() (built
+    by pages run under AppTest in this process) finds the same Ray and registry."""
+    import os
+
+    from ui.widgets import get_client
+
+    saved = {k: os.environ.get(k) for k in client.settings.to_env()}
+    os.environ.update(client.settings.to_env())
+    get_client.clear()
+    yield client
+    get_client.clear()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """Tiny matmuls: one torch thread avoids OpenMP spin/yield overhead on a shared 2-core machine."""
     import torch

@@ -21,23 +21,6 @@ STEERING = str(UI / "app_pages" / "steering.py")
 TIMEOUT = 60  # the first run imports the engine and connects
 
 
-@pytest.fixture(scope="module")
-def ui_client(client):
-    """The session's client, with the environment set so the app's own Client() finds it."""
-    from ui.widgets import get_client
-
-    saved = {k: os.environ.get(k) for k in client.settings.to_env()}
-    os.environ.update(client.settings.to_env())
-    get_client.clear()
-    yield client
-    get_client.clear()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def run_page(path: str) -> AppTest:
     at = AppTest.from_file(path, default_timeout=TIMEOUT).run()
     assert not at.exception, [e.value for e in at.exception]
@@ -70,7 +53,7 @@ def test_jobs_page_lists_completed_run(tiny_run, ui_client):
     job = tiny_run["job"]
     assert rows[job["id"]]["state"] == "completed"
     assert rows[job["id"]]["kind"] == "pipeline"
-    at.selectbox(key="model").select("tiny-llama").run()
+    at.selectbox(key="run-model").select("tiny-llama").run()
     layer = at.number_input(key="layer-tiny-llama")
     assert (layer.min, layer.max) == (0, 1)  # bounded by the model's 2 layers
     # nothing runs: the panel shows the most recent finished job at 100%
@@ -85,8 +68,8 @@ def test_jobs_page_lists_completed_run(tiny_run, ui_client):
 
 
 def fill_small_run(at: AppTest, dataset_id: str, k: int = 4) -> None:
-    at.selectbox(key="model").select("tiny-llama").run()  # other tests may register more models
-    at.selectbox(key="dataset-tiny-llama").select(dataset_id)
+    at.selectbox(key="run-model").select("tiny-llama").run()  # other tests may register more models
+    at.selectbox(key="run-dataset-tiny-llama").select(dataset_id)
     at.number_input(key="layer-tiny-llama").set_value(1)
     at.number_input(key="max_tokens").set_value(600)
     at.number_input(key="expansion_factor").set_value(2)
@@ -269,6 +252,25 @@ def test_app_navigates_between_pages(tiny_run, ui_client):
     at.switch_page("app_pages/system.py").run()
     assert not at.exception
     assert at.title[0].value == "System"
+    for page, title in (("datasets", "Datasets"), ("models", "Models"), ("extraction", "Extraction"),
+                        ("training", "Training"), ("saes", "SAEs"), ("templates", "Templates"),
+                        ("settings", "Settings")):
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert not at.exception and not at.error, (page, [e.value for e in at.error])
+        assert at.title[0].value == title
+
+
+def test_a_password_keeps_the_app_closed_until_signed_in(tiny_run, ui_client, monkeypatch):
+    monkeypatch.setenv("MISTUDIO_UI_PASSWORD", "open sesame")
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert [t.value for t in at.title] == ["miStudio"]  # the sign-in form, no page
+    at.text_input(key="password").set_value("wrong")
+    at.button[0].click().run()
+    assert any("Wrong password" in e.value for e in at.error) and [t.value for t in at.title] == ["miStudio"]
+    at.text_input(key="password").set_value("open sesame")
+    at.button[0].click().run()
+    assert not at.exception and at.title[0].value == "Jobs"
 
 
 def test_system_page_shows_this_machine_and_the_worker(tiny_run, ui_client):

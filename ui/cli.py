@@ -177,9 +177,24 @@ def cmd_train(a) -> None:
             spec["variants"] = [{"k": int(k)} for k in a.k_variants.split(",")]
         job = run_job(c, "train", spec)
         print(json.dumps(job["result"], indent=2))
+    sae_table(c)
+
+
+def sae_table(c) -> None:
     rows = [dict(s, fvu=s["metrics"].get("fvu"), l0=s["metrics"].get("l0"), dead=s["metrics"].get("dead_frac"),
                  ce_rec=s["metrics"].get("ce_loss_recovered_zero")) for s in c.saes()]
     table(rows, ["id", "hook_name", "architecture", "d_sae", "k", "fvu", "l0", "dead", "ce_rec", "path"])
+
+
+def cmd_saes(a) -> None:
+    c = client()
+    if a.action == "import":
+        job = run_job(c, "import_sae", {"source": a.source, "model_id": a.model, "hook_name": a.hook or "",
+                                        "format": a.format or "", "name": a.name or ""})
+        print(f"imported {', '.join(job['result']['sae_ids'])}")
+    if a.action == "export":
+        return print(f"wrote {c.export_sae(a.sae, a.out)}")
+    sae_table(c)
 
 
 def cmd_discover(a) -> None:
@@ -296,6 +311,10 @@ def cmd_jobs(a) -> None:
     if a.action == "cancel":
         c.cancel(a.job_id)
         print(f"cancel requested for {a.job_id}")
+    elif a.action == "retry":
+        new = c.retry(a.job_id)
+        print(f"retrying {a.job_id} as {new}")
+        follow(c, new)
     elif a.action == "watch":
         follow(c, a.job_id)
     elif a.action == "show":
@@ -522,6 +541,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, help="continue from the checkpoints of this earlier train job")
     t.set_defaults(fn=cmd_train)
 
+    sa = sub.add_parser("saes", help="list SAEs, import them from the field's formats, export SAELens folders")
+    sa.add_argument("action", choices=["list", "import", "export"])
+    sa.add_argument("source", nargs="?", help="import: a folder, .zip/.tar.gz archive or Hugging Face repo id "
+                                              "(owner/name[/subfolder]) of SAELens, sparsify, dictionary_learning "
+                                              "or Gemma Scope SAEs")
+    sa.add_argument("--model", help="import: the registered model the SAEs read")
+    sa.add_argument("--hook", default=None, help="import: the hook site when the files do not name it")
+    sa.add_argument("--format", default=None, help="import: skip detection (saelens, sparsify, ...)")
+    sa.add_argument("--name", default=None, help="import: a registry name prefix")
+    sa.add_argument("--sae", help="export: the SAE id")
+    sa.add_argument("--out", help="export: the folder to write (SAELens: cfg.json + sae_weights.safetensors)")
+    sa.set_defaults(fn=cmd_saes)
+
     di = sub.add_parser("discover", help="find every latent's top activating contexts")
     di.add_argument("action", choices=["run", "show"])
     di.add_argument("--sae")
@@ -582,8 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--out", default=None, help="export: write here instead of stdout")
     tp.set_defaults(fn=cmd_templates)
 
-    j = sub.add_parser("jobs", help="list, watch, show and cancel jobs")
-    j.add_argument("action", choices=["list", "watch", "show", "cancel"])
+    j = sub.add_parser("jobs", help="list, watch, show, cancel and retry jobs")
+    j.add_argument("action", choices=["list", "watch", "show", "cancel", "retry"])
     j.add_argument("job_id", nargs="?")
     j.add_argument("--state", default=None)
     j.set_defaults(fn=cmd_jobs)

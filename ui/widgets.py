@@ -27,6 +27,10 @@ POLL_S = 1.5
 
 PIPELINE_STEPS = {"pipeline": ("extract", "train", "discover")}
 
+LABEL_ENDPOINT = "label_endpoint"
+"""Session-state key of the labeling endpoint set on the Settings page: {"base_url", "model",
+"api_key"}, kept for this browser session only."""
+
 TRAIN_METRICS = {"loss": "loss", "fvu": "FVU", "l0": "L0", "dead_frac": "dead fraction"}
 DISCOVER_METRICS = {"features_in_heap": "features with examples", "heap_examples_count": "examples collected"}
 
@@ -63,6 +67,44 @@ def guard(body: Callable[[], None], name: str = "page") -> None:
             st.rerun()
 
 
+# -- sign-in -----------------------------------------------------------------------------------
+PASSWORD_ENV = "MISTUDIO_UI_PASSWORD"
+
+
+def _oidc_configured() -> bool:
+    try:
+        return "auth" in st.secrets
+    except FileNotFoundError:  # no secrets.toml at all
+        return False
+
+
+def signed_in() -> bool:
+    """Whether this browser session may see the app; draws the sign-in form when not. Open when
+    neither a password (MISTUDIO_UI_PASSWORD) nor an OIDC provider ([auth] in Streamlit's
+    secrets.toml, Streamlit's built-in st.login) is configured."""
+    import hmac
+    import os
+
+    if _oidc_configured():
+        if st.user.is_logged_in:
+            return True
+        st.title("miStudio")
+        st.button("Sign in", on_click=st.login, type="primary", key="oidc-login")
+        return False
+    password = os.environ.get(PASSWORD_ENV, "")
+    if not password or st.session_state.get("signed_in"):
+        return True
+    st.title("miStudio")
+    with st.form("sign_in"):
+        given = st.text_input("Password", type="password", key="password")
+        if st.form_submit_button("Sign in", type="primary"):
+            if hmac.compare_digest(given.encode(), password.encode()):
+                st.session_state["signed_in"] = True
+                st.rerun()
+            st.error("Wrong password.", icon=":material/error:")
+    return False
+
+
 # -- formatting -----------------------------------------------------------------------------
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
@@ -87,8 +129,50 @@ def fmt_number(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} GB"
+
+
 def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+# -- model and dataset pickers --------------------------------------------------------------------
+HOW_TO_ADD_MODEL = ("No model is registered yet: register one on the **Models** page (the embedded SmolLM2-135M "
+                    "works offline), or from a terminal with `mistudio models add`.")
+
+
+def how_to_add_dataset(model_id: str) -> str:
+    return (f"No dataset is tokenized for `{model_id}` yet (datasets are tokenized with a model's tokenizer): add one "
+            f"on the **Datasets** page, or from a terminal with `mistudio datasets add --model {model_id}`.")
+
+
+def model_and_dataset(client, key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A model and one of its datasets picked side by side, or None (with how to add one) when
+    there is none yet. `key` keeps the widgets of different pages apart."""
+    models = client.models()
+    if not models:
+        st.info(HOW_TO_ADD_MODEL, icon=":material/info:")
+        return None
+    by_id = {m["id"]: m for m in models}
+    left, right = st.columns(2)
+    model_id = left.selectbox(
+        "Model", list(by_id), key=f"{key}-model",
+        format_func=lambda i: f"{by_id[i]['name']} — {by_id[i]['architecture']}, {by_id[i]['n_layers']} layers, "
+                              f"d_model {by_id[i]['d_model']}")
+    datasets = {d["id"]: d for d in client.datasets() if d["model_id"] == model_id}
+    if not datasets:
+        st.info(how_to_add_dataset(model_id), icon=":material/info:")
+        return None
+    dataset_id = right.selectbox(
+        "Dataset", list(datasets), key=f"{key}-dataset-{model_id}",
+        format_func=lambda i: f"{datasets[i]['name']} — {fmt_number(datasets[i]['tokens'])} tokens, "
+                              f"context {datasets[i]['context_length']}")
+    return by_id[model_id], datasets[dataset_id]
 
 
 # -- charts ---------------------------------------------------------------------------------
@@ -189,6 +273,10 @@ def job_card(client, job: dict[str, Any], active: bool) -> None:
         client.cancel(job["id"])
         st.toast(f"Cancel requested for {job['id']}")
         st.rerun()
+    if job["state"] in ("failed", "cancelled") and btn.button("Retry", key=f"retry-{job['id']}",
+                                                              icon=":material/replay:", help="run the same spec again"):
+        st.toast(f"Retrying {job['id']} as {client.retry(job['id'])}")
+        st.rerun()
     frac, text = _bar(job, p)
     st.progress(frac, text=text)
     message = job.get("message") or p.get("message") or ""
@@ -262,7 +350,7 @@ def jobs_frame(jobs: list[dict[str, Any]]) -> pd.DataFrame:
 _WS = "color: #999;"
 
 
-def _visible(token: str) -> str:
+def visible_token(token: str) -> str:
     """A token's text, HTML-escaped, with whitespace made visible (newline ↵, tab ⇥, spaces ·)."""
     if token == "":
         return f'<span style="{_WS}">∅</span>'
@@ -293,7 +381,7 @@ def token_html(tokens: list[str], acts: list[float], max_act: float | None = Non
         if i == highlight:
             style += " outline: 1.5px solid #b34700;"
         title = html.escape(f"{tok!r}: {a:.3f}", quote=True)
-        spans.append(f'<span style="{style}" title="{title}">{_visible(tok)}</span>')
+        spans.append(f'<span style="{style}" title="{title}">{visible_token(tok)}</span>')
     return ('<div style="font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 0.85rem; '
             'white-space: pre-wrap; line-height: 1.9; word-break: break-word;">' + "".join(spans) + "</div>")
 

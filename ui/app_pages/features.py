@@ -11,6 +11,7 @@ import streamlit as st
 
 from core.label import CATEGORIES
 
+from ui.widgets import LABEL_ENDPOINT as ENDPOINT
 from ui.widgets import fmt_number, get_client, guard, line_charts, token_html, top_token_text
 
 SORTS = {"frequency": "frequency", "max_act": "max activation", "mean_act": "mean activation"}
@@ -206,11 +207,17 @@ def feature_jobs(client, sae: dict[str, Any]) -> None:
     if c[0].button("Analyze features", key="analyze", help="logit effects, neighbours, NLP, measured ablations"):
         job_id = client.submit("analyze", {"sae_id": sae["id"], "config": {"ablation_top": 8}})
         st.success(f"Started analysis job `{job_id}`; follow it on the Jobs page.")
-    method = c[1].selectbox("Labeling", ["heuristic", "local"], key="label_method",
-                            help="heuristic: from tokens and NLP, instant; local: the SAE's model writes labels")
+    endpoint = st.session_state.get(ENDPOINT)
+    method = c[1].selectbox("Labeling", ["heuristic", "local", *(["openai"] if endpoint else [])], key="label_method",
+                            help="heuristic: from tokens and NLP, instant; local: the SAE's model writes labels; "
+                                 "openai: the endpoint set on the Settings page")
     if c[2].button("Auto-label", key="autolabel"):
         spec = {"sae_id": sae["id"], "method": method, "limit": 0 if method == "heuristic" else 50}
-        job_id = client.submit("label", spec)
+        key = None
+        if method == "openai":
+            spec.update(base_url=endpoint["base_url"], endpoint_model=endpoint["model"])
+            key = endpoint["api_key"] or None
+        job_id = client.submit("label", spec, api_key=key)
         st.success(f"Started labeling job `{job_id}`; hand-written labels are kept.")
 
 

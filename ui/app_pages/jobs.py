@@ -9,52 +9,21 @@ import streamlit as st
 from core.errors import UserError
 from storage.registry import JOB_STATES
 from ui.cli import DEMO_DEFAULTS, DEMO_TRAIN
-from ui.widgets import fmt_number, get_client, guard, jobs_frame, progress_panel
+from ui.widgets import fmt_number, get_client, guard, jobs_frame, model_and_dataset, progress_panel
 
 # Form defaults: the demo's run. (A comment, not a docstring: Streamlit's magic would print it.)
 DEFAULTS = {"max_tokens": DEMO_DEFAULTS["max_tokens"], "batch_size": 8,
             "expansion_factor": DEMO_TRAIN["expansion_factor"], "k": DEMO_TRAIN["k"], "epochs": DEMO_TRAIN["epochs"],
             "train_batch_size": DEMO_TRAIN["batch_size"], "top_k": 20}
 
-HOW_TO_ADD_MODEL = (
-    "No model is registered yet. Add one from a terminal:\n\n"
-    "- `mistudio models add` — the embedded SmolLM2-135M-Instruct (works offline)\n"
-    "- `mistudio models add /path/to/model-folder` (or a `.gguf` file, or a Hugging Face id when online)\n\n"
-    "or run `mistudio demo`, which adds the embedded model and the built-in corpus and runs a first pipeline."
-)
-
-
-def how_to_add_dataset(model_id: str) -> str:
-    return (f"No dataset is tokenized for `{model_id}` yet (datasets are tokenized with a model's tokenizer). "
-            "Add one from a terminal:\n\n"
-            f"- `mistudio datasets add --model {model_id}` — the built-in corpus (the Python standard "
-            "library's documentation)\n"
-            f"- `mistudio datasets add my_texts.jsonl --model {model_id}` (.txt, .jsonl, .parquet, .csv, "
-            "or a Hugging Face dataset id when online)")
-
-
 def run_form(client) -> None:
     from core.hooks import SITES
 
-    models = client.models()
-    if not models:
-        st.info(HOW_TO_ADD_MODEL, icon=":material/info:")
+    chosen = model_and_dataset(client, "run")
+    if chosen is None:
         return
-    by_id = {m["id"]: m for m in models}
-    left, right = st.columns(2)
-    model_id = left.selectbox(
-        "Model", list(by_id), key="model",
-        format_func=lambda i: f"{by_id[i]['name']} — {by_id[i]['architecture']}, {by_id[i]['n_layers']} layers, "
-                              f"d_model {by_id[i]['d_model']}")
-    model = by_id[model_id]
-    datasets = {d["id"]: d for d in client.datasets() if d["model_id"] == model_id}
-    if not datasets:
-        st.info(how_to_add_dataset(model_id), icon=":material/info:")
-        return
-    dataset_id = right.selectbox(
-        "Dataset", list(datasets), key=f"dataset-{model_id}",
-        format_func=lambda i: f"{datasets[i]['name']} — {fmt_number(datasets[i]['tokens'])} tokens, "
-                              f"context {datasets[i]['context_length']}")
+    model, dataset = chosen
+    model_id, dataset_id = model["id"], dataset["id"]
     n_layers, d_model = model["n_layers"], model["d_model"]
 
     with st.form("pipeline_form"):
@@ -67,7 +36,7 @@ def run_form(client) -> None:
                               help="TransformerLens names: resid_post is the decoder block's output")
         max_tokens = c[2].number_input("Max tokens (0 = all)", min_value=0, value=DEFAULTS["max_tokens"],
                                        step=1000, key="max_tokens",
-                                       help=f"the dataset has {fmt_number(datasets[dataset_id]['tokens'])} tokens")
+                                       help=f"the dataset has {fmt_number(dataset['tokens'])} tokens")
         batch_size = c[3].number_input("Batch size (sequences)", min_value=1, value=DEFAULTS["batch_size"],
                                        key="batch_size")
         st.markdown("**Training**")

@@ -1,0 +1,72 @@
+"""Settings: where this studio keeps its data and finds its cluster, and the labeling endpoint."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from storage.registry import masked_url
+from ui.widgets import LABEL_ENDPOINT as ENDPOINT
+from ui.widgets import get_client, guard
+
+
+def labeling_endpoint() -> dict[str, str] | None:
+    """The OpenAI-compatible endpoint set on this page in this browser session, if any."""
+    return st.session_state.get(ENDPOINT)
+
+
+def deployment(client) -> None:
+    s = client.settings
+    st.dataframe([
+        {"setting": "data root", "value": str(s.home), "environment variable": "MISTUDIO_HOME"},
+        {"setting": "database", "value": masked_url(s.database_url), "environment variable": "MISTUDIO_DATABASE_URL"},
+        {"setting": "Ray address", "value": s.ray_address or "local head under the data root",
+         "environment variable": "MISTUDIO_RAY_ADDRESS"},
+        {"setting": "GPUs per model worker", "value": str(s.num_gpus), "environment variable": "MISTUDIO_NUM_GPUS"},
+        {"setting": "CPU cores per model worker", "value": str(s.cpus_per_worker),
+         "environment variable": "MISTUDIO_WORKER_CPUS"},
+    ], hide_index=True, key="settings-table")
+    st.caption("These come from the environment of `mistudio ui`; set the variables and restart it to change them "
+               "(every CLI command and the dashboard read the same ones).")
+
+
+def endpoint_form() -> None:
+    current = labeling_endpoint() or {}
+    with st.form("endpoint_form"):
+        base_url = st.text_input("Base URL", value=current.get("base_url", ""), placeholder="http://127.0.0.1:8000/v1",
+                                 key="endpoint-url")
+        model = st.text_input("Model name", value=current.get("model", ""), key="endpoint-model")
+        api_key = st.text_input("API key", type="password", key="endpoint-key",
+                                help="kept in this browser session's memory only and sent with each labeling job; "
+                                     "empty: the dashboard's MISTUDIO_LABEL_API_KEY or OPENAI_API_KEY")
+        c = st.columns(2)
+        saved = c[0].form_submit_button("Use this endpoint", type="primary", key="endpoint-save")
+        cleared = c[1].form_submit_button("Forget it", key="endpoint-clear")
+    if saved:
+        if not base_url.startswith(("http://", "https://")):
+            st.error(f"{base_url!r} is not an http(s) URL; give the API root, e.g. http://127.0.0.1:8000/v1",
+                     icon=":material/error:")
+            return
+        st.session_state[ENDPOINT] = {"base_url": base_url.strip(), "model": model.strip() or "default",
+                                      "api_key": api_key or current.get("api_key", "")}
+        st.success("The Features page's Auto-label now offers this endpoint (method “openai”).",
+                   icon=":material/check_circle:")
+    if cleared:
+        st.session_state.pop(ENDPOINT, None)
+        st.info("Forgotten.", icon=":material/info:")
+    if labeling_endpoint():
+        e = labeling_endpoint()
+        st.caption(f"In use: `{e['base_url']}`, model `{e['model']}`, key {'set' if e['api_key'] else 'not set'}.")
+
+
+def page() -> None:
+    st.title("Settings")
+    client = get_client()
+    st.subheader("Deployment")
+    deployment(client)
+    st.subheader("Labeling endpoint")
+    st.caption("Any OpenAI-compatible chat-completions server (OpenAI, vLLM, llama.cpp, Ollama) can write feature "
+               "labels. The key is never written to disk or the registry.")
+    endpoint_form()
+
+
+guard(page)

@@ -1,0 +1,191 @@
+"""Training: SAEs on cached activations or on the fly, from presets or saved templates; live
+charts of the whole run; checkpoints to resume from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from core.errors import UserError
+from ui.widgets import fmt_number, get_client, guard, progress_panel
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "topk": {"expansion_factor": 8, "k": 32, "batch_size": 4096, "epochs": 1},
+    "batchtopk": {"expansion_factor": 8, "k": 32, "batch_size": 4096, "epochs": 1},
+    "jumprelu": {"expansion_factor": 8, "k": 32, "batch_size": 4096, "epochs": 1, "l0_coefficient": 1.0},
+    "standard": {"expansion_factor": 8, "k": 32, "batch_size": 4096, "epochs": 1, "l1_coefficient": 5.0},
+}
+"""Starting points per SAE type (TrainConfig's defaults: Gao et al. for TopK, Anthropic's λ ≈ 5
+for L1, Rajamanoharan et al. for JumpReLU)."""
+ABOUT = {"topk": "k latents per token, AuxK revives dead latents",
+         "batchtopk": "k latents per token on average over the batch; saved as JumpReLU with its learned threshold",
+         "jumprelu": "a learned threshold per latent, an L0 penalty (straight-through estimator)",
+         "standard": "ReLU with an L1 penalty"}
+FIELDS = ("expansion_factor", "k", "batch_size", "epochs", "l0_coefficient", "l1_coefficient")
+
+
+def _apply(values: dict[str, Any]) -> None:
+    """Put a preset's or template's values into the form's widgets (a callback: it runs before
+    the widgets are drawn)."""
+    for name, value in values.items():
+        st.session_state[f"t-{name}"] = value
+
+
+def _template_values(values: dict[str, Any]) -> dict[str, Any]:
+    config = values.get("config", {})
+    arch = config.get("architecture", "topk")
+    return {"architecture": arch, **PRESETS[arch], **{k: v for k, v in config.items() if k in FIELDS},
+            **{k: values[k] for k in ("checkpoint_every", "keep_checkpoints") if k in values}}
+
+
+def template_picker(client) -> None:
+    """The SAE type (choosing one loads its preset) and a saved train template to load."""
+    st.session_state.setdefault("t-architecture", "topk")
+    for name, value in PRESETS["topk"].items():
+        st.session_state.setdefault(f"t-{name}", value)
+    templates = {t["name"]: t["values"] for t in client.templates("train")}
+    c = st.columns([3, 2, 1], vertical_alignment="bottom")
+    c[0].selectbox("SAE type", list(PRESETS), key="t-architecture", format_func=lambda a: f"{a} — {ABOUT[a]}",
+                   on_change=lambda: _apply(PRESETS[st.session_state["t-architecture"]]))
+    if templates:
+        name = c[1].selectbox("Template", list(templates), key="t-template")
+        c[2].button("Load template", key="t-load-template", on_click=_apply,
+                    args=(_template_values(templates[name]),))
+    else:
+        c[1].caption("No saved train templates yet: save this form as one below.")
+
+
+def source_picker(client) -> dict[str, Any] | None:
+    """What to train on: cached activations (one or several sets, mixed) or the model on the fly."""
+    from core.hooks import SITES, hook_name
+
+    mode = st.radio("Train on", ["cached activations", "the model, on the fly (no cache)"], horizontal=True,
+                    key="t-source")
+    if mode == "cached activations":
+        acts = {a["id"]: a for a in client.activations()}
+        if not acts:
+            st.info("No activations extracted yet: extract some on the **Extraction** page, or train on the fly.",
+                    icon=":material/info:")
+            return None
+        chosen = st.multiselect(
+            "Activation sets (one SAE per hook; several datasets at one hook are mixed)", list(acts),
+            default=[list(acts)[-1]], key="t-activations",
+            format_func=lambda i: f"{acts[i]['hook_name']} · {acts[i]['model_id']} · {acts[i]['dataset_id']} · "
+                                  f"{fmt_number(acts[i]['tokens'])} tokens")
+        return {"activation_ids": chosen} if chosen else None
+    models = {m["id"]: m for m in client.models()}
+    if not models:
+        st.info("No model registered yet: add one on the **Models** page.", icon=":material/info:")
+        return None
+    c = st.columns(2)
+    model_id = c[0].selectbox("Model", list(models), key="t-model")
+    datasets = {d["id"]: d for d in client.datasets() if d["model_id"] == model_id}
+    dataset_ids = c[1].multiselect("Datasets (mixed)", list(datasets), default=list(datasets)[:1],
+                                   key=f"t-datasets-{model_id}", format_func=lambda i: datasets[i]["name"])
+    n_layers = models[model_id]["n_layers"]
+    c = st.columns(3)
+    layers = c[0].multiselect("Layers", list(range(n_layers)), default=[n_layers // 2], key=f"t-layers-{model_id}")
+    sites = c[1].multiselect("Hook sites", SITES, default=["resid_post"], key="t-sites")
+    max_tokens = c[2].number_input("Max tokens per dataset (0 = all)", min_value=0, value=0, step=1000,
+                                   key="t-max-tokens")
+    hooks = [hook_name(layer, site) for site in sites for layer in sorted(layers)]
+    if not dataset_ids or not hooks:
+        return None
+    return {"model_id": model_id, "dataset_ids": dataset_ids, "hook_names": hooks,
+            "max_tokens": int(max_tokens) or None}
+
+
+def train_form(client) -> None:
+    template_picker(client)
+    source = source_picker(client)
+    arch = st.session_state["t-architecture"]
+    number = lambda where, label, name, **kw: where.number_input(label, key=f"t-{name}", **kw)
+    with st.form("train_form"):
+        c = st.columns(4)
+        values = {
+            "expansion_factor": number(c[0], "Expansion factor", "expansion_factor", min_value=1,
+                                       help="SAE width = d_model × this"),
+            "k": number(c[1], "k (latents per token)" if arch in ("topk", "batchtopk") else "initial L0", "k",
+                        min_value=1),
+            "batch_size": number(c[2], "Batch (tokens per step)", "batch_size", min_value=1, step=256),
+            "epochs": number(c[3], "Epochs", "epochs", min_value=1),
+        }
+        if arch in ("jumprelu", "standard"):
+            name = "l0_coefficient" if arch == "jumprelu" else "l1_coefficient"
+            st.session_state.setdefault(f"t-{name}", PRESETS[arch][name])
+            values[name] = number(st, f"{name[:2].upper()} coefficient", name, min_value=0.0, format="%.4g")
+        c = st.columns(3)
+        st.session_state.setdefault("t-checkpoint_every", 0)
+        st.session_state.setdefault("t-keep_checkpoints", 2)
+        every = number(c[0], "Checkpoint every (steps, 0 = none)", "checkpoint_every", min_value=0)
+        keep = number(c[1], "Keep newest checkpoints", "keep_checkpoints", min_value=1)
+        save_as = c[2].text_input("Save as template (name)", key="t-save-as")
+        c = st.columns(2)
+        submitted = c[0].form_submit_button("Start training", type="primary", icon=":material/play_arrow:",
+                                            key="t-submit")
+        saved = c[1].form_submit_button("Save template", icon=":material/save:", key="t-save")
+    spec = {"config": {"architecture": arch, **{k: int(v) if isinstance(v, int) else float(v)
+                                                for k, v in values.items()}},
+            "checkpoint_every": int(every), "keep_checkpoints": int(keep)}
+    try:
+        if saved:
+            if not save_as.strip():
+                raise UserError("give the template a name to save it under")
+            client.save_template("train", save_as.strip(), spec)
+            st.success(f"Saved the train template `{save_as.strip()}`.", icon=":material/check_circle:")
+        if submitted:
+            if source is None:
+                raise UserError("pick what to train on: at least one activation set, or a model, dataset, layer "
+                                "and hook site")
+            job_id = client.submit("train", {**source, **spec})
+            st.success(f"Submitted train job `{job_id}`; its live charts are below.", icon=":material/check_circle:")
+    except UserError as e:
+        st.error(str(e), icon=":material/error:")
+
+
+def checkpoints(client) -> None:
+    """Train jobs that left checkpoints, each resumable as a new job from its newest one."""
+    from core.train import checkpoints as list_checkpoints
+    from storage.artifacts import Artifacts
+
+    artifacts = Artifacts(Path(client.settings.home))
+    rows = []
+    for job in client.jobs():
+        if job["kind"] != "train":
+            continue
+        found = list_checkpoints(artifacts.checkpoints(job["id"])) \
+            if artifacts.checkpoints(job["id"]).is_dir() else []
+        if found:
+            rows.append((job, found))
+    if not rows:
+        st.caption("No checkpoints yet (set “Checkpoint every” above to take them).")
+        return
+    for job, found in rows:
+        c = st.columns([4, 1], vertical_alignment="center")
+        c[0].markdown(f"`{job['id']}` — **{job['state']}** · {len(found)} checkpoint(s), newest `{found[-1].name}`")
+        if job["state"] != "completed" and c[1].button("Resume", key=f"t-resume-{job['id']}",
+                                                       icon=":material/restart_alt:",
+                                                       help="a new train job continues from the newest checkpoint "
+                                                            "exactly as the uninterrupted run would"):
+            try:
+                new = client.submit("train", {**(job.get("spec") or {}), "resume_job": job["id"]})
+                st.success(f"Submitted `{new}`, resuming `{job['id']}`.", icon=":material/check_circle:")
+            except UserError as e:
+                st.error(str(e), icon=":material/error:")
+
+
+def page() -> None:
+    st.title("Training")
+    client = get_client()
+    st.caption("Train sparse autoencoders: one per hook × settings, from one pass over the data. Stop a run with "
+               "Cancel below; a run with checkpoints can be resumed.")
+    train_form(client)
+    st.subheader("Progress")
+    progress_panel(client)
+    st.subheader("Checkpoints")
+    checkpoints(client)
+
+
+guard(page)
