@@ -1,7 +1,9 @@
 """End to end in a real headless browser: `mistudio ui` (its own Ray head, actors and SQLite
-registry) on a data root prepared by a small pipeline run, driven by Playwright in Debian's
-Chromium. Visits every page, starts a job and sees its progress change, opens a feature page and
-runs a steering comparison. Screenshots of each page go to test-artifacts/browser/.
+registry) on a data root holding only a registered model, driven by Playwright in Debian's
+Chromium. A new user's whole job, one step per test in file order: every page renders; add a
+dataset on the Datasets page; start a run (extract → train an SAE → discover) on the Jobs page
+and watch its progress change until it completes; open a feature page; run a steering
+comparison. Screenshots of each page go to test-artifacts/browser/.
 """
 
 from __future__ import annotations
@@ -24,14 +26,9 @@ PREPARE = """
 from actors.client import Client
 c = Client()
 assert c.wait(c.submit("add_model", {{"source": {model!r}, "name": "tiny-llama"}}), timeout=300)["state"] == "completed"
-ds = c.wait(c.submit("add_dataset", {{"model_id": "tiny-llama", "source": "builtin", "context_length": 64,
-                                       "max_documents": 40}}), timeout=300)
-job = c.wait(c.submit("pipeline", {{"model_id": "tiny-llama", "dataset_id": ds["result"]["dataset_id"], "layer": 1,
-                                    "max_tokens": 3000, "top_k": 5,
-                                    "train": {{"expansion_factor": 4, "k": 8, "batch_size": 256, "epochs": 2}}}}),
-             timeout=600)
-assert job["state"] == "completed", job["message"]
 """
+PAGES = ("Datasets", "Models", "Jobs", "Extraction", "Training", "SAEs", "Features", "Steering", "Templates",
+         "System", "Settings")
 
 
 def _free_port() -> int:
@@ -100,8 +97,23 @@ def _no_error(page) -> None:
     assert page.locator("[data-testid='stException']").count() == 0
 
 
+def _wait_completed(page, kind: str, timeout_s: float) -> set:
+    """Poll the progress panel until the newest `kind` job shows completed; the bar values seen."""
+    bar = page.get_by_role("progressbar").first
+    seen = set()
+    end = time.monotonic() + timeout_s
+    done = page.get_by_text(re.compile(rf"^{kind} \S+ — completed"))
+    while time.monotonic() < end:
+        if bar.count():
+            seen.add(bar.get_attribute("aria-valuenow"))
+        if done.count():
+            return seen
+        page.wait_for_timeout(1000)
+    raise AssertionError(f"no {kind} job completed in {timeout_s:.0f} s (bar values seen: {seen})")
+
+
 def test_every_page_renders(page):
-    for name in ("Jobs", "Features", "Steering", "System"):
+    for name in PAGES:
         _open(page, name)
         page.wait_for_timeout(1500)  # let the page's data arrive
         _no_error(page)
@@ -109,26 +121,37 @@ def test_every_page_renders(page):
     assert (ARTIFACTS / "system.png").stat().st_size > 10_000
 
 
-def test_start_a_job_and_watch_its_progress(page):
+def test_add_a_dataset(page):
+    _open(page, "Datasets")
+    page.get_by_label("Context length (tokens per row)").fill("64")
+    page.get_by_label("Max documents (0 = all)").fill("40")
+    page.get_by_role("button", name="Add dataset").click()
+    page.get_by_text("Submitted add_dataset job").wait_for()
+    _wait_completed(page, "add_dataset", 240)
+    page.reload()
+    page.get_by_role("heading", name="Datasets").first.wait_for()
+    page.get_by_text("stdlib-docs").first.wait_for()
+    page.wait_for_timeout(1500)  # the rest of the page's data
+    page.screenshot(path=str(ARTIFACTS / "datasets-added.png"), full_page=True)
+    _no_error(page)
+
+
+def test_start_a_run_and_watch_it_train_an_sae(page):
     _open(page, "Jobs")
+    page.get_by_label("Top contexts per feature").fill("5")
     page.get_by_role("button", name="Start run").click()
     page.get_by_text("Submitted pipeline job").wait_for()
-    bar = page.get_by_role("progressbar").first
-    seen = set()
-    end = time.monotonic() + 240
-    while time.monotonic() < end:
-        seen.add(bar.get_attribute("aria-valuenow"))
-        if page.get_by_text("completed").count() and len(seen) > 1:
-            break
-        page.wait_for_timeout(1000)
+    seen = _wait_completed(page, "pipeline", 600)
     page.screenshot(path=str(ARTIFACTS / "jobs-running.png"), full_page=True)
     assert len(seen) > 1, f"the progress bar never moved: {seen}"
+    _open(page, "SAEs")
+    page.get_by_text("blocks.1.hook_resid_post").first.wait_for()
     _no_error(page)
 
 
 def test_feature_page(page):
     _open(page, "Features")
-    page.get_by_text("Top 5 contexts").first.wait_for()
+    page.get_by_text(re.compile(r"Top \d+ contexts")).first.wait_for()
     assert page.get_by_text("Activation histogram").count() >= 1
     assert page.get_by_role("heading", name=re.compile(r"^Latent \d+")).count() == 1
     page.screenshot(path=str(ARTIFACTS / "feature-page.png"), full_page=True)

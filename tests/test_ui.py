@@ -329,3 +329,15 @@ def test_polling_stops_when_nothing_runs(tiny_run, ui_client):
         assert seen == [None, POLL_S]
         assert any("pipeline-fake" in m.value for m in at.markdown)
         assert any(b.key == "cancel-pipeline-fake" for b in at.button)
+
+
+def test_no_page_prints_a_stray_module_string():
+    """Streamlit's magic writes any bare string statement of a page script onto the page: only
+    the module docstring may be one."""
+    import ast
+
+    for path in sorted((UI / "app_pages").glob("*.py")) + [UI / "app.py"]:
+        body = ast.parse(path.read_text()).body
+        stray = [n.lineno for n in body[1:] if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+                 and isinstance(n.value.value, str)]
+        assert not stray, f"{path.name} line(s) {stray}: make them comments"

@@ -13,9 +13,10 @@ import streamlit as st
 from core.errors import UserError
 from ui.widgets import fmt_number, get_client, guard, progress_panel
 
+# Evaluation numbers stored with each SAE (held-out slice), as columns. (Comments, not
+# docstrings, at module level: Streamlit's magic would print a bare string.)
 METRICS = {"l0": "L0", "fvu": "FVU", "mse": "MSE", "cos_sim": "cosine", "dead_frac": "dead", "dense_frac": "dense",
            "ce_loss_recovered_zero": "CE rec. (zero)", "ce_loss_recovered_mean": "CE rec. (mean)", "kl_sae": "KL"}
-"""Evaluation numbers stored with each SAE (held-out slice), as columns."""
 
 
 def sae_frame(saes: list[dict]) -> pd.DataFrame:

@@ -11,14 +11,14 @@ import streamlit as st
 from core.errors import UserError
 from ui.widgets import fmt_number, get_client, guard, progress_panel
 
+# Starting points per SAE type (TrainConfig's defaults: Gao et al. for TopK, Anthropic's λ ≈ 5 for
+# L1, Rajamanoharan et al. for JumpReLU). Comments, not docstrings: Streamlit's magic prints them.
 PRESETS: dict[str, dict[str, Any]] = {
     "topk": {"expansion_factor": 8, "k": 32, "batch_size": 4096, "epochs": 1},
     "batchtopk": {"expansion_factor": 8, "k": 32, "batch_size": 4096, "epochs": 1},
     "jumprelu": {"expansion_factor": 8, "k": 32, "batch_size": 4096, "epochs": 1, "l0_coefficient": 1.0},
     "standard": {"expansion_factor": 8, "k": 32, "batch_size": 4096, "epochs": 1, "l1_coefficient": 5.0},
 }
-"""Starting points per SAE type (TrainConfig's defaults: Gao et al. for TopK, Anthropic's λ ≈ 5
-for L1, Rajamanoharan et al. for JumpReLU)."""
 ABOUT = {"topk": "k latents per token, AuxK revives dead latents",
          "batchtopk": "k latents per token on average over the batch; saved as JumpReLU with its learned threshold",
          "jumprelu": "a learned threshold per latent, an L0 penalty (straight-through estimator)",
