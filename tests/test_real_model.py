@@ -43,3 +43,25 @@ def test_demo_pipeline_on_smollm2(client):
 
     summary = demo_summary(client, client.job(job["id"]))
     assert "FVU" in summary and "dead latents" in summary and f"#{features[0]['latent']}" in summary
+
+    # Issue 4's feature page on the real model: analysis, then heuristic labels, then one document
+    # per feature holding everything the dashboard and the Neuronpedia export show.
+    latents = [f["latent"] for f in features[:3]]
+    job = client.wait(client.submit("analyze", {"sae_id": sae["id"], "latents": latents,
+                                                "config": {"ablation_latents": latents[:1], "ablation_top": 0,
+                                                           "ablation_contexts": 4}}), timeout=600)
+    assert job["state"] == "completed", job["message"]
+    job = client.wait(client.submit("label", {"sae_id": sae["id"], "latents": latents}), timeout=300)
+    assert job["state"] == "completed", job["message"]
+    docs = {d["feature_index"]: d for d in client.feature_documents(sae["id"], latents)}
+    for latent in latents:
+        d = docs[latent]
+        kinds = {a["bin_min"] == -1 for a in d["activations"]}
+        assert kinds == {True, False}, "top and quantile examples"
+        assert sum(d["freq_hist_data_bar_heights"]) == d["n_fired"] > 0
+        assert len(d["pos_str"]) == 10 and len(d["neg_str"]) == 10 and "RMSNorm" in d["logits_final_norm"]
+        assert len(d["similar_features"]) == 10 and d["coactive_features"]
+        assert d["nlp"]["summary"] and d["nlp"]["n_examples"] + d["nlp"]["special"] > 0
+        assert d["explanation"]["name"] and d["explanation"]["source"] == "heuristic"
+    ablation = docs[latents[0]]["ablation"]
+    assert ablation and all(abs(x) < 20 for x in ablation["delta_loss_at_max"]), ablation
