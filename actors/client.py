@@ -20,7 +20,7 @@ from actors import cluster
 from core.discover import read_examples
 from core.errors import UserError
 from storage import Registry, Settings
-from storage.registry import FINAL_STATES, SAE, Activation, Dataset, Experiment, Job, Model, Template
+from storage.registry import FINAL_STATES, IDLE_STATES, SAE, Activation, Dataset, Experiment, Job, Model, Template
 
 
 class Client:
@@ -43,6 +43,18 @@ class Client:
             key = api_key or next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), "")
             secrets = {"api_key": key} if key else None
         return _get(self.manager.submit.remote(kind, spec, secrets))["id"]
+
+    def pause(self, job_id: str) -> dict[str, Any]:
+        """Ask a running training to save a checkpoint at its next chunk boundary and stop (state paused)."""
+        return _get(self.manager.control.remote(job_id, "pause"))
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        """Queue a paused training again; it continues from its checkpoint exactly as if never paused."""
+        return _get(self.manager.control.remote(job_id, "resume"))
+
+    def finalize(self, job_id: str) -> dict[str, Any]:
+        """Ask a running training to stop at its next chunk boundary and save the SAEs as they are."""
+        return _get(self.manager.control.remote(job_id, "finalize"))
 
     def retry(self, job_id: str, api_key: str | None = None) -> str:
         """Submit a finished job's spec again as a new job (validated afresh); returns its id."""
@@ -78,13 +90,13 @@ class Client:
 
     def wait(self, job_id: str, on_progress: Callable[[dict, dict], None] | None = None,
              poll: float = 0.5, timeout: float | None = None) -> dict[str, Any]:
-        """Block until the job ends; `on_progress(job, progress)` is called at every poll."""
+        """Block until the job ends (or pauses); `on_progress(job, progress)` is called at every poll."""
         start = time.monotonic()
         while True:
             job = self.job(job_id)
             if on_progress:
                 on_progress(job, self.progress(job_id) or {})
-            if job["state"] in FINAL_STATES:
+            if job["state"] in IDLE_STATES:
                 return job
             if timeout is not None and time.monotonic() - start > timeout:
                 raise TimeoutError(f"job {job_id} still {job['state']} after {timeout:.0f}s")

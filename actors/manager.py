@@ -23,7 +23,7 @@ import ray
 from actors import specs
 from actors.worker import NAMESPACE, ModelWorker
 from core import hooks, models, pipeline
-from core.errors import Cancelled, UserError
+from core.errors import Cancelled, Paused, UserError
 from storage import Artifacts, Registry, Settings
 from storage.registry import SAE, Activation, Dataset, Experiment, Job, Model, Template, new_id
 
@@ -81,6 +81,30 @@ class JobManager:
         ray.get(self.progress.cancel.remote(job_id))
         if job["state"] == "queued":  # never started: cancelled at once
             return self.registry.set_job_state(job_id, "cancelled", message="cancelled before it started")
+        if job["state"] == "paused":  # nothing runs: its checkpoint stays on disk
+            return self.registry.set_job_state(job_id, "cancelled", message="cancelled while paused")
+        return job
+
+    def control(self, job_id: str, what: str) -> dict[str, Any]:
+        """Pause or finalize a running training (at its next chunk boundary), or resume a paused
+        one from its checkpoint under the same job id."""
+        job = self._need(Job, job_id, "job", "list jobs with: mistudio jobs list")
+        if job["kind"] != "train":
+            raise UserError(f"job {job_id} is a {job['kind']} job; only train jobs pause, resume and finalize "
+                            "(cancel stops any job)")
+        if what == "resume":
+            if job["state"] != "paused":
+                raise UserError(f"job {job_id} is {job['state']}, not paused; there is nothing to resume")
+            ray.get(self.progress.clear.remote(job_id))
+            self.registry.update(Job, job_id, spec={**job["spec"], "resume_job": job_id})
+            job = self.registry.set_job_state(job_id, "queued", message="queued to resume from its checkpoint")
+            self._queue.put(job_id)
+            return job
+        if what not in ("pause", "finalize"):
+            raise UserError(f"unknown request {what!r}; use pause, resume or finalize")
+        if job["state"] not in ("loading", "running"):
+            raise UserError(f"job {job_id} is {job['state']}; only a running training can {what}")
+        ray.get(self.progress.request.remote(job_id, what))
         return job
 
     def save_template(self, kind: str, name: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -220,6 +244,8 @@ class JobManager:
             cause = getattr(e, "cause", None) or e
             if isinstance(cause, Cancelled):
                 state, message = "cancelled", "cancelled by request"
+            elif isinstance(cause, Paused):
+                state, message = "paused", str(cause)
             elif isinstance(cause, UserError):
                 state, message = "failed", str(cause)
             elif isinstance(e, ray.exceptions.ActorDiedError):
@@ -229,7 +255,10 @@ class JobManager:
                 state, message = "failed", f"{type(cause).__name__}: {cause}"
                 traceback.print_exc()
             self.registry.set_job_state(job_id, state, message=message.splitlines()[0] if message else state)
-            self.progress.report.remote(job_id, {"phase": state, "message": message})
+            # where it stopped stays visible (a paused bar keeps its fraction)
+            last = ray.get(self.progress.get.remote(job_id)) or {}
+            keep = {k: last[k] for k in ("fraction", "done", "total", "unit", "step") if k in last}
+            self.progress.report.remote(job_id, {**keep, "phase": state, "message": message})
             return
         # a job that completed with something to say (a batch with failures) keeps it as its message
         self.registry.set_job_state(job_id, "completed", message=result.get("note", "completed"), result=result)
@@ -350,7 +379,7 @@ class JobManager:
                 "exclude_special_tokens": spec.exclude_special_tokens,
                 "checkpoint_dir": str(self.artifacts.checkpoints(spec.resume_job or job_id)),
                 "checkpoint_every": spec.checkpoint_every, "keep_checkpoints": spec.keep_checkpoints,
-                "resume": bool(spec.resume_job)}
+                "resume": bool(spec.resume_job), "pausable": self.registry.get(Job, job_id)["kind"] == "train"}
         res = self._call(job_id, "train", plan)
         self.set_state(job_id, "saving", "recording the SAEs")
         act_ids = {h: next(iter(sets.values()))["id"] for h, sets in inputs["by_hook"].items()}

@@ -170,14 +170,14 @@ class ModelWorker:
             source, holdout = pipeline.live_training(model, tok, [Path(p) for p in plan["dataset_paths"]], runs,
                                                      plan["eval_rows"], plan["batch_size"], plan["max_tokens"],
                                                      exclude_token_ids=self._excluded(plan, tok))
-        ck = None
-        if plan["checkpoint_every"] or plan["resume"]:
-            ck = CheckpointConfig(Path(plan["checkpoint_dir"]), plan["checkpoint_every"], plan["keep_checkpoints"],
-                                  resume=plan["resume"])
+        # always a folder: a pause writes its checkpoint there even without periodic ones
+        ck = CheckpointConfig(Path(plan["checkpoint_dir"]), plan["checkpoint_every"], plan["keep_checkpoints"],
+                              resume=plan["resume"])
         saes = plan["saes"]
         results = pipeline.train_runs(source, runs, {n: Path(s["path"]) for n, s in saes.items()},
                                       {n: s["meta"] for n, s in saes.items()}, holdout_tokens=holdout,
-                                      checkpoint=ck, progress=report, should_cancel=report.should_cancel)
+                                      checkpoint=ck, progress=report, should_cancel=report.should_cancel,
+                                      requested=report.requested if plan["pausable"] else None)
         out = {}
         for name, result in results.items():
             metrics = dict(result.final)

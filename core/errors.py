@@ -2,7 +2,8 @@
 
 `UserError` carries a one-line message that names what is wrong and how to fix it; the CLI
 prints it as is and the JobManager stores it on the job record. `Cancelled` unwinds a job
-whose cancel flag was seen at a batch boundary.
+whose cancel flag was seen at a batch boundary; `Paused` unwinds a training that saved a
+checkpoint to continue from.
 """
 
 
@@ -12,3 +13,7 @@ class UserError(ValueError):
 
 class Cancelled(RuntimeError):
     """The job was cancelled; raised at a batch boundary."""
+
+
+class Paused(RuntimeError):
+    """Training was paused: a checkpoint was saved at a chunk boundary to resume from."""

@@ -107,10 +107,12 @@ def _with_budget(cfg: TrainConfig, pass_tokens: int) -> TrainConfig:
 
 def train_runs(source: Source, runs: list[RunSpec], out_dirs: dict[str, Path], metas: dict[str, dict[str, Any]], *,
                holdout_tokens: int = 0, checkpoint: CheckpointConfig | None = None,
-               progress: Progress = None, should_cancel: CancelCheck = None) -> dict[str, TrainResult]:
-    """Train several SAEs from one pass of `source`; save each as a SAELens folder in out_dirs[name]."""
+               progress: Progress = None, should_cancel: CancelCheck = None,
+               requested: Callable[[], str] | None = None) -> dict[str, TrainResult]:
+    """Train several SAEs from one pass of `source`; save each as a SAELens folder in out_dirs[name].
+    `requested` may pause or finalize the training (see core.train.train_saes)."""
     results = train_saes(source, runs, progress=progress, should_cancel=should_cancel,
-                         holdout_tokens=holdout_tokens, checkpoint=checkpoint)
+                         holdout_tokens=holdout_tokens, checkpoint=checkpoint, requested=requested)
     for name, result in results.items():
         save_saelens(result.sae, result.sae.config(**metas[name]), out_dirs[name])
     return results

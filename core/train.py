@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from core.errors import Cancelled, UserError
+from core.errors import Cancelled, Paused, UserError
 from core.io import atomic_file
 from core.sae import SAE, TRAINING_ARCHITECTURES, StepContext, build_sae, check_k
 
@@ -168,22 +168,27 @@ class _Stats(NamedTuple):
 
 def train_sae(activations: Callable[[], Iterable[np.ndarray]], d_in: int, cfg: TrainConfig,
               progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None, *,
-              holdout_tokens: int = 0, checkpoint: CheckpointConfig | None = None) -> TrainResult:
+              holdout_tokens: int = 0, checkpoint: CheckpointConfig | None = None,
+              requested: Callable[[], str] | None = None) -> TrainResult:
     """Train one SAE on `activations()` (a fresh iterator of float32 [N, d_in] chunks per call)."""
 
     source = replayable(lambda: ({"x": chunk} for chunk in activations()))
     results = train_saes(source, [RunSpec("sae", "x", d_in, cfg)], progress=progress, should_cancel=should_cancel,
-                         holdout_tokens=holdout_tokens, checkpoint=checkpoint)
+                         holdout_tokens=holdout_tokens, checkpoint=checkpoint, requested=requested)
     return results["sae"]
 
 
 def train_saes(source: Source, runs: Sequence[RunSpec], *, progress: Progress | None = None,
                should_cancel: Callable[[], bool] | None = None, holdout_tokens: int = 0,
-               checkpoint: CheckpointConfig | None = None) -> dict[str, TrainResult]:
+               checkpoint: CheckpointConfig | None = None,
+               requested: Callable[[], str] | None = None) -> dict[str, TrainResult]:
     """Train every SAE in `runs` from one stream of `source` chunks; results by run name.
 
     The first `holdout_tokens` tokens of every pass are never trained on; the final evaluation
     uses them. The next `sample_tokens` estimate each run's scale, outlier threshold and b_dec.
+    `requested()` is asked at every chunk boundary: "pause" saves a checkpoint and raises
+    Paused (resuming from it continues exactly); "finalize" ends training there and returns
+    the SAEs as they are, evaluated like finished ones.
     """
     if not runs:
         raise UserError("nothing to train: give at least one SAE")
@@ -223,6 +228,16 @@ def train_saes(source: Source, runs: Sequence[RunSpec], *, progress: Progress | 
             if checkpoint is not None and checkpoint.every_steps > 0 and busiest - last_ckpt >= checkpoint.every_steps:
                 _save_checkpoint(checkpoint, runs, holdout_tokens, states, cursor)
                 last_ckpt = busiest
+            request = requested() if requested is not None else ""
+            if request == "pause":
+                if checkpoint is None:
+                    raise UserError("pausing needs a checkpoint folder to save to; cancel instead")
+                _save_checkpoint(checkpoint, runs, holdout_tokens, states, cursor)
+                raise Paused(f"paused at step {busiest}; resume to continue from its checkpoint")
+            if request == "finalize":
+                for s in states:
+                    if not s.done:
+                        s.finish(progress, states, t0, should_cancel)
             if all(s.done for s in states):
                 break
         else:  # the pass ended

@@ -21,8 +21,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from core.errors import UserError
 from storage.migrate import sqlite_pragmas, upgrade_to_head
 
-JOB_STATES = ("queued", "loading", "running", "saving", "completed", "failed", "cancelled")
+JOB_STATES = ("queued", "loading", "running", "saving", "paused", "completed", "failed", "cancelled")
 FINAL_STATES = ("completed", "failed", "cancelled")
+IDLE_STATES = (*FINAL_STATES, "paused")
+"""States in which nothing runs: a paused training waits, with its checkpoint, to be resumed."""
 
 
 Count = BigInteger().with_variant(Integer(), "sqlite")
@@ -307,8 +309,9 @@ class Registry:
             return [r.to_dict() for r in s.scalars(q)]
 
     def active_jobs(self) -> list[dict[str, Any]]:
+        """Jobs queued or running (not paused), oldest first."""
         with self.session() as s:
-            q = select(Job).where(Job.state.not_in(FINAL_STATES)).order_by(Job.created_at)
+            q = select(Job).where(Job.state.not_in(IDLE_STATES)).order_by(Job.created_at)
             return [r.to_dict() for r in s.scalars(q)]
 
     # -- templates ---------------------------------------------------------------

@@ -331,6 +331,42 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
     assert resumed.final == full.final
 
 
+def test_pause_then_resume_equals_an_uninterrupted_run(tmp_path):
+    from core.errors import Paused
+    from core.train import CheckpointConfig, checkpoints
+    x = synthetic(n=6_000)
+    cfg = TrainConfig(architecture="topk", expansion_factor=4, k=4, batch_size=256, epochs=3, lr=1e-2,
+                      sample_tokens=1024, log_every=3)
+    full = train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=500)
+    ck = CheckpointConfig(tmp_path / "ck", every_steps=0, keep=2, resume=False)  # no periodic checkpoints
+    steps = []
+    with pytest.raises(Paused, match=r"paused at step \d+"):
+        train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=500, checkpoint=ck,
+                  progress=lambda d: steps.append(d["step"]),
+                  requested=lambda: "pause" if steps and steps[-1] >= 30 else "")
+    assert len(checkpoints(ck.folder)) == 1  # the pause wrote exactly one
+    resumed = train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=500, checkpoint=ck._replace(resume=True))
+    for name, p in full.sae.state_dict().items():
+        assert torch.equal(p, resumed.sae.state_dict()[name]), name
+    assert resumed.history == full.history and resumed.final == full.final
+    with pytest.raises(UserError, match="pausing needs a checkpoint folder"):
+        train_sae(source(x, chunk=500), D_IN, cfg, requested=lambda: "pause")
+
+
+def test_finalize_stops_early_and_evaluates_what_it_has():
+    x = synthetic(n=6_000)
+    cfg = TrainConfig(architecture="topk", expansion_factor=4, k=4, batch_size=256, epochs=3, lr=1e-2,
+                      sample_tokens=1024, log_every=3)
+    full = train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=500)
+    steps = []
+    early = train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=500, progress=lambda d: steps.append(d["step"]),
+                      requested=lambda: "finalize" if steps and steps[-1] >= 20 else "")
+    assert 20 <= early.history[-1]["step"] < full.history[-1]["step"]
+    assert early.final["tokens"] < full.final["tokens"]
+    assert early.final["eval_tokens"] == full.final["eval_tokens"]  # evaluated on the same held-out slice
+    assert 0 < early.final["fvu"] < 1
+
+
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     from core.train import CheckpointConfig
     x = synthetic(n=3_000)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
+
+from core.errors import UserError
+from storage.artifacts import Artifacts
+from storage.registry import SAE
 
 PAGES = Path(__file__).resolve().parents[1] / "ui" / "app_pages"
 EXTRACTION, TRAINING = str(PAGES / "extraction.py"), str(PAGES / "training.py")
@@ -101,3 +107,40 @@ def test_training_without_a_source_says_what_to_pick(tiny_run, ui_client):
     at.multiselect(key="t-activations").set_value([]).run()
     at.button(key="t-submit").click().run()
     assert any("pick what to train on" in e.value for e in at.error)
+
+
+def wait_running(client, job_id: str, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while client.job(job_id)["state"] != "running":
+        assert time.monotonic() < end, f"{job_id} is still {client.job(job_id)['state']}"
+        time.sleep(0.2)
+
+
+def test_pause_resume_and_finalize_a_training(tiny_run, ui_client):
+    """Pause saves a checkpoint and frees the worker; Resume (the panel's button) continues the
+    same job from it; Finalize ends it early with the SAE evaluated and registered."""
+    acts = [a for a in ui_client.activations() if a["model_id"] == "tiny-llama"]
+    epochs = 3000  # far more than the test waits for: it ends by Finalize
+    job_id = ui_client.submit("train", {"activation_ids": [acts[0]["id"]], "eval_rows": 2, "config": {
+        "expansion_factor": 2, "k": 4, "batch_size": 64, "epochs": epochs, "log_every": 20}})
+    wait_running(ui_client, job_id)
+    with pytest.raises(UserError, match="is a pipeline job; only train jobs"):
+        ui_client.pause(tiny_run["job"]["id"])
+    ui_client.pause(job_id)
+    paused = ui_client.wait(job_id, timeout=120)
+    assert paused["state"] == "paused" and paused["message"].startswith("paused at step"), paused["message"]
+    assert list(Artifacts(ui_client.settings.home).checkpoints(job_id).glob("ckpt-*.pt"))
+    assert job_id not in {j["id"] for j in ui_client.active_jobs()}  # nothing runs: the worker is free
+    with pytest.raises(UserError, match="only a running training can finalize"):
+        ui_client.finalize(job_id)
+
+    at = run_page(str(PAGES / "jobs.py"))
+    at.button(key=f"resume-{job_id}").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    wait_running(ui_client, job_id)
+    assert ui_client.job(job_id)["spec"]["resume_job"] == job_id
+    ui_client.finalize(job_id)
+    done = ui_client.wait(job_id, timeout=180)
+    assert done["state"] == "completed", done["message"]
+    assert 0 < done["result"]["tokens"] < epochs * acts[0]["tokens"]  # stopped early, and saved
+    assert ui_client.get(SAE, done["result"]["sae_id"])["training_job_id"] == job_id

@@ -311,6 +311,13 @@ def cmd_jobs(a) -> None:
     if a.action == "cancel":
         c.cancel(a.job_id)
         print(f"cancel requested for {a.job_id}")
+    elif a.action in ("pause", "finalize"):
+        getattr(c, a.action)(a.job_id)
+        print(f"{a.action} requested for {a.job_id}: it takes effect at the next chunk boundary")
+    elif a.action == "resume":
+        c.resume(a.job_id)
+        print(f"resuming {a.job_id} from its checkpoint")
+        follow(c, a.job_id)
     elif a.action == "retry":
         new = c.retry(a.job_id)
         print(f"retrying {a.job_id} as {new}")
@@ -614,8 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--out", default=None, help="export: write here instead of stdout")
     tp.set_defaults(fn=cmd_templates)
 
-    j = sub.add_parser("jobs", help="list, watch, show, cancel and retry jobs")
-    j.add_argument("action", choices=["list", "watch", "show", "cancel", "retry"])
+    j = sub.add_parser("jobs", help="list, watch, show, cancel and retry jobs; pause, resume and finalize training")
+    j.add_argument("action", choices=["list", "watch", "show", "cancel", "retry", "pause", "resume", "finalize"])
     j.add_argument("job_id", nargs="?")
     j.add_argument("--state", default=None)
     j.set_defaults(fn=cmd_jobs)

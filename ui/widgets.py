@@ -269,10 +269,12 @@ def job_card(client, job: dict[str, Any], active: bool) -> None:
     head, btn = st.columns([5, 1], vertical_alignment="center")
     head.markdown(f"**{job['kind']}** `{job['id']}` — **{job['state']}**"
                   + (f" · step `{job['step']}`" if job.get("step") else ""))
-    if active and btn.button("Cancel", key=f"cancel-{job['id']}", icon=":material/cancel:"):
+    if job["state"] not in FINAL_STATES and btn.button("Cancel", key=f"cancel-{job['id']}", icon=":material/cancel:"):
         client.cancel(job["id"])
         st.toast(f"Cancel requested for {job['id']}")
         st.rerun()
+    if job["kind"] == "train":
+        training_controls(client, job, btn)
     if job["state"] in ("failed", "cancelled") and btn.button("Retry", key=f"retry-{job['id']}",
                                                               icon=":material/replay:", help="run the same spec again"):
         st.toast(f"Retrying {job['id']} as {client.retry(job['id'])}")
@@ -302,6 +304,20 @@ def job_card(client, job: dict[str, Any], active: bool) -> None:
         job_charts(client.history(job["id"]))
 
 
+def training_controls(client, job: dict[str, Any], where) -> None:
+    """Pause / Finalize for a running training, Resume for a paused one."""
+    buttons = {"running": [("Pause", "pause", ":material/pause:", "save a checkpoint at the next chunk boundary "
+                                                                    "and stop; Resume continues exactly"),
+                           ("Finalize", "finalize", ":material/flag:", "stop at the next chunk boundary and save "
+                                                                       "the SAE as it is, evaluated")],
+               "paused": [("Resume", "resume", ":material/play_arrow:", "continue from the checkpoint")]}
+    for label, action, icon, help_ in buttons.get(job["state"], []):
+        if where.button(label, key=f"{action}-{job['id']}", icon=icon, help=help_):
+            getattr(client, action)(job["id"])
+            st.toast(f"{label} requested for {job['id']}")
+            st.rerun()
+
+
 def progress_panel(client, poll_s: float = POLL_S) -> None:
     """Live progress of every active job (and the most recent finished one).
 
@@ -323,6 +339,9 @@ def progress_panel(client, poll_s: float = POLL_S) -> None:
             for job in active:
                 with st.container(border=True):
                     job_card(client, job, active=True)
+            for job in client.jobs(state="paused"):  # waiting for Resume: shown, never polled for
+                with st.container(border=True):
+                    job_card(client, job, active=False)
             if finished:
                 with st.container(border=True):
                     job_card(client, finished, active=False)
