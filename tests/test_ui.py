@@ -188,6 +188,21 @@ def test_feature_page_label_editing_and_jobs(tiny_run, ui_client):
     assert (row["label"], row["category"], row["label_source"]) == ("edited in the browser", "semantic", "user")
     assert any("edited in the browser" in m.value for m in at.markdown)
 
+    # label and max-activation filters
+    at.selectbox(key="label_filter").select("semantic").run()
+    semantic = set(at.dataframe[0].value["latent"])
+    assert latent in semantic and all(f["category"] == "semantic" and f["label"]
+                                      for f in ui_client.features(sae_id) if f["latent"] in semantic)
+    at.selectbox(key="label_filter").select("unlabeled").run()
+    assert latent not in set(at.dataframe[0].value["latent"])
+    at.selectbox(key="label_filter").select("all").run()
+    everything = at.dataframe[0].value
+    cut = float(everything["max_act"].median())
+    at.number_input(key="min_max_act").set_value(cut).run()
+    strong = at.dataframe[0].value
+    assert 0 < len(strong) < len(everything) and (strong["max_act"] >= cut).all()
+    at.number_input(key="min_max_act").set_value(0.0).run()
+
     before = {j["id"] for j in ui_client.jobs()}
     at.button(key="analyze").click().run()
     new = [j for j in ui_client.jobs() if j["id"] not in before]

@@ -49,6 +49,14 @@ def _matches(row: dict[str, Any], query: str) -> bool:
         q in str(t[0] if isinstance(t, (list, tuple)) and t else t).lower() for t in row.get("top_tokens") or [])
 
 
+def _label_kept(row: dict[str, Any], which: str) -> bool:
+    if which == "all":
+        return True
+    if which in ("labeled", "unlabeled"):
+        return bool(row.get("label")) == (which == "labeled")
+    return bool(row.get("label")) and row.get("category") == which
+
+
 def features_table(client, sae: dict[str, Any]) -> tuple[pd.DataFrame, dict[int, dict[str, Any]]]:
     c = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
     query = c[0].text_input("Search tokens and labels", key="search", placeholder="a token or label, e.g. def or (  — or a latent number")
@@ -56,9 +64,15 @@ def features_table(client, sae: dict[str, Any]) -> tuple[pd.DataFrame, dict[int,
                                  format="%.4f", key="min_frequency", help="fraction of tokens the latent fires on")
     order = c[2].selectbox("Sort by", list(SORTS), format_func=SORTS.get, key="order_by")
     live_only = c[3].checkbox("Live latents only", value=True, key="live_only")
+    c = st.columns([1, 1, 2], vertical_alignment="bottom")
+    min_max = c[0].number_input("Min max activation", min_value=0.0, value=0.0, key="min_max_act",
+                                help="the latent's largest activation over the data")
+    labels = c[1].selectbox("Labels", ["all", "labeled", "unlabeled", *CATEGORIES], key="label_filter",
+                            help="labeled or not, or one label category")
     rows = client.features(sae["id"], order_by=order, min_frequency=float(min_freq))
     if live_only:
         rows = [r for r in rows if r["n_fired"] > 0]
+    rows = [r for r in rows if r["max_act"] >= min_max and _label_kept(r, labels)]
     if query:
         rows = [r for r in rows if _matches(r, query)]
     by_latent = {r["latent"]: r for r in rows}
