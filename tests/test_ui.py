@@ -356,3 +356,15 @@ def test_no_page_prints_a_stray_module_string():
         stray = [n.lineno for n in body[1:] if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
                  and isinstance(n.value.value, str)]
         assert not stray, f"{path.name} line(s) {stray}: make them comments"
+
+
+def test_an_oidc_provider_keeps_the_app_closed_until_signed_in(tiny_run, ui_client):
+    """With Streamlit's [auth] configured, a visitor who is not logged in sees only Sign in."""
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.secrets["auth"] = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "s3cret",
+                          "client_id": "mistudio", "client_secret": "x",
+                          "server_metadata_url": "https://idp.invalid/.well-known/openid-configuration"}
+    at.run()
+    assert not at.exception
+    assert [t.value for t in at.title] == ["miStudio"]
+    assert [b.label for b in at.button] == ["Sign in"]

@@ -86,7 +86,7 @@ def signed_in() -> bool:
     import os
 
     if _oidc_configured():
-        if st.user.is_logged_in:
+        if st.user.get("is_logged_in"):  # a mapping: absent until the provider has answered
             return True
         st.title("miStudio")
         st.button("Sign in", on_click=st.login, type="primary", key="oidc-login")
