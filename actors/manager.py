@@ -43,6 +43,7 @@ class JobManager:
         self._queue: queue.Queue[str] = queue.Queue()
         self._worker = None
         self._secrets: dict[str, dict[str, str]] = {}
+        self._attempts: dict[str, int] = {}  # job → retries used after worker deaths
         # Jobs left unfinished by a previous manager cannot be resumed yet: say so instead of
         # leaving them "running" forever.
         for job in self.registry.active_jobs():
@@ -249,8 +250,11 @@ class JobManager:
             elif isinstance(cause, UserError):
                 state, message = "failed", str(cause)
             elif isinstance(e, ray.exceptions.ActorDiedError):
-                state, message = "failed", "the model worker died; the job can be retried"
-                self._worker = None
+                self._worker = None  # the next step starts a fresh one
+                if self._requeue_after_worker_death(job):
+                    return
+                state, message = "failed", "the model worker died and no retries are left; retry it with: " \
+                                           f"mistudio jobs retry {job_id}"
             else:
                 state, message = "failed", f"{type(cause).__name__}: {cause}"
                 traceback.print_exc()
@@ -263,6 +267,26 @@ class JobManager:
         # a job that completed with something to say (a batch with failures) keeps it as its message
         self.registry.set_job_state(job_id, "completed", message=result.get("note", "completed"), result=result)
         self.progress.report.remote(job_id, {"phase": "completed", "fraction": 1.0, "message": "completed"})
+
+    def _requeue_after_worker_death(self, job: dict[str, Any]) -> bool:
+        """Ray reported the worker dead (its health checks, within seconds): queue the job
+        again while retries are left — a training continues from its newest checkpoint (exactly
+        as if never interrupted), anything else starts over (its outputs are written atomically,
+        so nothing partial exists)."""
+        job_id = job["id"]
+        attempt = self._attempts.get(job_id, 0) + 1
+        if attempt > self.settings.job_retries:
+            return False
+        self._attempts[job_id] = attempt
+        resumed = job["kind"] == "train" and any(self.artifacts.checkpoints(job_id).glob("ckpt-*.pt"))
+        if resumed:
+            self.registry.update(Job, job_id, spec={**job["spec"], "resume_job": job_id})
+        message = (f"the model worker died; retry {attempt} of {self.settings.job_retries} on a fresh worker"
+                   + (", from the newest checkpoint" if resumed else ""))
+        self.registry.set_job_state(job_id, "queued", message=message)
+        self.progress.report.remote(job_id, {"phase": "queued", "message": message})
+        self._queue.put(job_id)
+        return True
 
     def _call(self, job_id: str, step: str, plan: dict[str, Any]) -> dict[str, Any]:
         if self._worker is None:

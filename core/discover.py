@@ -281,7 +281,7 @@ def _contenders(table_key: torch.Tensor, lat: torch.Tensor, key: torch.Tensor, c
     floor = table_key.min(dim=1).values
     hot = (key > floor[lat]).nonzero().squeeze(1)
     keys, entry = _segment_top(lat[hot], key[hot], len(table_key), c)
-    return keys, torch.where(entry >= 0, hot[entry.clamp_min(0)], -1)
+    return keys, torch.cat([hot, hot.new_full((1,), -1)])[entry]  # entry -1 (an empty slot) reads the -1
 
 
 def _per_token_top(tok: torch.Tensor, lat: torch.Tensor, val: torch.Tensor, n: int, m: int):

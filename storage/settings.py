@@ -25,6 +25,9 @@ class Settings:
     """GPUs per ModelWorker (0 on CPU)."""
     worker_cpus: int = 0
     """CPU cores per ModelWorker; 0 means all cores of the machine (Ray otherwise gives torch 1 thread)."""
+    job_retries: int = 1
+    """Times a job whose model worker died is run again on a fresh worker (training from its
+    last checkpoint); 0 fails it at once."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -37,6 +40,7 @@ class Settings:
             ray_address=env.get("MISTUDIO_RAY_ADDRESS", ""),
             num_gpus=float(env.get("MISTUDIO_NUM_GPUS") or 0),
             worker_cpus=int(env.get("MISTUDIO_WORKER_CPUS") or 0),
+            job_retries=int(env.get("MISTUDIO_JOB_RETRIES") or 1),
         )
 
     @property
@@ -51,4 +55,5 @@ class Settings:
             "MISTUDIO_RAY_ADDRESS": d["ray_address"],
             "MISTUDIO_NUM_GPUS": str(d["num_gpus"]),
             "MISTUDIO_WORKER_CPUS": str(d["worker_cpus"]),
+            "MISTUDIO_JOB_RETRIES": str(d["job_retries"]),
         }

@@ -347,3 +347,17 @@ def test_topk_values_and_dense_z_give_the_same_files(tmp_path, one_per_document)
     for name in ("features", "examples", "outliers"):
         a, b = pq.read_table(sparse.paths[name]), pq.read_table(dense.paths[name])
         assert a.num_rows > 0 and a.equals(b), name
+
+
+def test_a_batch_that_beats_nothing_in_the_tables(tmp_path):
+    """The same batch twice with one slot per latent: every latent that fires holds its best
+    after the first, so the second one's candidates only tie them and none contends — the top
+    examples are those of one pass and the counts double."""
+    sae, (batch, *_) = make_sae(), make_batches(1)
+    cfg = dataclasses.replace(CFG, top_k=1, n_quantiles=0)
+    once = discover(sae, iter([batch]), tmp_path / "once", decode, cfg)
+    twice = discover(sae, iter([batch, batch]), tmp_path / "twice", decode, cfg)
+    assert pq.read_table(once.paths["examples"]).equals(pq.read_table(twice.paths["examples"]))
+    n1 = pq.read_table(once.paths["features"]).column("n_fired").to_pylist()
+    n2 = pq.read_table(twice.paths["features"]).column("n_fired").to_pylist()
+    assert n2 == [2 * n for n in n1] and sum(n1) > 0
