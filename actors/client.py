@@ -31,8 +31,9 @@ class Client:
         self.registry = Registry(self.settings.database_url)
 
     # -- jobs ------------------------------------------------------------------------
-    def submit(self, kind: str, spec: dict[str, Any], api_key: str | None = None) -> str:
-        """Enqueue a job; bad input raises UserError with a one-line reason.
+    def submit(self, kind: str, spec: dict[str, Any], api_key: str | None = None, priority: int = 0) -> str:
+        """Enqueue a job (a higher `priority` starts before lower ones); bad input raises
+        UserError with a one-line reason.
 
         An openai labeling job takes the endpoint's key from `api_key` or this process's
         MISTUDIO_LABEL_API_KEY / OPENAI_API_KEY; it travels with the job in memory only."""
@@ -42,7 +43,14 @@ class Client:
 
             key = api_key or next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), "")
             secrets = {"api_key": key} if key else None
-        return _get(self.manager.submit.remote(kind, spec, secrets))["id"]
+        return _get(self.manager.submit.remote(kind, spec, secrets, priority))["id"]
+
+    def queue(self) -> list[dict[str, Any]]:
+        """Queued jobs in the order they will start."""
+        return self.registry.queue()
+
+    def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:
+        return _get(self.manager.set_priority.remote(job_id, priority))
 
     def pause(self, job_id: str) -> dict[str, Any]:
         """Ask a running training to save a checkpoint at its next chunk boundary and stop (state paused)."""
@@ -61,7 +69,7 @@ class Client:
         job = self.job(job_id)
         if job["state"] not in FINAL_STATES:
             raise UserError(f"job {job_id} is still {job['state']}; cancel it first or wait for it to finish")
-        return self.submit(job["kind"], job["spec"], api_key=api_key)
+        return self.submit(job["kind"], job["spec"], api_key=api_key, priority=job.get("priority", 0))
 
     def set_label(self, sae_id: str, latent: int, name: str, category: str = "other", description: str = "") -> dict:
         """Write a feature's label by hand (source "user"); an empty name clears it."""

@@ -9,7 +9,6 @@ step's outputs (activations, SAEs, features) in the registry.
 from __future__ import annotations
 
 import dataclasses
-import queue
 import re
 import shutil
 import threading
@@ -40,25 +39,31 @@ class JobManager:
         self.registry = Registry(self.settings.database_url)
         self.artifacts = Artifacts(self.settings.home)
         self.progress = ray.get_actor("progress", namespace=NAMESPACE)
-        self._queue: queue.Queue[str] = queue.Queue()
+        self._wake = threading.Event()  # set when a job is queued or reordered
         self._worker = None
         self._secrets: dict[str, dict[str, str]] = {}
         self._attempts: dict[str, int] = {}  # job → retries used after worker deaths
-        # Jobs left unfinished by a previous manager cannot be resumed yet: say so instead of
-        # leaving them "running" forever.
+        # Queued jobs simply wait in the registry for this manager; ones a previous manager had
+        # started are not followed any more: say so instead of leaving them "running" forever.
         for job in self.registry.active_jobs():
-            self.registry.set_job_state(job["id"], "failed", message="interrupted: the job manager restarted")
+            if job["state"] != "queued":
+                self.registry.set_job_state(job["id"], "failed", message="interrupted: the job manager restarted; "
+                                            f"retry it with: mistudio jobs retry {job['id']}")
+                self.progress.cancel.remote(job["id"])  # a worker still running it stops at its next batch
         threading.Thread(target=self._dispatch, daemon=True, name="dispatcher").start()
+        self._wake.set()
 
     # -- API -----------------------------------------------------------------------
-    def submit(self, kind: str, values: dict[str, Any], secrets: dict[str, str] | None = None) -> dict[str, Any]:
+    def submit(self, kind: str, values: dict[str, Any], secrets: dict[str, str] | None = None,
+               priority: int = 0) -> dict[str, Any]:
         """Validate and enqueue; raises UserError (also recorded as a failed job) on bad input.
+        Higher `priority` starts first.
 
         `secrets` (an endpoint's API key) stay in this actor's memory for the job's run and are
         never written to the registry."""
         spec = specs.parse_spec(kind, values)
         refs = {k: getattr(spec, k) for k in ("model_id", "dataset_id", "sae_id") if hasattr(spec, k)}
-        job = self.registry.create_job(kind, specs.to_dict(spec), **refs)
+        job = self.registry.create_job(kind, specs.to_dict(spec), priority=int(priority), **refs)
         try:
             self._validate(kind, spec)
         except UserError as e:
@@ -68,7 +73,7 @@ class JobManager:
                                                 "message": "queued, waiting for a worker"})
         if secrets:
             self._secrets[job["id"]] = dict(secrets)
-        self._queue.put(job["id"])
+        self._wake.set()
         return job
 
     def set_state(self, job_id: str, state: str, message: str = "") -> None:
@@ -86,6 +91,15 @@ class JobManager:
             return self.registry.set_job_state(job_id, "cancelled", message="cancelled while paused")
         return job
 
+    def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:
+        """Reorder the queue: a queued job with a higher priority starts before lower ones."""
+        job = self._need(Job, job_id, "job", "list jobs with: mistudio jobs list")
+        if job["state"] != "queued":
+            raise UserError(f"job {job_id} is {job['state']}; only a queued job can be reordered")
+        job = self.registry.update(Job, job_id, priority=int(priority))
+        self._wake.set()
+        return job
+
     def control(self, job_id: str, what: str) -> dict[str, Any]:
         """Pause or finalize a running training (at its next chunk boundary), or resume a paused
         one from its checkpoint under the same job id."""
@@ -99,7 +113,7 @@ class JobManager:
             ray.get(self.progress.clear.remote(job_id))
             self.registry.update(Job, job_id, spec={**job["spec"], "resume_job": job_id})
             job = self.registry.set_job_state(job_id, "queued", message="queued to resume from its checkpoint")
-            self._queue.put(job_id)
+            self._wake.set()
             return job
         if what not in ("pause", "finalize"):
             raise UserError(f"unknown request {what!r}; use pause, resume or finalize")
@@ -229,16 +243,19 @@ class JobManager:
 
     # -- dispatch --------------------------------------------------------------------
     def _dispatch(self) -> None:
+        """Run queued jobs one at a time, highest priority first (then oldest): the registry's
+        queue is the one truth, so a reordering or a cancel before a job starts just changes
+        what `queue()` returns next."""
         while True:
-            job_id = self._queue.get()
-            job = self.registry.get(Job, job_id)
-            if job is None or job["state"] != "queued":
-                continue  # cancelled while waiting
-            self._run(job)
+            self._wake.wait(timeout=5.0)
+            self._wake.clear()
+            while queued := self.registry.queue():
+                self._run(queued[0])
 
     def _run(self, job: dict[str, Any]) -> None:
         job_id, kind = job["id"], job["kind"]
         spec = specs.parse_spec(kind, job["spec"])
+        self.registry.set_job_state(job_id, "loading", message="starting on the model worker")
         try:
             result = getattr(self, f"_job_{kind}")(job_id, spec)
         except Exception as e:  # noqa: BLE001 - every failure must land in the job record
@@ -249,7 +266,8 @@ class JobManager:
                 state, message = "paused", str(cause)
             elif isinstance(cause, UserError):
                 state, message = "failed", str(cause)
-            elif isinstance(e, ray.exceptions.ActorDiedError):
+            elif isinstance(e, ray.exceptions.ActorDiedError) and not isinstance(e, ray.exceptions.RayTaskError):
+                # (a RayTaskError is the worker reporting some other actor's death, not its own)
                 self._worker = None  # the next step starts a fresh one
                 if self._requeue_after_worker_death(job):
                     return
@@ -285,7 +303,7 @@ class JobManager:
                    + (", from the newest checkpoint" if resumed else ""))
         self.registry.set_job_state(job_id, "queued", message=message)
         self.progress.report.remote(job_id, {"phase": "queued", "message": message})
-        self._queue.put(job_id)
+        self._wake.set()
         return True
 
     def _call(self, job_id: str, step: str, plan: dict[str, Any]) -> dict[str, Any]:

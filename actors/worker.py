@@ -37,7 +37,6 @@ class ModelWorker:
         self.models: dict[str, tuple[Any, Any]] = {}
         self.busy: str | None = None
         self.progress = ray.get_actor("progress", namespace=NAMESPACE)
-        self.manager = ray.get_actor("job_manager", namespace=NAMESPACE)
 
     # -- status (answers while a job runs) ----------------------------------------
     @ray.method(concurrency_group="status")
@@ -61,8 +60,10 @@ class ModelWorker:
             self.busy = None
 
     def _state(self, job_id: str, state: str, message: str = "") -> None:
-        # Waited on so the manager records it before it can see this step's outcome.
-        ray.get(self.manager.set_state.remote(job_id, state, message))
+        # Waited on so the manager records it before it can see this step's outcome. Looked up
+        # each time: this worker outlives a job manager that is restarted.
+        manager = ray.get_actor("job_manager", namespace=NAMESPACE)
+        ray.get(manager.set_state.remote(job_id, state, message))
 
     def _model(self, job_id: str, plan: dict[str, Any]):
         """The plan's model, loading it (state `loading`) only when this worker lacks it, with the

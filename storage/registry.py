@@ -85,6 +85,8 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Higher runs first among queued jobs; ties run in submission order."""
     spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
     model_id: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
     dataset_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -275,9 +277,15 @@ class Registry:
             return row.to_dict()
 
     # -- jobs --------------------------------------------------------------------
-    def create_job(self, kind: str, spec: dict[str, Any], **refs: Any) -> dict[str, Any]:
-        return self.add(Job(id=new_id(kind), kind=kind, spec=spec, state="queued",
+    def create_job(self, kind: str, spec: dict[str, Any], priority: int = 0, **refs: Any) -> dict[str, Any]:
+        return self.add(Job(id=new_id(kind), kind=kind, spec=spec, state="queued", priority=priority,
                             message="queued, waiting for a worker", **refs))
+
+    def queue(self) -> list[dict[str, Any]]:
+        """Queued jobs in the order they will start: priority, then submission time."""
+        with self.session() as s:
+            q = select(Job).where(Job.state == "queued").order_by(Job.priority.desc(), Job.created_at)
+            return [r.to_dict() for r in s.scalars(q)]
 
     def set_job_state(self, job_id: str, state: str, **values: Any) -> dict[str, Any]:
         if state not in JOB_STATES:

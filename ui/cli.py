@@ -63,8 +63,8 @@ def follow(c, job_id: str, quiet: bool = False) -> dict[str, Any]:
     return job
 
 
-def run_job(c, kind: str, spec: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
-    job_id = c.submit(kind, spec)
+def run_job(c, kind: str, spec: dict[str, Any], quiet: bool = False, priority: int = 0) -> dict[str, Any]:
+    job_id = c.submit(kind, spec, priority=priority)
     if not quiet:
         print(f"submitted {kind} job {job_id}", file=sys.stderr)
     return follow(c, job_id, quiet)
@@ -311,6 +311,12 @@ def cmd_jobs(a) -> None:
     if a.action == "cancel":
         c.cancel(a.job_id)
         print(f"cancel requested for {a.job_id}")
+    elif a.action == "priority":
+        if a.value is None:
+            raise UserError("give the new priority: mistudio jobs priority JOB_ID N (higher starts first)")
+        c.set_priority(a.job_id, a.value)
+    elif a.action == "queue":
+        return table(c.queue(), ["id", "kind", "priority", "created_at", "model_id", "message"])
     elif a.action in ("pause", "finalize"):
         getattr(c, a.action)(a.job_id)
         print(f"{a.action} requested for {a.job_id}: it takes effect at the next chunk boundary")
@@ -368,9 +374,9 @@ def cmd_run(a) -> None:
     kind, spec = load_job_file(a.config, template=_template_values(a.template))
     c = client()
     if a.no_wait:
-        print(c.submit(kind, spec))
+        print(c.submit(kind, spec, priority=a.priority))
         return
-    job = run_job(c, kind, spec)
+    job = run_job(c, kind, spec, priority=a.priority)
     print(json.dumps(job["result"], indent=2, default=str))
 
 
@@ -484,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="e.g. train.yaml with 'kind: train' and the spec's fields")
     r.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     r.add_argument("--template", default=None, help="KIND/NAME of a saved template; the file's fields override it")
+    r.add_argument("--priority", type=int, default=0, help="higher starts before lower among queued jobs")
     r.set_defaults(fn=cmd_run)
 
     u = sub.add_parser("ui", help="serve the dashboard on localhost")
@@ -622,8 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     tp.set_defaults(fn=cmd_templates)
 
     j = sub.add_parser("jobs", help="list, watch, show, cancel and retry jobs; pause, resume and finalize training")
-    j.add_argument("action", choices=["list", "watch", "show", "cancel", "retry", "pause", "resume", "finalize"])
+    j.add_argument("action", choices=["list", "queue", "watch", "show", "cancel", "retry", "priority", "pause",
+                                      "resume", "finalize"])
     j.add_argument("job_id", nargs="?")
+    j.add_argument("value", nargs="?", type=int, help="priority: the job's new priority")
     j.add_argument("--state", default=None)
     j.set_defaults(fn=cmd_jobs)
     return p

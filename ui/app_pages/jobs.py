@@ -77,11 +77,41 @@ def run_form(client) -> None:
                icon=":material/check_circle:")
 
 
+def queue_view(client) -> None:
+    """Queued jobs in the order they will start; a job's priority can be changed (higher first)."""
+    queued = client.queue()
+    if not queued:
+        st.caption("Nothing is waiting.")
+        return
+    st.dataframe([{"#": i + 1, "id": j["id"], "kind": j["kind"], "priority": j["priority"],
+                   "submitted (UTC)": j["created_at"], "model": j["model_id"]} for i, j in enumerate(queued)],
+                 hide_index=True, key="queue_table")
+    by_id = {j["id"]: j for j in queued}
+    c = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
+    job_id = c[0].selectbox("Job", list(by_id), key="queue_job")
+    priority = c[1].number_input("Priority", value=int(by_id[job_id]["priority"]), step=1, key=f"queue_priority-{job_id}")
+    if c[2].button("Set", key="queue_set"):
+        client.set_priority(job_id, int(priority))
+        st.rerun()
+    if c[3].button("Run next", key="queue_next", help="a priority above every other queued job"):
+        client.set_priority(job_id, max(j["priority"] for j in queued) + 1)
+        st.rerun()
+
+
 def history_table(client) -> None:
-    state = st.selectbox("State", ["all", *JOB_STATES], key="history_state")
-    jobs = client.jobs(state=None if state == "all" else state)
+    jobs = client.jobs()
+    c = st.columns(5)
+    state = c[0].selectbox("State", ["all", *JOB_STATES], key="history_state")
+    kind = c[1].selectbox("Kind", ["all", *sorted({j["kind"] for j in jobs})], key="history_kind")
+    model = c[2].selectbox("Model", ["all", *sorted({j["model_id"] for j in jobs if j["model_id"]})],
+                           key="history_model")
+    sae = c[3].selectbox("SAE", ["all", *sorted({j["sae_id"] for j in jobs if j["sae_id"]})], key="history_sae")
+    since = c[4].date_input("Since", value=None, key="history_since", help="jobs submitted on or after this day (UTC)")
+    wanted = {"state": state, "kind": kind, "model_id": model, "sae_id": sae}
+    jobs = [j for j in jobs if all(v == "all" or j[k] == v for k, v in wanted.items())
+            and (since is None or j["created_at"].date() >= since)]
     if not jobs:
-        st.caption("No jobs yet." if state == "all" else f"No {state} jobs.")
+        st.caption("No jobs match." if client.jobs() else "No jobs yet.")
         return
     dt_fmt = "YYYY-MM-DD HH:mm:ss"
     st.dataframe(
@@ -111,6 +141,8 @@ def page() -> None:
     run_form(client)
     st.subheader("Progress")
     progress_panel(client)
+    st.subheader("Queue")
+    queue_view(client)
     st.subheader("Job history")
     history_table(client)
 
