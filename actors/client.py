@@ -139,6 +139,10 @@ class Client:
     def worker_status(self) -> dict[str, Any] | None:
         return ray.get(self.manager.worker_status.remote())
 
+    def workers_status(self) -> list[dict[str, Any]]:
+        """Every started ModelWorker: name, device, busy job, models loaded."""
+        return ray.get(self.manager.workers_status.remote())
+
     def system(self) -> list[dict[str, Any]]:
         """CPU, memory, disk (of the data root's filesystem) and GPUs of every Ray node."""
         from actors.monitor import cluster_stats

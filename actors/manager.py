@@ -31,6 +31,17 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "item"
 
 
+class _Slot:
+    """One ModelWorker as the dispatcher sees it."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.name = "model_worker" if index == 0 else f"model_worker-{index}"
+        self.actor = None
+        self.job: str | None = None
+        self.models: set[str] = set()
+
+
 @ray.remote(num_cpus=0, max_concurrency=16)
 class JobManager:
     def __init__(self, settings_env: dict[str, str]):
@@ -40,7 +51,11 @@ class JobManager:
         self.artifacts = Artifacts(self.settings.home)
         self.progress = ray.get_actor("progress", namespace=NAMESPACE)
         self._wake = threading.Event()  # set when a job is queued or reordered
-        self._worker = None
+        # one slot per ModelWorker: its actor (started on first use), the job it runs, the models
+        # it has loaded (so a job goes where its model already is)
+        self._slots = [_Slot(i) for i in range(self.settings.workers)]
+        self._slot_of: dict[str, _Slot] = {}
+        self._lock = threading.Lock()
         self._secrets: dict[str, dict[str, str]] = {}
         self._attempts: dict[str, int] = {}  # job → retries used after worker deaths
         # Queued jobs simply wait in the registry for this manager; ones a previous manager had
@@ -136,7 +151,12 @@ class JobManager:
         return self.settings.database_url
 
     def worker_status(self) -> dict[str, Any] | None:
-        return ray.get(self._worker.status.remote()) if self._worker else None
+        """The first worker's status (None before it has started)."""
+        return (self.workers_status() or [None])[0]
+
+    def workers_status(self) -> list[dict[str, Any]]:
+        """Every started worker's status: device, busy job, models loaded."""
+        return [dict(ray.get(s.actor.status.remote()), name=s.name) for s in self._slots if s.actor is not None]
 
     # -- validation ------------------------------------------------------------------
     def _need(self, table, key: str, what: str, hint: str) -> dict[str, Any]:
@@ -243,19 +263,40 @@ class JobManager:
 
     # -- dispatch --------------------------------------------------------------------
     def _dispatch(self) -> None:
-        """Run queued jobs one at a time, highest priority first (then oldest): the registry's
-        queue is the one truth, so a reordering or a cancel before a job starts just changes
-        what `queue()` returns next."""
+        """Start queued jobs, highest priority first (then oldest), whenever a worker is free:
+        the registry's queue is the one truth, so a reordering or a cancel before a job starts
+        just changes what `queue()` returns next. A job goes to a free worker that already has
+        its model loaded when there is one."""
         while True:
             self._wake.wait(timeout=5.0)
             self._wake.clear()
-            while queued := self.registry.queue():
-                self._run(queued[0])
+            while True:
+                with self._lock:
+                    free = [s for s in self._slots if s.job is None]
+                    queued = self.registry.queue() if free else []
+                    if not queued:
+                        break
+                    job = queued[0]
+                    slot = next((s for s in free if job.get("model_id") in s.models), free[0])
+                    slot.job = job["id"]
+                    self._slot_of[job["id"]] = slot
+                    self.registry.set_job_state(job["id"], "loading", message=f"starting on {slot.name}")
+                threading.Thread(target=self._run_on, args=(job, slot), daemon=True, name=job["id"]).start()
+
+    def _run_on(self, job: dict[str, Any], slot: "_Slot") -> None:
+        try:
+            self._run(job)
+        finally:
+            with self._lock:
+                slot.job = None
+                if job.get("model_id"):
+                    slot.models.add(job["model_id"])
+                self._slot_of.pop(job["id"], None)
+            self._wake.set()
 
     def _run(self, job: dict[str, Any]) -> None:
         job_id, kind = job["id"], job["kind"]
         spec = specs.parse_spec(kind, job["spec"])
-        self.registry.set_job_state(job_id, "loading", message="starting on the model worker")
         try:
             result = getattr(self, f"_job_{kind}")(job_id, spec)
         except Exception as e:  # noqa: BLE001 - every failure must land in the job record
@@ -268,7 +309,8 @@ class JobManager:
                 state, message = "failed", str(cause)
             elif isinstance(e, ray.exceptions.ActorDiedError) and not isinstance(e, ray.exceptions.RayTaskError):
                 # (a RayTaskError is the worker reporting some other actor's death, not its own)
-                self._worker = None  # the next step starts a fresh one
+                slot = self._slot_of[job_id]
+                slot.actor, slot.models = None, set()  # the next step starts a fresh one
                 if self._requeue_after_worker_death(job):
                     return
                 state, message = "failed", "the model worker died and no retries are left; retry it with: " \
@@ -307,16 +349,26 @@ class JobManager:
         return True
 
     def _call(self, job_id: str, step: str, plan: dict[str, Any]) -> dict[str, Any]:
-        if self._worker is None:
-            self._worker = ModelWorker.options(
-                name="model_worker", namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
-                num_cpus=self.settings.cpus_per_worker, num_gpus=self.settings.num_gpus,
-            ).remote(self.settings_env)
+        slot = self._slot_of[job_id]
+        if slot.actor is None:
+            slot.actor = self._start_worker(slot)
         self.registry.update(Job, job_id, step=step)
         model = self.registry.get(Model, plan["model_id"]) if "model_id" in plan else None
         if model is not None:  # every job loads a model the way it was registered
             plan = {**plan, "model_dtype": model["dtype"], "quantization": model["quantization"]}
-        return ray.get(self._worker.run.remote(job_id, step, plan))
+        return ray.get(slot.actor.run.remote(job_id, step, plan))
+
+    def _start_worker(self, slot: "_Slot"):
+        """The slot's ModelWorker (found by name if it outlived a previous manager), on the GPU
+        MISTUDIO_WORKER_GPUS gives it, if any."""
+        gpus = [g.strip() for g in self.settings.worker_gpus.split(";")] if self.settings.worker_gpus else []
+        env = dict(self.settings_env)
+        options: dict[str, Any] = {"num_gpus": self.settings.num_gpus}
+        if slot.index < len(gpus):  # pinned explicitly: Ray must not hand out GPUs itself
+            env["CUDA_VISIBLE_DEVICES"] = gpus[slot.index]
+            options = {"num_gpus": 0, "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": gpus[slot.index]}}}
+        return ModelWorker.options(name=slot.name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+                                   num_cpus=self.settings.cpus_per_worker, **options).remote(env)
 
     # -- job kinds: each builds step plans with paths and records the outputs --------------
     def _job_add_model(self, job_id: str, spec: specs.AddModelSpec) -> dict[str, Any]:

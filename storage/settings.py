@@ -25,6 +25,11 @@ class Settings:
     """GPUs per ModelWorker (0 on CPU)."""
     worker_cpus: int = 0
     """CPU cores per ModelWorker; 0 means all cores of the machine (Ray otherwise gives torch 1 thread)."""
+    workers: int = 1
+    """ModelWorkers, each holding its own models (one per GPU on a GPU machine)."""
+    worker_gpus: str = ""
+    """Explicit GPU per worker, ";"-separated CUDA device lists ("0;1": worker 0 on GPU 0, worker
+    1 on GPU 1); empty lets Ray assign `num_gpus` per worker."""
     job_retries: int = 1
     """Times a job whose model worker died is run again on a fresh worker (training from its
     last checkpoint); 0 fails it at once."""
@@ -40,6 +45,8 @@ class Settings:
             ray_address=env.get("MISTUDIO_RAY_ADDRESS", ""),
             num_gpus=float(env.get("MISTUDIO_NUM_GPUS") or 0),
             worker_cpus=int(env.get("MISTUDIO_WORKER_CPUS") or 0),
+            workers=max(1, int(env.get("MISTUDIO_WORKERS") or 1)),
+            worker_gpus=env.get("MISTUDIO_WORKER_GPUS", ""),
             job_retries=int(env.get("MISTUDIO_JOB_RETRIES") or 1),
         )
 
@@ -55,5 +62,7 @@ class Settings:
             "MISTUDIO_RAY_ADDRESS": d["ray_address"],
             "MISTUDIO_NUM_GPUS": str(d["num_gpus"]),
             "MISTUDIO_WORKER_CPUS": str(d["worker_cpus"]),
+            "MISTUDIO_WORKERS": str(d["workers"]),
+            "MISTUDIO_WORKER_GPUS": d["worker_gpus"],
             "MISTUDIO_JOB_RETRIES": str(d["job_retries"]),
         }

@@ -37,12 +37,12 @@ def page() -> None:
     for node in client.system():
         with st.container(border=True):
             node_panel(node)
-    status = client.worker_status()
-    st.subheader("Model worker")
-    if status is None:
+    workers = client.workers_status()
+    st.subheader("Model workers")
+    if not workers:
         st.caption("No job has run yet, so no model worker has started.")
-    else:
-        st.markdown(f"device `{status['device']}` · {status['threads']} torch threads · "
+    for status in workers:
+        st.markdown(f"**{status['name']}** · device `{status['device']}` · {status['threads']} torch threads · "
                     f"{'busy with `' + status['busy'] + '`' if status['busy'] else 'idle'} · "
                     f"models loaded: {', '.join(f'`{m}`' for m in status['loaded']) or 'none'}")
 
