@@ -9,6 +9,7 @@ step's outputs (activations, SAEs, features) in the registry.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import re
 import shutil
 import threading
@@ -29,6 +30,13 @@ from storage.registry import SAE, Activation, Dataset, Experiment, Job, Model, T
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "item"
+
+
+def disk_full_message(e: OSError, home, job_id: str) -> str:
+    """One line for a job that ran out of disk: what was being written and how to go on. (Every
+    output is written to a temporary path and renamed, so nothing partial is left behind.)"""
+    where = f" writing {e.filename}" if e.filename else ""
+    return f"the disk is full{where}; free space under {home} and retry: mistudio jobs retry {job_id}"
 
 
 class _Slot:
@@ -307,6 +315,8 @@ class JobManager:
                 state, message = "paused", str(cause)
             elif isinstance(cause, UserError):
                 state, message = "failed", str(cause)
+            elif isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+                state, message = "failed", disk_full_message(cause, self.settings.home, job_id)
             elif isinstance(e, ray.exceptions.ActorDiedError) and not isinstance(e, ray.exceptions.RayTaskError):
                 # (a RayTaskError is the worker reporting some other actor's death, not its own)
                 slot = self._slot_of[job_id]

@@ -34,7 +34,7 @@ class ModelWorker:
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1 by default); size torch on purpose.
         torch.set_num_threads(self.settings.cpus_per_worker)
         self.device = "cuda" if self.settings.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.models: dict[str, tuple[Any, Any]] = {}
+        self.models = models.ModelCache(self.settings.worker_models)  # (model, tokenizer) by model id
         self.busy: str | None = None
         self.progress = ray.get_actor("progress", namespace=NAMESPACE)
 
@@ -71,6 +71,7 @@ class ModelWorker:
         model_id = plan["model_id"]
         if model_id not in self.models:
             self._state(job_id, "loading", f"loading model {model_id}")
+            self.models.make_room()
             self.models[model_id] = models.load_model(plan["model_path"], device=self.device,
                                                       dtype=plan.get("model_dtype", "float32"),
                                                       quantization=plan.get("quantization", "none"))
@@ -92,6 +93,7 @@ class ModelWorker:
             path = str(out_dir)
         else:
             path = source
+        self.models.make_room()
         model, tok = models.load_model(path, device=self.device, dtype=plan["dtype"],
                                        trust_remote_code=plan["trust_remote_code"],
                                        quantization=plan["quantization"])

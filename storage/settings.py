@@ -30,6 +30,8 @@ class Settings:
     worker_gpus: str = ""
     """Explicit GPU per worker, ";"-separated CUDA device lists ("0;1": worker 0 on GPU 0, worker
     1 on GPU 1); empty lets Ray assign `num_gpus` per worker."""
+    worker_models: int = 2
+    """Models a worker keeps loaded; loading one more evicts the least recently used."""
     job_retries: int = 1
     """Times a job whose model worker died is run again on a fresh worker (training from its
     last checkpoint); 0 fails it at once."""
@@ -47,6 +49,7 @@ class Settings:
             worker_cpus=int(env.get("MISTUDIO_WORKER_CPUS") or 0),
             workers=max(1, int(env.get("MISTUDIO_WORKERS") or 1)),
             worker_gpus=env.get("MISTUDIO_WORKER_GPUS", ""),
+            worker_models=max(1, int(env.get("MISTUDIO_WORKER_MODELS") or 2)),
             job_retries=int(env.get("MISTUDIO_JOB_RETRIES") or 1),
         )
 
@@ -64,5 +67,6 @@ class Settings:
             "MISTUDIO_WORKER_CPUS": str(d["worker_cpus"]),
             "MISTUDIO_WORKERS": str(d["workers"]),
             "MISTUDIO_WORKER_GPUS": d["worker_gpus"],
+            "MISTUDIO_WORKER_MODELS": str(d["worker_models"]),
             "MISTUDIO_JOB_RETRIES": str(d["job_retries"]),
         }

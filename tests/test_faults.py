@@ -95,3 +95,53 @@ def test_two_clients_cancelling_one_job(client, tiny_run):
     assert done["state"] == "cancelled" and done["message"] == "cancelled by request"
     assert not [s for s in client.saes() if s["training_job_id"] == job_id]
     assert client.cancel(job_id)["state"] == "cancelled"  # a third cancel changes nothing
+
+
+def test_a_restarted_dashboard_or_cli_sees_a_running_jobs_progress_at_its_first_poll(client, tiny_run):
+    """A new process (a restarted UI or CLI) reads the registry and the ProgressActor: the job
+    it never submitted shows its live numbers on the first call."""
+    import subprocess
+    import sys
+
+    job_id = client.submit("train", train_spec(client))
+    wait_for(lambda: (client.progress(job_id) or {}).get("done", 0) > 0, what="training progress")
+    code = ("from actors.client import Client\n"
+            f"c = Client(); j = c.job({job_id!r}); p = c.progress({job_id!r}) or {{}}\n"
+            "print(j['state'], p.get('done', 0) > 0, len(c.history(j['id'])) > 1)\n")
+    env = {**__import__("os").environ, **client.settings.to_env(),
+           "MISTUDIO_RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    client.cancel(job_id)
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert out.stdout.split()[-3:] == ["running", "True", "True"], out.stdout
+    assert client.wait(job_id, timeout=120)["state"] == "cancelled"
+
+
+def test_a_full_disk_loses_nothing_already_written_and_says_so(tmp_path, monkeypatch):
+    """Simulated: Parquet writes fail with ENOSPC during a rediscovery. The earlier results stay
+    whole, no temporary folder is left, and the job's message is one line naming the fix."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from actors.manager import disk_full_message
+    from core import discover as disc
+    from tests.test_discover import CFG, decode, make_batches, make_sae
+
+    sae, batches = make_sae(), make_batches()
+    out = tmp_path / "features"
+    first = disc.discover(sae, iter(batches), out, decode, CFG)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "examples.parquet"))
+
+    monkeypatch.setattr(disc.pq, "write_table", full)
+    with pytest.raises(OSError) as e:
+        disc.discover(sae, iter(batches), out, decode, CFG)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["features"]  # no .tmp-* sibling left
+    assert pq.read_table(first.paths["examples"]).num_rows > 0
+    message = disk_full_message(e.value, tmp_path, "discover-1")
+    assert message == (f"the disk is full writing {out / 'examples.parquet'}; free space under {tmp_path} and "
+                       "retry: mistudio jobs retry discover-1")

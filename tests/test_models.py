@@ -300,3 +300,24 @@ def test_estimate_smollm2_measured(smollm2_dir):
     measured = _anon_peak(fn)
     estimated = estimate_memory(smollm2_dir, quantization="4bit", deepest_layer=15).activations_bytes
     assert 0.5 < measured / estimated < 2, ("4bit layer 15", measured, estimated)
+
+
+def test_model_cache_evicts_the_least_recently_used_and_frees_it():
+    import gc
+    import weakref
+
+    from core.models import ModelCache
+
+    cache = ModelCache(limit=2)
+    a, b, c = (torch.nn.Linear(4, 4) for _ in range(3))
+    alive = {name: weakref.ref(m) for name, m in (("a", a), ("b", b), ("c", c))}
+    cache["a"], cache["b"] = (a, "tok-a"), (b, "tok-b")
+    assert cache["a"][1] == "tok-a"  # a is now the most recently used
+    del a, b
+    cache.make_room()  # before loading c: b, the least recently used, goes
+    assert list(cache) == ["a"]
+    gc.collect()
+    assert alive["b"]() is None and alive["a"]() is not None
+    cache["c"] = (c, "tok-c")
+    cache["x"] = (torch.nn.Linear(1, 1), "tok-x")
+    assert list(cache) == ["c", "x"] and alive["a"]() is None
