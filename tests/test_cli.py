@@ -7,7 +7,8 @@ import pytest
 
 from ui import cli
 
-COMMANDS = ["demo", "run", "ui", "stop", "models", "datasets", "extract", "train", "discover", "jobs", "templates", "steer", "features"]
+COMMANDS = ["demo", "run", "ui", "stop", "models", "datasets", "extract", "train", "discover", "jobs", "templates", "steer",
+            "features", "saes"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -58,3 +59,31 @@ def test_lists_print_tables(cli_env, tiny_run, capsys):
     out = capsys.readouterr().out
     assert "tiny-llama" in out and "pipeline" in out and "frequency" in out
     assert "row length (tokens)" in out and "#" in out and "median_norm" in out
+
+
+def test_job_history_filters(cli_env, tiny_run, capsys):
+    cli.main(["jobs", "list", "--kind", "pipeline", "--model", "tiny-llama", "--since", "2000-01-01"])
+    out = capsys.readouterr().out
+    assert tiny_run["job"]["id"] in out and "add_model" not in out
+    cli.main(["jobs", "list", "--kind", "pipeline", "--since", "2999-01-01"])
+    assert tiny_run["job"]["id"] not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["jobs", "list", "--since", "yesterday"])
+    assert str(e.value).startswith("error: --since 'yesterday' is not a date")
+
+
+def test_train_from_a_config_file(cli_env, client, tiny_run, tmp_path, capsys):
+    import json
+
+    act = next(a for a in client.activations() if a["model_id"] == "tiny-llama")
+    (tmp_path / "train.yaml").write_text(f"activation_ids: [{act['id']}]\neval_rows: 2\n"
+                                         "config: {expansion_factor: 2, k: 4, batch_size: 128, epochs: 1}\n")
+    cli.main(["train", "--config", str(tmp_path / "train.yaml")])
+    result = json.loads(capsys.readouterr().out)
+    from storage.registry import SAE
+
+    assert client.get(SAE, result["sae_id"])["hook_name"] == act["hook_name"]
+    (tmp_path / "bad.yaml").write_text(f"activation_ids: [{act['id']}]\nconfig: {{epochz: 1}}\n")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--config", str(tmp_path / "bad.yaml")])
+    assert "epochz" in str(e.value) and "\n" not in str(e.value)

@@ -7,6 +7,7 @@ ends; a failed job prints its one-line reason and exits with status 1.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import subprocess
@@ -164,6 +165,12 @@ def cmd_extract(a) -> None:
 
 
 def cmd_train(a) -> None:
+    if a.config:  # `mistudio train --config train.yaml`: the whole spec from a file, checked first
+        from actors.specs import load_job_file
+
+        _, spec = load_job_file(a.config, template=("train", {}))
+        print(json.dumps(run_job(client(), "train", spec)["result"], indent=2, default=str))
+        return
     c = client()
     if a.action == "run":
         cfg = {"architecture": a.architecture, "expansion_factor": a.expansion, "k": a.k, "epochs": a.epochs,
@@ -308,6 +315,15 @@ def cmd_steer(a) -> None:
 
 def cmd_jobs(a) -> None:
     c = client()
+    if a.action == "list":
+        try:
+            since = dt.datetime.fromisoformat(a.since) if a.since else None
+        except ValueError:
+            raise UserError(f"--since {a.since!r} is not a date; write it as 2026-12-01 or 2026-12-01T14:30") from None
+        rows = [j for j in c.jobs(state=a.state) if (not a.kind or j["kind"] == a.kind)
+                and (not a.model or j["model_id"] == a.model) and (not a.sae or j["sae_id"] == a.sae)
+                and (since is None or j["created_at"] >= since)]
+        return table(rows, ["id", "kind", "state", "step", "model_id", "created_at", "message"])
     if a.action == "cancel":
         c.cancel(a.job_id)
         print(f"cancel requested for {a.job_id}")
@@ -538,7 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_extract)
 
     t = sub.add_parser("train", help="train SAEs on extracted activations (one per hook × variant)")
-    t.add_argument("action", choices=["run", "list"])
+    t.add_argument("action", nargs="?", choices=["run", "list"], default="list")
+    t.add_argument("--config", default=None, help="a YAML/JSON file with the train job's fields (kind: train "
+                                                  "optional), validated before anything runs")
     t.add_argument("--activations", help="activation set id(s), comma-separated: several hooks and/or datasets "
                                          "(see: mistudio extract list)")
     t.add_argument("--architecture", default="topk", choices=["topk", "batchtopk", "jumprelu", "standard"])
@@ -634,6 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("job_id", nargs="?")
     j.add_argument("value", nargs="?", type=int, help="priority: the job's new priority")
     j.add_argument("--state", default=None)
+    j.add_argument("--kind", default=None, help="list: only this job kind")
+    j.add_argument("--model", default=None, help="list: only jobs on this model")
+    j.add_argument("--sae", default=None, help="list: only jobs on this SAE")
+    j.add_argument("--since", default=None, help="list: only jobs submitted since this UTC date/time (2026-12-01)")
     j.set_defaults(fn=cmd_jobs)
     return p
 
