@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import re
 import shutil
 import threading
@@ -377,6 +378,8 @@ class JobManager:
         if slot.index < len(gpus):  # pinned explicitly: Ray must not hand out GPUs itself
             env["CUDA_VISIBLE_DEVICES"] = gpus[slot.index]
             options = {"num_gpus": 0, "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": gpus[slot.index]}}}
+        if self.settings.worker_resources:
+            options["resources"] = json.loads(self.settings.worker_resources)
         return ModelWorker.options(name=slot.name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
                                    num_cpus=self.settings.cpus_per_worker, **options).remote(env)
 

@@ -42,6 +42,7 @@ class ModelWorker:
     @ray.method(concurrency_group="status")
     def status(self) -> dict[str, Any]:
         return {"loaded": list(self.models), "busy": self.busy, "device": self.device,
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "quantization": {k: models.quantization_of(m) for k, (m, _) in self.models.items()},
                 "threads": torch.get_num_threads(), "pid": os.getpid()}
 

@@ -7,6 +7,7 @@ come from environment variables that Ray passes on to the actors it starts
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,9 @@ class Settings:
     worker_gpus: str = ""
     """Explicit GPU per worker, ";"-separated CUDA device lists ("0;1": worker 0 on GPU 0, worker
     1 on GPU 1); empty lets Ray assign `num_gpus` per worker."""
+    worker_resources: str = ""
+    """Ray custom resources each ModelWorker requires, as JSON ({"gpu_node": 1}): places the
+    workers on the nodes started with that resource (ray start --resources ...)."""
     worker_models: int = 2
     """Models a worker keeps loaded; loading one more evicts the least recently used."""
     job_retries: int = 1
@@ -49,6 +53,7 @@ class Settings:
             worker_cpus=int(env.get("MISTUDIO_WORKER_CPUS") or 0),
             workers=max(1, int(env.get("MISTUDIO_WORKERS") or 1)),
             worker_gpus=env.get("MISTUDIO_WORKER_GPUS", ""),
+            worker_resources=_resources(env.get("MISTUDIO_WORKER_RESOURCES", "")),
             worker_models=max(1, int(env.get("MISTUDIO_WORKER_MODELS") or 2)),
             job_retries=int(env.get("MISTUDIO_JOB_RETRIES") or 1),
         )
@@ -67,6 +72,24 @@ class Settings:
             "MISTUDIO_WORKER_CPUS": str(d["worker_cpus"]),
             "MISTUDIO_WORKERS": str(d["workers"]),
             "MISTUDIO_WORKER_GPUS": d["worker_gpus"],
+            "MISTUDIO_WORKER_RESOURCES": d["worker_resources"],
             "MISTUDIO_WORKER_MODELS": str(d["worker_models"]),
             "MISTUDIO_JOB_RETRIES": str(d["job_retries"]),
         }
+
+
+def _resources(text: str) -> str:
+    """MISTUDIO_WORKER_RESOURCES checked: a JSON object of resource name → amount."""
+    if not text.strip():
+        return ""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                              and not isinstance(v, bool) and v > 0 for k, v in value.items()):
+        from core.errors import UserError
+
+        raise UserError(f"MISTUDIO_WORKER_RESOURCES={text!r} is not a JSON object of resource amounts; "
+                        'write it like {"gpu_node": 1}')
+    return text

@@ -7,8 +7,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
+import pytest
 
 
 def run_py(code: str, env: dict) -> str:
@@ -85,3 +87,70 @@ def test_a_cluster_address_that_does_not_answer_is_one_line(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
         "error: the Ray cluster at 127.0.0.1:9 does not answer; check MISTUDIO_RAY_ADDRESS")
+
+
+TWO_NODES = """
+import json, os, sys, time
+from ray.cluster_utils import Cluster
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+second = cluster.add_node(num_cpus=2, resources={"node2": 1})
+cluster.wait_for_nodes()
+os.environ.update(MISTUDIO_RAY_ADDRESS=cluster.address, MISTUDIO_WORKER_RESOURCES='{"node2": 1}',
+                  MISTUDIO_WORKER_CPUS="1")
+from actors.client import Client
+c = Client()
+model = c.wait(c.submit("add_model", {"source": sys.argv[1], "name": "tiny-llama"}), timeout=300)
+ds = c.wait(c.submit("add_dataset", {"model_id": "tiny-llama", "source": "builtin", "context_length": 64,
+                                     "max_documents": 10}), timeout=300)
+job = c.wait(c.submit("extract", {"model_id": "tiny-llama", "dataset_id": ds["result"]["dataset_id"],
+                                  "layers": [1], "max_tokens": 500}), timeout=300)
+(worker,) = c.workers_status()
+acts = [a for a in c.activations() if a["job_id"] == job["id"]]
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file(os.path.join("ui", "app_pages", "jobs.py"), default_timeout=60).run()
+listed = job["id"] in at.dataframe[-1].value["id"].tolist()
+print(json.dumps({"states": [model["state"], ds["state"], job["state"]], "second": second.node_id,
+                  "worker_node": worker["node_id"], "paths": [a["path"] for a in acts], "listed": listed}))
+import ray
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_a_job_placed_on_a_second_node_writes_to_the_shared_root(tmp_path, tiny_model_dir):
+    """A simulated two-node cluster (ray.cluster_utils.Cluster): the model worker asks for a
+    resource only the second node has, so the job runs there; what it writes lands under the
+    shared data root, is registered, and the dashboard's Jobs page lists it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MISTUDIO_", "RAY_ADDRESS"))}
+    env.update(MISTUDIO_HOME=str(tmp_path / "shared"), RAY_USAGE_STATS_ENABLED="0")
+    out = subprocess.run([sys.executable, "-c", TWO_NODES, str(tiny_model_dir)], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["states"] == ["completed"] * 3
+    assert r["worker_node"] == r["second"]
+    assert r["paths"] and all(p.startswith(str(tmp_path / "shared")) for p in r["paths"])
+    assert all(any((Path(p)).glob("shard-*.parquet")) for p in r["paths"])
+    assert r["listed"]
+
+
+def test_worker_resources_must_be_json_amounts():
+    from core.errors import UserError
+    from storage import Settings
+
+    with pytest.raises(UserError, match="MISTUDIO_WORKER_RESOURCES='gpu' is not a JSON object"):
+        Settings.from_env({"MISTUDIO_WORKER_RESOURCES": "gpu"})
+    assert Settings.from_env({"MISTUDIO_WORKER_RESOURCES": '{"gpu_node": 1}'}).worker_resources == '{"gpu_node": 1}'
+
+
+def test_ray_cluster_yaml_is_valid_for_the_cluster_launcher():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "ray_cluster.yaml").read_text())
+    validate_config(prepare_config(cfg))  # Ray's own schema check, as `ray up` runs it
+    assert cfg["provider"]["type"] == "local"
+    assert any("make install" in c for c in cfg["setup_commands"])
+    assert any('"mistudio_worker": 1' in c for c in cfg["worker_start_ray_commands"])
