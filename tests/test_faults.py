@@ -145,3 +145,36 @@ def test_a_full_disk_loses_nothing_already_written_and_says_so(tmp_path, monkeyp
     message = disk_full_message(e.value, tmp_path, "discover-1")
     assert message == (f"the disk is full writing {out / 'examples.parquet'}; free space under {tmp_path} and "
                        "retry: mistudio jobs retry discover-1")
+
+
+def _extract_spec(client, run):
+    return {"model_id": "tiny-llama", "dataset_id": run["dataset_id"], "layers": [0, 1], "site": "mlp_out",
+            "batch_size": 1}
+
+
+def _steer_spec(client, run):
+    return {"sae_id": run["job"]["result"]["sae_id"], "prompts": ["The", "Hello", "A"],
+            "features": [{"latent": 3, "strength": 10.0}], "generation": {"max_new_tokens": 120, "temperature": 0}}
+
+
+def _outcome(client, job):
+    """What a job produced, without ids: activation sets (hook, tokens) or generated token ids."""
+    if job["kind"] == "extract":
+        return sorted((a["hook_name"], a["tokens"]) for a in client.activations() if a["job_id"] == job["id"])
+    return [o["token_ids"] for o in job["result"]["outputs"]]
+
+
+@pytest.mark.parametrize("kind, make_spec", [("extract", _extract_spec), ("steer", _steer_spec)])
+def test_worker_killed_mid_job_reruns_it_to_the_same_outputs(client, tiny_run, kind, make_spec):
+    spec = make_spec(client, tiny_run)
+    plain = client.wait(client.submit(kind, spec), timeout=600)
+    assert plain["state"] == "completed", plain["message"]
+    job_id = client.submit(kind, spec)
+    wait_for(lambda: (client.progress(job_id) or {}).get("done", 0) > 0 or client.job(job_id)["state"] == "completed",
+             what=f"the {kind} job to make progress")
+    assert client.job(job_id)["state"] == "running", f"the {kind} job ended before it could be interrupted"
+    kill_worker()
+    done = client.wait(job_id, timeout=600)
+    assert done["state"] == "completed", done["message"]
+    assert any("retry 1 of 1 on a fresh worker" in p.get("message", "") for p in client.history(job_id))
+    assert _outcome(client, done) == _outcome(client, plain)
