@@ -287,9 +287,11 @@ class JobManager:
                         break
                     job = queued[0]
                     slot = next((s for s in free if job.get("model_id") in s.models), free[0])
+                    started = self.registry.set_job_state(job["id"], "loading", message=f"starting on {slot.name}")
+                    if started["state"] != "loading":  # cancelled in the meantime
+                        continue
                     slot.job = job["id"]
                     self._slot_of[job["id"]] = slot
-                    self.registry.set_job_state(job["id"], "loading", message=f"starting on {slot.name}")
                 threading.Thread(target=self._run_on, args=(job, slot), daemon=True, name=job["id"]).start()
 
     def _run_on(self, job: dict[str, Any], slot: "_Slot") -> None:
