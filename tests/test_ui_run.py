@@ -45,8 +45,7 @@ def test_extraction_estimates_then_extracts_layers_by_sites(tiny_run, ui_client)
         assert job["spec"]["layers"] == [0, 1] and job["spec"]["max_tokens"] == 500
         assert ui_client.wait(job["id"], timeout=300)["state"] == "completed"
     at.run()
-    (table,) = [d for d in at.dataframe if d.key == "x-activations"] or [at.dataframe[-1]]
-    hooks = set(table.value["hook"])
+    hooks = set(at.dataframe[-1].value["hook"])  # the extracted-activations table closes the page
     assert {"blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out",
             "blocks.1.hook_mlp_out"} <= hooks
     # the next estimate uses the measured rate of the extraction that just ran
