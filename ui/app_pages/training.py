@@ -36,6 +36,7 @@ def _apply(values: dict[str, Any]) -> None:
 def _template_values(values: dict[str, Any]) -> dict[str, Any]:
     config = values.get("config", {})
     arch = config.get("architecture", "topk")
+    arch = arch if arch in PRESETS else "topk"  # a template naming an unknown type loads as topk
     return {"architecture": arch, **PRESETS[arch], **{k: v for k, v in config.items() if k in FIELDS},
             **{k: values[k] for k in ("checkpoint_every", "keep_checkpoints") if k in values}}
 
