@@ -125,3 +125,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.1)

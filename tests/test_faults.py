@@ -3,7 +3,6 @@ same job, a disk that fills while a result is written."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import ray
@@ -13,17 +12,11 @@ from actors.worker import NAMESPACE
 from core.sae import load_saelens
 from storage.artifacts import Artifacts
 from storage.registry import SAE
+from tests.conftest import wait_for
 
 
 def kill_worker() -> None:
     ray.kill(ray.get_actor("model_worker", namespace=NAMESPACE), no_restart=True)
-
-
-def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def train_spec(client) -> dict:
@@ -153,8 +146,9 @@ def _extract_spec(client, run):
 
 
 def _steer_spec(client, run):
-    return {"sae_id": run["job"]["result"]["sae_id"], "prompts": ["The", "Hello", "A"],
-            "features": [{"latent": 3, "strength": 10.0}], "generation": {"max_new_tokens": 120, "temperature": 0}}
+    # 16 generations of 300 tokens: long enough that the kill lands mid-job
+    return {"sae_id": run["job"]["result"]["sae_id"], "prompts": ["The", "Hello", "A", "It", "We", "In", "On", "So"],
+            "features": [{"latent": 3, "strength": 10.0}], "generation": {"max_new_tokens": 300, "temperature": 0}}
 
 
 def _outcome(client, job):

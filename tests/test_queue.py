@@ -3,13 +3,13 @@ dashboard, and queued jobs wait in the registry (a restarted manager finds them)
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.errors import UserError
+from tests.conftest import wait_for
 
 JOBS = str(Path(__file__).resolve().parents[1] / "ui" / "app_pages" / "jobs.py")
 
@@ -19,10 +19,7 @@ def blocker(client) -> str:
     act = next(a for a in client.activations() if a["model_id"] == "tiny-llama")
     job_id = client.submit("train", {"activation_ids": [act["id"]], "eval_rows": 2, "config": {
         "expansion_factor": 2, "k": 4, "batch_size": 64, "epochs": 3000}})
-    end = time.monotonic() + 120
-    while client.job(job_id)["state"] != "running":
-        assert time.monotonic() < end, "the blocking training never started"
-        time.sleep(0.1)
+    wait_for(lambda: client.job(job_id)["state"] == "running", what="the blocking training to start")
     return job_id
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ from streamlit.testing.v1 import AppTest
 from core.errors import UserError
 from storage.artifacts import Artifacts
 from storage.registry import SAE
+from tests.conftest import wait_for
 
 PAGES = Path(__file__).resolve().parents[1] / "ui" / "app_pages"
 EXTRACTION, TRAINING = str(PAGES / "extraction.py"), str(PAGES / "training.py")
@@ -108,13 +108,6 @@ def test_training_without_a_source_says_what_to_pick(tiny_run, ui_client):
     assert any("pick what to train on" in e.value for e in at.error)
 
 
-def wait_running(client, job_id: str, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while client.job(job_id)["state"] != "running":
-        assert time.monotonic() < end, f"{job_id} is still {client.job(job_id)['state']}"
-        time.sleep(0.2)
-
-
 def test_pause_resume_and_finalize_a_training(tiny_run, ui_client):
     """Pause saves a checkpoint and frees the worker; Resume (the panel's button) continues the
     same job from it; Finalize ends it early with the SAE evaluated and registered."""
@@ -122,7 +115,7 @@ def test_pause_resume_and_finalize_a_training(tiny_run, ui_client):
     epochs = 3000  # far more than the test waits for: it ends by Finalize
     job_id = ui_client.submit("train", {"activation_ids": [acts[0]["id"]], "eval_rows": 2, "config": {
         "expansion_factor": 2, "k": 4, "batch_size": 64, "epochs": epochs, "log_every": 20}})
-    wait_running(ui_client, job_id)
+    wait_for(lambda: ui_client.job(job_id)["state"] == "running", what="the training to run")
     with pytest.raises(UserError, match="is a pipeline job; only train jobs"):
         ui_client.pause(tiny_run["job"]["id"])
     ui_client.pause(job_id)
@@ -136,7 +129,7 @@ def test_pause_resume_and_finalize_a_training(tiny_run, ui_client):
     at = run_page(str(PAGES / "jobs.py"))
     at.button(key=f"resume-{job_id}").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    wait_running(ui_client, job_id)
+    wait_for(lambda: ui_client.job(job_id)["state"] == "running", what="the training to run")
     assert ui_client.job(job_id)["spec"]["resume_job"] == job_id
     ui_client.finalize(job_id)
     done = ui_client.wait(job_id, timeout=180)

@@ -141,6 +141,17 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def submit_job(client, kind: str, spec: dict[str, Any]) -> str | None:
+    """Submit a job and say so on the page: its id, or the one-line reason it was refused."""
+    try:
+        job_id = client.submit(kind, spec)
+    except UserError as e:
+        st.error(str(e), icon=":material/error:")
+        return None
+    st.success(f"Submitted {kind} job `{job_id}` — it is queued; its progress is below.", icon=":material/check_circle:")
+    return job_id
+
+
 # -- model and dataset pickers --------------------------------------------------------------------
 HOW_TO_ADD_MODEL = ("No model is registered yet: register one on the **Models** page (the embedded SmolLM2-135M "
                     "works offline), or from a terminal with `mistudio models add`.")

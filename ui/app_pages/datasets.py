@@ -17,7 +17,7 @@ from core.data import BUILTIN, FILE_TYPES, read_rows
 from core.errors import UserError
 from core.io import atomic_file
 from storage.registry import Model
-from ui.widgets import fmt_number, get_client, guard, progress_panel, visible_token
+from ui.widgets import fmt_number, get_client, guard, progress_panel, submit_job, visible_token
 
 SOURCES = {
     "builtin": "Built-in corpus",
@@ -163,15 +163,13 @@ def add_form(client) -> None:
             source = str(save_upload(client.settings.home, upload))
         elif kind == "hub" and not source.strip():
             raise UserError("enter a Hugging Face dataset id, e.g. org/name")
-        spec = {"model_id": model_id, "source": source.strip(), "name": name.strip(),
-                "text_column": text_column.strip() or "text", "context_length": int(context_length),
-                "max_documents": int(max_documents) or None}
-        job_id = client.submit("add_dataset", spec)
     except UserError as e:
         st.error(str(e), icon=":material/error:")
         return
-    st.success(f"Submitted add_dataset job `{job_id}` — it is queued; its progress is below.",
-               icon=":material/check_circle:")
+    submit_job(client, "add_dataset", {"model_id": model_id, "source": source.strip(), "name": name.strip(),
+                                       "text_column": text_column.strip() or "text",
+                                       "context_length": int(context_length),
+                                       "max_documents": int(max_documents) or None})
 
 
 def stats_section(ds: dict[str, Any]) -> None:

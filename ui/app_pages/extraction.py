@@ -12,10 +12,13 @@ BYTES_PER_VALUE = 4  # activations are stored as float32 (core/extract.py)
 
 def measured_rate(client, model_id: str) -> float | None:
     """Tokens/s of this model's most recent completed extraction (per hook written), or None."""
+    tokens_of: dict[str, int] = {}
+    for a in client.activations():
+        tokens_of[a["job_id"]] = tokens_of.get(a["job_id"], 0) + a["tokens"]
     for job in client.jobs(state="completed", model_id=model_id):
         if job["kind"] != "extract" or not job.get("started_at") or not job.get("finished_at"):
             continue
-        tokens = sum(a["tokens"] for a in client.activations() if a["job_id"] == job["id"])
+        tokens = tokens_of.get(job["id"], 0)
         seconds = (job["finished_at"] - job["started_at"]).total_seconds()
         if tokens and seconds > 0:
             return tokens / seconds

@@ -6,10 +6,9 @@ from typing import Any
 
 import streamlit as st
 
-from core.errors import UserError
 from storage.registry import JOB_STATES
 from ui.cli import DEMO_DEFAULTS, DEMO_TRAIN
-from ui.widgets import fmt_number, get_client, guard, jobs_frame, model_and_dataset, progress_panel
+from ui.widgets import fmt_number, get_client, guard, jobs_frame, model_and_dataset, progress_panel, submit_job
 
 # Form defaults: the demo's run. (A comment, not a docstring: Streamlit's magic would print it.)
 DEFAULTS = {"max_tokens": DEMO_DEFAULTS["max_tokens"], "batch_size": 8,
@@ -67,14 +66,7 @@ def run_form(client) -> None:
                   "batch_size": int(train_batch)},
         "top_k": int(top_k),
     }
-    try:
-        job_id = client.submit("pipeline", spec)
-    except UserError as e:
-        st.error(str(e), icon=":material/error:")
-        return
-    st.session_state["submitted_job"] = job_id
-    st.success(f"Submitted pipeline job `{job_id}` — it is queued; its progress is below.",
-               icon=":material/check_circle:")
+    submit_job(client, "pipeline", spec)
 
 
 def queue_view(client) -> None:

@@ -10,7 +10,7 @@ import streamlit as st
 
 from core.errors import UserError
 from core.models import QUANTIZATIONS
-from ui.widgets import fmt_number, get_client, guard, progress_panel
+from ui.widgets import fmt_number, get_client, guard, progress_panel, submit_job
 
 SOURCES = {
     "embedded": "Embedded SmolLM2-135M",
@@ -129,14 +129,12 @@ def register_form(client) -> None:
                      disabled=kind != "embedded" and not source):
         return
     try:
-        spec = {"source": check_source(kind, source), "name": name.strip(), "dtype": dtype,
-                "quantization": quantization, "trust_remote_code": trust_remote_code}
-        job_id = client.submit("add_model", spec)
+        source = check_source(kind, source)
     except UserError as e:
         st.error(str(e), icon=":material/error:")
         return
-    st.success(f"Submitted add_model job `{job_id}` — it is queued; its progress is below.",
-               icon=":material/check_circle:")
+    submit_job(client, "add_model", {"source": source, "name": name.strip(), "dtype": dtype,
+                                     "quantization": quantization, "trust_remote_code": trust_remote_code})
 
 
 def model_details(models: list[dict[str, Any]]) -> None:
