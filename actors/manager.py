@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from actors import specs
 from actors.worker import NAMESPACE, ModelWorker
 from core import hooks, models, pipeline
 from core.errors import Cancelled, Paused, UserError
+from core.io import sweep_tmp
 from storage import Artifacts, Registry, Settings
 from storage.registry import SAE, Activation, Dataset, Experiment, Job, Model, Template, new_id
 
@@ -49,6 +51,8 @@ class _Slot:
         self.actor = None
         self.job: str | None = None
         self.models: set[str] = set()
+        self.since = 0.0  # when the job's current step started or last changed state (a heartbeat)
+        self.stalled = ""  # why the watchdog killed this worker, if it did
 
 
 @ray.remote(num_cpus=0, max_concurrency=16)
@@ -67,6 +71,7 @@ class JobManager:
         self._lock = threading.Lock()
         self._secrets: dict[str, dict[str, str]] = {}
         self._attempts: dict[str, int] = {}  # job → retries used after worker deaths
+        self._outputs: dict[str, set[str]] = {}  # job → paths its steps write (swept if a worker dies)
         # Queued jobs simply wait in the registry for this manager; ones a previous manager had
         # started are not followed any more: say so instead of leaving them "running" forever.
         for job in self.registry.active_jobs():
@@ -75,6 +80,8 @@ class JobManager:
                                             f"retry it with: mistudio jobs retry {job['id']}")
                 self.progress.cancel.remote(job["id"])  # a worker still running it stops at its next batch
         threading.Thread(target=self._dispatch, daemon=True, name="dispatcher").start()
+        if self.settings.job_stall_s > 0:
+            threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
         self._wake.set()
 
     # -- API -----------------------------------------------------------------------
@@ -101,6 +108,9 @@ class JobManager:
         return job
 
     def set_state(self, job_id: str, state: str, message: str = "") -> None:
+        slot = self._slot_of.get(job_id)
+        if slot is not None:  # a worker saying "loading" or "running" is alive and not stuck
+            slot.since = time.time()
         values = {"message": message} if message else {}
         self.registry.set_job_state(job_id, state, **values)
 
@@ -110,6 +120,7 @@ class JobManager:
             raise UserError(f"no job {job_id!r}; list jobs with: mistudio jobs list")
         ray.get(self.progress.cancel.remote(job_id))
         if job["state"] == "queued":  # never started: cancelled at once
+            self._forget(job_id, "cancelled")
             return self.registry.set_job_state(job_id, "cancelled", message="cancelled before it started")
         if job["state"] == "paused":  # nothing runs: its checkpoint stays on disk
             return self.registry.set_job_state(job_id, "cancelled", message="cancelled while paused")
@@ -135,10 +146,7 @@ class JobManager:
             if job["state"] != "paused":
                 raise UserError(f"job {job_id} is {job['state']}, not paused; there is nothing to resume")
             ray.get(self.progress.clear.remote(job_id))
-            self.registry.update(Job, job_id, spec={**job["spec"], "resume_job": job_id})
-            job = self.registry.set_job_state(job_id, "queued", message="queued to resume from its checkpoint")
-            self._wake.set()
-            return job
+            return self._requeue(job, "queued to resume from its checkpoint", resume=True)
         if what not in ("pause", "finalize"):
             raise UserError(f"unknown request {what!r}; use pause, resume or finalize")
         if job["state"] not in ("loading", "running"):
@@ -323,48 +331,93 @@ class JobManager:
             elif isinstance(e, ray.exceptions.ActorDiedError) and not isinstance(e, ray.exceptions.RayTaskError):
                 # (a RayTaskError is the worker reporting some other actor's death, not its own)
                 slot = self._slot_of[job_id]
-                slot.actor, slot.models = None, set()  # the next step starts a fresh one
-                if self._requeue_after_worker_death(job):
+                reason = slot.stalled or "the model worker died"
+                slot.actor, slot.models, slot.stalled = None, set(), ""  # the next step starts a fresh one
+                for path in self._outputs.pop(job_id, ()):  # what the dead worker was writing
+                    sweep_tmp(path)
+                if self._requeue_after_worker_death(job, reason):
                     return
-                state, message = "failed", "the model worker died and no retries are left; retry it with: " \
+                state, message = "failed", f"{reason} and no retries are left; retry it with: " \
                                            f"mistudio jobs retry {job_id}"
             else:
                 state, message = "failed", f"{type(cause).__name__}: {cause}"
                 traceback.print_exc()
+            self._forget(job_id, state)
             self.registry.set_job_state(job_id, state, message=message.splitlines()[0] if message else state)
-            # where it stopped stays visible (a paused bar keeps its fraction)
-            last = ray.get(self.progress.get.remote(job_id)) or {}
-            keep = {k: last[k] for k in ("fraction", "done", "total", "unit", "step") if k in last}
-            self.progress.report.remote(job_id, {**keep, "phase": state, "message": message})
+            self._report_where_it_stopped(job_id, state, message)
             return
+        self._forget(job_id, "completed")
         # a job that completed with something to say (a batch with failures) keeps it as its message
         self.registry.set_job_state(job_id, "completed", message=result.get("note", "completed"), result=result)
         self.progress.report.remote(job_id, {"phase": "completed", "fraction": 1.0, "message": "completed"})
 
-    def _requeue_after_worker_death(self, job: dict[str, Any]) -> bool:
-        """Ray reported the worker dead (its health checks, within seconds): queue the job
-        again while retries are left — a training continues from its newest checkpoint (exactly
-        as if never interrupted), anything else starts over (its outputs are written atomically,
-        so nothing partial exists)."""
+    def _forget(self, job_id: str, state: str) -> None:
+        """Drop what this actor kept for a job that will not run again (a paused one will)."""
+        self._outputs.pop(job_id, None)
+        if state != "paused":
+            self._secrets.pop(job_id, None)
+            self._attempts.pop(job_id, None)
+
+    def _report_where_it_stopped(self, job_id: str, phase: str, message: str) -> None:
+        """The job's new phase, keeping its bar where it stopped (a paused bar keeps its fraction)."""
+        last = ray.get(self.progress.get.remote(job_id)) or {}
+        keep = {k: last[k] for k in ("fraction", "done", "total", "unit", "step") if k in last}
+        self.progress.report.remote(job_id, {**keep, "phase": phase, "message": message})
+
+    def _requeue(self, job: dict[str, Any], message: str, resume: bool) -> dict[str, Any]:
+        """Queue a job again under its own id; with `resume`, a training continues from its own
+        newest checkpoint (exactly as if it had never stopped)."""
+        if resume:
+            self.registry.update(Job, job["id"], spec={**job["spec"], "resume_job": job["id"]})
+        job = self.registry.set_job_state(job["id"], "queued", message=message)
+        self._report_where_it_stopped(job["id"], "queued", message)
+        self._wake.set()
+        return job
+
+    def _requeue_after_worker_death(self, job: dict[str, Any], reason: str) -> bool:
+        """Ray reported the worker dead (its health checks, within seconds) or the watchdog
+        killed a hung one: queue the job again while retries are left. A training continues from
+        its newest checkpoint, anything else starts over (outputs are written atomically and the
+        dead writer's temporary files were swept, so nothing partial exists); a pipeline keeps
+        the stages it finished."""
         job_id = job["id"]
         attempt = self._attempts.get(job_id, 0) + 1
         if attempt > self.settings.job_retries:
             return False
         self._attempts[job_id] = attempt
-        resumed = job["kind"] == "train" and any(self.artifacts.checkpoints(job_id).glob("ckpt-*.pt"))
-        if resumed:
-            self.registry.update(Job, job_id, spec={**job["spec"], "resume_job": job_id})
-        message = (f"the model worker died; retry {attempt} of {self.settings.job_retries} on a fresh worker"
-                   + (", from the newest checkpoint" if resumed else ""))
-        self.registry.set_job_state(job_id, "queued", message=message)
-        self.progress.report.remote(job_id, {"phase": "queued", "message": message})
-        self._wake.set()
+        resumed = job["kind"] == "train" and self._has_checkpoint(job_id)
+        self._requeue(job, f"{reason}; retry {attempt} of {self.settings.job_retries} on a fresh worker"
+                      + (", from the newest checkpoint" if resumed else ""), resume=resumed)
         return True
+
+    def _has_checkpoint(self, job_id: str) -> bool:
+        return any(self.artifacts.checkpoints(job_id).glob("ckpt-*.pt"))
+
+    def _watch(self) -> None:
+        """Heartbeat check for workers that are alive (so Ray's health checks pass) but stuck: a
+        running job that has sent no progress report and changed no state for `job_stall_s`
+        gets its worker killed, and then goes the way of a worker death."""
+        stall = self.settings.job_stall_s
+        while True:
+            time.sleep(min(5.0, stall / 4))
+            with self._lock:
+                busy = {s.job: s for s in self._slots if s.job and s.actor is not None}
+            if not busy:
+                continue
+            latest = ray.get(self.progress.get_many.remote(list(busy)))
+            now = time.time()
+            for job_id, slot in busy.items():
+                heard = max(latest.get(job_id, {}).get("t", 0.0), slot.since)
+                if now - heard > stall and slot.job == job_id and slot.actor is not None:
+                    slot.stalled = f"the model worker sent no progress for {stall:g} s and was stopped as hung"
+                    ray.kill(slot.actor, no_restart=True)
 
     def _call(self, job_id: str, step: str, plan: dict[str, Any]) -> dict[str, Any]:
         slot = self._slot_of[job_id]
         if slot.actor is None:
             slot.actor = self._start_worker(slot)
+        slot.since = time.time()
+        self._outputs.setdefault(job_id, set()).update(_written_by(plan))
         self.registry.update(Job, job_id, step=step)
         model = self.registry.get(Model, plan["model_id"]) if "model_id" in plan else None
         if model is not None:  # every job loads a model the way it was registered
@@ -590,7 +643,7 @@ class JobManager:
         template = self.registry.get(Template, (specs.LABEL_PROMPT, spec.template))["values"] if spec.template else None
         plan = {"method": spec.method, "features_path": sae["features_path"], "template": template,
                 "detection": spec.detection, "base_url": spec.base_url, "endpoint_model": spec.endpoint_model,
-                "api_key": self._secrets.pop(job_id, {}).get("api_key", ""),
+                "api_key": self._secrets.get(job_id, {}).get("api_key", ""),
                 "features": [{k: f[k] for k in ("latent", "top_tokens", "frequency", "analysis")} for f in rows]}
         if spec.method == "local":
             plan |= {"model_id": model["id"], "model_path": model["path"]}
@@ -632,13 +685,28 @@ class JobManager:
         return {"latent": latent, "label": name}
 
     def _job_pipeline(self, job_id: str, spec: specs.PipelineSpec) -> dict[str, Any]:
-        ext = self._job_extract(job_id, specs.ExtractSpec(spec.model_id, spec.dataset_id, [spec.layer], spec.site,
-                                                           spec.batch_size, spec.max_tokens,
-                                                           spec.exclude_special_tokens))
-        (act_id,) = ext["activation_ids"].values()
-        tr = self._job_train(job_id, specs.TrainSpec(activation_ids=[act_id], config=spec.train))
+        # A rerun after a worker death keeps the stages this job already recorded.
+        acts = self.registry.list(Activation, job_id=job_id)
+        if acts:
+            act_id = acts[0]["id"]
+        else:
+            ext = self._job_extract(job_id, specs.ExtractSpec(spec.model_id, spec.dataset_id, [spec.layer],
+                                                               spec.site, spec.batch_size, spec.max_tokens,
+                                                               spec.exclude_special_tokens))
+            (act_id,) = ext["activation_ids"].values()
+        trained = self.registry.list(SAE, training_job_id=job_id)
+        if trained:
+            tr = {"sae_id": trained[0]["id"], **trained[0]["metrics"]}
+        else:
+            tr = self._job_train(job_id, specs.TrainSpec(
+                activation_ids=[act_id], config=spec.train, resume_job=job_id if self._has_checkpoint(job_id) else ""))
         disc = self._job_discover(job_id, specs.DiscoverSpec(
             spec.dataset_id, sae_id=tr["sae_id"], top_k=spec.top_k, batch_size=spec.batch_size,
             max_tokens=spec.max_tokens, exclude_special_tokens=spec.exclude_special_tokens))
         return {"activation_id": act_id, "train": tr, "discover": disc, "sae_id": tr["sae_id"]}
 
+
+def _written_by(plan: dict[str, Any]) -> list[str]:
+    """The paths a step plan writes to: where a killed worker may have left temporary files."""
+    paths = [plan[k] for k in ("out_dir", "workdir", "checkpoint_dir") if plan.get(k)]
+    return paths + [s["path"] for s in plan.get("saes", {}).values()]

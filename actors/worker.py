@@ -33,7 +33,9 @@ class ModelWorker:
         self.settings = Settings.from_env(settings_env)
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1 by default); size torch on purpose.
         torch.set_num_threads(self.settings.cpus_per_worker)
-        self.device = "cuda" if self.settings.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        # a GPU from Ray (num_gpus) or pinned explicitly (MISTUDIO_WORKER_GPUS): CUDA_VISIBLE_DEVICES says which
+        wants_gpu = self.settings.num_gpus > 0 or bool(self.settings.worker_gpus)
+        self.device = "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
         self.models = models.ModelCache(self.settings.worker_models)  # (model, tokenizer) by model id
         self.busy: str | None = None
         self.progress = ray.get_actor("progress", namespace=NAMESPACE)
@@ -44,7 +46,8 @@ class ModelWorker:
         return {"loaded": list(self.models), "busy": self.busy, "device": self.device,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "quantization": {k: models.quantization_of(m) for k, (m, _) in self.models.items()},
-                "threads": torch.get_num_threads(), "pid": os.getpid()}
+                "threads": torch.get_num_threads(), "pid": os.getpid(),
+                "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
 
     # -- work ----------------------------------------------------------------------
     @ray.method(concurrency_group="work")

@@ -51,3 +51,19 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def sweep_tmp(path: str | os.PathLike) -> list[Path]:
+    """Remove what a killed writer of `path` left behind: its temp siblings and, when `path` is
+    a folder, temp entries inside it. Call it only when no writer of `path` runs any more (a
+    SIGKILLed process cannot clean up after itself). Returns what was removed."""
+    path = Path(path)
+    found = list(path.parent.glob(f".tmp-{path.name}-*")) if path.parent.is_dir() else []
+    if path.is_dir():
+        found += list(path.rglob(".tmp-*"))
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found

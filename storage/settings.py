@@ -39,6 +39,9 @@ class Settings:
     job_retries: int = 1
     """Times a job whose model worker died is run again on a fresh worker (training from its
     last checkpoint); 0 fails it at once."""
+    job_stall_s: float = 1200.0
+    """Seconds a running job may go without a progress report before its worker is taken for
+    hung, killed and the job retried like after a worker death; 0 never does."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -56,6 +59,7 @@ class Settings:
             worker_resources=_resources(env.get("MISTUDIO_WORKER_RESOURCES", "")),
             worker_models=max(1, int(env.get("MISTUDIO_WORKER_MODELS") or 2)),
             job_retries=int(env.get("MISTUDIO_JOB_RETRIES") or 1),
+            job_stall_s=float(env.get("MISTUDIO_JOB_STALL_S") or 1200),
         )
 
     @property
@@ -75,6 +79,7 @@ class Settings:
             "MISTUDIO_WORKER_RESOURCES": d["worker_resources"],
             "MISTUDIO_WORKER_MODELS": str(d["worker_models"]),
             "MISTUDIO_JOB_RETRIES": str(d["job_retries"]),
+            "MISTUDIO_JOB_STALL_S": str(d["job_stall_s"]),
         }
 
 

@@ -154,3 +154,45 @@ def test_ray_cluster_yaml_is_valid_for_the_cluster_launcher():
     assert cfg["provider"]["type"] == "local"
     assert any("make install" in c for c in cfg["setup_commands"])
     assert any('"mistudio_worker": 1' in c for c in cfg["worker_start_ray_commands"])
+
+
+GPUS = """
+import json, os, sys
+from ray.cluster_utils import Cluster
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2})
+os.environ.update(MISTUDIO_RAY_ADDRESS=cluster.address, MISTUDIO_WORKERS="2", MISTUDIO_WORKER_CPUS="1",
+                  **json.loads(sys.argv[2]))
+from actors.client import Client
+c = Client()
+# two jobs at once: the second finds the first worker busy (it is still starting) and starts the other
+jobs = [c.submit("add_model", {"source": sys.argv[1], "name": f"tiny-{i}"}) for i in range(2)]
+states = [c.wait(j, timeout=300)["state"] for j in jobs]
+print(json.dumps({"states": states, "gpus": {w["name"]: w["gpus"] for w in c.workers_status()},
+                  "devices": sorted(w["device"] for w in c.workers_status())}))
+import ray
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.parametrize("settings, want", [
+    ({"MISTUDIO_WORKER_GPUS": "1;0"}, {"model_worker": "1", "model_worker-1": "0"}),  # pinned as written
+    ({"MISTUDIO_NUM_GPUS": "1"}, None),  # Ray hands each worker its own GPU
+])
+def test_each_worker_gets_its_gpu(tmp_path, tiny_model_dir, settings, want):
+    """A node that advertises two GPUs (Ray's resource accounting is the same whether or not CUDA
+    is present): each ModelWorker sees only the GPU it was given, through CUDA_VISIBLE_DEVICES."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MISTUDIO_", "RAY_ADDRESS"))}
+    env.update(MISTUDIO_HOME=str(tmp_path / "home"), RAY_USAGE_STATS_ENABLED="0")
+    out = subprocess.run([sys.executable, "-c", GPUS, str(tiny_model_dir), json.dumps(settings)], env=env,
+                         capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["states"] == ["completed"] * 2
+    if want:
+        assert r["gpus"] == want
+    else:
+        assert sorted(r["gpus"].values()) == ["0", "1"]
+    import torch
+    assert r["devices"] == ["cuda" if torch.cuda.is_available() else "cpu"] * 2

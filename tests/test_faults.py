@@ -1,8 +1,13 @@
-"""Faults against the real actors: a model worker killed mid-job, two clients cancelling the
-same job, a disk that fills while a result is written."""
+"""Faults against the real actors: a model worker killed mid-job (every job kind), a hung
+worker, two clients cancelling the same job, a disk that fills while a result is written."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import ray
@@ -11,12 +16,37 @@ import torch
 from actors.worker import NAMESPACE
 from core.sae import load_saelens
 from storage.artifacts import Artifacts
-from storage.registry import SAE
+from storage.registry import SAE, Dataset, Model
 from tests.conftest import wait_for
 
 
 def kill_worker() -> None:
     ray.kill(ray.get_actor("model_worker", namespace=NAMESPACE), no_restart=True)
+
+
+def leftovers(client) -> list[Path]:
+    """Temporary files anywhere under the data root (a killed writer's, if not swept)."""
+    return list(Path(client.settings.home).rglob(".tmp-*"))
+
+
+def progressed(client, job_id: str, step: str = "") -> bool:
+    """The job has reported work done (in `step`, when given), or it is already over."""
+    p = client.progress(job_id) or {}
+    return (p.get("done", 0) > 0 and (not step or p.get("step") == step)) or client.job(job_id)["state"] == "completed"
+
+
+def killed_mid_job(client, job_id: str, started, what: str) -> dict:
+    """Kill the model worker once `started()` holds; the job must then be retried on a fresh
+    worker and complete, with no temporary file left anywhere."""
+    wait_for(started, what=what)
+    assert client.job(job_id)["state"] in ("loading", "running"), f"the job ended before {what} could be interrupted"
+    kill_worker()
+    done = client.wait(job_id, timeout=600)
+    assert done["state"] == "completed", done["message"]
+    history = [p.get("message", "") for p in client.history(job_id)]
+    assert any("the model worker died; retry 1 of 1 on a fresh worker" in m for m in history), history
+    assert not leftovers(client)
+    return done
 
 
 def train_spec(client) -> dict:
@@ -32,12 +62,8 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint_and_equals_an_un
 
     job_id = client.submit("train", spec)
     folder = Artifacts(client.settings.home).checkpoints(job_id)
-    wait_for(lambda: any(folder.glob("ckpt-*.pt")) or client.job(job_id)["state"] == "completed",
-             what="a first checkpoint")
-    assert client.job(job_id)["state"] == "running", "the run ended before it could be interrupted"
-    kill_worker()
-    done = client.wait(job_id, timeout=600)
-    assert done["state"] == "completed", done["message"]
+    done = killed_mid_job(client, job_id, lambda: any(folder.glob("ckpt-*.pt"))
+                          or client.job(job_id)["state"] == "completed", "a first checkpoint")
     history = [p.get("message", "") for p in client.history(job_id)]
     assert any("the model worker died; retry 1 of 1 on a fresh worker, from the newest checkpoint" in m
                for m in history), history
@@ -64,14 +90,7 @@ def test_worker_killed_mid_discovery_starts_over_and_writes_the_same_files(clien
     before = pq.read_table(f"{client.get(SAE, sae_id)['features_path']}/examples.parquet")
 
     job_id = client.submit("discover", spec)
-    wait_for(lambda: (client.progress(job_id) or {}).get("phase") == "discover"
-             and (client.progress(job_id) or {}).get("done", 0) > 0 or client.job(job_id)["state"] == "completed",
-             what="discovery to start")
-    assert client.job(job_id)["state"] == "running", "discovery ended before it could be interrupted"
-    kill_worker()
-    done = client.wait(job_id, timeout=600)
-    assert done["state"] == "completed", done["message"]
-    assert any("retry 1 of 1 on a fresh worker" in p.get("message", "") for p in client.history(job_id))
+    killed_mid_job(client, job_id, lambda: progressed(client, job_id, "discover"), "discovery")
     after = pq.read_table(f"{client.get(SAE, sae_id)['features_path']}/examples.parquet")
     assert after.equals(before)
 
@@ -164,11 +183,180 @@ def test_worker_killed_mid_job_reruns_it_to_the_same_outputs(client, tiny_run, k
     plain = client.wait(client.submit(kind, spec), timeout=600)
     assert plain["state"] == "completed", plain["message"]
     job_id = client.submit(kind, spec)
-    wait_for(lambda: (client.progress(job_id) or {}).get("done", 0) > 0 or client.job(job_id)["state"] == "completed",
-             what=f"the {kind} job to make progress")
-    assert client.job(job_id)["state"] == "running", f"the {kind} job ended before it could be interrupted"
-    kill_worker()
-    done = client.wait(job_id, timeout=600)
-    assert done["state"] == "completed", done["message"]
-    assert any("retry 1 of 1 on a fresh worker" in p.get("message", "") for p in client.history(job_id))
+    done = killed_mid_job(client, job_id, lambda: progressed(client, job_id), f"the {kind} job")
     assert _outcome(client, done) == _outcome(client, plain)
+
+
+# -- the other job kinds: each killed mid-job, retried, and recorded once -----------------------
+
+
+def test_worker_killed_while_adding_the_real_model_adds_it_once(client):
+    """Converting the embedded SmolLM2 GGUF takes ~20 s: the kill lands inside it."""
+    job_id = client.submit("add_model", {"source": "embedded", "name": "smollm2-killed"})
+    wait_for(lambda: client.job(job_id)["state"] != "queued", what="the model to start loading")
+    time.sleep(2)
+    done = killed_mid_job(client, job_id, lambda: True, "the conversion")
+    model = client.get(Model, "smollm2-killed")
+    assert (model["n_layers"], model["d_model"]) == (30, 576)
+    assert [m["id"] for m in client.models()].count("smollm2-killed") == 1
+    assert done["result"] == {"model_id": "smollm2-killed"}
+    from core.models import load_model
+    load_model(model["path"])  # the folder is whole
+
+
+def test_worker_killed_while_tokenizing_reruns_to_the_same_dataset(client, tiny_run, tmp_path):
+    from core.data import builtin_corpus
+
+    corpus = tmp_path / "big.jsonl"  # ~25 MB: tokenizing takes several seconds
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_corpus() * 40))
+    spec = {"model_id": "tiny-llama", "source": str(corpus), "context_length": 64}
+    plain = client.wait(client.submit("add_dataset", spec), timeout=600)
+    assert plain["state"] == "completed", plain["message"]
+    job_id = client.submit("add_dataset", spec)
+    done = killed_mid_job(client, job_id, lambda: progressed(client, job_id), "tokenizing")
+    a, b = (client.get(Dataset, j["result"]["dataset_id"]) for j in (plain, done))
+    assert (a["documents"], a["rows"], a["tokens"]) == (b["documents"], b["rows"], b["tokens"])
+    assert _shards(a["path"]).equals(_shards(b["path"]))
+    assert len([d for d in client.datasets() if d["source"] == str(corpus)]) == 2  # one per job, not per attempt
+
+
+def _shards(folder: str):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(sorted(Path(folder).glob("*.parquet")))
+
+
+def test_worker_killed_mid_import_imports_every_sae_once(client, tiny_run, tmp_path):
+    from core.sae import build_sae, save_saelens
+
+    source = tmp_path / "wide"  # 8 SAEs of 64 × 65536 latents (32 MB each): a few seconds to check and write
+    for i in range(8):
+        sae = build_sae("topk", 64, 65536, k=8)
+        save_saelens(sae, sae.config(hook_name="blocks.1.hook_resid_post"), source / f"sae{i}")
+    job_id = client.submit("import_sae", {"source": str(source), "model_id": "tiny-llama", "name": "killed"})
+    done = killed_mid_job(client, job_id, lambda: progressed(client, job_id), "the import")
+    imported = [s for s in client.saes() if s["name"].startswith("killed/")]
+    assert sorted(s["name"] for s in imported) == [f"killed/blocks.1.hook_resid_post/sae{i}" for i in range(8)]
+    assert sorted(done["result"]["sae_ids"]) == sorted(s["id"] for s in imported)
+    assert not (Path(client.settings.home) / "imports" / job_id).exists()
+
+
+def test_worker_killed_mid_analysis_reruns_to_the_same_analysis(client, tiny_run):
+    sae_id = tiny_run["job"]["result"]["sae_id"]
+    spec = {"sae_id": sae_id, "config": {"ablation_top": 64, "ablation_contexts": 8}}
+    plain = client.wait(client.submit("analyze", spec), timeout=600)
+    assert plain["state"] == "completed", plain["message"]
+    first = {f["latent"]: f["analysis"] for f in client.features(sae_id)}
+    job_id = client.submit("analyze", spec)
+    done = killed_mid_job(client, job_id, lambda: progressed(client, job_id), "the analysis")
+    assert done["result"] == plain["result"]
+    assert {f["latent"]: f["analysis"] for f in client.features(sae_id)} == first
+
+
+class _Endpoint(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint that holds its first request until `release` is set (the
+    worker waits on it like on a slow model server) and answers every request with one label."""
+
+    release = threading.Event()
+    arrived = threading.Event()
+    keys: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        _Endpoint.keys.append(self.headers.get("Authorization"))
+        if not _Endpoint.arrived.is_set():
+            _Endpoint.arrived.set()
+            _Endpoint.release.wait(120)
+        content = json.dumps({"name": "Held label", "category": "semantic", "description": "From the endpoint."})
+        body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def endpoint():
+    _Endpoint.release.clear()
+    _Endpoint.arrived.clear()
+    _Endpoint.keys = []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    _Endpoint.release.set()
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def sae_copy(client, tiny_run, tmp_path_factory):
+    """A discovered copy of the run's SAE, so labels written here leave other tests' alone."""
+    folder = client.export_sae(tiny_run["job"]["result"]["sae_id"], str(tmp_path_factory.mktemp("copy") / "sae"))
+    imported = client.wait(client.submit("import_sae", {"source": folder, "model_id": "tiny-llama", "name": "copy"}))
+    sae_id = imported["result"]["sae_id"]
+    found = client.wait(client.submit("discover", {"sae_id": sae_id, "dataset_id": tiny_run["dataset_id"],
+                                                   "top_k": 5, "max_tokens": 1000}))
+    assert found["state"] == "completed", found["message"]
+    return sae_id
+
+
+def _labels(client, sae_id: str, url: str) -> str:
+    return client.submit("label", {"sae_id": sae_id, "method": "openai", "base_url": url, "endpoint_model": "m",
+                                   "limit": 3}, api_key="sk-test-key")
+
+
+def _assert_labeled(client, sae_id: str, done: dict) -> None:
+    assert done["result"]["labeled"] == 3, done["result"]
+    assert [f["label"] for f in client.features(sae_id) if f["label_source"] == "openai:m"] == ["Held label"] * 3
+    assert set(_Endpoint.keys) == {"Bearer sk-test-key"}  # the retry still had the key (kept in memory only)
+    assert "sk-test-key" not in str(client.job(done["id"]))
+
+
+def test_worker_killed_while_waiting_on_the_labeling_endpoint_labels_once(client, sae_copy, endpoint):
+    job_id = _labels(client, sae_copy, endpoint)
+    wait_for(_Endpoint.arrived.is_set, what="the first labeling request")
+    done = killed_mid_job(client, job_id, lambda: True, "labeling")
+    _assert_labeled(client, sae_copy, done)
+
+
+def test_a_hung_worker_is_stopped_by_the_heartbeat_check_and_its_job_retried(client, sae_copy, endpoint):
+    """The endpoint never answers the first request: the worker is alive (Ray's health checks
+    pass) but silent, so the job manager's heartbeat check stops it and the job runs again."""
+    import dataclasses
+
+    from tests.test_load import restart_actors
+
+    watched = restart_actors(dataclasses.replace(client.settings, job_stall_s=3.0))
+    try:
+        done = watched.wait(_labels(watched, sae_copy, endpoint), timeout=300)
+        assert done["state"] == "completed", done["message"]
+        history = [p.get("message", "") for p in watched.history(done["id"])]
+        assert any("the model worker sent no progress for 3 s and was stopped as hung; retry 1 of 1 on a fresh "
+                   "worker" in m for m in history), history
+        _assert_labeled(watched, sae_copy, done)
+    finally:
+        again = restart_actors(client.settings)  # the session's own manager and worker again
+        client.manager = again.manager
+
+
+def test_worker_killed_mid_pipeline_keeps_its_extraction_and_trains_the_same_sae(client, tiny_run):
+    import pyarrow.parquet as pq
+
+    spec = {"model_id": "tiny-llama", "dataset_id": tiny_run["dataset_id"], "layer": 0, "max_tokens": 3000,
+            "train": {"expansion_factor": 2, "k": 4, "batch_size": 64, "epochs": 120}, "top_k": 5}
+    plain = client.wait(client.submit("pipeline", spec), timeout=600)
+    assert plain["state"] == "completed", plain["message"]
+    job_id = client.submit("pipeline", spec)
+    done = killed_mid_job(client, job_id, lambda: progressed(client, job_id, "train"), "the training")
+    assert [a["id"] for a in client.activations() if a["job_id"] == job_id] == [done["result"]["activation_id"]]
+    assert [s["id"] for s in client.saes() if s["training_job_id"] == job_id] == [done["result"]["sae_id"]]
+    a, _ = load_saelens(client.get(SAE, plain["result"]["sae_id"])["path"])
+    b, _ = load_saelens(client.get(SAE, done["result"]["sae_id"])["path"])
+    assert all(torch.equal(t, b.state_dict()[n]) for n, t in a.state_dict().items())
+    examples = [pq.read_table(f"{client.get(SAE, j['result']['sae_id'])['features_path']}/examples.parquet")
+                for j in (plain, done)]
+    assert examples[0].equals(examples[1])

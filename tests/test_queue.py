@@ -73,3 +73,25 @@ def test_a_restarted_job_manager_runs_the_queued_jobs_and_stops_the_orphaned_one
     assert interrupted["state"] == "failed" and interrupted["message"].startswith("interrupted: the job manager")
     assert not [s for s in again.saes() if s["training_job_id"] == busy]
     client.manager = again.manager  # the session's client talks to the new manager from here on
+
+
+def test_a_paused_training_survives_a_job_manager_restart_and_resumes(tiny_run, client):
+    import ray
+
+    from actors.client import Client
+    from actors.worker import NAMESPACE
+
+    job_id = blocker(client)
+    wait_for(lambda: (client.progress(job_id) or {}).get("done", 0) > 0, what="training progress")
+    client.pause(job_id)
+    assert client.wait(job_id, timeout=300)["state"] == "paused"
+    ray.kill(ray.get_actor("job_manager", namespace=NAMESPACE), no_restart=True)
+    again = Client(client.settings)
+    client.manager = again.manager
+    assert again.job(job_id)["state"] == "paused", "a paused job is not taken for an interrupted one"
+    again.resume(job_id)
+    wait_for(lambda: again.job(job_id)["state"] == "running", what="the resumed training")
+    again.finalize(job_id)
+    done = again.wait(job_id, timeout=300)
+    assert done["state"] == "completed", done["message"]
+    assert [s["id"] for s in again.saes() if s["training_job_id"] == job_id] == [done["result"]["sae_id"]]
