@@ -52,6 +52,7 @@ class _Slot:
         self.job: str | None = None
         self.models: set[str] = set()
         self.since = 0.0  # when the job's current step started or last changed state (a heartbeat)
+        self.running = False  # the job is in state "running" (loading a model reports no progress)
         self.stalled = ""  # why the watchdog killed this worker, if it did
 
 
@@ -110,7 +111,7 @@ class JobManager:
     def set_state(self, job_id: str, state: str, message: str = "") -> None:
         slot = self._slot_of.get(job_id)
         if slot is not None:  # a worker saying "loading" or "running" is alive and not stuck
-            slot.since = time.time()
+            slot.since, slot.running = time.time(), state == "running"
         values = {"message": message} if message else {}
         self.registry.set_job_state(job_id, state, **values)
 
@@ -298,7 +299,7 @@ class JobManager:
                     started = self.registry.set_job_state(job["id"], "loading", message=f"starting on {slot.name}")
                     if started["state"] != "loading":  # cancelled in the meantime
                         continue
-                    slot.job = job["id"]
+                    slot.job, slot.running = job["id"], False
                     self._slot_of[job["id"]] = slot
                 threading.Thread(target=self._run_on, args=(job, slot), daemon=True, name=job["id"]).start()
 
@@ -395,22 +396,24 @@ class JobManager:
 
     def _watch(self) -> None:
         """Heartbeat check for workers that are alive (so Ray's health checks pass) but stuck: a
-        running job that has sent no progress report and changed no state for `job_stall_s`
-        gets its worker killed, and then goes the way of a worker death."""
+        job in state "running" that has sent no progress report and changed no state for
+        `job_stall_s` gets its worker killed, and then goes the way of a worker death. (Loading
+        a model, which can take long and reports nothing, is not watched.)"""
         stall = self.settings.job_stall_s
         while True:
             time.sleep(min(5.0, stall / 4))
             with self._lock:
-                busy = {s.job: s for s in self._slots if s.job and s.actor is not None}
+                busy = {s.job: s for s in self._slots if s.job and s.running and s.actor is not None}
             if not busy:
                 continue
             latest = ray.get(self.progress.get_many.remote(list(busy)))
             now = time.time()
             for job_id, slot in busy.items():
                 heard = max(latest.get(job_id, {}).get("t", 0.0), slot.since)
-                if now - heard > stall and slot.job == job_id and slot.actor is not None:
-                    slot.stalled = f"the model worker sent no progress for {stall:g} s and was stopped as hung"
-                    ray.kill(slot.actor, no_restart=True)
+                with self._lock:  # still that job's worker (it may have just finished)
+                    if now - heard > stall and slot.job == job_id and slot.actor is not None:
+                        slot.stalled = f"the model worker sent no progress for {stall:g} s and was stopped as hung"
+                        ray.kill(slot.actor, no_restart=True)
 
     def _call(self, job_id: str, step: str, plan: dict[str, Any]) -> dict[str, Any]:
         slot = self._slot_of[job_id]

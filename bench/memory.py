@@ -74,6 +74,11 @@ def child(kind: str, src: str, out: str, tokens: int, threads: int) -> None:
 
             extract_activations(model, tok, Path(src), [C.HOOK], Path(out), batch_size=8, max_tokens=tokens,
                                 progress=progress)
+    elif kind == "prepare":  # the converted model, and caches when `tokens` is given
+        C.model_dir()
+        for times in ((1, 10) if tokens else ()):
+            activation_cache(tokens * times)
+        return
     elif kind in ("train", "train-base"):
         import torch
 
@@ -93,6 +98,11 @@ def child(kind: str, src: str, out: str, tokens: int, threads: int) -> None:
 
 
 # --------------------------------------------------------------------------- parent side
+
+
+def prepare(train_tokens: int) -> None:
+    subprocess.run([sys.executable, "-m", "bench.memory", "--child", "prepare", "--tokens", str(train_tokens)],
+                   cwd=C.REPO, check=True)
 
 
 def run_child(kind: str, src="", out="", tokens: int = 0, threads: int = 2) -> dict:
@@ -185,7 +195,10 @@ def main(argv=None) -> None:
     n_train = 25_000 if args.quick else (None if args.full else 50_000)
     n_ext, n_train = args.extract_tokens or n_ext, args.train_tokens or n_train
     print(f"[memory] load {load_before}; fixtures under {MEM}", flush=True)
-    C.model_dir()
+    # Fixtures are made in a child: Linux carries a process's peak RSS across fork + exec (the
+    # forked copy's high-water mark becomes the exec'd program's starting ru_maxrss), so a parent
+    # that had loaded the model would lend its peak to every measured child.
+    prepare(0)
     import shutil
 
     runs = MEM / "runs"
@@ -219,7 +232,8 @@ def main(argv=None) -> None:
             out = runs / f"ext-{t}x"
             case(f"extract {t}×", "extract", ds[t], out, n_ext * t,
                  count=lambda out=out: count_activations(out / C.HOOK))
-    caches = {t: activation_cache(n_train * t) for t in (1, 10)}
+    prepare(n_train)
+    caches = {t: activation_cache(n_train * t) for t in (1, 10)}  # made by prepare: found at once
     for r in range(args.reps):
         case("train baseline", "train-base")
         for t in (1, 10):
@@ -265,8 +279,8 @@ def main(argv=None) -> None:
         ]), "",
         f"Above the baseline process: extraction {above['extract'][1]:,.0f} → {above['extract'][0]:,.0f} MiB, "
         f"training {above['train'][1]:,.0f} → {above['train'][0]:,.0f} MiB (1× → 10×). For scale: core.extract "
-        f"buffers up to one shard per hook before writing it (16,384 tokens × 576 × 4 B = 36 MiB, plus the "
-        f"concatenated copy made to write it); an extraction of fewer tokens than a shard never fills that buffer.",
+        f"streams each hook's activations into its shard a row group at a time, so it holds at most one "
+        f"2,048-token row group per hook (2,048 × 576 × 4 B = 4.5 MiB) whatever the corpus size.",
         "",
         f"Peak RSS so far along the first 10× extraction run (tokens → MiB): {trace_line}. At {n_ext:,} tokens "
         f"(the 1× size) it was {at_1x:,.0f} MiB; from 30% of the run to its end it grew "

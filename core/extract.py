@@ -113,32 +113,42 @@ class _RunningStats:
 
 
 class _ActivationWriter:
-    """Buffers one hook's activations and writes a shard every `shard_tokens` tokens."""
+    """Streams one hook's activations into Parquet shards of `shard_tokens` tokens, one row group
+    of `group_tokens` at a time, so memory holds at most a row group (not a whole shard) whatever
+    the corpus size."""
 
-    def __init__(self, folder: Path, shard_tokens: int):
+    def __init__(self, folder: Path, shard_tokens: int, group_tokens: int = 2048):
         self.folder, self.shard_tokens = folder, shard_tokens
+        self.group_tokens = min(group_tokens, shard_tokens)
         folder.mkdir(parents=True)
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.buffered = 0
-        self.shards = 0
+        self.shards = 0  # shards finished
+        self.in_shard = 0  # tokens in the open shard
+        self.writer: pq.ParquetWriter | None = None
+
+    def _room(self) -> int:
+        """Tokens until the current row group or shard is full."""
+        return min(self.group_tokens, self.shard_tokens - self.in_shard)
 
     def add(self, acts: np.ndarray, row_ids: np.ndarray, pos: np.ndarray, token_ids: np.ndarray) -> None:
         self.parts.append((acts, row_ids, pos, token_ids))
         self.buffered += len(acts)
-        if self.buffered < self.shard_tokens:
-            return
-        cols = [np.concatenate(c) for c in zip(*self.parts)]
-        start = 0
-        while self.buffered - start >= self.shard_tokens:
-            self._write([c[start:start + self.shard_tokens] for c in cols])
-            start += self.shard_tokens
-        self.buffered -= start
-        self.parts = [tuple(c[start:] for c in cols)] if self.buffered else []
+        while self.buffered and self.buffered >= self._room():
+            self._flush(self._room())
 
     def close(self) -> None:
         if self.buffered:
-            self._write([np.concatenate(c) for c in zip(*self.parts)])
-            self.parts, self.buffered = [], 0
+            self._flush(self.buffered)
+        if self.writer is not None:
+            self.writer.close()
+            self.writer, self.shards = None, self.shards + 1
+
+    def _flush(self, n: int) -> None:
+        cols = [np.concatenate(c) if len(self.parts) > 1 else c[0] for c in zip(*self.parts)]
+        self._write([c[:n] for c in cols])
+        self.buffered -= n
+        self.parts = [tuple(c[n:] for c in cols)] if self.buffered else []
 
     def _write(self, cols: list[np.ndarray]) -> None:
         acts, row_ids, pos, token_ids = cols
@@ -146,10 +156,15 @@ class _ActivationWriter:
             [pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(acts).reshape(-1)), acts.shape[1]),
              pa.array(row_ids), pa.array(pos), pa.array(token_ids)],
             names=["act", "row_id", "pos", "token_id"])
-        # Float activations barely compress; skipping compression keeps writes and reads fast.
-        pq.write_table(table, self.folder / f"shard-{self.shards:05d}.parquet",
-                       compression="none", use_dictionary=False)
-        self.shards += 1
+        if self.writer is None:
+            # Float activations barely compress; skipping compression keeps writes and reads fast.
+            self.writer = pq.ParquetWriter(self.folder / f"shard-{self.shards:05d}.parquet", table.schema,
+                                           compression="none", use_dictionary=False)
+        self.writer.write_table(table)
+        self.in_shard += len(acts)
+        if self.in_shard == self.shard_tokens:
+            self.writer.close()
+            self.writer, self.shards, self.in_shard = None, self.shards + 1, 0
 
 
 def extract(model, batches: Iterable[TokenBatch], hook_names: list[str], out_dir,
@@ -158,7 +173,7 @@ def extract(model, batches: Iterable[TokenBatch], hook_names: list[str], out_dir
             total_tokens: int | None = None, exclude_token_ids: Sequence[int] = ()) -> dict[str, HookStats]:
     """Run the model over `batches` and save the activations of every unpadded token.
 
-    The forward stops after the deepest hooked layer. Memory stays bounded by one shard per
+    The forward stops after the deepest hooked layer. Memory stays bounded by one row group per
     hook plus one batch. `out_dir` appears only when the whole run succeeded. `total_tokens`
     (optional) lets progress report a total and an ETA; progress counts excluded tokens as
     done, since `total_tokens` counts every real token. Positions whose token id is in

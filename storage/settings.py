@@ -40,8 +40,9 @@ class Settings:
     """Times a job whose model worker died is run again on a fresh worker (training from its
     last checkpoint); 0 fails it at once."""
     job_stall_s: float = 1200.0
-    """Seconds a running job may go without a progress report before its worker is taken for
-    hung, killed and the job retried like after a worker death; 0 never does."""
+    """Seconds a running job (not one still loading its model) may go without a progress report
+    before its worker is taken for hung, killed and the job retried like after a worker death;
+    0 never does."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":

@@ -189,3 +189,32 @@ def test_rows_longer_than_learned_positions(tmp_path, tiny_tokenizer):
     tokenize_to_shards(["x" * 40], tiny_tokenizer, tmp_path / "ds", context_length=32)
     with pytest.raises(UserError, match="rows of 32 tokens.*smaller context length"):
         extract(model, _batches(tmp_path / "ds", tiny_tokenizer), ["blocks.0.hook_resid_post"], tmp_path / "acts")
+
+
+def test_shards_stream_in_row_groups_and_keep_every_token_in_order(tmp_path):
+    """The writer holds at most a row group: shards of exactly `shard_tokens` (the last one
+    shorter), row groups of at most `group_tokens`, every token once and in order."""
+    from core.extract import _ActivationWriter
+
+    rng = np.random.default_rng(0)
+    writer = _ActivationWriter(tmp_path / "hook", shard_tokens=100, group_tokens=32)
+    sizes = rng.integers(1, 70, size=20)
+    n = int(sizes.sum())
+    acts = rng.normal(size=(n, 8)).astype(np.float32)
+    start = 0
+    for size in sizes:
+        part = slice(start, start + int(size))
+        ids = np.arange(n)[part]
+        writer.add(acts[part], ids.astype(np.int64), ids.astype(np.int32), ids.astype(np.int32))
+        assert writer.buffered < 32  # nothing beyond one row group waits in memory
+        start += int(size)
+    writer.close()
+    shards = sorted((tmp_path / "hook").glob("shard-*.parquet"))
+    rows = [pq.ParquetFile(s).metadata.num_rows for s in shards]
+    assert rows == [100] * (n // 100) + ([n % 100] if n % 100 else [])
+    groups = [pq.ParquetFile(s).metadata.row_group(i).num_rows for s in shards
+              for i in range(pq.ParquetFile(s).metadata.num_row_groups)]
+    assert max(groups) <= 32 and sum(groups) == n
+    table = pq.read_table(shards)
+    assert table.column("row_id").to_pylist() == list(range(n))
+    np.testing.assert_array_equal(np.stack(table.column("act").to_numpy(zero_copy_only=False)), acts)
