@@ -13,22 +13,26 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import pyarrow.parquet as pq
 import ray
 
 from actors import cluster
 from core.discover import read_examples
 from core.errors import UserError
-from storage import Registry, Settings
+from storage import Artifacts, Registry, Settings
 from storage.registry import FINAL_STATES, IDLE_STATES, SAE, Activation, Dataset, Experiment, Job, Model, Template
 
 
 class Client:
     def __init__(self, settings: Settings | None = None, start: bool = True):
         self.settings = settings or Settings.from_env()
+        self.artifacts = Artifacts.of(self.settings)  # a bad MISTUDIO_ARTIFACT_ROOT fails before Ray starts
         cluster.connect(self.settings, start=start)
         self.progress_actor, self.manager = cluster.ensure_actors(self.settings)
         self.registry = Registry(self.settings.database_url)
+
+    def local(self, path: str) -> str:
+        """An artifact's local path, fetched from the artifact store first if this machine lacks it."""
+        return str(self.artifacts.pull(path))
 
     # -- jobs ------------------------------------------------------------------------
     def submit(self, kind: str, spec: dict[str, Any], api_key: str | None = None, priority: int = 0) -> str:
@@ -227,7 +231,7 @@ class Client:
         if Path(out).exists():
             raise UserError(f"{out} already exists; pick a new folder to export into")
         with atomic_dir(out) as tmp:
-            for f in Path(sae["path"]).iterdir():
+            for f in Path(self.local(sae["path"])).iterdir():
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
         return str(Path(out).resolve())
@@ -236,11 +240,8 @@ class Client:
         sae = self.registry.get(SAE, sae_id)
         if sae is None or not sae.get("features_path"):
             raise UserError(f"SAE {sae_id!r} has no discovered features; run: mistudio discover run --sae {sae_id}")
+        self.local(sae["features_path"])
         return sae
-
-    def feature_table(self, sae_id: str):
-        sae = self.registry.get(SAE, sae_id)
-        return pq.read_table(f"{sae['features_path']}/features.parquet")
 
 
 def _get(ref):

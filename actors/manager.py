@@ -12,7 +12,6 @@ import dataclasses
 import errno
 import json
 import re
-import shutil
 import threading
 import time
 import traceback
@@ -23,7 +22,7 @@ import pyarrow.parquet as pq
 import ray
 
 from actors import specs
-from actors.worker import NAMESPACE, ModelWorker
+from actors.worker import NAMESPACE, ModelWorker, plan_outputs
 from core import hooks, models, pipeline
 from core.errors import Cancelled, Paused, UserError
 from core.io import sweep_tmp
@@ -62,7 +61,7 @@ class JobManager:
         self.settings_env = settings_env
         self.settings = Settings.from_env(settings_env)
         self.registry = Registry(self.settings.database_url)
-        self.artifacts = Artifacts(self.settings.home)
+        self.artifacts = Artifacts.of(self.settings)
         self.progress = ray.get_actor("progress", namespace=NAMESPACE)
         self._wake = threading.Event()  # set when a job is queued or reordered
         # one slot per ModelWorker: its actor (started on first use), the job it runs, the models
@@ -392,7 +391,7 @@ class JobManager:
         return True
 
     def _has_checkpoint(self, job_id: str) -> bool:
-        return any(self.artifacts.checkpoints(job_id).glob("ckpt-*.pt"))
+        return any(self.artifacts.pull(self.artifacts.checkpoints(job_id)).glob("ckpt-*.pt"))
 
     def _watch(self) -> None:
         """Heartbeat check for workers that are alive (so Ray's health checks pass) but stuck: a
@@ -487,14 +486,15 @@ class JobManager:
                 sae_id = new_id("sae")
                 path = self.artifacts.sae(sae_id)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                Path(f["path"]).rename(path)  # a whole, checked SAELens folder: one atomic move
+                self.artifacts.pull(f["path"]).rename(path)  # a whole, checked SAELens folder: one atomic move
+                self.artifacts.push(path)
                 name = f"{spec.name or model['id']}/{f['hook_name']}/{f['label']}"
                 self.registry.add(SAE(id=sae_id, name=name, model_id=model["id"], hook_name=f["hook_name"],
                                       architecture=f["architecture"], d_in=f["d_in"], d_sae=f["d_sae"], k=f["k"],
                                       path=str(path), metrics={"imported_from": spec.source, "format": f["format"]}))
                 ids.append(sae_id)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            self.artifacts.remove(work)
         self.registry.update(Job, job_id, sae_id=ids[0])
         return {"sae_ids": ids, "sae_id": ids[0], "note": f"imported {len(ids)} SAE(s)"}
 
@@ -598,6 +598,7 @@ class JobManager:
             "batch_size": spec.batch_size, "max_tokens": spec.max_tokens,
             "exclude_special_tokens": spec.exclude_special_tokens, "position": position, "of": total})
         self.set_state(job_id, "saving", f"recording features of {sae_id}")
+        self.artifacts.pull(out)  # written on the worker's node
         cols = ["latent", "n_fired", "frequency", "max_act", "mean_act", "top_tokens"]
         rows = pq.read_table(out / "features.parquet", columns=cols).to_pylist()
         self.registry.replace_features(sae["id"], rows)
@@ -711,5 +712,4 @@ class JobManager:
 
 def _written_by(plan: dict[str, Any]) -> list[str]:
     """The paths a step plan writes to: where a killed worker may have left temporary files."""
-    paths = [plan[k] for k in ("out_dir", "workdir", "checkpoint_dir") if plan.get(k)]
-    return paths + [s["path"] for s in plan.get("saes", {}).values()]
+    return plan_outputs(plan) + ([plan["workdir"]] if plan.get("workdir") else [])

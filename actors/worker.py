@@ -22,6 +22,7 @@ from core import models, pipeline, steer
 from core.discover import DiscoverConfig
 from core.errors import UserError
 from core.train import CheckpointConfig, RunSpec, TrainConfig
+from storage.artifacts import Artifacts
 from storage.settings import Settings
 
 NAMESPACE = "mistudio"
@@ -39,6 +40,7 @@ class ModelWorker:
         self.models = models.ModelCache(self.settings.worker_models)  # (model, tokenizer) by model id
         self.busy: str | None = None
         self.progress = ray.get_actor("progress", namespace=NAMESPACE)
+        self.artifacts = Artifacts.of(self.settings)  # pulls inputs / pushes outputs with an artifact store
 
     # -- status (answers while a job runs) ----------------------------------------
     @ray.method(concurrency_group="status")
@@ -57,7 +59,16 @@ class ModelWorker:
         report = Reporter(self.progress, job_id, step)
         try:
             report({"phase": step, "done": 0, "message": f"{step}: starting"}, force=True)
-            result = getattr(self, f"_{step}")(job_id, plan, report)
+            for path in plan_inputs(plan):
+                self.artifacts.pull(path)
+            try:
+                result = getattr(self, f"_{step}")(job_id, plan, report)
+            except BaseException:
+                if plan.get("checkpoint_dir"):  # a paused (or failed) training resumes from these, anywhere
+                    self.artifacts.push(plan["checkpoint_dir"])
+                raise
+            for path in plan_outputs(plan):
+                self.artifacts.push(path)
             report.flush()
             return result
         finally:
@@ -92,6 +103,7 @@ class ModelWorker:
         if source == "embedded":
             source = str(models.embedded_gguf_path())
         if source.endswith(".gguf"):
+            self.artifacts.pull(out_dir)  # converted on another node already?
             if not out_dir.exists():  # converting once makes every later load fast
                 models.convert_gguf(Path(source), out_dir)
             path = str(out_dir)
@@ -148,6 +160,7 @@ class ModelWorker:
                 raise UserError(f"{f.path.name} reads {cfg.hook_name} but {plan['model_id']} has "
                                             f"{plan['n_layers']} layers; pick the model it was trained on")
             path = save_saelens(sae, cfg, work / "saes" / str(i))
+            self.artifacts.push(path)  # the job manager moves it into place, possibly on another node
             label = f.path.name if f.path != root else Path(plan["source"]).name
             out.append({"path": str(path), "hook_name": cfg.hook_name, "architecture": cfg.architecture,
                         "d_in": sae.d_in, "d_sae": sae.d_sae, "k": cfg.k or None, "format": f.format, "label": label})
@@ -252,3 +265,16 @@ def _renamed(d: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
     `dead_frac` (never fired on the small held-out slice) is not training's (no firing for
     `dead_tokens` tokens), so both are kept under their own names."""
     return {names.get(k, k): v for k, v in d.items()}
+
+
+def plan_inputs(plan: dict[str, Any]) -> list[str]:
+    """The artifact folders a step plan reads (pulled from the artifact store first)."""
+    paths = [plan[k] for k in ("model_path", "dataset_path", "sae_path", "features_path") if plan.get(k)]
+    paths += plan.get("dataset_paths", []) + [p for dirs in plan.get("hook_dirs", {}).values() for p in dirs]
+    return paths + ([plan["checkpoint_dir"]] if plan.get("resume") else [])
+
+
+def plan_outputs(plan: dict[str, Any]) -> list[str]:
+    """The artifact folders a step plan writes (pushed to the artifact store when it succeeds)."""
+    paths = [plan[k] for k in ("out_dir", "checkpoint_dir") if plan.get(k)]
+    return paths + [s["path"] for s in plan.get("saes", {}).values()]

@@ -39,6 +39,9 @@ class Settings:
     job_retries: int = 1
     """Times a job whose model worker died is run again on a fresh worker (training from its
     last checkpoint); 0 fails it at once."""
+    artifact_root: str = ""
+    """An object-store URI (s3://bucket/prefix, gs://..., file://...) that holds every finished
+    artifact; `home` is then this node's working copy (storage.store). Empty: `home` alone."""
     job_stall_s: float = 1200.0
     """Seconds a running job (not one still loading its model) may go without a progress report
     before its worker is taken for hung, killed and the job retried like after a worker death;
@@ -61,6 +64,7 @@ class Settings:
             worker_models=max(1, int(env.get("MISTUDIO_WORKER_MODELS") or 2)),
             job_retries=int(env.get("MISTUDIO_JOB_RETRIES") or 1),
             job_stall_s=float(env.get("MISTUDIO_JOB_STALL_S") or 1200),
+            artifact_root=env.get("MISTUDIO_ARTIFACT_ROOT", "").strip(),
         )
 
     @property
@@ -81,6 +85,7 @@ class Settings:
             "MISTUDIO_WORKER_MODELS": str(d["worker_models"]),
             "MISTUDIO_JOB_RETRIES": str(d["job_retries"]),
             "MISTUDIO_JOB_STALL_S": str(d["job_stall_s"]),
+            "MISTUDIO_ARTIFACT_ROOT": d["artifact_root"],
         }
 
 

@@ -44,7 +44,7 @@ def tokenizer_for(client, model_id: str):
         st.caption(f"Model `{model_id}` is no longer registered, so its tokenizer is unavailable.")
         return None
     try:
-        return load_tokenizer(model["path"])
+        return load_tokenizer(client.local(model["path"]))
     except Exception as e:  # noqa: BLE001 - a missing or unreadable folder: fall back to token ids
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         st.caption(f"Cannot load the tokenizer of `{model_id}` from `{model['path']}` ({first}); "
@@ -206,7 +206,7 @@ def length_section(ds: dict[str, Any], frame: pd.DataFrame) -> None:
 def sample_section(ds: dict[str, Any], frame: pd.DataFrame, tok) -> None:
     row = int(st.number_input("Row", min_value=0, max_value=len(frame) - 1, value=0, step=1,
                               key=f"ds-row-{ds['id']}", help=f"0 to {len(frame) - 1:,}"))
-    ids = [int(i) for i in read_rows(ds["path"], [row])[row]]
+    ids = [int(i) for i in read_rows(ds["local_path"], [row])[row]]
     st.caption(f"row {row:,} · {len(ids)} tokens · document {int(frame['doc_id'].iat[row]):,}")
     if tok is None:
         st.code(" ".join(map(str, ids)), language=None, wrap_lines=True)
@@ -234,9 +234,9 @@ def dataset_details(client, datasets: list[dict[str, Any]]) -> None:
     dataset_id = st.selectbox("Dataset", list(reversed(by_id)), key="ds-selected",
                               format_func=lambda i: f"{by_id[i]['name']} ({i}) — {fmt_number(by_id[i]['tokens'])} "
                                                     f"tokens, {by_id[i]['model_id']}")
-    ds = by_id[dataset_id]
+    ds = {**by_id[dataset_id], "local_path": client.local(by_id[dataset_id]["path"])}
     stats_section(ds)
-    frame = row_lengths(ds["path"])
+    frame = row_lengths(ds["local_path"])
     tok = tokenizer_for(client, ds["model_id"])
     left, right = st.columns(2)
     with left:

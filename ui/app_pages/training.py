@@ -3,7 +3,6 @@ charts of the whole run; checkpoints to resume from."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import streamlit as st
@@ -151,13 +150,13 @@ def checkpoints(client) -> None:
     from core.train import checkpoints as list_checkpoints
     from storage.artifacts import Artifacts
 
-    artifacts = Artifacts(Path(client.settings.home))
+    artifacts = Artifacts.of(client.settings)
     rows = []
     for job in client.jobs():
         if job["kind"] != "train":
             continue
-        found = list_checkpoints(artifacts.checkpoints(job["id"])) \
-            if artifacts.checkpoints(job["id"]).is_dir() else []
+        folder = artifacts.pull(artifacts.checkpoints(job["id"]))
+        found = list_checkpoints(folder) if folder.is_dir() else []
         if found:
             rows.append((job, found))
     if not rows:
