@@ -416,6 +416,11 @@ class JobManager:
 
     def _call(self, job_id: str, step: str, plan: dict[str, Any]) -> dict[str, Any]:
         slot = self._slot_of[job_id]
+        if slot.actor is not None:
+            try:
+                ray.get(slot.actor.status.remote())
+            except ray.exceptions.ActorDiedError:  # died while idle (killed, out of memory): no retry is spent
+                slot.actor, slot.models = None, set()
         if slot.actor is None:
             slot.actor = self._start_worker(slot)
         slot.since = time.time()

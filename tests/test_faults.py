@@ -229,14 +229,17 @@ def _shards(folder: str):
 def test_worker_killed_mid_import_imports_every_sae_once(client, tiny_run, tmp_path):
     from core.sae import build_sae, save_saelens
 
-    source = tmp_path / "wide"  # 8 SAEs of 64 × 65536 latents (32 MB each): a few seconds to check and write
-    for i in range(8):
+    source = tmp_path / "wide"  # 10 SAEs of 64 × 65536 latents (32 MB each): seconds to check and write
+    for i in range(10):
         sae = build_sae("topk", 64, 65536, k=8)
         save_saelens(sae, sae.config(hook_name="blocks.1.hook_resid_post"), source / f"sae{i}")
     job_id = client.submit("import_sae", {"source": str(source), "model_id": "tiny-llama", "name": "killed"})
-    done = killed_mid_job(client, job_id, lambda: progressed(client, job_id), "the import")
+    # killed once the import runs (its progress, throttled to a report a second, may only show at its end)
+    done = killed_mid_job(client, job_id, lambda: client.job(job_id)["state"] in ("running", "completed"),
+                          "the import")
     imported = [s for s in client.saes() if s["name"].startswith("killed/")]
-    assert sorted(s["name"] for s in imported) == [f"killed/blocks.1.hook_resid_post/sae{i}" for i in range(8)]
+    assert sorted(s["name"] for s in imported) == sorted(f"killed/blocks.1.hook_resid_post/sae{i}"
+                                                         for i in range(10))
     assert sorted(done["result"]["sae_ids"]) == sorted(s["id"] for s in imported)
     assert not (Path(client.settings.home) / "imports" / job_id).exists()
 
@@ -360,3 +363,14 @@ def test_worker_killed_mid_pipeline_keeps_its_extraction_and_trains_the_same_sae
     examples = [pq.read_table(f"{client.get(SAE, j['result']['sae_id'])['features_path']}/examples.parquet")
                 for j in (plain, done)]
     assert examples[0].equals(examples[1])
+
+
+def test_a_worker_that_died_while_idle_is_replaced_without_spending_a_retry(client, tiny_run, tmp_path):
+    from tests.test_queue import small_import
+
+    assert client.wait(small_import(client, tiny_run, tmp_path, "warm", 0))["state"] == "completed"
+    kill_worker()  # idle: between jobs
+    job_id = small_import(client, tiny_run, tmp_path, "after", 0)
+    done = client.wait(job_id, timeout=300)
+    assert done["state"] == "completed", done["message"]
+    assert not any("retry" in p.get("message", "") for p in client.history(job_id))

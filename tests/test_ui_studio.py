@@ -171,6 +171,8 @@ def test_settings_page_shows_the_deployment_and_keeps_the_key_in_the_session(tin
     table = at.dataframe[0].value
     assert str(ui_client.settings.home) in set(table["value"])
     assert "MISTUDIO_DATABASE_URL" in set(table["environment variable"])
+    shown = dict(zip(table["environment variable"], table["value"]))
+    assert shown["MISTUDIO_JOB_STALL_S"] == "1200" and shown["MISTUDIO_ARTIFACT_ROOT"] == "none (the data root alone)"
     at.text_input(key="endpoint-url").set_value("ftp://nowhere")
     at.button(key="endpoint-save").click().run()
     assert any("not an http(s) URL" in e.value for e in at.error)

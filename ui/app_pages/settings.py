@@ -24,6 +24,19 @@ def deployment(client) -> None:
         {"setting": "GPUs per model worker", "value": str(s.num_gpus), "environment variable": "MISTUDIO_NUM_GPUS"},
         {"setting": "CPU cores per model worker", "value": str(s.cpus_per_worker),
          "environment variable": "MISTUDIO_WORKER_CPUS"},
+        {"setting": "model workers", "value": str(s.workers), "environment variable": "MISTUDIO_WORKERS"},
+        {"setting": "GPU of each worker", "value": s.worker_gpus or "assigned by Ray",
+         "environment variable": "MISTUDIO_WORKER_GPUS"},
+        {"setting": "worker placement (Ray resources)", "value": s.worker_resources or "any node",
+         "environment variable": "MISTUDIO_WORKER_RESOURCES"},
+        {"setting": "models kept loaded per worker", "value": str(s.worker_models),
+         "environment variable": "MISTUDIO_WORKER_MODELS"},
+        {"setting": "retries after a worker dies", "value": str(s.job_retries),
+         "environment variable": "MISTUDIO_JOB_RETRIES"},
+        {"setting": "seconds without progress before a worker counts as hung",
+         "value": f"{s.job_stall_s:g}" if s.job_stall_s > 0 else "never", "environment variable": "MISTUDIO_JOB_STALL_S"},
+        {"setting": "artifact store", "value": s.artifact_root or "none (the data root alone)",
+         "environment variable": "MISTUDIO_ARTIFACT_ROOT"},
     ], hide_index=True, key="settings-table")
     st.caption("These come from the environment of `mistudio ui`; set the variables and restart it to change them "
                "(every CLI command and the dashboard read the same ones).")
