@@ -8,7 +8,9 @@ gradient is computed sparsely (`_GatherPre`), so one step costs one dense matmul
 work. Measured on 2 shared CPU cores at d_in=576, d_sae=4608, k=32, batch 4096: a dense decoder
 with autograd through the dense pre-activations took 1.9 s per step (≈2,100 tokens/s);
 `embedding_bag` decoding 1.2 s; with the sparse encoder and decoder backward and fused Adam
-0.35–0.45 s (≈9,000–12,000 tokens/s; the encoder matmul is ~0.2 s of it).
+0.35–0.45 s (≈9,000–12,000 tokens/s; the encoder matmul is ~0.2 s of it); with b_dec's gradient
+as one matrix-vector product and W_enc's gradient in W_enc's own layout, 0.24 s on an idle
+machine (bench/RESULTS.md, 2026-12-02).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class TopKSAE(SAE):
             pre = torch.addmm(self.b_enc, x_c.detach(), self.W_enc)
         top_v, top_i = pre.topk(self.k, dim=1, sorted=False)
         del pre
-        acts = _GatherPre.apply(x_c, self.W_enc, self.b_enc, top_i, top_v.float()).relu()
+        acts = _GatherPre.apply(x_c.detach(), self.b_dec, self.W_enc, self.b_enc, top_i, top_v.float()).relu()
         x_hat = _GatherDecode.apply(top_i, acts, self.W_dec) + self.b_dec
         sq_err, total_var = reconstruction_terms(x, x_hat)
         fvu = sq_err / total_var
@@ -80,16 +82,18 @@ def auxk_loss(sae: SAE, x_c: torch.Tensor, resid: torch.Tensor, ctx: StepContext
 
 
 class _GatherPre(torch.autograd.Function):
-    """Encoder pre-activations at chosen (token, latent) pairs, with a sparse backward.
+    """Encoder pre-activations (x - b_dec) @ W_enc + b_enc at chosen (token, latent) pairs,
+    with a sparse backward.
 
     The values come from the dense pre-activations computed without autograd; this Function
     only supplies their gradient, which touches the N×K chosen entries instead of a dense
-    N×d_sae matrix: the two backward matmuls (x.T @ grad_pre and grad_pre @ W_enc.T) become a
-    sparse mm and an embedding_bag.
+    N×d_sae matrix: x.T @ grad_pre becomes a sparse mm. The input x carries no gradient, so
+    the one through x - b_dec is needed only summed over tokens, for b_dec:
+    -W_enc @ grad_b_enc, a matrix-vector product (no per-token gather).
     """
 
     @staticmethod
-    def forward(ctx, x_c, W_enc, b_enc, indices, values):
+    def forward(ctx, x_c, b_dec, W_enc, b_enc, indices, values):
         ctx.save_for_backward(x_c, W_enc, indices)
         return values.clone()
 
@@ -100,16 +104,15 @@ class _GatherPre(torch.autograd.Function):
         d_sae = W_enc.shape[1]
         grad = grad.contiguous().float()
         flat = indices.reshape(-1)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(indices, W_enc.T.contiguous(), per_sample_weights=grad, mode="sum")
+        grad_b_dec = grad_W = None
+        grad_b = torch.zeros(d_sae, device=grad.device).index_add_(0, flat, grad.reshape(-1))
         if ctx.needs_input_grad[1]:
+            grad_b_dec = -(W_enc.float() @ grad_b)
+        if ctx.needs_input_grad[2]:
             rows = torch.arange(n, device=indices.device).repeat_interleave(kk)
             S = torch.sparse_coo_tensor(torch.stack([flat, rows]), grad.reshape(-1), (d_sae, n), check_invariants=False)
-            grad_W = torch.sparse.mm(S, x_c.float()).T.contiguous()
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(d_sae, device=grad.device).index_add_(0, flat, grad.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None
+            grad_W = torch.sparse.mm(S, x_c.float()).T  # autograd lays it out like W_enc (one copy)
+        return None, grad_b_dec, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None
 
 
 class _GatherDecode(torch.autograd.Function):
