@@ -87,3 +87,26 @@ def test_train_from_a_config_file(cli_env, client, tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--config", str(tmp_path / "bad.yaml")])
     assert "epochz" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_progress_bars_follow_steps_and_stages(capsys):
+    """`follow` draws one bar per step and, for a step in stages (an analysis), per stage; the job
+    manager's own reports (queued, completed) go on the bar in use."""
+    import re
+
+    class Replay:  # what Client.wait hands its callback: the job row and the newest progress point
+        def wait(self, job_id, on_progress):
+            job = {"id": job_id, "kind": "analyze", "step": "analyze", "state": "running"}
+            for p in [{"phase": "queued"},
+                      {"step": "analyze", "stage": "logits and similar features", "done": 10, "total": 10},
+                      {"step": "analyze", "stage": "NLP", "done": 5, "total": 10},
+                      {"step": "analyze", "stage": "ablation", "done": 2, "total": 2},
+                      {"phase": "completed", "fraction": 1.0}]:
+                on_progress(job, p)
+            return {**job, "state": "completed"}
+
+    cli.follow(Replay(), "analyze-1")
+    labels = re.findall(r"(analyze(?: · [A-Za-z ]+)?):", capsys.readouterr().err)
+    assert list(dict.fromkeys(labels)) == ["analyze", "analyze · logits and similar features", "analyze · NLP",
+                                           "analyze · ablation"]
+    assert labels[-1] == "analyze · ablation"  # "completed" did not open a bar of its own

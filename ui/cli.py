@@ -40,13 +40,17 @@ def follow(c, job_id: str, quiet: bool = False) -> dict[str, Any]:
         if quiet:
             return
         step = p.get("step") or job.get("step") or job["kind"]
-        if step not in bars:
+        if not p.get("step") and bars:  # the job manager's own reports (queued, completed) go on the current bar
+            label = next(reversed(bars))
+        else:  # a step in stages (an analysis: logits, NLP, ablation) gets a bar per stage, each from 0
+            label = f"{step} · {p['stage']}" if p.get("stage") else step
+        if label not in bars:
             for b in bars.values():
                 b.close()
             # Until a step reports a total (loading a model has none) show time and state only.
-            bars[step] = tqdm(desc=f"{step:>10}", total=None, unit=p.get("unit") or "it", unit_scale=True,
-                              dynamic_ncols=True, leave=True, bar_format="{desc}: {elapsed}{postfix}")
-        bar = bars[step]
+            bars[label] = tqdm(desc=f"{label:>10}", total=None, unit=p.get("unit") or "it", unit_scale=True,
+                               dynamic_ncols=True, leave=True, bar_format="{desc}: {elapsed}{postfix}")
+        bar = bars[label]
         if p.get("total") and bar.total != p["total"]:
             bar.total, bar.bar_format = p["total"], None
         if p.get("done") is not None and p.get("step") == step:
