@@ -21,7 +21,7 @@ from actors.progress import Reporter
 from core import models, pipeline, steer
 from core.discover import DiscoverConfig
 from core.errors import UserError
-from core.train import CheckpointConfig, RunSpec, TrainConfig
+from core.train import CheckpointConfig, RunSpec, TrainConfig, checkpoints
 from storage.artifacts import Artifacts
 from storage.settings import Settings
 
@@ -196,7 +196,8 @@ class ModelWorker:
         saes = plan["saes"]
         results = pipeline.train_runs(source, runs, {n: Path(s["path"]) for n, s in saes.items()},
                                       {n: s["meta"] for n, s in saes.items()}, holdout_tokens=holdout,
-                                      checkpoint=ck, progress=report, should_cancel=report.should_cancel,
+                                      checkpoint=ck, progress=self._publishing_checkpoints(report, ck.folder),
+                                      should_cancel=report.should_cancel,
                                       requested=report.requested if plan["pausable"] else None)
         out = {}
         for name, result in results.items():
@@ -211,6 +212,21 @@ class ModelWorker:
             out[name] = {"metrics": metrics, "history": result.history, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
                          "k": cfg.k, "architecture": cfg.architecture}
         return {"runs": out}
+
+    def _publishing_checkpoints(self, report: Reporter, folder: Path):
+        """Training's progress callback; with an artifact store it also publishes each new
+        checkpoint as it appears, so a retry on another node resumes from it."""
+        if self.artifacts.store is None:
+            return report
+        published: list[Path] = []
+
+        def progress(metrics: dict[str, Any]) -> None:
+            found = checkpoints(folder) if folder.is_dir() else []
+            if found and found[-1:] != published:
+                self.artifacts.push(folder)
+                published[:] = found[-1:]
+            report(metrics)
+        return progress
 
     def _discover(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
         model, tok = self._model(job_id, plan)

@@ -105,9 +105,11 @@ def test_a_root_that_cannot_be_opened_is_one_line(tmp_path):
 
 
 FRESH_NODE = """
-import json, shutil, sys
+import json, shutil, sys, time
 from pathlib import Path
 import ray
+import torch
+from core.sae import load_saelens
 from actors.client import Client
 from actors.worker import NAMESPACE
 from storage.registry import SAE
@@ -137,10 +139,28 @@ docs = c.feature_documents(sae_id, [0, 1])  # the dashboard's read: pulled here
 found = c.wait(c.submit("discover", {"sae_id": sae_id, "dataset_id": ds["result"]["dataset_id"], "top_k": 5,
                                      "max_tokens": 1500}), timeout=300)
 exported = c.export_sae(sae_id, str(Path(sys.argv[2]) / "exported"))
+
+# A training whose worker is lost on one node resumes on another from the checkpoint it published
+spec = {"activation_ids": [run["result"]["activation_id"]], "eval_rows": 0, "checkpoint_every": 100,
+        "config": {"expansion_factor": 2, "k": 4, "batch_size": 64, "epochs": 200}}
+plain = c.wait(c.submit("train", spec), timeout=600)
+job = c.submit("train", spec)
+folder = c.artifacts.checkpoints(job)
+while not c.artifacts.store.has(folder) and c.job(job)["state"] != "completed":
+    time.sleep(0.05)
+running = c.job(job)["state"]
+ray.kill(ray.get_actor("model_worker", namespace=NAMESPACE), no_restart=True)
+shutil.rmtree(folder, ignore_errors=True)  # the next worker's node never had them
+resumed = c.wait(job, timeout=600)
+history = [p.get("message", "") for p in c.history(job)]
+a, b = (load_saelens(c.get(SAE, j["result"]["sae_id"])["path"])[0].state_dict() for j in (plain, resumed))
+same = all(torch.equal(t, b[n]) for n, t in a.items())
 print(json.dumps({"states": [trained["state"], steer["state"], found["state"]],
                   "messages": [trained["message"], steer["message"], found["message"]],
                   "same_docs": docs == before, "exported": sorted(p.name for p in Path(exported).iterdir()),
-                  "local": sorted(p.name for p in home.iterdir())}))
+                  "local": sorted(p.name for p in home.iterdir()), "running_at_kill": running,
+                  "resumed": resumed["state"], "from_checkpoint": any("from the newest checkpoint" in m for m in history),
+                  "same_weights": same}))
 """
 
 
@@ -148,7 +168,8 @@ def test_a_node_without_the_files_gets_them_from_an_s3_root(tmp_path, tiny_model
     """A whole deployment on an S3 artifact root: after a pipeline, the data root is emptied and
     the worker restarted (a node that never saw the artifacts); training on the cached
     activations, steering, discovery, the dashboard's feature documents and an SAE export still
-    work, fetched from the store."""
+    work, fetched from the store; and a training killed after it published a checkpoint resumes
+    from that checkpoint on a worker without local copies, to the same weights."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MISTUDIO_", "RAY_ADDRESS"))}
     env.update(CREDENTIALS, MISTUDIO_HOME=str(tmp_path / "home"), MISTUDIO_RAY_ADDRESS="local",
                MISTUDIO_WORKER_CPUS="1", MISTUDIO_ARTIFACT_ROOT=s3_uri, RAY_USAGE_STATS_ENABLED="0")
@@ -164,7 +185,9 @@ def test_a_node_without_the_files_gets_them_from_an_s3_root(tmp_path, tiny_model
     stored = {i.path.removeprefix(base + "/") for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
               if i.path.endswith(MANIFEST)}
     kinds = {p.split("/")[0] for p in stored}
-    assert {"datasets", "activations", "saes", "features"} <= kinds, stored
+    assert {"datasets", "activations", "saes", "features", "checkpoints"} <= kinds, stored
+    assert r["running_at_kill"] == "running" and r["resumed"] == "completed"
+    assert r["from_checkpoint"] and r["same_weights"]
 
 
 def test_the_cli_refuses_a_bad_root_before_starting_anything(tmp_path):
