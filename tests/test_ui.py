@@ -44,6 +44,16 @@ def test_token_html_escapes_and_shades():
     assert 'title="&#x27;&lt;b&gt;&#x27;: 0.000"' in out  # the tooltip is escaped too
 
 
+
+def test_progress_text_names_the_stage_of_a_staged_step():
+    from ui.widgets import _bar
+
+    job = {"kind": "analyze", "step": "analyze", "state": "running"}
+    frac, text = _bar(job, {"step": "analyze", "stage": "NLP", "done": 512, "total": 4608, "unit": "latents",
+                            "fraction": 512 / 4608})
+    assert text == "analyze · NLP · 512 / 4,608 latents · 11%" and round(frac, 2) == 0.11
+
+
 # -- Jobs page -------------------------------------------------------------------------------
 def test_jobs_page_lists_completed_run(tiny_run, ui_client):
     at = run_page(JOBS)

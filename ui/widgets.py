@@ -265,6 +265,8 @@ def _bar(job: dict[str, Any], p: dict[str, Any]) -> tuple[float, str]:
     steps = PIPELINE_STEPS.get(job["kind"])
     if steps and step in steps:
         parts.append(f"(step {steps.index(step) + 1} of {len(steps)})")
+    if p.get("stage"):  # a step in stages (an analysis) counts each stage from 0: say which one
+        parts.append(str(p["stage"]))
     done, total = _num(p.get("done")), _num(p.get("total"))
     if done is not None and total:
         parts.append(f"{fmt_number(int(done))} / {fmt_number(int(total))} {p.get('unit') or ''}".rstrip())
