@@ -26,6 +26,7 @@ from actors.worker import NAMESPACE, ModelWorker, plan_outputs
 from core import hooks, models, pipeline
 from core.errors import Cancelled, Paused, UserError
 from core.io import sweep_tmp
+from core.train import checkpoints
 from storage import Artifacts, Registry, Settings
 from storage.registry import SAE, Activation, Dataset, Experiment, Job, Model, Template, new_id
 
@@ -391,7 +392,7 @@ class JobManager:
         return True
 
     def _has_checkpoint(self, job_id: str) -> bool:
-        return any(self.artifacts.pull(self.artifacts.checkpoints(job_id)).glob("ckpt-*.pt"))
+        return bool(checkpoints(self.artifacts.pull(self.artifacts.checkpoints(job_id))))
 
     def _watch(self) -> None:
         """Heartbeat check for workers that are alive (so Ray's health checks pass) but stuck: a
@@ -717,4 +718,4 @@ class JobManager:
 
 def _written_by(plan: dict[str, Any]) -> list[str]:
     """The paths a step plan writes to: where a killed worker may have left temporary files."""
-    return plan_outputs(plan) + ([plan["workdir"]] if plan.get("workdir") else [])
+    return plan_outputs(plan) + [plan[k] for k in ("checkpoint_dir", "workdir") if plan.get(k)]

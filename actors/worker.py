@@ -21,7 +21,7 @@ from actors.progress import Reporter
 from core import models, pipeline, steer
 from core.discover import DiscoverConfig
 from core.errors import UserError
-from core.train import CheckpointConfig, RunSpec, TrainConfig, checkpoints
+from core.train import CheckpointConfig, RunSpec, TrainConfig
 from storage.artifacts import Artifacts
 from storage.settings import Settings
 
@@ -61,12 +61,7 @@ class ModelWorker:
             report({"phase": step, "done": 0, "message": f"{step}: starting"}, force=True)
             for path in plan_inputs(plan):
                 self.artifacts.pull(path)
-            try:
-                result = getattr(self, f"_{step}")(job_id, plan, report)
-            except BaseException:
-                if plan.get("checkpoint_dir"):  # a paused (or failed) training resumes from these, anywhere
-                    self.artifacts.push(plan["checkpoint_dir"])
-                raise
+            result = getattr(self, f"_{step}")(job_id, plan, report)
             for path in plan_outputs(plan):
                 self.artifacts.push(path)
             report.flush()
@@ -190,14 +185,14 @@ class ModelWorker:
             source, holdout = pipeline.live_training(model, tok, [Path(p) for p in plan["dataset_paths"]], runs,
                                                      plan["eval_rows"], plan["batch_size"], plan["max_tokens"],
                                                      exclude_token_ids=self._excluded(plan, tok))
-        # always a folder: a pause writes its checkpoint there even without periodic ones
+        # always a folder: a pause writes its checkpoint there even without periodic ones. Each one
+        # is published as written (with an artifact store), so a retry on another node resumes from it.
         ck = CheckpointConfig(Path(plan["checkpoint_dir"]), plan["checkpoint_every"], plan["keep_checkpoints"],
-                              resume=plan["resume"])
+                              resume=plan["resume"], on_save=self.artifacts.push if self.artifacts.store else None)
         saes = plan["saes"]
         results = pipeline.train_runs(source, runs, {n: Path(s["path"]) for n, s in saes.items()},
                                       {n: s["meta"] for n, s in saes.items()}, holdout_tokens=holdout,
-                                      checkpoint=ck, progress=self._publishing_checkpoints(report, ck.folder),
-                                      should_cancel=report.should_cancel,
+                                      checkpoint=ck, progress=report, should_cancel=report.should_cancel,
                                       requested=report.requested if plan["pausable"] else None)
         out = {}
         for name, result in results.items():
@@ -212,21 +207,6 @@ class ModelWorker:
             out[name] = {"metrics": metrics, "history": result.history, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
                          "k": cfg.k, "architecture": cfg.architecture}
         return {"runs": out}
-
-    def _publishing_checkpoints(self, report: Reporter, folder: Path):
-        """Training's progress callback; with an artifact store it also publishes each new
-        checkpoint as it appears, so a retry on another node resumes from it."""
-        if self.artifacts.store is None:
-            return report
-        published: list[Path] = []
-
-        def progress(metrics: dict[str, Any]) -> None:
-            found = checkpoints(folder) if folder.is_dir() else []
-            if found and found[-1:] != published:
-                self.artifacts.push(folder)
-                published[:] = found[-1:]
-            report(metrics)
-        return progress
 
     def _discover(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
         model, tok = self._model(job_id, plan)
@@ -291,6 +271,6 @@ def plan_inputs(plan: dict[str, Any]) -> list[str]:
 
 
 def plan_outputs(plan: dict[str, Any]) -> list[str]:
-    """The artifact folders a step plan writes (pushed to the artifact store when it succeeds)."""
-    paths = [plan[k] for k in ("out_dir", "checkpoint_dir") if plan.get(k)]
-    return paths + [s["path"] for s in plan.get("saes", {}).values()]
+    """The artifact folders a step plan writes (pushed to the artifact store when it succeeds;
+    checkpoints are pushed as they are written)."""
+    return ([plan["out_dir"]] if plan.get("out_dir") else []) + [s["path"] for s in plan.get("saes", {}).values()]

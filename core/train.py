@@ -139,6 +139,9 @@ class CheckpointConfig(NamedTuple):
     """How many of the newest checkpoints to keep."""
     resume: bool = True
     """Continue from the newest checkpoint in `folder` when one exists."""
+    on_save: Callable[[Path], None] | None = None
+    """Called with `folder` after each checkpoint is written and old ones pruned (the worker
+    publishes it to the artifact store)."""
 
 
 class TrainResult(NamedTuple):
@@ -580,6 +583,8 @@ def _save_checkpoint(ck: CheckpointConfig, runs, holdout: int, states, cursor: _
         torch.save(state, tmp)
     for old in checkpoints(ck.folder)[:-max(1, ck.keep)]:
         old.unlink(missing_ok=True)
+    if ck.on_save is not None:
+        ck.on_save(Path(ck.folder))
 
 
 def checkpoints(folder) -> list[Path]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from pathlib import Path
 
@@ -70,10 +69,12 @@ class ArtifactStore:
             return
         files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
                        if p.is_file() and not p.name.startswith(".tmp-"))
-        if self._manifest(key) is not None:
+        try:
             self.fs.delete_file(f"{key}/{MANIFEST}")  # first, so no reader takes a half-replaced artifact
-        self.fs.create_dir(key, recursive=True)
+        except FileNotFoundError:
+            pass
         self.fs.delete_dir_contents(key, missing_dir_ok=True)
+        self.fs.create_dir(key, recursive=True)  # (a local root needs the folder to copy into)
         pafs.copy_files(str(path), key, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
         token = uuid.uuid4().hex
         with self.fs.open_output_stream(f"{key}/{MANIFEST}") as f:
@@ -115,12 +116,12 @@ class ArtifactStore:
         return bool(key and self._manifest(key))
 
     def delete(self, path: str | os.PathLike) -> None:
-        """Remove an artifact from the store and this node (a scratch folder, say)."""
+        """Remove an artifact's stored copy and this node's record of it (a scratch folder, say;
+        the local folder is the caller's to remove)."""
         path = Path(path)
         key = self._key(path)
         if key is not None and self.fs.get_file_info(key).type == pafs.FileType.Directory:
             self.fs.delete_dir(key)
-        shutil.rmtree(path, ignore_errors=True)
         self._token_file(path).unlink(missing_ok=True)
 
     def _manifest(self, key: str) -> dict | None:
