@@ -206,7 +206,8 @@ def train_saes(source: Source, runs: Sequence[RunSpec], *, progress: Progress | 
     count_all = any(r.cfg.total_tokens is None for r in runs)
     held, samples, pass_tokens = _prelude(source, hooks, d_ins, holdout_tokens, need,
                                           count_all, should_cancel)
-    states = [_RunState(r, samples[r.hook_name], pass_tokens.get(r.hook_name)) for r in runs]
+    scratch: dict = {}  # one set of step buffers for all runs: their steps take turns
+    states = [_RunState(r, samples[r.hook_name], pass_tokens.get(r.hook_name), scratch) for r in runs]
     cursor = _Cursor()
     if checkpoint is not None and checkpoint.resume:
         _resume(checkpoint.folder, runs, holdout_tokens, states, cursor)
@@ -366,9 +367,9 @@ class _Cursor:
 class _RunState:
     """One SAE being trained: model, optimizer, shuffle buffer, schedule and bookkeeping."""
 
-    def __init__(self, spec: RunSpec, sample: torch.Tensor, pass_tokens: int | None):
+    def __init__(self, spec: RunSpec, sample: torch.Tensor, pass_tokens: int | None, scratch: dict):
         cfg = self.cfg = spec.cfg
-        self.spec = spec
+        self.spec, self.scratch = spec, scratch
         self.device = torch.device(cfg.device)
         self.amp = self.device.type == "cuda"
         self.stats = _stats(sample, spec.d_in, cfg.outlier_norm_multiple)
@@ -456,7 +457,7 @@ class _RunState:
         warm = max(1.0, cfg.sparsity_warmup_frac * self.total_steps)
         x = xb.to(self.device, non_blocking=True) * self.stats.scale
         ctx = StepContext(self.since_fired >= self.dead_tokens, coeff * min(1.0, (self.step + 1) / warm),
-                          cfg.auxk_alpha, self.amp)
+                          cfg.auxk_alpha, self.amp, self.scratch)
         out = sae.training_step(x, ctx)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()

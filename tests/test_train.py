@@ -181,6 +181,28 @@ def test_sparse_gradients_match_dense_autograd():
         torch.testing.assert_close(sparse[name], p.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_reused_pre_activation_buffer_gives_the_same_step():
+    """Steps sharing a scratch buffer (the trainer's CPU path) equal steps that allocate afresh,
+    also when a shorter last batch reuses a larger buffer."""
+    torch.manual_seed(0)
+    sae = TopKSAE(8, 48, 4)
+    dead = torch.zeros(48, dtype=torch.bool)
+    scratch: dict = {}
+    for n in (40, 40, 17):
+        x = torch.randn(n, 8) * 2
+        outs = []
+        for buf in (None, scratch):
+            for p in sae.parameters():
+                p.grad = None
+            out = sae.training_step(x, StepContext(dead, 0.0, 0.5, amp=False, scratch=buf))
+            out.loss.backward()
+            outs.append((out.loss.detach(), out.fired, [p.grad.clone() for p in sae.parameters()]))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        for a, b in zip(outs[0][2], outs[1][2]):
+            assert torch.equal(a, b)
+    assert scratch["pre"].numel() == 40 * 48
+
+
 def test_bf16_autocast_path_runs_and_stays_close():
     """The CUDA path autocasts the encoder matmuls to bf16; exercise that logic on CPU."""
     torch.manual_seed(0)

@@ -127,6 +127,9 @@ class StepContext(NamedTuple):
     """Weight of the AuxK loss (TopK and BatchTopK)."""
     amp: bool
     """bf16 autocast for the encoder matmul (CUDA only)."""
+    scratch: dict | None = None
+    """Reusable buffers shared by the runs of one training (their steps run one at a time);
+    None: allocate afresh."""
 
 
 class StepOut(NamedTuple):
