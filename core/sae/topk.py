@@ -18,10 +18,15 @@ grouped by latent (`_ByLatent`).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from core.sae.base import SAE, SAEConfig, StepContext, StepOut, check_k, reconstruction_terms
+
+# `_ByLatent.dots` builds a CSR pattern; torch warns once per process that CSR is in beta.
+warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
 
 
 class TopKSAE(SAE):
@@ -89,16 +94,25 @@ class _ByLatent:
     """
 
     def __init__(self, indices: torch.Tensor, d_sae: int):
+        self.shape = indices.shape
         self.flat = indices.reshape(-1)
         self.order = torch.argsort(self.flat, stable=True)
-        self.tokens = torch.div(self.order, indices.shape[1], rounding_mode="floor")
-        self.offsets = torch.zeros(d_sae, dtype=torch.long, device=indices.device)
-        self.offsets[1:] = torch.bincount(self.flat, minlength=d_sae)[:-1].cumsum(0)
+        self.tokens = torch.div(self.order, indices.shape[1], rounding_mode="floor")  # ascending per latent
+        self.crow = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
+        self.crow[1:] = torch.bincount(self.flat, minlength=d_sae).cumsum(0)
 
     def sum_rows(self, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """[d_sae, d]: for each latent l, Σ weights[n, j] · rows[n] over the (n, j) that chose l."""
-        return F.embedding_bag(self.tokens, rows.float(), self.offsets, mode="sum",
+        return F.embedding_bag(self.tokens, rows.float(), self.crow[:-1], mode="sum",
                                per_sample_weights=weights.reshape(-1)[self.order].float())
+
+    def dots(self, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[N, k]: table[indices[n, j]] · rows[n] for every chosen pair, as one sampled matmul
+        over the (latent, token) pattern (3× faster than embedding_bag's backward, measured)."""
+        pattern = torch.sparse_csr_tensor(self.crow, self.tokens, torch.zeros(len(self.flat), device=rows.device),
+                                          (len(self.crow) - 1, len(rows)), check_invariants=False)
+        by_latent = torch.sparse.sampled_addmm(pattern, table.float(), rows.float().T, beta=0.0).values()
+        return torch.empty_like(by_latent).index_put_((self.order,), by_latent).view(self.shape)
 
 
 def auxk_loss(sae: SAE, x_c: torch.Tensor, resid: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -172,12 +186,7 @@ class _GatherDecode(torch.autograd.Function):
         indices, acts, W_dec = ctx.saved_tensors
         grad_acts = grad_W = None
         if ctx.needs_input_grad[1]:
-            # grad_acts[n, j] = grad[n] · W_dec[indices[n, j]]: embedding_bag's per-sample-weight
-            # backward, taken with W_dec detached so no dense W_dec gradient is built.
-            with torch.enable_grad():
-                a = acts.detach().requires_grad_()
-                out = F.embedding_bag(indices, W_dec.detach(), per_sample_weights=a, mode="sum")
-                (grad_acts,) = torch.autograd.grad(out, a, grad)
+            grad_acts = ctx.by_latent.dots(W_dec.detach(), grad)  # grad_acts[n, j] = grad[n] · W_dec[indices[n, j]]
         if ctx.needs_input_grad[2]:
             grad_W = ctx.by_latent.sum_rows(acts, grad)
         return None, grad_acts, grad_W, None
