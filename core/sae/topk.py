@@ -11,9 +11,9 @@ with autograd through the dense pre-activations took 1.9 s per step (≈2,100 to
 0.35–0.45 s (≈9,000–12,000 tokens/s; the encoder matmul is ~0.2 s of it); with b_dec's gradient
 as one matrix-vector product and W_enc's gradient in W_enc's own layout, 0.24 s on an idle
 machine (bench/RESULTS.md, 2026-12-02). Then, on a slower 2-core machine (0.2 s for the
-encoder matmul alone): 0.55 s → 0.36 s per step by reusing the pre-activation buffer
-(`_pre_buffer`) and computing both weight gradients as `embedding_bag` sums over tokens
-grouped by latent (`_ByLatent`).
+encoder matmul alone): 0.48 s → 0.35 s per step (medians, side by side) by reusing the
+pre-activation buffer (`_pre_buffer`), computing both weight gradients as `embedding_bag` sums
+over tokens grouped by latent and the activations' gradient as one sampled matmul (`_ByLatent`).
 """
 
 from __future__ import annotations
@@ -143,9 +143,9 @@ class _GatherPre(torch.autograd.Function):
 
     The values come from the dense pre-activations computed without autograd; this Function
     only supplies their gradient, which touches the N×K chosen entries instead of a dense
-    N×d_sae matrix: x.T @ grad_pre becomes a sparse mm. The input x carries no gradient, so
-    the one through x - b_dec is needed only summed over tokens, for b_dec:
-    -W_enc @ grad_b_enc, a matrix-vector product (no per-token gather).
+    N×d_sae matrix: x.T @ grad_pre becomes a sum over each latent's tokens (`_ByLatent`). The
+    input x carries no gradient, so the one through x - b_dec is needed only summed over
+    tokens, for b_dec: -W_enc @ grad_b_enc, a matrix-vector product (no per-token gather).
     """
 
     @staticmethod
