@@ -44,7 +44,6 @@ def test_token_html_escapes_and_shades():
     assert 'title="&#x27;&lt;b&gt;&#x27;: 0.000"' in out  # the tooltip is escaped too
 
 
-
 def test_progress_text_names_the_stage_of_a_staged_step():
     from ui.widgets import _bar
 
