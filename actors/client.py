@@ -43,7 +43,7 @@ class Client:
         MISTUDIO_LABEL_API_KEY / OPENAI_API_KEY; it travels with the job in memory only."""
         secrets = None
         if kind == "label" and spec.get("method") == "openai":
-            from core.label import KEY_ENV
+            from core.interp import KEY_ENV
 
             key = api_key or next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), "")
             secrets = {"api_key": key} if key else None

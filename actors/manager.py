@@ -681,7 +681,7 @@ class JobManager:
     def set_label(self, sae_id: str, latent: int, name: str, category: str = "other",
                   description: str = "") -> dict[str, Any]:
         """A label written by a person (source "user"); an empty name clears the label."""
-        from core.label import CATEGORIES
+        from core.interp import CATEGORIES
 
         if category not in CATEGORIES:
             raise UserError(f"category {category!r} is not one of {', '.join(CATEGORIES)}")

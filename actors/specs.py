@@ -218,7 +218,7 @@ LABEL_METHODS = ("heuristic", "local", "openai")
 PROMPT_SETS = "steering_prompts"
 """Template kind of a named list of prompts for steering: values {"prompts": [...]}."""
 LABEL_PROMPT = "label_prompt"
-"""Template kind of a labeling prompt: values are core.label.PromptTemplate's fields."""
+"""Template kind of a labeling prompt: values are core.interp.PromptTemplate's fields."""
 TEMPLATE_FORMAT = "mistudio-template/1"
 
 
@@ -232,7 +232,7 @@ def check_template(kind: str, values: dict[str, Any]) -> dict[str, Any]:
             raise UserError('a steering_prompts template needs {"prompts": [...]} with at least one non-empty prompt')
         return values
     if kind == LABEL_PROMPT:
-        from core.label import PromptTemplate
+        from core.interp import PromptTemplate
 
         PromptTemplate.from_json(json.dumps(values))  # raises a one-line UserError when malformed
         return values

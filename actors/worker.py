@@ -227,7 +227,7 @@ class ModelWorker:
                                          should_cancel=report.should_cancel)
 
     def _label(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
-        from core import label
+        from core import interp as label
 
         labeler = None
         if plan["method"] == "local":

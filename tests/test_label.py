@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from core.errors import Cancelled, UserError
-from core.label import (CATEGORIES, DEFAULT_TEMPLATE, EndpointUnreachable, FeatureContext, Label, LocalLabeler,
-                        OpenAILabeler, PromptTemplate, _json_closed, detection_score, heuristic_label, label_many,
-                        marked, parse_label)
+from core.interp import (CATEGORIES, DEFAULT_TEMPLATE, EndpointUnreachable, FeatureContext, Label, LocalLabeler,
+                         OpenAILabeler, PromptTemplate, detection_score, heuristic_label, label_many, marked,
+                         parse_label)
+from core.interp.clients.local import _json_closed
 
 SECRET = "sk-test-very-secret-1234"
 
@@ -471,7 +472,7 @@ def test_label_features_from_a_discovery_folder(tmp_path, tiny):
     import pyarrow.parquet as pq
 
     from core.discover import EXAMPLES_FILE
-    from core.label import label_features
+    from core.interp import label_features
     from core.nlp import analyze
 
     windows = {0: [[" I", " moved", " to", " Paris"], [" We", " flew", " to", " London"]],

@@ -9,7 +9,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core.label import CATEGORIES
+from core.interp import CATEGORIES
 
 from ui.widgets import LABEL_ENDPOINT as ENDPOINT
 from ui.widgets import fmt_number, get_client, guard, line_charts, token_html, top_token_text

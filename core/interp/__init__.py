@@ -1,0 +1,27 @@
+"""Labels for features (interpretation), split as delphi splits it:
+
+* `types`: Label, FeatureContext, CATEGORIES and the endpoint errors every part shares;
+* `explainers/`: who writes a label — `heuristic` (top tokens and the NLP summary, no model) and
+  `llm` (the editable prompt template a model is asked with, and the parsing of its answer);
+* `clients/`: the models an LLM label or a score is asked of — `local` (a Hugging Face causal LM
+  in this process, the embedded SmolLM2 by default, offline) and `openai` (any OpenAI-compatible
+  chat-completions endpoint);
+* `scorers/`: how good a label is — `detection` (can a judge model pick the feature's contexts
+  out of a mix by the label?), behind the small `base`;
+* `label`: the orchestration, `label_features` / `label_many`.
+
+The names other layers use are importable from here."""
+
+from core.interp.types import (CATEGORIES, EndpointError, EndpointUnreachable, FeatureContext, Label,
+                               marked)
+from core.interp.explainers.heuristic import heuristic_label
+from core.interp.explainers.llm import DEFAULT_TEMPLATE, PLACEHOLDERS, PromptTemplate, parse_label
+from core.interp.clients.local import LocalLabeler
+from core.interp.clients.openai import KEY_ENV, OpenAILabeler
+from core.interp.scorers.detection import DETECT_QUESTION, DetectionResult, detection_score
+from core.interp.label import Labeled, label_features, label_many
+
+__all__ = ["CATEGORIES", "DEFAULT_TEMPLATE", "DETECT_QUESTION", "KEY_ENV", "PLACEHOLDERS", "DetectionResult",
+           "EndpointError", "EndpointUnreachable", "FeatureContext", "Label", "Labeled", "LocalLabeler",
+           "OpenAILabeler", "PromptTemplate", "detection_score", "heuristic_label", "label_features", "label_many",
+           "marked", "parse_label"]

@@ -1,0 +1,1 @@
+"""The models labels and scores are asked of: one file per client (local, openai)."""

@@ -1,0 +1,95 @@
+"""Labeling many features: the explainer (heuristic, or a client's LLM label) over each one,
+going past a feature that fails, then optionally a detection score per label."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, NamedTuple
+
+from core.errors import Cancelled, UserError
+from core.interp.explainers.heuristic import heuristic_label
+from core.interp.explainers.llm import DEFAULT_TEMPLATE, PromptTemplate
+from core.interp.scorers.detection import detection_score
+from core.interp.types import EndpointUnreachable, FeatureContext, Label
+
+
+class Labeled(NamedTuple):
+    labels: dict[int, Label]
+    """Latent → its new label."""
+    errors: dict[int, str]
+    """Latent → why it got none (one line)."""
+
+
+def label_many(labeler, contexts: Iterable[FeatureContext], progress: Callable[[dict], None] | None = None,
+               should_cancel: Callable[[], bool] | None = None, template: PromptTemplate = DEFAULT_TEMPLATE,
+               give_up_after: int = 3) -> Labeled:
+    """Label each feature (labeler None: heuristic labels). A feature that fails is recorded in
+    `errors` and the rest go on — except when the first `give_up_after` features all find the
+    endpoint unreachable: then it is down, and waiting out a timeout per feature would only
+    delay the same answer, so that error is raised."""
+    contexts = list(contexts)
+    labels: dict[int, Label] = {}
+    errors: dict[int, str] = {}
+    unreachable = 0
+    t0 = time.perf_counter()
+    if progress is not None:
+        progress({"phase": "label", "done": 0, "total": len(contexts), "unit": "features", "failed": 0})
+    for i, ctx in enumerate(contexts):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("labeling cancelled")
+        try:
+            labels[ctx.latent] = heuristic_label(ctx) if labeler is None else labeler.label(ctx, template)
+        except Cancelled:
+            raise
+        except EndpointUnreachable as e:
+            errors[ctx.latent] = str(e)
+            unreachable += 1
+            if unreachable >= give_up_after and not labels:
+                raise
+        except Exception as e:  # noqa: BLE001 — one feature's failure (a model error too) must not end the job
+            errors[ctx.latent] = str(e) if isinstance(e, UserError) else \
+                f"{type(e).__name__}: {' '.join(str(e).split())}"
+        if progress is not None:
+            rate = (i + 1) / max(time.perf_counter() - t0, 1e-9)
+            progress({"phase": "label", "done": i + 1, "total": len(contexts), "unit": "features",
+                      "samples_per_s": rate, "eta_s": (len(contexts) - i - 1) / rate, "failed": len(errors)})
+    return Labeled(labels, errors)
+
+
+def label_features(labeler, features: list[dict], features_dir, template: PromptTemplate = DEFAULT_TEMPLATE,
+                   detection: bool = False, n_detect: int = 5, progress: Callable[[dict], None] | None = None,
+                   should_cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Label registry feature rows (latent, top_tokens, frequency, analysis) from their discovered
+    examples; with `detection` (and a model), score each label on its top contexts against other
+    features' contexts. Returns {"labels": {latent: label dict}, "errors": {latent: message}}."""
+    import pyarrow.parquet as pq
+
+    from core.discover import EXAMPLES_FILE
+
+    latents = {f["latent"] for f in features}
+    table = pq.read_table(f"{features_dir}/{EXAMPLES_FILE}", columns=["latent", "kind", "tokens", "max_index"],
+                          filters=[("kind", "=", "top")])
+    examples: dict[int, list[dict]] = {}
+    for row in table.to_pylist():
+        if row["latent"] in latents:
+            examples.setdefault(row["latent"], []).append(row)
+    contexts = [FeatureContext.build(f["latent"], f, examples.get(f["latent"], []),
+                                     (f.get("analysis") or {}).get("nlp"), (f.get("analysis") or {}).get("logits"))
+                for f in features]
+    labels, errors = label_many(labeler, contexts, progress, should_cancel, template)
+    out = {i: lab.to_dict() for i, lab in labels.items()}
+    if detection and labeler is not None:
+        texts = {i: ["".join(e["tokens"]) for e in ex[:n_detect]] for i, ex in examples.items()}
+        order = sorted(texts)
+        for k, (i, lab) in enumerate(labels.items()):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled("labeling cancelled")
+            others = [t for j in order if j != i for t in texts[j][:1]][:n_detect]
+            if texts.get(i) and others:
+                try:
+                    out[i]["detection"] = detection_score(labeler, lab, texts[i], others)._asdict()
+                except Exception as e:  # noqa: BLE001 — the label stands without its score
+                    errors[i] = f"detection: {e}"
+            if progress is not None:
+                progress({"phase": "detect", "done": k + 1, "total": len(labels), "unit": "features"})
+    return {"labels": out, "errors": errors}

@@ -1,0 +1,1 @@
+"""How good a label is: one file per scorer, each with its prompt beside it (base: what a scorer is)."""
