@@ -136,7 +136,7 @@ class ModelWorker:
         """Every SAE under the source, checked against the model and written as SAELens folders
         under the job's work folder (the manager moves them into place and registers them)."""
         from core import formats, hooks
-        from core.sae import save_saelens
+        from core.formats.saelens import save_saelens
 
         work = Path(plan["workdir"])
         self._state(job_id, "running", f"reading {plan['source']}")
@@ -242,7 +242,7 @@ class ModelWorker:
 
     def _steer(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
         """Generations for a steer job; the SAE is loaded fresh (small) onto the model's device."""
-        from core.sae import load_saelens
+        from core.formats.saelens import load_saelens
 
         model, tok = self._model(job_id, plan)
         sae, cfg = load_saelens(plan["sae_path"])

@@ -168,7 +168,7 @@ def bench_bookkeeping(n_tokens: int, reps: int, tmp: Path, k: int = K, sparse: b
 def bench_whole(n_tokens: int, reps: int, tmp: Path) -> dict:
     from core import pipeline
     from core.discover import DiscoverConfig
-    from core.sae import save_saelens
+    from core.formats.saelens import save_saelens
 
     model, tok = C.load(torch.get_num_threads())
     ds = C.dataset_dir(tok)

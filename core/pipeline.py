@@ -21,8 +21,9 @@ from core import data, evaluate, extract, hooks
 from core.data import TokenBatch
 from core.discover import DiscoverConfig, DiscoverySummary, discover
 from core.errors import Cancelled, UserError
+from core.formats.saelens import load_saelens, save_saelens
 from core.io import atomic_file
-from core.sae import SAEConfig, load_saelens, save_saelens
+from core.sae import SAEConfig
 from core.train import CheckpointConfig, RunSpec, Source, TrainConfig, TrainResult, replayable, train_saes
 
 EVAL_FILENAME = "eval.json"

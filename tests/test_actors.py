@@ -214,7 +214,8 @@ def test_batch_discovery_goes_past_a_failed_sae(client, tiny_run, tmp_path):
     """Several SAEs in one discover job, one after another: a bad one (d_in 32 on a d_model 64
     model) is recorded with its reason and the next one still runs; progress says which SAE of
     how many is running."""
-    from core.sae import build_sae, save_saelens
+    from core.formats.saelens import save_saelens
+    from core.sae import build_sae
 
     good = tiny_run["job"]["result"]["sae_id"]
     bad = build_sae("topk", 32, 64, k=4)

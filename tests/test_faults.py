@@ -14,7 +14,7 @@ import ray
 import torch
 
 from actors.worker import NAMESPACE
-from core.sae import load_saelens
+from core.formats.saelens import load_saelens
 from storage.artifacts import Artifacts
 from storage.registry import SAE, Dataset, Model
 from tests.conftest import wait_for
@@ -227,7 +227,8 @@ def _shards(folder: str):
 
 
 def test_worker_killed_mid_import_imports_every_sae_once(client, tiny_run, tmp_path):
-    from core.sae import build_sae, save_saelens
+    from core.formats.saelens import save_saelens
+    from core.sae import build_sae
 
     source = tmp_path / "wide"  # 10 SAEs of 64 × 65536 latents (32 MB each): seconds to check and write
     for i in range(10):

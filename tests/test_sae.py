@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.errors import UserError
-from core.sae import SAEConfig, TopKSAE, load_saelens, save_saelens
+from core.formats.saelens import from_cfg_json, load_saelens, save_saelens, to_cfg_json
+from core.sae import SAEConfig, TopKSAE
 
 
 def _sae(d_in=6, d_sae=12, k=3, seed=0) -> TopKSAE:
@@ -56,26 +57,26 @@ def test_k_out_of_range_is_a_user_error(k):
 
 def test_cfg_json_v6_layout_and_round_trip():
     cfg = _cfg(_sae())
-    d = cfg.to_cfg_json()
+    d = to_cfg_json(cfg)
     assert d["architecture"] == "topk" and d["device"] == "cpu" and d["k"] == 3
     assert (d["d_in"], d["d_sae"], d["dtype"], d["apply_b_dec_to_input"], d["normalize_activations"]) == (6, 12, "float32", True, "none")
     assert d["metadata"] == {"model_name": "smollm2", "hook_name": "blocks.3.hook_resid_post", "context_size": 128,
                              "prepend_bos": True, "dataset_path": "stdlib", "sae_lens_version": "6.0.0"}
     assert "hook_name" not in d
-    assert SAEConfig.from_cfg_json(json.loads(json.dumps(d))) == cfg
+    assert from_cfg_json(json.loads(json.dumps(d))) == cfg
 
 
 def test_cfg_json_older_flat_layouts():
     flat = {"architecture": "topk", "d_in": 6, "d_sae": 12, "k": 3, "hook_name": "blocks.1.hook_resid_pre",
             "model_name": "gpt2", "context_size": 64, "prepend_bos": True, "dataset_path": "x"}
-    cfg = SAEConfig.from_cfg_json(flat)
+    cfg = from_cfg_json(flat)
     assert (cfg.hook_name, cfg.model_name, cfg.context_size, cfg.k) == ("blocks.1.hook_resid_pre", "gpt2", 64, 3)
     v5 = {"architecture": "standard", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 7}, "d_in": 6, "d_sae": 12}
-    assert (SAEConfig.from_cfg_json(v5).architecture, SAEConfig.from_cfg_json(v5).k) == ("topk", 7)
+    assert (from_cfg_json(v5).architecture, from_cfg_json(v5).k) == ("topk", 7)
     with pytest.raises(UserError, match="no k"):
-        SAEConfig.from_cfg_json({"architecture": "topk", "d_in": 6, "d_sae": 12})
+        from_cfg_json({"architecture": "topk", "d_in": 6, "d_sae": 12})
     with pytest.raises(UserError, match="d_sae"):
-        SAEConfig.from_cfg_json({"architecture": "topk", "d_in": 6, "k": 2})
+        from_cfg_json({"architecture": "topk", "d_in": 6, "k": 2})
 
 
 def test_save_load_round_trip(tmp_path):

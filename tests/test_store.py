@@ -109,7 +109,7 @@ import json, shutil, sys, time
 from pathlib import Path
 import ray
 import torch
-from core.sae import load_saelens
+from core.formats.saelens import load_saelens
 from actors.client import Client
 from actors.worker import NAMESPACE
 from storage.registry import SAE

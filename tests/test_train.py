@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from core.errors import Cancelled, UserError
-from core.sae import SAEConfig, TopKSAE, load_saelens, save_saelens
+from core.formats.saelens import load_saelens, save_saelens
+from core.sae import SAEConfig, TopKSAE
 from core.sae import StepContext
 from core.train import TrainConfig, _lr_factor, evaluate, train_sae
 

@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.errors import UserError
 from core.formats import open_source
-from core.sae import load_saelens
+from core.formats.saelens import load_saelens
 from storage.registry import SAE
 
 PAGES = Path(__file__).resolve().parents[1] / "ui" / "app_pages"

@@ -18,12 +18,11 @@ from torch import nn
 
 from core.errors import UserError
 
-_METADATA_FIELDS = ("model_name", "hook_name", "context_size", "prepend_bos", "dataset_path")
-
-
 @dataclass
 class SAEConfig:
-    """What `cfg.json` records about an SAE: its shape, how to apply it, and where it was trained."""
+    """What `cfg.json` records about an SAE: its shape, how to apply it, and where it was trained.
+
+    `core.formats.saelens` reads and writes it as `cfg.json` (`to_cfg_json` / `from_cfg_json`)."""
 
     d_in: int
     """Width of the activations the SAE reads (the model's d_model for residual hooks)."""
@@ -49,66 +48,6 @@ class SAEConfig:
     """Whether sequences started with BOS during extraction."""
     dataset_path: str = ""
     """Dataset the activations came from."""
-
-    def to_cfg_json(self) -> dict[str, Any]:
-        """SAELens v6 `cfg.json` contents."""
-        d: dict[str, Any] = {
-            "architecture": self.architecture,
-            "d_in": self.d_in,
-            "d_sae": self.d_sae,
-            "dtype": self.dtype,
-            "device": "cpu",
-            "apply_b_dec_to_input": self.apply_b_dec_to_input,
-            "normalize_activations": self.normalize_activations,
-            # Newer SAELens versions know these; older ones drop unknown fields on load.
-            "reshape_activations": "none",
-            # sae_lens_version marks the v6 layout: SAELens reads configs without it as pre-6.0
-            # and drops the metadata block (hook_name, model_name, ...).
-            "metadata": {name: getattr(self, name) for name in _METADATA_FIELDS} | {"sae_lens_version": "6.0.0"},
-        }
-        if self.architecture == "topk":
-            d |= {"k": self.k, "rescale_acts_by_decoder_norm": False}
-        return d
-
-    @classmethod
-    def from_cfg_json(cls, d: dict[str, Any]) -> "SAEConfig":
-        """Parse a SAELens `cfg.json`: the v6 layout or the older flat one (hook_name at top level)."""
-        if not isinstance(d, dict):
-            raise UserError("cfg.json does not hold a JSON object; re-export the SAE from SAELens")
-        missing = [name for name in ("d_in", "d_sae") if name not in d]
-        if missing:
-            raise UserError(f"cfg.json lacks {', '.join(missing)}; add them or re-export the SAE")
-        # Older SAELens wrote TopK SAEs as activation_fn_str="topk" with k in activation_fn_kwargs.
-        fn_kwargs = d.get("activation_fn_kwargs") or {}
-        architecture = d.get("architecture", "standard")
-        if d.get("activation_fn_str") == "topk" or ("k" in fn_kwargs and architecture == "standard"):
-            architecture = "topk"
-        k = d.get("k", fn_kwargs.get("k"))
-        if architecture == "topk" and k is None:
-            raise UserError("cfg.json says architecture topk but gives no k; add \"k\": <int> to cfg.json")
-        meta = d.get("metadata") or {}
-        flat = {name: meta.get(name, d.get(name)) for name in _METADATA_FIELDS}
-        try:
-            return cls._build(d, architecture, k if architecture == "topk" else None, flat)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"cfg.json has a field of the wrong type ({e}); fix it or re-export the SAE") from None
-
-    @classmethod
-    def _build(cls, d: dict[str, Any], architecture: str, k: Any, flat: dict[str, Any]) -> "SAEConfig":
-        return cls(
-            d_in=int(d["d_in"]),
-            d_sae=int(d["d_sae"]),
-            k=int(k) if k is not None else 0,
-            architecture=str(architecture),
-            dtype=str(d.get("dtype", "float32")),
-            apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)),
-            normalize_activations=str(d.get("normalize_activations") or "none"),
-            hook_name=str(flat["hook_name"] or ""),
-            model_name=str(flat["model_name"] or ""),
-            context_size=int(flat["context_size"] or 0),
-            prepend_bos=bool(flat["prepend_bos"]),
-            dataset_path=str(flat["dataset_path"] or ""),
-        )
 
 
 def check_k(k: int, d_sae: int) -> None:
