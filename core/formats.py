@@ -68,7 +68,8 @@ from safetensors.torch import load_file
 
 from core.errors import UserError
 from core.hooks import SITES, parse_hook_name
-from core.sae import SAE, SAEConfig, load_saelens, sae_from_tensors, save_saelens
+from core.sae import (SAE, JumpReLUConfig, SAEConfig, StandardConfig, TopKConfig, load_saelens, sae_from_tensors,
+                      save_saelens)
 
 __all__ = ["FORMATS", "FoundSAE", "find_saes", "detect_format", "import_sae", "export_saelens", "open_source"]
 
@@ -492,7 +493,7 @@ def _import_sparsify(folder: Path, resolve: _Resolve) -> tuple[SAE, SAEConfig]:
     mapped = {"W_enc": t["encoder.weight"].T.contiguous(), "b_enc": t["encoder.bias"], "W_dec": t["W_dec"],
               "b_dec": t["b_dec"]}
     ctx_len = run.get("ctx_len")
-    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, k=k, architecture="topk", hook_name=hook, model_name=model,
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, type_config=TopKConfig(k=k), hook_name=hook, model_name=model,
                     dataset_path=str(run.get("dataset") or ""),
                     context_size=ctx_len if isinstance(ctx_len, int) and not isinstance(ctx_len, bool) else 0)
     return sae_from_tensors(cfg, mapped, str(weights_path)), cfg
@@ -587,7 +588,6 @@ def _import_dictionary_learning(folder: Path, resolve: _Resolve) -> tuple[SAE, S
     d_sae = _int(trainer, "dict_size", d_sae, folder / "config.json")
     implied = f"config.json (activation_dim={d_in}, dict_size={d_sae})"
     t = _float32(tensors)
-    k = 0
     if dict_class == "AutoEncoder":
         _check_shapes(weights_path, t, {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
                                         "decoder.weight": (d_in, d_sae), "bias": (d_in,)}, implied)
@@ -597,13 +597,13 @@ def _import_dictionary_learning(folder: Path, resolve: _Resolve) -> tuple[SAE, S
         norms = torch.where(norms > 0, norms, torch.ones_like(norms))
         mapped = {"W_enc": (t["encoder.weight"] * norms[:, None]).T.contiguous(), "b_enc": t["encoder.bias"] * norms,
                   "W_dec": (t["decoder.weight"] / norms).T.contiguous(), "b_dec": t["bias"]}
-        architecture, apply_b_dec = "standard", True
+        type_config, apply_b_dec = StandardConfig(), True
     elif dict_class == "AutoEncoderNew":
         _check_shapes(weights_path, t, {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
                                         "decoder.weight": (d_in, d_sae), "decoder.bias": (d_in,)}, implied)
         mapped = {"W_enc": t["encoder.weight"].T.contiguous(), "b_enc": t["encoder.bias"],
                   "W_dec": t["decoder.weight"].T.contiguous(), "b_dec": t["decoder.bias"]}
-        architecture, apply_b_dec = "standard", False
+        type_config, apply_b_dec = StandardConfig(), False
     elif dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
         _check_shapes(weights_path, t, {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
                                         "decoder.weight": (d_in, d_sae), "b_dec": (d_in,)}, implied)
@@ -611,24 +611,23 @@ def _import_dictionary_learning(folder: Path, resolve: _Resolve) -> tuple[SAE, S
                   "W_dec": t["decoder.weight"].T.contiguous(), "b_dec": t["b_dec"]}
         apply_b_dec = True
         if dict_class == "AutoEncoderTopK":
-            k = _dl_k(trainer, tensors, weights_path)
-            architecture = "topk"
+            type_config = TopKConfig(k=_dl_k(trainer, tensors, weights_path))
         else:
-            architecture = "jumprelu"
+            type_config = JumpReLUConfig()
             mapped["threshold"] = _scalar_threshold(tensors, weights_path, d_sae)
     elif dict_class == "MatryoshkaBatchTopKSAE":
         _check_shapes(weights_path, t, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in),
                                         "b_dec": (d_in,)}, implied)
         mapped = {name: t[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
         mapped["threshold"] = _scalar_threshold(tensors, weights_path, d_sae)
-        architecture, apply_b_dec = "jumprelu", True
+        type_config, apply_b_dec = JumpReLUConfig(), True
     else:  # JumpReluAutoEncoder: apply_b_dec_to_input is a plain attribute, False unless set by hand
         _check_shapes(weights_path, t, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in),
                                         "b_dec": (d_in,), "threshold": (d_sae,)}, implied)
         mapped = {name: t[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
-        architecture, apply_b_dec = "jumprelu", False
+        type_config, apply_b_dec = JumpReLUConfig(), False
     lm_name = trainer.get("lm_name")
-    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, k=k, architecture=architecture, apply_b_dec_to_input=apply_b_dec,
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, type_config=type_config, apply_b_dec_to_input=apply_b_dec,
                     hook_name=hook, model_name=lm_name if isinstance(lm_name, str) else "")
     return sae_from_tensors(cfg, mapped, str(weights_path)), cfg
 
@@ -761,7 +760,7 @@ def _import_gemma_scope(folder: Path, resolve: _Resolve) -> tuple[SAE, SAEConfig
         if d_sae // (1000 if unit == "k" else 1_000_000) != n:
             raise UserError(f"{path} has {d_sae} latents but its folder says width_{n}{unit}; "
                             "the files are from different SAEs, download them again")
-    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="jumprelu", apply_b_dec_to_input=False,
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, type_config=JumpReLUConfig(), apply_b_dec_to_input=False,
                     hook_name=hook, model_name=model, prepend_bos=True)
     return sae_from_tensors(cfg, tensors, str(path)), cfg
 

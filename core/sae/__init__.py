@@ -1,9 +1,10 @@
-"""Sparse autoencoders: one module per architecture behind one interface, and the SAELens folder.
+"""Sparse autoencoders: one file per type behind one interface, and the SAELens folder.
 
-Architectures (SAELens names): `standard` (ReLU + L1), `topk` (TopK + AuxK), `jumprelu`
-(JumpReLU, straight-through threshold), and `batchtopk`, which trains as BatchTopK and is
-saved as `jumprelu` with its learned global threshold. Adding an architecture is adding a
-module with an `SAE` subclass and registering it below.
+Types (SAELens names): `standard` (ReLU + L1), `topk` (TopK + AuxK), `jumprelu` (JumpReLU,
+straight-through threshold), and `batchtopk`, which trains as BatchTopK and is saved as
+`jumprelu` with its learned global threshold. Each type file registers itself with
+`core.sae.registry` and carries its own config dataclass; adding a type is adding a file and
+importing it below.
 
 A SAELens SAE folder is `cfg.json` + `sae_weights.safetensors` holding `W_enc [d_in, d_sae]`,
 `W_dec [d_sae, d_in]`, `b_enc [d_sae]`, `b_dec [d_in]` (+ `threshold [d_sae]` for JumpReLU).
@@ -23,43 +24,29 @@ from safetensors.torch import load_file, save_file
 
 from core.errors import UserError
 from core.io import atomic_dir
-from core.sae.base import SAE, SAEConfig, StepContext, StepOut, check_k
-from core.sae.batchtopk import BatchTopKSAE
-from core.sae.jumprelu import JumpReLUSAE
-from core.sae.standard import StandardSAE
-from core.sae.topk import TopKSAE
+from core.sae import registry
+from core.sae.base import SAE, SAEConfig, SAETypeConfig, StepContext, StepOut
+from core.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+from core.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
+from core.sae.registry import build_sae
+from core.sae.standard import StandardConfig, StandardSAE
+from core.sae.topk import TopKConfig, TopKSAE
 
-__all__ = ["SAE", "SAEConfig", "StepContext", "StepOut", "check_k", "StandardSAE", "TopKSAE", "JumpReLUSAE",
-           "BatchTopKSAE", "INFERENCE_ARCHITECTURES", "TRAINING_ARCHITECTURES", "build_sae", "save_saelens",
-           "load_saelens", "sae_from_tensors"]
+__all__ = ["SAE", "SAEConfig", "SAETypeConfig", "StepContext", "StepOut", "registry", "StandardSAE",
+           "StandardConfig", "TopKSAE", "TopKConfig", "JumpReLUSAE", "JumpReLUConfig", "BatchTopKSAE",
+           "BatchTopKConfig", "build_sae", "save_saelens", "load_saelens", "sae_from_tensors"]
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 
-INFERENCE_ARCHITECTURES: dict[str, type[SAE]] = {"standard": StandardSAE, "topk": TopKSAE, "jumprelu": JumpReLUSAE}
-"""What a cfg.json's `architecture` may say."""
-TRAINING_ARCHITECTURES: dict[str, type[SAE]] = INFERENCE_ARCHITECTURES | {"batchtopk": BatchTopKSAE}
-"""What a training config's `architecture` may say."""
-
-
-def build_sae(architecture: str, d_in: int, d_sae: int, k: int = 0, **kwargs) -> SAE:
-    """A freshly initialised SAE of a training architecture."""
-    cls = TRAINING_ARCHITECTURES.get(architecture)
-    if cls is None:
-        raise UserError(f"unknown SAE architecture '{architecture}'; pick one of {', '.join(TRAINING_ARCHITECTURES)}")
-    if architecture in ("topk", "batchtopk"):
-        return cls(d_in, d_sae, k, **kwargs)
-    return cls(d_in, d_sae, **kwargs)
-
-
 def save_saelens(sae: SAE, cfg: SAEConfig, folder: str | os.PathLike) -> Path:
     """Write `folder` (atomically) as a SAELens folder: cfg.json + sae_weights.safetensors."""
     sae = sae.to_inference()
-    got = (sae.architecture, sae.d_in, sae.d_sae, getattr(sae, "k", 0))
-    want = (cfg.architecture, cfg.d_in, cfg.d_sae, cfg.k if cfg.architecture == "topk" else 0)
+    got = (sae.architecture, sae.d_in, sae.d_sae, sae.type_config.cfg_json())
+    want = (cfg.architecture, cfg.d_in, cfg.d_sae, cfg.type_config.cfg_json())
     if got != want:
-        raise UserError(f"SAEConfig (architecture, d_in, d_sae, k) = {want} does not match the SAE's {got}; "
-                        "build the config with sae.config(...)")
+        raise UserError(f"SAEConfig (architecture, d_in, d_sae, type settings) = {want} does not match the SAE's "
+                        f"{got}; build the config with sae.config(...)")
     tensors = {name: getattr(sae, name).detach().to("cpu", torch.float32).contiguous() for name in sae.TENSOR_NAMES}
     cfg_json = cfg.to_cfg_json() | {"dtype": "float32", "apply_b_dec_to_input": sae.apply_b_dec_to_input}
     folder = Path(folder)
@@ -106,10 +93,10 @@ def sae_from_tensors(cfg: SAEConfig, tensors: dict[str, torch.Tensor], source: s
     `source` names the file in error messages. Importers of other formats map their tensors to
     these names and call this, so every format gets the same checks.
     """
-    cls = INFERENCE_ARCHITECTURES.get(cfg.architecture)
-    if cls is None:
+    cls = registry.get(cfg.architecture)
+    if not cls.inference:
         raise UserError(f"{source}: architecture '{cfg.architecture}' is not supported; "
-                        f"miStudio loads {', '.join(INFERENCE_ARCHITECTURES)} SAEs")
+                        f"miStudio loads {', '.join(registry.names(inference=True))} SAEs")
     missing = [name for name in cls.TENSOR_NAMES if name not in tensors]
     if missing:
         raise UserError(f"{source} lacks tensor(s) {', '.join(missing)}; a {cfg.architecture} SAE needs "
@@ -124,9 +111,7 @@ def sae_from_tensors(cfg: SAEConfig, tensors: dict[str, torch.Tensor], source: s
             )
         if not bool(torch.isfinite(tensors[name]).all()):
             raise UserError(f"{name} in {source} holds NaN or inf values; re-export or retrain the SAE")
-    if cfg.architecture == "topk":
-        check_k(cfg.k, cfg.d_sae)
-    sae = cls.from_config(cfg)
+    sae = cls.from_config(cfg)  # checks the type's knobs against d_sae
     with torch.no_grad():
         for name in cls.TENSOR_NAMES:
             getattr(sae, name).copy_(tensors[name].to(torch.float32))
