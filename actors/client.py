@@ -164,7 +164,23 @@ class Client:
         return self.registry.list(Activation, order_by=Activation.created_at)
 
     def saes(self) -> list[dict[str, Any]]:
-        return self.registry.list(SAE, order_by=SAE.created_at)
+        """Registered SAEs, each with `settings`: its type's knobs in a few characters ("k=32")."""
+        from core.sae import registry
+
+        return [s | {"settings": registry.describe(s["sae_config"])}
+                for s in self.registry.list(SAE, order_by=SAE.created_at)]
+
+    def train_defaults(self) -> dict[str, Any]:
+        """The training config's defaults in its flat job-file form (architecture, k, lr, ...)."""
+        from core.train import TrainConfig
+
+        return TrainConfig().to_dict()
+
+    def sae_types(self) -> list[dict[str, Any]]:
+        """The trainable SAE types and their settings (name, default, help), for forms."""
+        from core.sae import registry
+
+        return registry.catalogue()
 
     def get(self, table, key: str) -> dict[str, Any] | None:
         return self.registry.get(table, key)
@@ -216,7 +232,7 @@ class Client:
             layer = parse_hook_name(sae["hook_name"])[0]
             export.write_neuronpedia(docs, out, sae["model_id"] or "", layer, sae["name"])
         else:
-            meta = {k: sae[k] for k in ("id", "name", "model_id", "hook_name", "architecture", "d_in", "d_sae", "k",
+            meta = {k: sae[k] for k in ("id", "name", "model_id", "hook_name", "architecture", "d_in", "d_sae", "sae_config",
                                         "metrics")}
             export.write_bundle(docs, out, {"sae": meta})
         return out

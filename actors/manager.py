@@ -204,7 +204,7 @@ class JobManager:
             if spec.site not in hooks.SITES:
                 raise UserError(f"unknown hook site {spec.site!r}; choose one of {', '.join(hooks.SITES)}")
             if kind == "pipeline":
-                self._check_k(specs.train_config(spec.train), model["d_model"])
+                specs.train_config(spec.train).resolved(model["d_model"])
         if kind == "train":
             self._train_inputs(spec)
         if kind == "discover":
@@ -234,14 +234,6 @@ class JobManager:
                            "list them with: mistudio templates list --kind steering_prompts")
             elif not spec.prompts:
                 raise UserError("give at least one prompt (prompts or prompt_template)")
-
-    @staticmethod
-    def _check_k(cfg, d_in: int) -> None:
-        width = d_in * cfg.expansion_factor
-        if cfg.architecture in ("topk", "batchtopk") and not 1 <= cfg.k <= width:
-            raise UserError(f"k={cfg.k} must be between 1 and the SAE width {width} "
-                            f"({d_in} x expansion {cfg.expansion_factor}); lower k or raise the expansion factor")
-        cfg.validate(d_in)
 
     def _train_inputs(self, spec: specs.TrainSpec) -> dict[str, Any]:
         """Model, datasets (in order) and {hook: d_in, [activation rows per dataset]} of a train spec."""
@@ -275,7 +267,7 @@ class JobManager:
             by_hook, d_ins = {}, {h: model["d_model"] for h in spec.hook_names}
         for cfg in specs.train_variants(spec):
             for d_in in d_ins.values():
-                self._check_k(cfg, d_in)
+                cfg.resolved(d_in)
         return {"model": model, "datasets": [self.registry.get(Dataset, d) for d in dataset_ids],
                 "by_hook": by_hook, "d_ins": d_ins}
 
@@ -496,7 +488,7 @@ class JobManager:
                 self.artifacts.push(path)
                 name = f"{spec.name or model['id']}/{f['hook_name']}/{f['label']}"
                 self.registry.add(SAE(id=sae_id, name=name, model_id=model["id"], hook_name=f["hook_name"],
-                                      architecture=f["architecture"], d_in=f["d_in"], d_sae=f["d_sae"], k=f["k"],
+                                      architecture=f["architecture"], d_in=f["d_in"], d_sae=f["d_sae"], sae_config=f["sae_config"],
                                       path=str(path), metrics={"imported_from": spec.source, "format": f["format"]}))
                 ids.append(sae_id)
         finally:
@@ -533,8 +525,7 @@ class JobManager:
         runs, saes = [], {}
         for hook, d_in in d_ins.items():
             for cfg in specs.train_variants(spec):
-                arch = cfg.architecture + (f"-k{cfg.k}" if cfg.architecture in ("topk", "batchtopk") else "")
-                name = f"{hook}/{arch}-x{cfg.expansion_factor}"
+                name = f"{hook}/{cfg.run_name()}-x{cfg.expansion_factor}"
                 if name in saes:
                     name = f"{name}-{len(saes)}"
                 sae_id = new_id("sae")
@@ -542,7 +533,7 @@ class JobManager:
                               "meta": {"model_name": model["name"], "hook_name": hook,
                                        "context_size": first["context_length"],
                                        "dataset_path": ",".join(d["source"] for d in datasets)}}
-                runs.append({"name": name, "hook_name": hook, "d_in": d_in, "config": dataclasses.asdict(cfg)})
+                runs.append({"name": name, "hook_name": hook, "d_in": d_in, "config": cfg.to_dict()})
         plan = {"runs": runs, "saes": saes, "model_id": model["id"], "model_path": model["path"],
                 "dataset_paths": [d["path"] for d in datasets], "eval_rows": eval_rows,
                 "hook_dirs": {h: [a["path"] for a in sets.values()] for h, sets in inputs["by_hook"].items()},
@@ -559,7 +550,7 @@ class JobManager:
             sae = saes[name]
             self.registry.add(SAE(id=sae["id"], name=f"{model['id']}/{name}", model_id=model["id"],
                                   hook_name=sae["hook"], architecture=r["architecture"], d_in=r["d_in"],
-                                  d_sae=r["d_sae"], k=r["k"], path=sae["path"], training_job_id=job_id,
+                                  d_sae=r["d_sae"], sae_config=r["sae_config"], path=sae["path"], training_job_id=job_id,
                                   activation_id=act_ids.get(sae["hook"]), metrics=r["metrics"],
                                   history=r["history"]))
             out[name] = {"sae_id": sae["id"], **r["metrics"]}

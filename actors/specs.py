@@ -312,7 +312,16 @@ def parse_spec(kind: str, values: dict[str, Any]):
 
 
 def train_config(values: dict[str, Any]) -> TrainConfig:
-    return _config(TrainConfig, values, "training")
+    """A job file's training config (flat, or with the SAE type under "sae"), its values'
+    types checked against the config dataclasses' hints."""
+    cfg = TrainConfig.from_dict(values)
+    for obj in (cfg, cfg.sae):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.name != "sae" and not _type_ok(value, hints[f.name]):
+                raise UserError(f"training option {f.name!r} should be {_type_name(hints[f.name])}, got {value!r}")
+    return cfg
 
 
 def train_variants(spec: TrainSpec) -> list[TrainConfig]:

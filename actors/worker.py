@@ -158,7 +158,7 @@ class ModelWorker:
             self.artifacts.push(path)  # the job manager moves it into place, possibly on another node
             label = f.path.name if f.path != root else Path(plan["source"]).name
             out.append({"path": str(path), "hook_name": cfg.hook_name, "architecture": cfg.architecture,
-                        "d_in": sae.d_in, "d_sae": sae.d_sae, "k": cfg.k or None, "format": f.format, "label": label})
+                        "d_in": sae.d_in, "d_sae": sae.d_sae, "sae_config": cfg.type_config.to_dict(), "format": f.format, "label": label})
             report({"phase": "import", "done": i + 1, "total": len(found), "unit": "SAEs"})
         return {"saes": out}
 
@@ -172,7 +172,7 @@ class ModelWorker:
         return {"hooks": {h: s.to_dict() for h, s in stats.items()}, "seconds": time.perf_counter() - t0}
 
     def _train(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:
-        runs = [RunSpec(r["name"], r["hook_name"], r["d_in"], TrainConfig(**r["config"])) for r in plan["runs"]]
+        runs = [RunSpec(r["name"], r["hook_name"], r["d_in"], TrainConfig.from_dict(r["config"])) for r in plan["runs"]]
         if self.device == "cuda":
             runs = [r._replace(cfg=dataclasses.replace(r.cfg, device="cuda")) for r in runs]
         first = Path(plan["dataset_paths"][0])
@@ -205,7 +205,7 @@ class ModelWorker:
                     progress=report, should_cancel=report.should_cancel), {"tokens": "eval_tokens", "dead_frac": "eval_dead_frac"})
             cfg = result.sae.config()
             out[name] = {"metrics": metrics, "history": result.history, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
-                         "k": cfg.k, "architecture": cfg.architecture}
+                         "sae_config": cfg.type_config.to_dict(), "architecture": cfg.architecture}
         return {"runs": out}
 
     def _discover(self, job_id: str, plan: dict[str, Any], report: Reporter) -> dict[str, Any]:

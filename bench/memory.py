@@ -84,10 +84,11 @@ def child(kind: str, src: str, out: str, tokens: int, threads: int) -> None:
 
         torch.set_num_threads(threads)
         from core.pipeline import train_on_activations
+        from core.sae import TopKConfig
         from core.train import TrainConfig
 
         if kind == "train":
-            cfg = TrainConfig(architecture="topk", expansion_factor=8, k=32, batch_size=4096, epochs=1)
+            cfg = TrainConfig(sae=TopKConfig(k=32), expansion_factor=8, batch_size=4096, epochs=1)
             meta = {"model_name": "SmolLM2-135M", "hook_name": C.HOOK, "context_size": 256, "dataset_path": src}
             train_on_activations(Path(src), Path(out), cfg, meta)
     else:

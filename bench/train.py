@@ -3,8 +3,8 @@
 Both train a TopK SAE (d_in 576, d_sae 4608 = 8×, k 32, batch 4096) for the same number of
 tokens on the SAME cached SmolLM2 activations (blocks.15.hook_resid_post of the builtin corpus):
 
-* ours     — `core.train.train_sae(..., TrainConfig(architecture="topk", expansion_factor=8,
-             k=32, batch_size=4096, total_tokens=N), holdout_tokens=H)`, its defaults otherwise
+* ours     — `core.train.train_sae(..., TrainConfig(sae=TopKConfig(k=32),
+             expansion_factor=8, batch_size=4096, total_tokens=N), holdout_tokens=H)`, its defaults otherwise
 * saelens  — SAELens's `SAETrainer` (its training loop, Adam, lr schedule, dead-latent
              tracking, activation scaler) on a `TopKTrainingSAE` built from
              `LanguageModelSAERunnerConfig(sae=TopKTrainingSAEConfig(...))` exactly as
@@ -86,6 +86,7 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 def run_ours(held: np.ndarray, train: np.ndarray, total: int, seed: int) -> dict:
+    from core.sae import TopKConfig
     from core.train import TrainConfig, train_sae
 
     data = np.concatenate([held, train])
@@ -100,7 +101,7 @@ def run_ours(held: np.ndarray, train: np.ndarray, total: int, seed: int) -> dict
         if not marks or d["done"] > marks[-1][1]:
             marks.append((time.perf_counter(), d["done"]))
 
-    cfg = TrainConfig(architecture="topk", expansion_factor=EXPANSION, k=K, batch_size=BATCH, total_tokens=total,
+    cfg = TrainConfig(sae=TopKConfig(k=K), expansion_factor=EXPANSION, batch_size=BATCH, total_tokens=total,
                       seed=seed)
     t0 = time.perf_counter()
     res = train_sae(chunks, D_IN, cfg, progress=progress, holdout_tokens=len(held))
@@ -125,6 +126,7 @@ def profile_ours(held: np.ndarray, train: np.ndarray, total: int, top: int = 12)
     machine was when the matmul rate was measured separately."""
     from torch.profiler import ProfilerActivity, profile
 
+    from core.sae import TopKConfig
     from core.train import TrainConfig, train_sae
 
     data = np.concatenate([held, train])
@@ -140,7 +142,7 @@ def profile_ours(held: np.ndarray, train: np.ndarray, total: int, top: int = 12)
             prof.stop()
             state.update(on=False, to=d["done"])
 
-    cfg = TrainConfig(architecture="topk", expansion_factor=EXPANSION, k=K, batch_size=BATCH, total_tokens=total)
+    cfg = TrainConfig(sae=TopKConfig(k=K), expansion_factor=EXPANSION, batch_size=BATCH, total_tokens=total)
     train_sae(lambda: (data[i:i + BATCH] for i in range(0, len(data), BATCH)), D_IN, cfg, progress=progress,
               holdout_tokens=len(held))
     n_steps = max((state["to"] - state["from"]) / BATCH, 1)

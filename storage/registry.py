@@ -127,7 +127,8 @@ class SAE(Base):
     architecture: Mapped[str] = mapped_column(String(32))
     d_in: Mapped[int] = mapped_column(Integer)
     d_sae: Mapped[int] = mapped_column(Integer)
-    k: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sae_config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """The SAE type's settings ({"architecture": "topk", "k": 32, ...}; `core.sae.registry`)."""
     path: Mapped[str] = mapped_column(Text)
     training_job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     activation_id: Mapped[str | None] = mapped_column(String(64), nullable=True)

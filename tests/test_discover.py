@@ -9,7 +9,7 @@ import torch
 from core.discover import (HIST_EDGES, DiscoverConfig, coactive_features, discover, read_examples, read_histogram,
                            top_features)
 from core.errors import Cancelled
-from core.sae import TopKSAE
+from core.sae import TopKConfig, TopKSAE
 
 D_IN, D_SAE, K = 8, 16, 4
 B, T = 3, 12
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_sae(seed=0) -> TopKSAE:
     torch.manual_seed(seed)
-    sae = TopKSAE(D_IN, D_SAE, K)
+    sae = TopKSAE(D_IN, D_SAE, TopKConfig(k=K))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.5)
     return sae

@@ -11,7 +11,7 @@ from core.data import TokenBatch, builtin_corpus, iter_batches, tokenize_to_shar
 from core.errors import Cancelled, UserError
 from core.evaluate import evaluate_sae
 from core.hooks import patched, run_hooked
-from core.sae import StandardSAE, TopKSAE
+from core.sae import StandardSAE, TopKConfig, TopKSAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +32,7 @@ def perfect_sae(d: int) -> StandardSAE:
 
 def random_sae(d: int, k: int = 4) -> TopKSAE:
     torch.manual_seed(5)
-    return TopKSAE(d, 4 * d, k)
+    return TopKSAE(d, 4 * d, TopKConfig(k=k))
 
 
 @pytest.fixture(scope="module")

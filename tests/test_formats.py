@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from core.errors import UserError
 from core.formats import FORMATS, FoundSAE, detect_format, export_saelens, find_saes, import_sae
-from core.sae import SAEConfig, build_sae
+from core.sae import SAEConfig, TopKConfig, build_sae
 
 D_IN, D_SAE, K = 8, 32, 4
 
@@ -573,7 +573,7 @@ def test_export_round_trips_through_import(tmp_path, architecture):
 def test_export_leaves_nothing_behind_on_error(tmp_path):
     sae = _trained_like("topk")
     with pytest.raises(UserError, match="does not match"):
-        export_saelens(sae, SAEConfig(d_in=D_IN, d_sae=D_SAE + 1, k=K), tmp_path / "sae")
+        export_saelens(sae, SAEConfig(d_in=D_IN, d_sae=D_SAE + 1, type_config=TopKConfig(k=K)), tmp_path / "sae")
     assert _listing(tmp_path) == []
 
 

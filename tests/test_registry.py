@@ -135,7 +135,7 @@ def test_features_are_replaced_in_bulk_and_sorted(registry):
                        n_params=7_000_000_000, dtype="float32", vocab_size=9))  # > 2**31: BIGINT on PostgreSQL
     assert registry.get(Model, "m")["n_params"] == 7_000_000_000
     registry.add(SAE(id="s", name="s", model_id="m", hook_name="blocks.1.hook_resid_post", architecture="topk",
-                     d_in=4, d_sae=3, k=1, path="/s"))
+                     d_in=4, d_sae=3, sae_config={"architecture": "topk", "k": 1}, path="/s"))
     rows = [{"latent": i, "n_fired": i, "frequency": i / 10, "max_act": 1.0, "mean_act": 0.5, "top_tokens": ["a"]}
             for i in range(3)]
     assert registry.replace_features("s", rows) == 3
@@ -193,6 +193,29 @@ def test_a_registry_made_by_create_all_is_adopted(db_url):
     reg = Registry(db_url)
     assert _revision(db_url) == head_revision()
     assert reg.get(Job, "old-job")["result"] == {"n": 1}
+    reg.close()
+
+
+def test_sae_rows_from_before_type_configs_keep_their_k(db_url):
+    """Migration 0005 moves the TopK-only `k` column into each row's type settings (JSON)."""
+    eng = create_engine(engine_url(db_url))
+    with eng.begin() as conn:
+        command.upgrade(alembic_config(connection=conn), "0004")
+        old = table("saes", *(column(c) for c in ("id", "name", "hook_name", "architecture", "d_in", "d_sae", "k",
+                                                  "path")), column("metrics", JSON), column("history", JSON),
+                    column("created_at", DateTime))
+        conn.execute(old.insert(), [
+            {"id": "sae-topk", "name": "a", "hook_name": "blocks.0.hook_resid_post", "architecture": "topk",
+             "d_in": 4, "d_sae": 8, "k": 3, "path": "/a", "metrics": {}, "history": [],
+             "created_at": dt.datetime(2026, 1, 1)},
+            {"id": "sae-relu", "name": "b", "hook_name": "blocks.0.hook_resid_post", "architecture": "standard",
+             "d_in": 4, "d_sae": 8, "k": None, "path": "/b", "metrics": {}, "history": [],
+             "created_at": dt.datetime(2026, 1, 1)}])
+    eng.dispose()
+    reg = Registry(db_url)
+    assert reg.get(SAE, "sae-topk")["sae_config"] == {"architecture": "topk", "k": 3}
+    assert reg.get(SAE, "sae-relu")["sae_config"] == {"architecture": "standard"}
+    assert "k" not in reg.get(SAE, "sae-topk")
     reg.close()
 
 

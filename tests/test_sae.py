@@ -6,12 +6,12 @@ from safetensors.torch import load_file, save_file
 
 from core.errors import UserError
 from core.formats.saelens import from_cfg_json, load_saelens, save_saelens, to_cfg_json
-from core.sae import SAEConfig, TopKSAE
+from core.sae import SAEConfig, TopKConfig, TopKSAE
 
 
 def _sae(d_in=6, d_sae=12, k=3, seed=0) -> TopKSAE:
     torch.manual_seed(seed)
-    sae = TopKSAE(d_in, d_sae, k)
+    sae = TopKSAE(d_in, d_sae, TopKConfig(k=k))
     with torch.no_grad():
         sae.b_enc.normal_()
         sae.b_dec.normal_()
@@ -19,7 +19,7 @@ def _sae(d_in=6, d_sae=12, k=3, seed=0) -> TopKSAE:
 
 
 def _cfg(sae: TopKSAE) -> SAEConfig:
-    return SAEConfig(d_in=sae.d_in, d_sae=sae.d_sae, k=sae.k, hook_name="blocks.3.hook_resid_post",
+    return SAEConfig(d_in=sae.d_in, d_sae=sae.d_sae, type_config=TopKConfig(k=sae.k), hook_name="blocks.3.hook_resid_post",
                      model_name="smollm2", context_size=128, prepend_bos=True, dataset_path="stdlib")
 
 
@@ -43,7 +43,7 @@ def test_encode_keeps_top_k_of_relu_pre_acts():
 
 
 def test_parameter_names_and_shapes_match_saelens():
-    sae = TopKSAE(5, 20, 4)
+    sae = TopKSAE(5, 20, TopKConfig(k=4))
     shapes = {name: tuple(p.shape) for name, p in sae.named_parameters()}
     assert shapes == {"W_enc": (5, 20), "W_dec": (20, 5), "b_enc": (20,), "b_dec": (5,)}
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(20))
@@ -52,7 +52,7 @@ def test_parameter_names_and_shapes_match_saelens():
 @pytest.mark.parametrize("k", [0, 13])
 def test_k_out_of_range_is_a_user_error(k):
     with pytest.raises(UserError, match=rf"k={k} must be between 1 and d_sae=12; lower --k or raise --expansion"):
-        TopKSAE(6, 12, k)
+        TopKSAE(6, 12, TopKConfig(k=k))
 
 
 def test_cfg_json_v6_layout_and_round_trip():
@@ -70,9 +70,9 @@ def test_cfg_json_older_flat_layouts():
     flat = {"architecture": "topk", "d_in": 6, "d_sae": 12, "k": 3, "hook_name": "blocks.1.hook_resid_pre",
             "model_name": "gpt2", "context_size": 64, "prepend_bos": True, "dataset_path": "x"}
     cfg = from_cfg_json(flat)
-    assert (cfg.hook_name, cfg.model_name, cfg.context_size, cfg.k) == ("blocks.1.hook_resid_pre", "gpt2", 64, 3)
+    assert (cfg.hook_name, cfg.model_name, cfg.context_size, cfg.type_config.k) == ("blocks.1.hook_resid_pre", "gpt2", 64, 3)
     v5 = {"architecture": "standard", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 7}, "d_in": 6, "d_sae": 12}
-    assert (from_cfg_json(v5).architecture, from_cfg_json(v5).k) == ("topk", 7)
+    assert (from_cfg_json(v5).architecture, from_cfg_json(v5).type_config.k) == ("topk", 7)
     with pytest.raises(UserError, match="no k"):
         from_cfg_json({"architecture": "topk", "d_in": 6, "d_sae": 12})
     with pytest.raises(UserError, match="d_sae"):

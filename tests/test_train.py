@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from core.errors import Cancelled, UserError
+from core.evals.reconstruction import evaluate
 from core.formats.saelens import load_saelens, save_saelens
-from core.sae import SAEConfig, TopKSAE
-from core.sae import StepContext
-from core.train import TrainConfig, _lr_factor, evaluate, train_sae
+from core.sae import SAEConfig, StepContext, TopKConfig, TopKSAE
+from core.train import TrainConfig, lr_factor, train_sae
 
 D_IN = 32
 SCALE = 50.0  # raw activations far from E‖x‖ = √d, so the folded scale matters
@@ -36,7 +36,7 @@ def fvu(sae: TopKSAE, x: np.ndarray) -> float:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-CFG = TrainConfig(expansion_factor=4, k=4, batch_size=256, epochs=4, lr=1e-2, log_every=10, sample_tokens=4096)
+CFG = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=256, epochs=4, lr=1e-2, log_every=10, sample_tokens=4096)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_scale_is_folded_into_the_weights(trained):
     xt = torch.from_numpy(x[:2000])
     assert math.isclose(float((xt * s).norm(dim=1).mean()), math.sqrt(D_IN), rel_tol=0.05)
     # The returned SAE on raw x equals the trained (scaled-space) SAE on s·x, divided by s.
-    scaled = TopKSAE(D_IN, 128, 4)
+    scaled = TopKSAE(D_IN, 128, TopKConfig(k=4))
     with torch.no_grad():
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
             getattr(scaled, name).copy_(getattr(result.sae, name))
@@ -82,7 +82,7 @@ def test_scale_is_folded_into_the_weights(trained):
 
 def test_save_load_round_trip_gives_identical_encodings(trained, tmp_path):
     x, result, _ = trained
-    cfg = SAEConfig(d_in=D_IN, d_sae=128, k=4, hook_name="blocks.0.hook_resid_post")
+    cfg = SAEConfig(d_in=D_IN, d_sae=128, type_config=TopKConfig(k=4), hook_name="blocks.0.hook_resid_post")
     sae, loaded_cfg = load_saelens(save_saelens(result.sae, cfg, tmp_path / "sae"))
     xt = torch.from_numpy(x[:500])
     assert loaded_cfg == cfg
@@ -101,7 +101,7 @@ def test_progress_reports(trained):
 def test_outliers_are_excluded_and_counted():
     x = synthetic(n=3_000)
     x[[5, 700, 2999]] *= 1000.0  # massive-activation tokens
-    cfg = TrainConfig(expansion_factor=4, k=4, batch_size=256, epochs=2, lr=1e-2, log_every=5, sample_tokens=1024)
+    cfg = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=256, epochs=2, lr=1e-2, log_every=5, sample_tokens=1024)
     result = train_sae(source(x, chunk=1_000), D_IN, cfg)
     assert result.final["excluded_outliers"] == 6  # 3 tokens × 2 epochs
     assert result.final["tokens"] == 2 * (3_000 - 3)
@@ -114,7 +114,7 @@ def test_outliers_are_excluded_and_counted():
 
 def test_total_tokens_budget_cycles_the_data():
     x = synthetic(n=1_000)
-    cfg = TrainConfig(expansion_factor=4, k=4, batch_size=128, total_tokens=2_500, log_every=100, sample_tokens=512)
+    cfg = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=128, total_tokens=2_500, log_every=100, sample_tokens=512)
     result = train_sae(source(x, chunk=300), D_IN, cfg)
     assert result.final["tokens"] == 2_500
     assert result.history[-1]["tokens"] == 2_500
@@ -122,12 +122,12 @@ def test_total_tokens_budget_cycles_the_data():
 
 def test_k_larger_than_d_sae_is_a_user_error():
     with pytest.raises(UserError, match="k=200 must be between 1 and d_sae=128"):
-        train_sae(source(synthetic(n=100)), D_IN, TrainConfig(expansion_factor=4, k=200))
+        train_sae(source(synthetic(n=100)), D_IN, TrainConfig(sae=TopKConfig(k=200), expansion_factor=4))
 
 
 def test_wrong_width_is_a_user_error():
     with pytest.raises(UserError, match=r"expected \[N, 16\]"):
-        train_sae(source(synthetic(n=100)), 16, TrainConfig(expansion_factor=4, k=4))
+        train_sae(source(synthetic(n=100)), 16, TrainConfig(sae=TopKConfig(k=4), expansion_factor=4))
 
 
 def test_cancel_raises_cancelled():
@@ -137,13 +137,13 @@ def test_cancel_raises_cancelled():
         checks.append(1)
         return len(checks) > 3
 
-    cfg = TrainConfig(expansion_factor=4, k=4, batch_size=64, epochs=1, sample_tokens=256)
+    cfg = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=64, epochs=1, sample_tokens=256)
     with pytest.raises(Cancelled):
         train_sae(source(synthetic(n=2_000)), D_IN, cfg, should_cancel=should_cancel)
 
 
 def test_lr_schedule_warms_up_and_decays_to_zero():
-    f = [_lr_factor(s, 100, 0.05, 0.2) for s in range(100)]
+    f = [lr_factor(s, 100, 0.05, 0.2) for s in range(100)]
     assert f[0] == pytest.approx(0.2) and f[4] == 1.0 and f[50] == 1.0
     assert f[80] == 1.0 and f[81] < 1.0 and f[99] == pytest.approx(0.05)
     assert all(a >= b for a, b in zip(f[80:], f[81:]))
@@ -153,14 +153,14 @@ def test_sparse_gradients_match_dense_autograd():
     """The sparse encoder backward and gather decoder give the same gradients as dense math."""
     torch.manual_seed(0)
     d, m, k = 8, 40, 3
-    sae = TopKSAE(d, m, k)
+    sae = TopKSAE(d, m, TopKConfig(k=k, auxk_alpha=0.5))
     with torch.no_grad():
         sae.b_enc.normal_()
         sae.b_dec.normal_()
     x = torch.randn(30, d) * 2
     dead = torch.zeros(m, dtype=torch.bool)
     dead[::3] = True
-    out = sae.training_step(x, StepContext(dead, 0.0, 0.5, amp=False))
+    out = sae.training_step(x, StepContext(dead, 0.0, amp=False))
     out.loss.backward()
     sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
     for p in sae.parameters():
@@ -186,7 +186,7 @@ def test_reused_pre_activation_buffer_gives_the_same_step():
     """Steps sharing a scratch buffer (the trainer's CPU path) equal steps that allocate afresh,
     also when a shorter last batch reuses a larger buffer."""
     torch.manual_seed(0)
-    sae = TopKSAE(8, 48, 4)
+    sae = TopKSAE(8, 48, TopKConfig(k=4, auxk_alpha=0.5))
     dead = torch.zeros(48, dtype=torch.bool)
     scratch: dict = {}
     for n in (40, 40, 17):
@@ -195,7 +195,7 @@ def test_reused_pre_activation_buffer_gives_the_same_step():
         for buf in (None, scratch):
             for p in sae.parameters():
                 p.grad = None
-            out = sae.training_step(x, StepContext(dead, 0.0, 0.5, amp=False, scratch=buf))
+            out = sae.training_step(x, StepContext(dead, 0.0, amp=False, scratch=buf))
             out.loss.backward()
             outs.append((out.loss.detach(), out.fired, [p.grad.clone() for p in sae.parameters()]))
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
@@ -207,7 +207,7 @@ def test_reused_pre_activation_buffer_gives_the_same_step():
 def test_bf16_autocast_path_runs_and_stays_close():
     """The CUDA path autocasts the encoder matmuls to bf16; exercise that logic on CPU."""
     torch.manual_seed(0)
-    sae = TopKSAE(16, 64, 4)
+    sae = TopKSAE(16, 64, TopKConfig(k=4))
     x = torch.randn(64, 16) * 2
     dead = torch.zeros(64, dtype=torch.bool)
     dead[:10] = True
@@ -215,7 +215,7 @@ def test_bf16_autocast_path_runs_and_stays_close():
     for amp in (False, True):
         for p in sae.parameters():
             p.grad = None
-        out = sae.training_step(x, StepContext(dead, 0.0, 1 / 32, amp=amp))
+        out = sae.training_step(x, StepContext(dead, 0.0, amp=amp))
         out.loss.backward()
         assert math.isfinite(float(out.loss.detach()))
         grads.append(torch.cat([p.grad.flatten() for p in sae.parameters()]))
@@ -239,7 +239,7 @@ def test_every_architecture_learns_a_sparse_code(arch, extra, inference, tmp_pat
     """On sparse synthetic data each architecture ends with a low held-out FVU at a small L0,
     and is saved in its SAELens inference form."""
     x = synthetic()
-    result = train_sae(source(x), D_IN, TrainConfig(architecture=arch, **ARCH_CFG, **extra), holdout_tokens=2_000)
+    result = train_sae(source(x), D_IN, TrainConfig.from_dict(dict(architecture=arch, **ARCH_CFG, **extra)), holdout_tokens=2_000)
     assert result.sae.architecture == inference
     assert result.final["eval_split"] == "held-out" and result.final["eval_tokens"] == 2_000
     assert result.final["tokens"] == 4 * (len(x) - 2_000)
@@ -254,7 +254,7 @@ def test_every_architecture_learns_a_sparse_code(arch, extra, inference, tmp_pat
 
 def test_batchtopk_threshold_keeps_mean_l0_near_k():
     x = synthetic()
-    result = train_sae(source(x), D_IN, TrainConfig(architecture="batchtopk", **ARCH_CFG))
+    result = train_sae(source(x), D_IN, TrainConfig.from_dict(dict(architecture="batchtopk", **ARCH_CFG)))
     thresholds = result.sae.threshold.detach()
     assert bool((thresholds == thresholds[0]).all()) and float(thresholds[0]) > 0  # one global threshold
     assert 2 <= result.final["l0"] <= 6
@@ -271,8 +271,8 @@ def test_sparsity_coefficient_warms_up(monkeypatch):
         return real(self, x, ctx)
 
     monkeypatch.setattr(StandardSAE, "training_step", spy)
-    cfg = TrainConfig(architecture="standard", expansion_factor=2, batch_size=100, total_tokens=2_000,
-                      l1_coefficient=2.0, sparsity_warmup_frac=0.5, sample_tokens=500)
+    cfg = TrainConfig.from_dict(dict(architecture="standard", expansion_factor=2, batch_size=100, total_tokens=2_000,
+                      l1_coefficient=2.0, sparsity_warmup_frac=0.5, sample_tokens=500))
     train_sae(source(synthetic(n=2_000)), D_IN, cfg)
     assert seen == pytest.approx([2.0 * min(1.0, (i + 1) / 10) for i in range(20)])
 
@@ -292,7 +292,7 @@ def two_hook_source(a: np.ndarray, b: np.ndarray, chunk=2_500, reads=None):
 def test_several_saes_from_one_pass_equal_separate_runs():
     from core.train import RunSpec, train_saes
     a, b = synthetic(seed=1), synthetic(seed=2)[:, :16].copy()
-    cfg_a = TrainConfig(expansion_factor=4, k=4, batch_size=256, epochs=2, lr=1e-2, sample_tokens=2048)
+    cfg_a = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=256, epochs=2, lr=1e-2, sample_tokens=2048)
     cfg_b = dataclasses_replace(cfg_a, architecture="batchtopk", k=2, seed=3)
     runs = [RunSpec("a", "h0", D_IN, cfg_a), RunSpec("a2", "h0", D_IN, dataclasses_replace(cfg_a, k=2)),
             RunSpec("b", "h1", 16, cfg_b)]
@@ -311,7 +311,7 @@ def test_several_saes_from_one_pass_equal_separate_runs():
 def test_progress_of_several_runs_lists_each():
     from core.train import RunSpec, train_saes
     a = synthetic(n=3_000)
-    cfg = TrainConfig(expansion_factor=2, k=2, batch_size=200, epochs=1, sample_tokens=500, log_every=2)
+    cfg = TrainConfig(sae=TopKConfig(k=2), expansion_factor=2, batch_size=200, epochs=1, sample_tokens=500, log_every=2)
     calls = []
     train_saes(two_hook_source(a, a[:, :16].copy(), chunk=500),
                [RunSpec("x", "h0", D_IN, cfg), RunSpec("y", "h1", 16, cfg)], progress=calls.append)
@@ -321,8 +321,8 @@ def test_progress_of_several_runs_lists_each():
 
 
 def dataclasses_replace(cfg, **kw):
-    import dataclasses
-    return dataclasses.replace(cfg, **kw)
+    """The config with some fields (the SAE type's included) changed, as a job's variant does."""
+    return TrainConfig.from_dict(cfg.to_dict() | kw)
 
 
 # --------------------------------------------------------------------------- checkpoints and resume
@@ -331,8 +331,8 @@ def dataclasses_replace(cfg, **kw):
 def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
     from core.train import CheckpointConfig, checkpoints
     x = synthetic(n=6_000)
-    cfg = TrainConfig(architecture="topk", expansion_factor=4, k=4, batch_size=256, epochs=3, lr=1e-2,
-                      sample_tokens=1024, log_every=3)
+    cfg = TrainConfig.from_dict(dict(architecture="topk", expansion_factor=4, k=4, batch_size=256, epochs=3, lr=1e-2,
+                      sample_tokens=1024, log_every=3))
     full = train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=500)
 
     ck = CheckpointConfig(tmp_path / "ck", every_steps=5, keep=2)
@@ -358,8 +358,8 @@ def test_pause_then_resume_equals_an_uninterrupted_run(tmp_path):
     from core.errors import Paused
     from core.train import CheckpointConfig, checkpoints
     x = synthetic(n=6_000)
-    cfg = TrainConfig(architecture="topk", expansion_factor=4, k=4, batch_size=256, epochs=3, lr=1e-2,
-                      sample_tokens=1024, log_every=3)
+    cfg = TrainConfig.from_dict(dict(architecture="topk", expansion_factor=4, k=4, batch_size=256, epochs=3, lr=1e-2,
+                      sample_tokens=1024, log_every=3))
     full = train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=500)
     ck = CheckpointConfig(tmp_path / "ck", every_steps=0, keep=2, resume=False)  # no periodic checkpoints
     steps = []
@@ -378,8 +378,8 @@ def test_pause_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 def test_finalize_stops_early_and_evaluates_what_it_has():
     x = synthetic(n=6_000)
-    cfg = TrainConfig(architecture="topk", expansion_factor=4, k=4, batch_size=256, epochs=3, lr=1e-2,
-                      sample_tokens=1024, log_every=3)
+    cfg = TrainConfig.from_dict(dict(architecture="topk", expansion_factor=4, k=4, batch_size=256, epochs=3, lr=1e-2,
+                      sample_tokens=1024, log_every=3))
     full = train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=500)
     steps = []
     early = train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=500, progress=lambda d: steps.append(d["step"]),
@@ -393,7 +393,7 @@ def test_finalize_stops_early_and_evaluates_what_it_has():
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     from core.train import CheckpointConfig
     x = synthetic(n=3_000)
-    cfg = TrainConfig(expansion_factor=4, k=4, batch_size=256, epochs=1, sample_tokens=512)
+    cfg = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=256, epochs=1, sample_tokens=512)
     ck = CheckpointConfig(tmp_path / "ck", every_steps=2)
     train_sae(source(x, chunk=500), D_IN, cfg, checkpoint=ck)
     with pytest.raises(UserError, match="other settings"):
@@ -409,7 +409,7 @@ def test_held_out_tokens_are_never_trained_on():
     x = synthetic(n=4_000)
     poisoned = x.copy()
     poisoned[:1_000] = 0.0  # a different held-out slice, same training tokens
-    cfg = TrainConfig(expansion_factor=4, k=4, batch_size=256, epochs=2, sample_tokens=1024)
+    cfg = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=256, epochs=2, sample_tokens=1024)
     a = train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=1_000)
     b = train_sae(source(poisoned, chunk=500), D_IN, cfg, holdout_tokens=1_000)
     for name, p in a.sae.state_dict().items():
@@ -418,8 +418,8 @@ def test_held_out_tokens_are_never_trained_on():
 
 
 def test_unknown_architecture_is_a_user_error():
-    with pytest.raises(UserError, match="unknown SAE architecture 'gated'; pick one of standard, topk, jumprelu, batchtopk"):
-        TrainConfig(architecture="gated")
+    with pytest.raises(UserError, match="unknown SAE architecture 'gated'; pick one of topk, jumprelu, batchtopk, standard"):
+        TrainConfig.from_dict(dict(architecture="gated"))
 
 
 def test_resume_from_a_checkpoint_taken_at_the_end_of_a_pass(tmp_path):
@@ -427,7 +427,7 @@ def test_resume_from_a_checkpoint_taken_at_the_end_of_a_pass(tmp_path):
     run that believes the data is empty (which would stop it short)."""
     from core.train import CheckpointConfig
     x = synthetic(n=6_000)
-    cfg = TrainConfig(expansion_factor=4, k=4, batch_size=256, total_tokens=3 * 5_500, lr=1e-2, sample_tokens=1024)
+    cfg = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=256, total_tokens=3 * 5_500, lr=1e-2, sample_tokens=1024)
     ck = CheckpointConfig(tmp_path / "ck", every_steps=5, keep=2, resume=False)
     full = train_sae(source(x, chunk=4_096), D_IN, cfg, holdout_tokens=500, checkpoint=ck)
     resumed = train_sae(source(x, chunk=4_096), D_IN, cfg, holdout_tokens=500, checkpoint=ck._replace(resume=True))

@@ -18,6 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from core.errors import UserError
+from core.sae import registry
 
 EMBEDDED_ID = "smollm2-135m-instruct"
 DEMO_DEFAULTS = {"layer": 15, "max_tokens": 40_000, "context_length": 256}
@@ -194,7 +195,7 @@ def cmd_train(a) -> None:
 def sae_table(c) -> None:
     rows = [dict(s, fvu=s["metrics"].get("fvu"), l0=s["metrics"].get("l0"), dead=s["metrics"].get("dead_frac"),
                  ce_rec=s["metrics"].get("ce_loss_recovered_zero")) for s in c.saes()]
-    table(rows, ["id", "hook_name", "architecture", "d_sae", "k", "fvu", "l0", "dead", "ce_rec", "path"])
+    table(rows, ["id", "hook_name", "architecture", "d_sae", "settings", "fvu", "l0", "dead", "ce_rec", "path"])
 
 
 def cmd_saes(a) -> None:
@@ -563,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "optional), validated before anything runs")
     t.add_argument("--activations", help="activation set id(s), comma-separated: several hooks and/or datasets "
                                          "(see: mistudio extract list)")
-    t.add_argument("--architecture", default="topk", choices=["topk", "batchtopk", "jumprelu", "standard"])
+    t.add_argument("--architecture", default=registry.DEFAULT, choices=registry.names())
     t.add_argument("--expansion", type=int, default=8)
     t.add_argument("--k", type=int, default=32)
     t.add_argument("--k-variants", default=None, help="comma-separated k values: one SAE per value, one pass")

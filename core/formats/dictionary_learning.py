@@ -30,7 +30,7 @@ from core.errors import UserError
 from core.formats.base import Format, Resolve
 from core.formats.readers import check_shapes, float32, int_field, need, read_json, read_json_object, read_state_dict
 from core.formats.saelens import sae_from_tensors
-from core.sae import SAE, SAEConfig
+from core.sae import SAE, JumpReLUConfig, SAEConfig, SAETypeConfig, StandardConfig, TopKConfig
 
 _SITE = {"resid_post": "resid_post", "resid_out": "resid_post", "resid_pre": "resid_pre",
          "mlp_out": "mlp_out", "mlp": "mlp_out", "attn_out": "attn_out", "attn": "attn_out"}
@@ -110,7 +110,7 @@ def load(folder: Path, resolve: Resolve) -> tuple[SAE, SAEConfig]:
     d_sae = int_field(trainer, "dict_size", d_sae, folder / "config.json")
     m = _to_saelens(dict_class, tensors, trainer, weights_path, d_in, d_sae)
     lm_name = trainer.get("lm_name")
-    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, k=m.k, architecture=m.architecture, apply_b_dec_to_input=m.apply_b_dec,
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, type_config=m.type_config, apply_b_dec_to_input=m.apply_b_dec,
                     hook_name=hook, model_name=lm_name if isinstance(lm_name, str) else "")
     return sae_from_tensors(cfg, m.tensors, str(weights_path)), cfg
 
@@ -141,9 +141,9 @@ def _tensor_sizes(dict_class: str, tensors: dict[str, torch.Tensor], folder: Pat
 class _Mapped(NamedTuple):
     tensors: dict[str, torch.Tensor]
     """Under SAELens names."""
-    architecture: str
+    type_config: SAETypeConfig
+    """Our SAE type reproducing the class's encode."""
     apply_b_dec: bool
-    k: int
 
 
 def _to_saelens(dict_class: str, tensors: dict[str, torch.Tensor], trainer: dict[str, Any], weights_path: Path,
@@ -164,33 +164,33 @@ def _to_saelens(dict_class: str, tensors: dict[str, torch.Tensor], trainer: dict
         norms = torch.where(norms > 0, norms, torch.ones_like(norms))
         mapped = {"W_enc": (t["encoder.weight"] * norms[:, None]).T.contiguous(), "b_enc": t["encoder.bias"] * norms,
                   "W_dec": (t["decoder.weight"] / norms).T.contiguous(), "b_dec": t["bias"]}
-        return _Mapped(mapped, "standard", True, 0)
+        return _Mapped(mapped, StandardConfig(), True)
     if dict_class == "AutoEncoderNew":
         check_shapes(weights_path, t, {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
                                        "decoder.weight": (d_in, d_sae), "decoder.bias": (d_in,)}, implied)
         mapped = {"W_enc": t["encoder.weight"].T.contiguous(), "b_enc": t["encoder.bias"],
                   "W_dec": t["decoder.weight"].T.contiguous(), "b_dec": t["decoder.bias"]}
-        return _Mapped(mapped, "standard", False, 0)
+        return _Mapped(mapped, StandardConfig(), False)
     if dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
         check_shapes(weights_path, t, {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
                                        "decoder.weight": (d_in, d_sae), "b_dec": (d_in,)}, implied)
         mapped = {"W_enc": t["encoder.weight"].T.contiguous(), "b_enc": t["encoder.bias"],
                   "W_dec": t["decoder.weight"].T.contiguous(), "b_dec": t["b_dec"]}
         if dict_class == "AutoEncoderTopK":
-            return _Mapped(mapped, "topk", True, _k(trainer, tensors, weights_path))
+            return _Mapped(mapped, TopKConfig(k=_k(trainer, tensors, weights_path)), True)
         mapped["threshold"] = _scalar_threshold(tensors, weights_path, d_sae)
-        return _Mapped(mapped, "jumprelu", True, 0)
+        return _Mapped(mapped, JumpReLUConfig(), True)
     if dict_class == "MatryoshkaBatchTopKSAE":
         check_shapes(weights_path, t, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in),
                                        "b_dec": (d_in,)}, implied)
         mapped = {name: t[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
         mapped["threshold"] = _scalar_threshold(tensors, weights_path, d_sae)
-        return _Mapped(mapped, "jumprelu", True, 0)
+        return _Mapped(mapped, JumpReLUConfig(), True)
     # JumpReluAutoEncoder: apply_b_dec_to_input is a plain attribute, False unless set by hand
     check_shapes(weights_path, t, {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in),
                                    "b_dec": (d_in,), "threshold": (d_sae,)}, implied)
     mapped = {name: t[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
-    return _Mapped(mapped, "jumprelu", False, 0)
+    return _Mapped(mapped, JumpReLUConfig(), False)
 
 
 def _k(trainer: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> int:

@@ -26,7 +26,7 @@ from core.errors import UserError
 from core.formats.base import Format, Resolve
 from core.formats.readers import float32, read_json_object, read_npz, read_safetensors
 from core.formats.saelens import sae_from_tensors
-from core.sae import SAE, SAEConfig
+from core.sae import SAE, JumpReLUConfig, SAEConfig
 
 _RELEASE = re.compile(r"gemma-scope-(?!2-)(\d+b)-(pt|it)-(res|mlp|att|transcoders)(?![a-z])")
 _RELEASE_2 = re.compile(r"gemma-scope-2-([\w.]+?)-(pt|it)(?![a-z])")
@@ -130,7 +130,7 @@ def load(folder: Path, resolve: Resolve) -> tuple[SAE, SAEConfig]:
         if d_sae // (1000 if unit == "k" else 1_000_000) != n:
             raise UserError(f"{path} has {d_sae} latents but its folder says width_{n}{unit}; "
                             "the files are from different SAEs, download them again")
-    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="jumprelu", apply_b_dec_to_input=False,
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, type_config=JumpReLUConfig(), apply_b_dec_to_input=False,
                     hook_name=hook, model_name=model, prepend_bos=True)
     return sae_from_tensors(cfg, tensors, str(path)), cfg
 

@@ -31,7 +31,7 @@ from core.errors import UserError
 from core.formats.base import Format, Resolve
 from core.formats.readers import need, read_json, read_json_object
 from core.io import atomic_dir
-from core.sae import INFERENCE_ARCHITECTURES, SAE, SAEConfig, check_k
+from core.sae import SAE, SAEConfig, SAETypeConfig, registry
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -42,7 +42,7 @@ _METADATA_FIELDS = ("model_name", "hook_name", "context_size", "prepend_bos", "d
 
 
 def to_cfg_json(cfg: SAEConfig) -> dict[str, Any]:
-    """SAELens v6 `cfg.json` contents."""
+    """SAELens v6 `cfg.json` contents: the shared fields, then the type's own (k for TopK)."""
     d: dict[str, Any] = {
         "architecture": cfg.architecture,
         "d_in": cfg.d_in,
@@ -57,9 +57,7 @@ def to_cfg_json(cfg: SAEConfig) -> dict[str, Any]:
         # and drops the metadata block (hook_name, model_name, ...).
         "metadata": {name: getattr(cfg, name) for name in _METADATA_FIELDS} | {"sae_lens_version": "6.0.0"},
     }
-    if cfg.architecture == "topk":
-        d |= {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
-    return d
+    return d | cfg.type_config.cfg_json()
 
 
 def from_cfg_json(d: dict[str, Any]) -> SAEConfig:
@@ -69,28 +67,19 @@ def from_cfg_json(d: dict[str, Any]) -> SAEConfig:
     missing = [name for name in ("d_in", "d_sae") if name not in d]
     if missing:
         raise UserError(f"cfg.json lacks {', '.join(missing)}; add them or re-export the SAE")
-    # Older SAELens wrote TopK SAEs as activation_fn_str="topk" with k in activation_fn_kwargs.
-    fn_kwargs = d.get("activation_fn_kwargs") or {}
-    architecture = d.get("architecture", "standard")
-    if d.get("activation_fn_str") == "topk" or ("k" in fn_kwargs and architecture == "standard"):
-        architecture = "topk"
-    k = d.get("k", fn_kwargs.get("k"))
-    if architecture == "topk" and k is None:
-        raise UserError("cfg.json says architecture topk but gives no k; add \"k\": <int> to cfg.json")
     meta = d.get("metadata") or {}
     flat = {name: meta.get(name, d.get(name)) for name in _METADATA_FIELDS}
     try:
-        return _config(d, architecture, k if architecture == "topk" else None, flat)
+        return _config(d, registry.config_from_cfg_json(d), flat)
     except (TypeError, ValueError) as e:
         raise UserError(f"cfg.json has a field of the wrong type ({e}); fix it or re-export the SAE") from None
 
 
-def _config(d: dict[str, Any], architecture: str, k: Any, flat: dict[str, Any]) -> SAEConfig:
+def _config(d: dict[str, Any], type_config: SAETypeConfig, flat: dict[str, Any]) -> SAEConfig:
     return SAEConfig(
         d_in=int(d["d_in"]),
         d_sae=int(d["d_sae"]),
-        k=int(k) if k is not None else 0,
-        architecture=str(architecture),
+        type_config=type_config,
         dtype=str(d.get("dtype", "float32")),
         apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)),
         normalize_activations=str(d.get("normalize_activations") or "none"),
@@ -108,11 +97,11 @@ def _config(d: dict[str, Any], architecture: str, k: Any, flat: dict[str, Any]) 
 def save_saelens(sae: SAE, cfg: SAEConfig, folder: str | os.PathLike) -> Path:
     """Write `folder` (atomically) as a SAELens folder: cfg.json + sae_weights.safetensors."""
     sae = sae.to_inference()
-    got = (sae.architecture, sae.d_in, sae.d_sae, getattr(sae, "k", 0))
-    want = (cfg.architecture, cfg.d_in, cfg.d_sae, cfg.k if cfg.architecture == "topk" else 0)
+    got = (sae.architecture, sae.d_in, sae.d_sae, sae.type_config.cfg_json())
+    want = (cfg.architecture, cfg.d_in, cfg.d_sae, cfg.type_config.cfg_json())
     if got != want:
-        raise UserError(f"SAEConfig (architecture, d_in, d_sae, k) = {want} does not match the SAE's {got}; "
-                        "build the config with sae.config(...)")
+        raise UserError(f"SAEConfig (architecture, d_in, d_sae, type settings) = {want} does not match the SAE's "
+                        f"{got}; build the config with sae.config(...)")
     tensors = {name: getattr(sae, name).detach().to("cpu", torch.float32).contiguous() for name in sae.TENSOR_NAMES}
     cfg_json = to_cfg_json(cfg) | {"dtype": "float32", "apply_b_dec_to_input": sae.apply_b_dec_to_input}
     folder = Path(folder)
@@ -159,10 +148,10 @@ def sae_from_tensors(cfg: SAEConfig, tensors: dict[str, torch.Tensor], source: s
     `source` names the file in error messages. Importers of other formats map their tensors to
     these names and call this, so every format gets the same checks.
     """
-    cls = INFERENCE_ARCHITECTURES.get(cfg.architecture)
-    if cls is None:
+    cls = registry.get(cfg.architecture)
+    if not cls.inference:
         raise UserError(f"{source}: architecture '{cfg.architecture}' is not supported; "
-                        f"miStudio loads {', '.join(INFERENCE_ARCHITECTURES)} SAEs")
+                        f"miStudio loads {', '.join(registry.names(inference=True))} SAEs")
     missing = [name for name in cls.TENSOR_NAMES if name not in tensors]
     if missing:
         raise UserError(f"{source} lacks tensor(s) {', '.join(missing)}; a {cfg.architecture} SAE needs "
@@ -177,9 +166,7 @@ def sae_from_tensors(cfg: SAEConfig, tensors: dict[str, torch.Tensor], source: s
             )
         if not bool(torch.isfinite(tensors[name]).all()):
             raise UserError(f"{name} in {source} holds NaN or inf values; re-export or retrain the SAE")
-    if cfg.architecture == "topk":
-        check_k(cfg.k, cfg.d_sae)
-    sae = cls.from_config(cfg)
+    sae = cls.from_config(cfg)  # checks the type's settings against d_sae
     with torch.no_grad():
         for name in cls.TENSOR_NAMES:
             getattr(sae, name).copy_(tensors[name].to(torch.float32))

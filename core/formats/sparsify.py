@@ -25,7 +25,7 @@ from core.errors import UserError
 from core.formats.base import Format, Resolve
 from core.formats.readers import check_shapes, float32, int_field, need, read_json, read_json_object, read_safetensors
 from core.formats.saelens import sae_from_tensors
-from core.sae import SAE, SAEConfig
+from core.sae import SAE, SAEConfig, TopKConfig
 
 _HOOKPOINT = re.compile(r"^(?:.*\.)?(?:layers|h|blocks|layer)[._](\d+)(?:\.([A-Za-z_]+))?$")
 _SUBLAYER_SITES = {"mlp": "mlp_out", "feed_forward": "mlp_out", "ffn": "mlp_out",
@@ -102,7 +102,7 @@ def load(folder: Path, resolve: Resolve) -> tuple[SAE, SAEConfig]:
     mapped = {"W_enc": t["encoder.weight"].T.contiguous(), "b_enc": t["encoder.bias"], "W_dec": t["W_dec"],
               "b_dec": t["b_dec"]}
     ctx_len = run.get("ctx_len")
-    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, k=k, architecture="topk", hook_name=hook, model_name=model,
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, type_config=TopKConfig(k=k), hook_name=hook, model_name=model,
                     dataset_path=str(run.get("dataset") or ""),
                     context_size=ctx_len if isinstance(ctx_len, int) and not isinstance(ctx_len, bool) else 0)
     return sae_from_tensors(cfg, mapped, str(weights_path)), cfg

@@ -9,7 +9,8 @@ package: its inference rule (`activation`) and its training loss (`training_step
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -19,8 +20,57 @@ from torch import nn
 from core.errors import UserError
 
 @dataclass
+class SAETypeConfig:
+    """The knobs of one SAE type; each type file subclasses it with its own documented fields.
+
+    Everything another layer needs to know about a type it asks here, by method, instead of
+    comparing the type's name: its penalty, its run name, what cfg.json records of it.
+    """
+
+    architecture: ClassVar[str] = ""
+    """The registry name (set by `core.sae.registry.register`)."""
+    ALIASES: ClassVar[dict[str, str]] = {}
+    """Older flat job-file names of this type's fields (e.g. jumprelu_bandwidth -> bandwidth)."""
+
+    def check(self, d_sae: int) -> None:
+        """Raise a one-line UserError when these knobs cannot train an SAE with d_sae latents."""
+
+    def sparsity_coefficient(self) -> float:
+        """Weight of the sparsity penalty once warmed up (0: the activation itself is sparse)."""
+        return 0.0
+
+    def run_name(self) -> str:
+        """How runs of this type are told apart in names (e.g. "topk-k32")."""
+        return self.architecture
+
+    def cfg_json(self) -> dict[str, Any]:
+        """Type-specific SAELens cfg.json fields."""
+        return {}
+
+    @classmethod
+    def from_cfg_json(cls, d: dict[str, Any]) -> "SAETypeConfig":
+        """This type's config from a SAELens cfg.json (training-only knobs keep their defaults)."""
+        return cls()
+
+    def inference_config(self) -> "SAETypeConfig":
+        """These knobs as a cfg.json records them (training-only knobs at their defaults), so a
+        saved and reloaded SAE has an equal config."""
+        return type(self).from_cfg_json(self.cfg_json())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored in the registry and in job files: architecture + fields."""
+        return {"architecture": self.architecture} | dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """The inference knobs in a few characters, for tables ("k=32"; "" when none)."""
+        return ", ".join(f"{k}={v}" for k, v in self.cfg_json().items() if isinstance(v, (int, float))
+                         and not isinstance(v, bool))
+
+
+@dataclass
 class SAEConfig:
-    """What `cfg.json` records about an SAE: its shape, how to apply it, and where it was trained.
+    """What `cfg.json` records about an SAE: its shape, its type, how to apply it, and where it
+    was trained.
 
     `core.formats.saelens` reads and writes it as `cfg.json` (`to_cfg_json` / `from_cfg_json`)."""
 
@@ -28,10 +78,8 @@ class SAEConfig:
     """Width of the activations the SAE reads (the model's d_model for residual hooks)."""
     d_sae: int
     """Number of latents."""
-    k: int = 0
-    """Latents kept per token by the TopK activation (0 for other architectures)."""
-    architecture: str = "topk"
-    """SAELens inference architecture: "standard" (ReLU), "topk" or "jumprelu"."""
+    type_config: SAETypeConfig = field(kw_only=True)
+    """The inference type and its knobs (k for TopK), from `core.sae.registry`."""
     dtype: str = "float32"
     """Weight dtype as written to disk (we always save fp32)."""
     apply_b_dec_to_input: bool = True
@@ -49,12 +97,10 @@ class SAEConfig:
     dataset_path: str = ""
     """Dataset the activations came from."""
 
-
-def check_k(k: int, d_sae: int) -> None:
-    """TopK needs 1 <= k <= d_sae; say which knob to turn otherwise."""
-    if not 1 <= k <= d_sae:
-        raise UserError(f"k={k} must be between 1 and d_sae={d_sae}; lower --k or raise --expansion")
-
+    @property
+    def architecture(self) -> str:
+        """SAELens inference architecture, e.g. "standard", "topk" or "jumprelu"."""
+        return self.type_config.architecture
 
 class StepContext(NamedTuple):
     """What the trainer tells an architecture's `training_step` about this step."""
@@ -62,9 +108,7 @@ class StepContext(NamedTuple):
     dead: torch.Tensor
     """bool [d_sae]: latents that have not fired for `dead_tokens` tokens (AuxK revives them)."""
     sparsity_coefficient: float
-    """L1 / L0 penalty weight after sparsity warmup (unused by TopK and BatchTopK)."""
-    auxk_alpha: float
-    """Weight of the AuxK loss (TopK and BatchTopK)."""
+    """The type's penalty weight (`SAETypeConfig.sparsity_coefficient`) times the warmup ramp."""
     amp: bool
     """bf16 autocast for the encoder matmul (CUDA only)."""
     scratch: dict | None = None
@@ -96,35 +140,49 @@ def reconstruction_terms(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Te
 class SAE(nn.Module):
     """x̂ = activation((x − b_dec) @ W_enc + b_enc) @ W_dec + b_dec, with unit-norm decoder rows at init.
 
-    Subclasses set `architecture` (the SAELens name written to cfg.json) and implement
-    `activation` (inference) and `training_step` (the loss); `TENSOR_NAMES` lists what is saved.
+    A type is a subclass registered with `core.sae.registry.register(name)`: it sets `Config`
+    (its knobs), implements `activation` (inference) and `training_step` (the loss), and may
+    override `initialise`; `TENSOR_NAMES` lists what is saved. `d_out` is the width of what the
+    decoder writes: d_in for an SAE (a transcoder would read one hook and write another).
     """
 
     architecture: ClassVar[str] = ""
+    Config: ClassVar[type[SAETypeConfig]] = SAETypeConfig
+    inference: ClassVar[bool] = True
+    """Whether cfg.json may name this type (BatchTopK trains only and is saved as JumpReLU)."""
     TENSOR_NAMES: ClassVar[tuple[str, ...]] = ("W_enc", "W_dec", "b_enc", "b_dec")
 
-    def __init__(self, d_in: int, d_sae: int, apply_b_dec_to_input: bool = True):
+    def __init__(self, d_in: int, d_sae: int, type_config: SAETypeConfig | None = None,
+                 apply_b_dec_to_input: bool = True):
         super().__init__()
         if d_in < 1 or d_sae < 1:
             raise UserError(f"an SAE needs d_in and d_sae of at least 1 (got d_in={d_in}, d_sae={d_sae})")
-        self.d_in, self.d_sae = d_in, d_sae
+        self.type_config = type_config if type_config is not None else self.Config()
+        self.type_config.check(d_sae)
+        self.d_in, self.d_sae, self.d_out = d_in, d_sae, d_in
         self.apply_b_dec_to_input = apply_b_dec_to_input
         # Unit-norm decoder rows and a tied encoder: the initialisation Gao et al. found best.
-        W_dec = torch.randn(d_sae, d_in)
+        W_dec = torch.randn(d_sae, self.d_out)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.T.clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
 
     @classmethod
     def from_config(cls, cfg: SAEConfig) -> "SAE":
-        return cls(cfg.d_in, cfg.d_sae, apply_b_dec_to_input=cfg.apply_b_dec_to_input)
+        return cls(cfg.d_in, cfg.d_sae, cfg.type_config, apply_b_dec_to_input=cfg.apply_b_dec_to_input)
 
     def config(self, **metadata: Any) -> SAEConfig:
         """The cfg.json contents for this SAE; `metadata` fills hook_name, model_name, ..."""
-        return SAEConfig(d_in=self.d_in, d_sae=self.d_sae, k=getattr(self, "k", 0), architecture=self.architecture,
+        return SAEConfig(d_in=self.d_in, d_sae=self.d_sae, type_config=self.type_config.inference_config(),
                          apply_b_dec_to_input=self.apply_b_dec_to_input, **metadata)
+
+    @torch.no_grad()
+    def initialise(self, x: torch.Tensor) -> None:
+        """Data-dependent initialisation from a sample of scaled activations: b_dec at their
+        geometric median (types with a penalty also start their encoder bias sparse)."""
+        self.b_dec.copy_(geometric_median(x))
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activations [..., d_sae]."""
@@ -175,3 +233,28 @@ class SAE(nn.Module):
             if hasattr(out, name):
                 getattr(out, name).div_(scale)
         return out
+
+
+def geometric_median(x: torch.Tensor, iters: int = 8) -> torch.Tensor:
+    """Weiszfeld iterations from the mean: robust to the heavy tail of residual streams."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-6)
+        y = (w[:, None] * x).sum(0) / w.sum()
+    return y
+
+
+@torch.no_grad()
+def init_sparse_bias(sae: SAE, x: torch.Tensor, l0: int) -> None:
+    """Set b_enc so each latent fires on about l0/d_sae of the sample at the start.
+
+    With W_enc = W_dec.T and b_enc = 0, half of a ReLU or JumpReLU SAE's latents fire on every
+    token (L0 ≈ d_sae/2), and the L1/L0 penalty takes many thousands of steps to undo that —
+    more than a CPU run has (measured on SmolLM2: L0 ≈ 2,000 and FVU > 1 after 57 steps). Starting
+    near the target sparsity lets the penalty tune rather than rescue.
+    """
+    pre = (x[:4096] - sae.b_dec) @ sae.W_enc
+    n = len(pre)
+    q = pre.kthvalue(min(n, max(1, round(n * (1 - min(1.0, l0 / sae.d_sae))))), dim=0).values
+    floor = sae.threshold.detach() if hasattr(sae, "threshold") else 0.0
+    sae.b_enc.copy_(floor - q)

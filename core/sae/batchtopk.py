@@ -11,21 +11,31 @@ from __future__ import annotations
 
 import torch
 
-from core.sae.base import SAE, StepContext, StepOut, check_k, reconstruction_terms
+from dataclasses import dataclass
+
+from core.sae.base import SAE, StepContext, StepOut, reconstruction_terms
 from core.sae.jumprelu import JumpReLUSAE
-from core.sae.topk import auxk_loss
+from core.sae.registry import register
+from core.sae.topk import TopKConfig, auxk_loss
 
 THRESHOLD_MOMENTUM = 0.99
 """θ ← m·θ + (1 − m)·(smallest kept activation in this batch)."""
 
 
-class BatchTopKSAE(SAE):
-    architecture = "batchtopk"  # training only; saved as "jumprelu"
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    """BatchTopK knobs: `k` is the mean number of latents per token over a batch."""
 
-    def __init__(self, d_in: int, d_sae: int, k: int, apply_b_dec_to_input: bool = True):
-        check_k(k, d_sae)
-        super().__init__(d_in, d_sae, apply_b_dec_to_input)
-        self.k = k
+
+@register("batchtopk")
+class BatchTopKSAE(SAE):
+    Config = BatchTopKConfig
+    inference = False  # saved as JumpReLU with the learned global threshold
+
+    def __init__(self, d_in: int, d_sae: int, type_config: BatchTopKConfig | None = None,
+                 apply_b_dec_to_input: bool = True):
+        super().__init__(d_in, d_sae, type_config, apply_b_dec_to_input)
+        self.k = self.type_config.k
         # A buffer (not a parameter): it is estimated, not trained, and travels with checkpoints.
         self.register_buffer("global_threshold", torch.tensor(-1.0))  # < 0: not estimated yet
 
@@ -46,7 +56,7 @@ class BatchTopKSAE(SAE):
         sq_err, total_var = reconstruction_terms(x, x_hat)
         fvu = sq_err / total_var
         x_c = x - self.b_dec if self.apply_b_dec_to_input else x
-        loss = fvu + auxk_loss(self, x_c, (x - x_hat).detach(), ctx) / total_var
+        loss = fvu + auxk_loss(self, x_c, (x - x_hat).detach(), ctx, self.type_config.auxk_alpha) / total_var
         live = z > 0
         return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum(1).float().mean(), live.any(0))
 
@@ -61,7 +71,7 @@ class BatchTopKSAE(SAE):
 
     @torch.no_grad()
     def to_inference(self) -> JumpReLUSAE:
-        out = JumpReLUSAE(self.d_in, self.d_sae, self.apply_b_dec_to_input).to(self.W_enc.device)
+        out = JumpReLUSAE(self.d_in, self.d_sae, apply_b_dec_to_input=self.apply_b_dec_to_input).to(self.W_enc.device)
         for name in SAE.TENSOR_NAMES:
             getattr(out, name).copy_(getattr(self, name))
         out.threshold.fill_(max(float(self.global_threshold), 0.0))

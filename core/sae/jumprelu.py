@@ -9,9 +9,12 @@ over the sparsity warmup. θ is trained directly and kept ≥ `MIN_THRESHOLD` af
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from core.sae.base import SAE, SAEConfig, StepContext, StepOut, reconstruction_terms
+from core.sae.base import SAE, SAETypeConfig, StepContext, StepOut, init_sparse_bias, reconstruction_terms
+from core.sae.registry import register
 
 MIN_THRESHOLD = 1e-6
 
@@ -56,19 +59,39 @@ class _Step(torch.autograd.Function):
         return None, grad_t, None
 
 
+@dataclass
+class JumpReLUConfig(SAETypeConfig):
+    """JumpReLU knobs (Rajamanoharan et al. 2024)."""
+
+    ALIASES = {"k": "init_l0", "jumprelu_bandwidth": "bandwidth", "jumprelu_init_threshold": "init_threshold"}
+
+    l0_coefficient: float = 1.0
+    """λ of the L0 penalty, in units where E‖x‖ = √d_in."""
+    bandwidth: float = 0.05
+    """Width ε of the straight-through estimator's kernel, in scaled units."""
+    init_threshold: float = 0.01
+    """Initial threshold, in scaled units."""
+    init_l0: int = 32
+    """The L0 the encoder bias is initialised for (the penalty sets the final L0)."""
+
+    def sparsity_coefficient(self) -> float:
+        return self.l0_coefficient
+
+
+@register("jumprelu")
 class JumpReLUSAE(SAE):
-    architecture = "jumprelu"
+    Config = JumpReLUConfig
     TENSOR_NAMES = SAE.TENSOR_NAMES + ("threshold",)
 
-    def __init__(self, d_in: int, d_sae: int, apply_b_dec_to_input: bool = True,
-                 init_threshold: float = 0.01, bandwidth: float = 0.05):
-        super().__init__(d_in, d_sae, apply_b_dec_to_input)
-        self.threshold = torch.nn.Parameter(torch.full((d_sae,), float(init_threshold)))
-        self.bandwidth = bandwidth
+    def __init__(self, d_in: int, d_sae: int, type_config: JumpReLUConfig | None = None,
+                 apply_b_dec_to_input: bool = True):
+        super().__init__(d_in, d_sae, type_config, apply_b_dec_to_input)
+        self.threshold = torch.nn.Parameter(torch.full((d_sae,), float(self.type_config.init_threshold)))
+        self.bandwidth = self.type_config.bandwidth
 
-    @classmethod
-    def from_config(cls, cfg: SAEConfig) -> "JumpReLUSAE":
-        return cls(cfg.d_in, cfg.d_sae, apply_b_dec_to_input=cfg.apply_b_dec_to_input)
+    def initialise(self, x: torch.Tensor) -> None:
+        super().initialise(x)
+        init_sparse_bias(self, x, self.type_config.init_l0)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold)

@@ -7,13 +7,36 @@ Anthropic's λ ≈ 5 applies. Decoder rows are kept at unit norm, so the L1 term
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from core.sae.base import SAE, StepContext, StepOut, reconstruction_terms
+from core.sae.base import SAE, SAETypeConfig, StepContext, StepOut, init_sparse_bias, reconstruction_terms
+from core.sae.registry import register
 
 
+@dataclass
+class StandardConfig(SAETypeConfig):
+    """ReLU + L1 knobs."""
+
+    ALIASES = {"k": "init_l0"}
+
+    l1_coefficient: float = 5.0
+    """λ of the L1 penalty, in units where E‖x‖ = √d_in (Anthropic's λ ≈ 5)."""
+    init_l0: int = 32
+    """The L0 the encoder bias is initialised for (the penalty sets the final L0)."""
+
+    def sparsity_coefficient(self) -> float:
+        return self.l1_coefficient
+
+
+@register("standard")
 class StandardSAE(SAE):
-    architecture = "standard"
+    Config = StandardConfig
+
+    def initialise(self, x: torch.Tensor) -> None:
+        super().initialise(x)
+        init_sparse_bias(self, x, self.type_config.init_l0)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre.relu()

@@ -19,27 +19,59 @@ over tokens grouped by latent and the activations' gradient as one sampled matmu
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from core.sae.base import SAE, SAEConfig, StepContext, StepOut, check_k, reconstruction_terms
+from core.errors import UserError
+from core.sae.base import SAE, SAETypeConfig, StepContext, StepOut, reconstruction_terms
+from core.sae.registry import register
 
 # `_ByLatent.dots` builds a CSR pattern; torch warns once per process that CSR is in beta.
 warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
 
 
-class TopKSAE(SAE):
-    architecture = "topk"
+def check_k(k: int, d_sae: int) -> None:
+    """TopK needs 1 <= k <= d_sae; say which knob to turn otherwise."""
+    if not 1 <= k <= d_sae:
+        raise UserError(f"k={k} must be between 1 and d_sae={d_sae}; lower --k or raise --expansion")
 
-    def __init__(self, d_in: int, d_sae: int, k: int, apply_b_dec_to_input: bool = True):
-        check_k(k, d_sae)
-        super().__init__(d_in, d_sae, apply_b_dec_to_input)
-        self.k = k
+
+@dataclass
+class TopKConfig(SAETypeConfig):
+    """TopK knobs (Gao et al. 2024)."""
+
+    k: int = 32
+    """Latents kept per token."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss that revives dead latents (Gao et al.)."""
+
+    def check(self, d_sae: int) -> None:
+        check_k(self.k, d_sae)
+
+    def run_name(self) -> str:
+        return f"{self.architecture}-k{self.k}"
+
+    def cfg_json(self) -> dict[str, Any]:
+        return {"k": self.k, "rescale_acts_by_decoder_norm": False}
 
     @classmethod
-    def from_config(cls, cfg: SAEConfig) -> "TopKSAE":
-        return cls(cfg.d_in, cfg.d_sae, cfg.k, cfg.apply_b_dec_to_input)
+    def from_cfg_json(cls, d: dict[str, Any]) -> "TopKConfig":
+        k = d.get("k", (d.get("activation_fn_kwargs") or {}).get("k"))
+        if k is None:
+            raise UserError("cfg.json says architecture topk but gives no k; add \"k\": <int> to cfg.json")
+        return cls(k=int(k))
+
+
+@register("topk")
+class TopKSAE(SAE):
+    Config = TopKConfig
+
+    @property
+    def k(self) -> int:
+        return self.type_config.k
 
     def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The k kept activations and their latent indices, each [..., k] (values may be 0)."""
@@ -61,7 +93,7 @@ class TopKSAE(SAE):
         x_hat = _GatherDecode.apply(top_i, acts, self.W_dec, by_latent) + self.b_dec
         sq_err, total_var = reconstruction_terms(x, x_hat)
         fvu = sq_err / total_var
-        loss = fvu + auxk_loss(self, x_c, (x - x_hat).detach(), ctx) / total_var
+        loss = fvu + auxk_loss(self, x_c, (x - x_hat).detach(), ctx, self.type_config.auxk_alpha) / total_var
         live = acts > 0
         fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
         fired[top_i[live]] = True
@@ -115,7 +147,7 @@ class _ByLatent:
         return torch.empty_like(by_latent).index_put_((self.order,), by_latent).view(self.shape)
 
 
-def auxk_loss(sae: SAE, x_c: torch.Tensor, resid: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+def auxk_loss(sae: SAE, x_c: torch.Tensor, resid: torch.Tensor, ctx: StepContext, alpha: float) -> torch.Tensor:
     """AuxK (Gao et al.): the top k_aux = d_in/2 dead latents reconstruct what the live ones
     missed (no bias), scaled down while fewer than k_aux latents are dead, as in sparsify.
     Returns α·Σ‖aux − resid‖² (0 when nothing is dead).
@@ -124,7 +156,7 @@ def auxk_loss(sae: SAE, x_c: torch.Tensor, resid: torch.Tensor, ctx: StepContext
     is a handful of small matmuls, cheaper than a sparse path with k_aux = 288 entries per token.
     """
     n_dead = int(ctx.dead.sum())
-    if not n_dead or ctx.auxk_alpha <= 0:
+    if not n_dead or alpha <= 0:
         return x_c.new_zeros(())
     k_aux_max = sae.d_in // 2
     k_aux = max(1, min(k_aux_max, n_dead))
@@ -134,7 +166,7 @@ def auxk_loss(sae: SAE, x_c: torch.Tensor, resid: torch.Tensor, ctx: StepContext
     v, i = pre.topk(k_aux, dim=1, sorted=False)
     z = torch.zeros_like(pre).scatter(1, i, v.relu())
     aux_hat = z @ sae.W_dec[idx]
-    return ctx.auxk_alpha * min(n_dead / max(k_aux_max, 1), 1.0) * (aux_hat - resid).pow(2).sum()
+    return alpha * min(n_dead / max(k_aux_max, 1), 1.0) * (aux_hat - resid).pow(2).sum()
 
 
 class _GatherPre(torch.autograd.Function):

@@ -27,7 +27,7 @@ def sae_summary(sae: dict[str, Any]) -> None:
                 help="latents that did not fire for the dead-token window")
     c[3].metric("MSE", fmt_number(m.get("mse"), 4))
     c[4].metric("Width", fmt_number(sae.get("d_sae")), help=f"d_in {sae.get('d_in')}")
-    c[5].metric("k", fmt_number(sae.get("k")))
+    c[5].metric("Type", sae.get("architecture", ""), help=sae.get("settings") or None)
     st.caption(f"{sae.get('architecture', '')} SAE on `{sae.get('hook_name')}` of `{sae.get('model_id')}` · "
                f"id `{sae['id']}`")
     history = sae.get("history") or []

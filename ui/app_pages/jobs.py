@@ -39,16 +39,15 @@ def run_form(client) -> None:
         batch_size = c[3].number_input("Batch size (sequences)", min_value=1, value=DEFAULTS["batch_size"],
                                        key="batch_size")
         st.markdown("**Training**")
-        architecture = st.selectbox("SAE type", ["topk", "batchtopk", "jumprelu", "standard"], key="architecture",
-                                    help="topk: k latents per token (+AuxK); batchtopk: k per token on average, "
-                                         "saved as JumpReLU; jumprelu: learned thresholds, L0 penalty; "
-                                         "standard: ReLU + L1 penalty")
+        types = {t["name"]: t["about"] for t in client.sae_types()}
+        architecture = st.selectbox("SAE type", list(types), key="architecture", format_func=lambda a: a,
+                                    help="; ".join(f"{name}: {about}" for name, about in types.items()))
         c = st.columns(4)
         expansion = c[0].number_input("Expansion factor", min_value=1, value=DEFAULTS["expansion_factor"],
                                       key="expansion_factor",
                                       help=f"SAE width = {d_model} (d_model) × expansion factor")
         k = c[1].number_input("k (latents per token)", min_value=1, value=DEFAULTS["k"], key="k",
-                              help="at most the SAE width")
+                              help="at most the SAE width (for a type with a penalty: the L0 it starts at)")
         epochs = c[2].number_input("Epochs", min_value=1, value=DEFAULTS["epochs"], key="epochs")
         train_batch = c[3].number_input("Batch size (tokens)", min_value=1, value=DEFAULTS["train_batch_size"],
                                         step=256, key="train_batch_size")

@@ -24,7 +24,7 @@ def sae_frame(saes: list[dict]) -> pd.DataFrame:
     for s in saes:
         m = s.get("metrics") or {}
         rows.append({"id": s["id"], "name": s["name"], "model": s["model_id"], "hook": s["hook_name"],
-                     "type": s["architecture"], "d_sae": s["d_sae"], "k": s["k"],
+                     "type": s["architecture"], "d_sae": s["d_sae"], "settings": s["settings"],
                      **{title: m.get(key) for key, title in METRICS.items()},
                      "features": "yes" if s.get("features_path") else "no",
                      "source": m.get("imported_from", "trained")})

@@ -10,49 +10,52 @@ import streamlit as st
 from core.errors import UserError
 from ui.widgets import fmt_number, get_client, guard, progress_panel
 
-# Starting points per SAE type (TrainConfig's defaults: Gao et al. for TopK, Anthropic's λ ≈ 5 for
-# L1, Rajamanoharan et al. for JumpReLU). Comments, not docstrings: Streamlit's magic prints them.
-PRESETS: dict[str, dict[str, Any]] = {
-    "topk": {"expansion_factor": 8, "k": 32, "batch_size": 4096, "epochs": 1},
-    "batchtopk": {"expansion_factor": 8, "k": 32, "batch_size": 4096, "epochs": 1},
-    "jumprelu": {"expansion_factor": 8, "k": 32, "batch_size": 4096, "epochs": 1, "l0_coefficient": 1.0},
-    "standard": {"expansion_factor": 8, "k": 32, "batch_size": 4096, "epochs": 1, "l1_coefficient": 5.0},
-}
-ABOUT = {"topk": "k latents per token, AuxK revives dead latents",
-         "batchtopk": "k latents per token on average over the batch; saved as JumpReLU with its learned threshold",
-         "jumprelu": "a learned threshold per latent, an L0 penalty (straight-through estimator)",
-         "standard": "ReLU with an L1 penalty"}
-FIELDS = ("expansion_factor", "k", "batch_size", "epochs", "l0_coefficient", "l1_coefficient")
+SCHEDULE = ("expansion_factor", "batch_size", "epochs")
+# The form's fields beside the SAE type's own (which come with their defaults and help from the
+# type's config dataclass, through the Client). Comments, not docstrings: Streamlit's magic prints them.
+
+
+def _types(client) -> dict[str, dict[str, Any]]:
+    return {t["name"]: t for t in client.sae_types()}
 
 
 def _apply(values: dict[str, Any]) -> None:
-    """Put a preset's or template's values into the form's widgets (a callback: it runs before
-    the widgets are drawn)."""
+    """Put a type's defaults or a template's values into the form's widgets (a callback: it runs
+    before the widgets are drawn)."""
     for name, value in values.items():
         st.session_state[f"t-{name}"] = value
 
 
-def _template_values(values: dict[str, Any]) -> dict[str, Any]:
+def _type_defaults(sae_type: dict[str, Any]) -> dict[str, Any]:
+    return {f["name"]: f["default"] for f in sae_type["fields"]}
+
+
+def _template_values(client, values: dict[str, Any]) -> dict[str, Any]:
+    types, defaults = _types(client), client.train_defaults()
     config = values.get("config", {})
-    arch = config.get("architecture", "topk")
-    arch = arch if arch in PRESETS else "topk"  # a template naming an unknown type loads as topk
-    return {"architecture": arch, **PRESETS[arch], **{k: v for k, v in config.items() if k in FIELDS},
+    arch = config.get("architecture", defaults["architecture"])
+    arch = arch if arch in types else defaults["architecture"]  # a template naming an unknown type loads the default
+    own = _type_defaults(types[arch])
+    return {"architecture": arch, **{k: defaults[k] for k in SCHEDULE}, **own,
+            **{k: v for k, v in config.items() if k in own or k in SCHEDULE},
             **{k: values[k] for k in ("checkpoint_every", "keep_checkpoints") if k in values}}
 
 
 def template_picker(client) -> None:
-    """The SAE type (choosing one loads its preset) and a saved train template to load."""
-    st.session_state.setdefault("t-architecture", "topk")
-    for name, value in PRESETS["topk"].items():
-        st.session_state.setdefault(f"t-{name}", value)
+    """The SAE type (choosing one loads its defaults) and a saved train template to load."""
+    types, defaults = _types(client), client.train_defaults()
+    st.session_state.setdefault("t-architecture", defaults["architecture"])
+    for name in SCHEDULE:
+        st.session_state.setdefault(f"t-{name}", defaults[name])
     templates = {t["name"]: t["values"] for t in client.templates("train")}
     c = st.columns([3, 2, 1], vertical_alignment="bottom")
-    c[0].selectbox("SAE type", list(PRESETS), key="t-architecture", format_func=lambda a: f"{a} — {ABOUT[a]}",
-                   on_change=lambda: _apply(PRESETS[st.session_state["t-architecture"]]))
+    c[0].selectbox("SAE type", list(types), key="t-architecture",
+                   format_func=lambda a: f"{a} — {types[a]['about']}",
+                   on_change=lambda: _apply(_type_defaults(types[st.session_state["t-architecture"]])))
     if templates:
         name = c[1].selectbox("Template", list(templates), key="t-template")
         c[2].button("Load template", key="t-load-template", on_click=_apply,
-                    args=(_template_values(templates[name]),))
+                    args=(_template_values(client, templates[name]),))
     else:
         c[1].caption("No saved train templates yet: save this form as one below.")
 
@@ -97,25 +100,32 @@ def source_picker(client) -> dict[str, Any] | None:
             "max_tokens": int(max_tokens) or None}
 
 
+def type_fields(sae_type: dict[str, Any]) -> dict[str, Any]:
+    """A number input per setting of the SAE type, labelled and explained by its config field."""
+    fields = sae_type["fields"]
+    values = {}
+    for where, f in zip(st.columns(max(len(fields), 1)), fields):
+        st.session_state.setdefault(f"t-{f['name']}", f["default"])
+        whole = isinstance(f["default"], int)
+        values[f["name"]] = where.number_input(f["name"].replace("_", " "), key=f"t-{f['name']}", help=f["help"],
+                                               min_value=1 if whole else 0.0, format=None if whole else "%.4g")
+    return values
+
+
 def train_form(client) -> None:
     template_picker(client)
     source = source_picker(client)
     arch = st.session_state["t-architecture"]
     number = lambda where, label, name, **kw: where.number_input(label, key=f"t-{name}", **kw)
     with st.form("train_form"):
-        c = st.columns(4)
+        c = st.columns(3)
         values = {
             "expansion_factor": number(c[0], "Expansion factor", "expansion_factor", min_value=1,
                                        help="SAE width = d_model × this"),
-            "k": number(c[1], "k (latents per token)" if arch in ("topk", "batchtopk") else "initial L0", "k",
-                        min_value=1),
-            "batch_size": number(c[2], "Batch (tokens per step)", "batch_size", min_value=1, step=256),
-            "epochs": number(c[3], "Epochs", "epochs", min_value=1),
+            "batch_size": number(c[1], "Batch (tokens per step)", "batch_size", min_value=1, step=256),
+            "epochs": number(c[2], "Epochs", "epochs", min_value=1),
         }
-        if arch in ("jumprelu", "standard"):
-            name = "l0_coefficient" if arch == "jumprelu" else "l1_coefficient"
-            st.session_state.setdefault(f"t-{name}", PRESETS[arch][name])
-            values[name] = number(st, f"{name[:2].upper()} coefficient", name, min_value=0.0, format="%.4g")
+        values |= type_fields(_types(client)[arch])
         c = st.columns(3)
         st.session_state.setdefault("t-checkpoint_every", 0)
         st.session_state.setdefault("t-keep_checkpoints", 2)

@@ -1,0 +1,28 @@
+"""Field docstrings of config dataclasses, read from their source: the one place a setting is
+documented is the string under its field, and forms and command-line help are built from it."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import textwrap
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: its docstring (first paragraph, one line)} for `cls` and its dataclass bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):  # builtins, classes made at run time
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for stmt, after in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                first = inspect.cleandoc(after.value.value).split("\n\n")[0]
+                docs[stmt.target.id] = " ".join(first.split())
+    return docs

@@ -1,0 +1,141 @@
+"""What a training run is told: the schedule and data settings, with the SAE type's own knobs
+nested (as sparsify's TrainConfig nests its SparseCoderConfig).
+
+This dataclass is the one source of the training defaults: the CLI's flags, the dashboard's
+form and the templates read them from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, NamedTuple
+
+from core.errors import UserError
+from core.sae import SAE, SAETypeConfig, registry
+
+
+@dataclass
+class TrainConfig:
+    """How to train one SAE. Defaults follow Gao et al. 2024 and sparsify (TopK)."""
+
+    sae: SAETypeConfig = field(default_factory=lambda: registry.config_for(registry.DEFAULT))
+    """The SAE type and its knobs (k for TopK, l1_coefficient for ReLU-L1, ...): `core.sae.registry`."""
+    expansion_factor: int = 8
+    """d_sae = expansion_factor × d_in, unless `d_sae` is given."""
+    d_sae: int | None = None
+    """Number of latents; None → expansion_factor × d_in (set once by `resolved`)."""
+    lr: float | None = None
+    """Adam learning rate; None → 2e-4 / √(d_sae / 2^14), sparsify's width-scaled default."""
+    batch_size: int = 4096
+    """Tokens per optimizer step."""
+    total_tokens: int | None = None
+    """Training budget in tokens, cycling the data as often as needed. None → `epochs` passes,
+    which costs one extra read of the activations to count them."""
+    epochs: int = 1
+    """Passes over the data when `total_tokens` is None."""
+    sparsity_warmup_frac: float = 0.05
+    """Fraction of steps over which a penalised type's sparsity coefficient rises linearly from 0."""
+    dead_tokens: int | None = None
+    """A latent that has not fired for this many tokens is dead (and gets AuxK gradient in the
+    TopK family). None → 10M as in Gao et al., capped at a quarter of the run (at least one
+    batch) so that short runs on small corpora still revive latents."""
+    lr_warmup_frac: float = 0.05
+    """Fraction of steps over which lr rises linearly from 0."""
+    lr_decay_frac: float = 0.2
+    """Final fraction of steps over which lr decays linearly to 0."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    log_every: int = 5
+    """Steps between history entries and progress calls."""
+    seed: int = 0
+    """Seeds the initialisation and the shuffle."""
+    outlier_norm_multiple: float | None = 10.0
+    """Tokens with ‖x‖ > this × the median norm are excluded from training and evaluation (and
+    counted); None disables. Non-finite tokens are always excluded."""
+    sample_tokens: int = 16384
+    """Tokens read first to estimate the median norm, the scale and b_dec."""
+    shuffle_batches: int = 4
+    """Tokens are shuffled within windows of this many batches (activation caches are in
+    document order, and consecutive tokens are correlated)."""
+    device: str = "cpu"
+    """torch device to train on ("cpu", "cuda", "cuda:1")."""
+
+    @property
+    def architecture(self) -> str:
+        return self.sae.architecture
+
+    def width(self, d_in: int) -> int:
+        """The number of latents on d_in-wide activations."""
+        return self.d_sae if self.d_sae is not None else self.expansion_factor * d_in
+
+    def resolved(self, d_in: int) -> "TrainConfig":
+        """A copy with `d_sae` set for d_in-wide activations, checked: one-line errors for
+        settings that cannot train."""
+        if self.d_sae is None and self.expansion_factor < 1:
+            raise UserError(f"expansion factor {self.expansion_factor} must be at least 1")
+        d_sae = self.width(d_in)
+        if d_sae < 1:
+            raise UserError(f"d_sae={d_sae} must be at least 1")
+        self.sae.check(d_sae)
+        if self.batch_size < 2:
+            raise UserError(f"batch_size={self.batch_size} is too small; use at least 2 (FVU needs a batch mean)")
+        return dataclasses.replace(self, d_sae=d_sae)
+
+    def run_name(self) -> str:
+        """How this config's SAEs are told apart in names (e.g. "topk-k32")."""
+        return self.sae.run_name()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat JSON form of job files and templates: the type's fields beside the schedule's."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sae"}
+        return self.sae.to_dict() | d
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """Parse a job file's or template's config: flat ({"architecture": "topk", "k": 32,
+        "lr": ...}) as today's files are, or with the type under "sae". Knobs of another type
+        than the one named are ignored (forms and old templates carry them); other unknown keys
+        are one-line errors."""
+        values = dict(values)
+        nested = values.pop("sae", None)
+        if nested is not None and not isinstance(nested, Mapping):
+            raise UserError(f"training config key 'sae' should be an object, got {nested!r}")
+        train_fields = {f.name for f in dataclasses.fields(cls)} - {"sae"}
+        knobs = {k: values.pop(k) for k in list(values) if k not in train_fields}
+        unknown = set(knobs) - registry.knob_names() - {"architecture"}
+        if unknown:
+            raise UserError(f"unknown training option(s) {', '.join(sorted(unknown))}; allowed: "
+                            f"{', '.join(sorted(train_fields | registry.knob_names() | {'architecture'}))}")
+        knobs |= dict(nested or {})
+        name = str(knobs.pop("architecture", registry.DEFAULT))
+        return cls(sae=registry.config_for(name, knobs, lenient=nested is None), **values)
+
+
+class RunSpec(NamedTuple):
+    """One SAE of a multi-SAE training run."""
+
+    name: str
+    """Unique within the run (e.g. "blocks.6.hook_resid_post/topk-k32")."""
+    hook_name: str
+    """Which array of each source chunk this SAE reads."""
+    d_in: int
+    cfg: TrainConfig
+    output_hook: str = ""
+    """Which array it learns to write; "" → the one it reads (an SAE). A transcoder would name
+    another hook here."""
+
+
+class TrainResult(NamedTuple):
+    sae: SAE
+    """Trained SAE on CPU in inference form (BatchTopK → JumpReLU), scale folded in: it maps raw
+    activations to raw reconstructions."""
+    history: list[dict]
+    """One entry per log step: step, tokens, loss, mse, fvu, l0, dead_frac, lr (window means)."""
+    final: dict
+    """Evaluation of the returned SAE in raw units on the held-out tokens (or, without a
+    held-out slice, on the training sample; `eval_split` says which): mse, fvu, l0, plus
+    dead_frac (from training), tokens (trained), excluded_outliers, outlier_frac,
+    median_norm, outlier_norm_threshold, eval_tokens."""
+    scale: float
+    """Factor the raw activations were multiplied by during training (E‖scale·x‖ = √d_in)."""
