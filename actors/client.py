@@ -6,12 +6,13 @@ ProgressActor, so a restarted UI finds every job and its live numbers on its fir
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import ray
 
@@ -20,6 +21,7 @@ from core.discover import read_examples
 from core.errors import UserError
 from storage import Artifacts, Registry, Settings
 from storage.registry import FINAL_STATES, IDLE_STATES, SAE, Activation, Dataset, Experiment, Job, Model, Template
+from storage.registry import JOB_STATES, masked_url
 
 
 class Client:
@@ -258,6 +260,142 @@ class Client:
             raise UserError(f"SAE {sae_id!r} has no discovered features; run: mistudio discover run --sae {sae_id}")
         self.local(sae["features_path"])
         return sae
+
+    # -- what the dashboard's forms and views need ---------------------------------------------
+    # The pages talk to nothing but this class: the vocabularies their controls offer and the
+    # reads they show come from here, each a thin call into core or storage (and they catch the
+    # UserError imported above from this module).
+    @staticmethod
+    def job_states() -> tuple[str, ...]:
+        return JOB_STATES
+
+    @staticmethod
+    def final_states() -> tuple[str, ...]:
+        """States a job never leaves (completed, failed, cancelled)."""
+        return FINAL_STATES
+
+    @staticmethod
+    def hook_sites() -> tuple[str, ...]:
+        from core.hooks import SITES
+
+        return SITES
+
+    @staticmethod
+    def hook_name(layer: int, site: str = "resid_post") -> str:
+        """The TransformerLens name of a decoder block's hook site, e.g. blocks.6.hook_resid_post."""
+        from core.hooks import hook_name
+
+        return hook_name(layer, site)
+
+    @staticmethod
+    def quantizations() -> tuple[str, ...]:
+        from core.models import QUANTIZATIONS
+
+        return QUANTIZATIONS
+
+    @staticmethod
+    def estimate_memory(source: str, **options: Any):
+        """core.models' MemoryEstimate of a model from its config alone (no weights are loaded);
+        `source` "embedded" is the embedded SmolLM2. `options`: dtype, quantization, batch_size,
+        context_length, trust_remote_code."""
+        from core import models
+
+        return models.estimate_memory(models.embedded_gguf_path() if source == "embedded" else source, **options)
+
+    @staticmethod
+    def sae_formats() -> tuple[str, ...]:
+        """The SAE file formats import_sae reads."""
+        from core.formats import FORMATS
+
+        return FORMATS
+
+    @staticmethod
+    def label_categories() -> tuple[str, ...]:
+        from core.interp import CATEGORIES
+
+        return CATEGORIES
+
+    @staticmethod
+    def data_file_types() -> tuple[str, ...]:
+        """The suffixes of the text files a dataset can be added from."""
+        from core.data import FILE_TYPES
+
+        return FILE_TYPES
+
+    @staticmethod
+    def builtin_dataset() -> str:
+        """The source name of the built-in corpus (the standard library's documentation)."""
+        from core.data import BUILTIN
+
+        return BUILTIN
+
+    @staticmethod
+    def template_kinds() -> TemplateKinds:
+        from actors.specs import LABEL_PROMPT, PROMPT_SETS, SPECS
+
+        return TemplateKinds(tuple(SPECS), PROMPT_SETS, LABEL_PROMPT)
+
+    @staticmethod
+    def load_tokenizer(path: str):
+        """The Hugging Face tokenizer in a model's local folder (see `local`)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+
+    def model(self, model_id: str) -> dict[str, Any] | None:
+        """A registered model's row, or None when it is not (or no longer) registered."""
+        return self.registry.get(Model, model_id)
+
+    def masked_database_url(self) -> str:
+        """The registry's database URL with any password hidden, for showing."""
+        return masked_url(self.settings.database_url)
+
+    def save_upload(self, name: str, data: bytes) -> str:
+        """An uploaded text file saved under `<data root>/uploads/<content hash>/<its name>` (written
+        atomically; the same content is saved once); returns its path, a source for add_dataset."""
+        from core.data import FILE_TYPES
+        from core.io import atomic_file
+
+        name = Path(name).name
+        if Path(name).suffix.lower() not in FILE_TYPES:
+            raise UserError(f"{name} is not one of {', '.join(FILE_TYPES)}; upload a text file of one of those types")
+        dest = Path(self.settings.home) / "uploads" / hashlib.sha256(data).hexdigest()[:12] / name
+        if not dest.is_file():
+            with atomic_file(dest) as tmp:
+                tmp.write_bytes(data)
+        return str(dest)
+
+    def dataset_row_lengths(self, dataset_id: str):
+        """core.data.RowLengths of a tokenized dataset: every row's tokens and source document."""
+        from core.data import row_lengths
+
+        return row_lengths(self.local(self._dataset(dataset_id)["path"]))
+
+    def dataset_rows(self, dataset_id: str, row_ids: list[int]) -> dict[int, Any]:
+        """The token ids (numpy arrays) of the given rows of a tokenized dataset, by row id."""
+        from core.data import read_rows
+
+        return read_rows(self.local(self._dataset(dataset_id)["path"]), row_ids)
+
+    def checkpoints(self, job_id: str) -> list[Path]:
+        """A training job's checkpoint files, oldest first, fetched from the artifact store; [] when none."""
+        from core.train import checkpoints
+
+        folder = self.artifacts.pull(self.artifacts.checkpoints(job_id))
+        return checkpoints(folder) if folder.is_dir() else []
+
+    def _dataset(self, dataset_id: str) -> dict[str, Any]:
+        ds = self.registry.get(Dataset, dataset_id)
+        if ds is None:
+            raise UserError(f"no dataset {dataset_id!r}; list them with: mistudio datasets list")
+        return ds
+
+
+class TemplateKinds(NamedTuple):
+    """What a template can hold: a job kind's form, or one of the two prompt kinds."""
+    jobs: tuple[str, ...]  # one per job kind: its spec's fields
+    prompt_sets: str  # steering prompt sets
+    label_prompt: str  # labeling prompts
 
 
 def _get(ref):

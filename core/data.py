@@ -413,6 +413,24 @@ def iter_batches(dataset_dir, batch_size: int, pad_token_id: int, max_rows: int 
         yield _pad(rows, row_ids, pad_token_id, doc_ids)
 
 
+class RowLengths(NamedTuple):
+    """Per row of a tokenized dataset, in row_id order."""
+    tokens: np.ndarray  # int64: tokens in the row (at most the context length)
+    doc_ids: np.ndarray  # int64: the source document the row was cut from
+
+
+def row_lengths(dataset_dir) -> RowLengths:
+    """Every row's length and document, read from the shards' offsets (no token is decoded)."""
+    lengths, docs = [], []
+    for shard in _shard_files(Path(dataset_dir)):
+        for rb in pq.ParquetFile(shard).iter_batches(batch_size=65536, columns=["input_ids", "doc_id"]):
+            lengths.append(np.diff(rb.column(0).offsets.to_numpy()))
+            docs.append(rb.column(1).to_numpy())
+    if not lengths:
+        raise UserError(f"{dataset_dir} holds no token shards; was the dataset deleted? Add it again.")
+    return RowLengths(np.concatenate(lengths).astype(np.int64), np.concatenate(docs).astype(np.int64))
+
+
 def read_rows(dataset_dir, row_ids: Iterable[int]) -> dict[int, np.ndarray]:
     """The token ids of the given rows (by `row_id`), read with a filter per shard."""
     wanted = sorted(set(int(r) for r in row_ids))

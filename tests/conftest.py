@@ -102,7 +102,7 @@ def ui_client(client):
     by pages run under AppTest in this process) finds the same Ray and registry."""
     import os
 
-    from ui.widgets import get_client
+    from ui.components.client import get_client
 
     saved = {k: os.environ.get(k) for k in client.settings.to_env()}
     os.environ.update(client.settings.to_env())

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from core.data import (DatasetStats, builtin_corpus, iter_batches, load_texts, read_stats,
+from core.data import (DatasetStats, builtin_corpus, iter_batches, load_texts, read_stats, row_lengths,
                        tokenize_to_shards)
 from core.errors import UserError
 
@@ -72,6 +72,10 @@ def test_tokenize_to_shards(tmp_path, tiny_tokenizer):
     assert read_stats(tmp_path / "ds") == stats
     assert json.loads((tmp_path / "ds" / "stats.json").read_text())["tokens"] == 37
     assert seen[-1]["phase"] == "tokenize" and seen[-1]["done"] == seen[-1]["total"] == 5
+    lengths = row_lengths(tmp_path / "ds")  # the Datasets page's histogram, from the shards' offsets
+    assert lengths.tokens.tolist() == [10, 10, 5, 2, 10] and lengths.doc_ids.tolist() == doc_ids
+    with pytest.raises(UserError, match="no token shards"):
+        row_lengths(tmp_path)
 
 
 def test_tokenize_long_context_and_empty(tmp_path, tiny_tokenizer):

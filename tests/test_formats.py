@@ -221,7 +221,7 @@ def test_sparsify_errors(tmp_path):
     _error(import_sae, tmp_path / "layers.1",
            match=r"encoder\.weight in .*sae\.safetensors has shape \[32, 8\] but cfg\.json \(d_in=8, d_sae=64\)")
     cfg_path.write_text(json.dumps(good | {"k": 33}))
-    _error(import_sae, tmp_path / "layers.1", match="k=33 must be between 1 and d_sae=32")
+    _error(import_sae, tmp_path / "layers.1", match="k=33 must be between 1 and the SAE width 32")
     cfg_path.write_text(json.dumps({key: v for key, v in good.items() if key != "d_in"}))
     _error(import_sae, tmp_path / "layers.1", match="lacks d_in")
     cfg_path.write_text("{truncated")

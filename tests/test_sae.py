@@ -51,7 +51,7 @@ def test_parameter_names_and_shapes_match_saelens():
 
 @pytest.mark.parametrize("k", [0, 13])
 def test_k_out_of_range_is_a_user_error(k):
-    with pytest.raises(UserError, match=rf"k={k} must be between 1 and d_sae=12; lower --k or raise --expansion"):
+    with pytest.raises(UserError, match=rf"k={k} must be between 1 and the SAE width 12; lower k or raise the expansion factor"):
         TopKSAE(6, 12, TopKConfig(k=k))
 
 

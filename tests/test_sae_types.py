@@ -104,5 +104,5 @@ def test_bad_training_configs_are_one_line_errors(values, message):
 
 
 def test_k_is_checked_against_the_resolved_width():
-    with pytest.raises(UserError, match="k=200 must be between 1 and d_sae=64"):
+    with pytest.raises(UserError, match="k=200 must be between 1 and the SAE width 64; lower k"):
         TrainConfig.from_dict({"k": 200, "expansion_factor": 4}).resolved(16)

@@ -121,7 +121,7 @@ def test_total_tokens_budget_cycles_the_data():
 
 
 def test_k_larger_than_d_sae_is_a_user_error():
-    with pytest.raises(UserError, match="k=200 must be between 1 and d_sae=128"):
+    with pytest.raises(UserError, match="k=200 must be between 1 and the SAE width 128"):
         train_sae(source(synthetic(n=100)), D_IN, TrainConfig(sae=TopKConfig(k=200), expansion_factor=4))
 
 

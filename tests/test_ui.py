@@ -33,7 +33,7 @@ def history_rows(at: AppTest) -> list[dict]:
 
 # -- pure helpers ----------------------------------------------------------------------------
 def test_token_html_escapes_and_shades():
-    from ui.widgets import token_html
+    from ui.components.tokens import token_html
 
     out = token_html(["<b>", " ", "\n", "x y", ""], [0.0, 1.0, 2.0, -1.0, 0.5], max_act=2.0, highlight=2)
     assert "<b>" not in out and "&lt;b&gt;" in out  # token text is escaped
@@ -45,7 +45,7 @@ def test_token_html_escapes_and_shades():
 
 
 def test_progress_text_names_the_stage_of_a_staged_step():
-    from ui.widgets import _bar
+    from ui.components.jobs import _bar
 
     job = {"kind": "analyze", "step": "analyze", "state": "running"}
     frac, text = _bar(job, {"step": "analyze", "stage": "NLP", "done": 512, "total": 4608, "unit": "latents",
@@ -346,7 +346,7 @@ def test_polling_stops_when_nothing_runs(tiny_run, ui_client):
         assert seen == [None]
         # while a job is active the panel polls
         from actors.client import Client
-        from ui.widgets import POLL_S
+        from ui.components.jobs import POLL_S
 
         running = {"id": "pipeline-fake", "kind": "pipeline", "state": "running", "step": "train",
                    "message": "", "started_at": None, "finished_at": None}
@@ -367,6 +367,29 @@ def test_no_page_prints_a_stray_module_string():
         stray = [n.lineno for n in body[1:] if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
                  and isinstance(n.value.value, str)]
         assert not stray, f"{path.name} line(s) {stray}: make them comments"
+
+
+def test_pages_import_only_the_client_and_components():
+    """The dashboard's contract: a page talks to `actors.client` and `ui.components`, and to no
+    other miStudio module (no core, storage, actors.specs or ui.cli reached around the Client)."""
+    import ast
+    import sys
+
+    allowed = {"actors.client", "ui.components"}
+    libraries = {"streamlit", "pandas", "altair", "numpy"}
+    for path in sorted((UI / "app_pages").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                ok = (name in allowed or name.startswith("ui.components.") or top in libraries
+                      or top in sys.stdlib_module_names or name == "__future__")
+                assert ok, f"{path.name} line {node.lineno} imports {name}: ask the Client instead"
 
 
 def test_an_oidc_provider_keeps_the_app_closed_until_signed_in(tiny_run, ui_client):

@@ -1,14 +1,14 @@
 """miStudio dashboard: `streamlit run ui/app.py` (or `mistudio ui`).
 
 The pages live in ui/app_pages/; their paths resolve relative to this file. Every page reads
-the registry and the live progress through `actors.client.Client` (see ui/widgets.py). When a
+the registry and the live progress through `actors.client.Client` (see ui/components/). When a
 password (MISTUDIO_UI_PASSWORD) or an OIDC provider (Streamlit's [auth] secrets) is configured,
 only signed-in users get past the first line.
 """
 
 import streamlit as st
 
-from ui.widgets import signed_in
+from ui.components.signin import signed_in
 
 st.set_page_config(page_title="miStudio", layout="wide")
 if not signed_in():

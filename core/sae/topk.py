@@ -36,7 +36,7 @@ warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWa
 def check_k(k: int, d_sae: int) -> None:
     """TopK needs 1 <= k <= d_sae; say which knob to turn otherwise."""
     if not 1 <= k <= d_sae:
-        raise UserError(f"k={k} must be between 1 and d_sae={d_sae}; lower --k or raise --expansion")
+        raise UserError(f"k={k} must be between 1 and the SAE width {d_sae}; lower k or raise the expansion factor")
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import html
 from pathlib import Path
 from typing import Any
@@ -10,14 +9,13 @@ from typing import Any
 import altair as alt
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import streamlit as st
 
-from core.data import BUILTIN, FILE_TYPES, read_rows
-from core.errors import UserError
-from core.io import atomic_file
-from storage.registry import Model
-from ui.widgets import fmt_number, get_client, guard, progress_panel, submit_job, visible_token
+from actors.client import Client, UserError
+from ui.components.client import get_client, guard
+from ui.components.formatting import fmt_number
+from ui.components.jobs import progress_panel, submit_job
+from ui.components.tokens import visible_token
 
 SOURCES = {
     "builtin": "Built-in corpus",
@@ -32,14 +30,12 @@ CHIP_COLORS = ("rgba(31, 119, 180, 0.15)", "rgba(255, 127, 14, 0.18)")
 # -- helpers ----------------------------------------------------------------------------------
 @st.cache_resource(show_spinner="Loading the tokenizer…", max_entries=8)
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+    return Client.load_tokenizer(path)
 
 
 def tokenizer_for(client, model_id: str):
     """The tokenizer of a registered model, or None (with a caption saying why)."""
-    model = client.get(Model, model_id)
+    model = client.model(model_id)
     if model is None:
         st.caption(f"Model `{model_id}` is no longer registered, so its tokenizer is unavailable.")
         return None
@@ -64,18 +60,11 @@ def token_chips(tokens: list[str], ids: list[int]) -> str:
 
 
 @st.cache_data(show_spinner="Reading the token shards…", max_entries=16)
-def row_lengths(path: str) -> pd.DataFrame:
-    """Tokens and source document of every row (row_id order), read from the dataset's shards."""
-    lengths, docs = [], []
-    for shard in sorted(Path(path).glob("shard-*.parquet")):
-        for rb in pq.ParquetFile(shard).iter_batches(batch_size=65536, columns=["input_ids", "doc_id"]):
-            offsets = rb.column(0).offsets.to_numpy()
-            lengths.append(np.diff(offsets))
-            docs.append(rb.column(1).to_numpy())
-    if not lengths:
-        raise UserError(f"{path} holds no token shards; was the dataset deleted? Add it again.")
-    return pd.DataFrame({"tokens": np.concatenate(lengths).astype(np.int64),
-                         "doc_id": np.concatenate(docs).astype(np.int64)})
+def row_lengths(_client, dataset_id: str, path: str) -> pd.DataFrame:
+    """Tokens and source document of every row (row_id order), read from the dataset's shards.
+    `path`, the dataset's folder, keys the cache with the id: ids repeat across data roots."""
+    rows = _client.dataset_row_lengths(dataset_id)
+    return pd.DataFrame({"tokens": rows.tokens, "doc_id": rows.doc_ids})
 
 
 def length_histogram(lengths: np.ndarray, high: int | None = None, bins: int = 40) -> pd.DataFrame:
@@ -85,19 +74,6 @@ def length_histogram(lengths: np.ndarray, high: int | None = None, bins: int = 4
     return pd.DataFrame({"start": edges[:-1], "end": edges[1:], "count": counts})
 
 
-def save_upload(home: Path, upload) -> Path:
-    """An uploaded file saved under `<data root>/uploads/<content hash>/<its name>` (temp file, then rename)."""
-    data = upload.getvalue()
-    name = Path(upload.name).name
-    if Path(name).suffix.lower() not in FILE_TYPES:
-        raise UserError(f"{name} is not one of {', '.join(FILE_TYPES)}; upload a text file of one of those types")
-    dest = Path(home) / "uploads" / hashlib.sha256(data).hexdigest()[:12] / name
-    if not dest.is_file():
-        with atomic_file(dest) as tmp:
-            tmp.write_bytes(data)
-    return dest
-
-
 def check_path(source: str) -> str:
     """A data file or folder on the server, as AddDatasetSpec wants it; UserError if it is not one."""
     if not source:
@@ -105,8 +81,9 @@ def check_path(source: str) -> str:
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"data file not found: {source}; check the path")
-    if path.is_file() and path.suffix.lower() not in FILE_TYPES:
-        raise UserError(f"{source} is not one of {', '.join(FILE_TYPES)}; convert it or pick another file")
+    file_types = Client.data_file_types()
+    if path.is_file() and path.suffix.lower() not in file_types:
+        raise UserError(f"{source} is not one of {', '.join(file_types)}; convert it or pick another file")
     return str(path.resolve())
 
 
@@ -132,7 +109,7 @@ def add_form(client) -> None:
         model_id = c[0].selectbox("Model (its tokenizer)", list(models), key="ds-model",
                                   format_func=lambda i: f"{models[i]['name']} — {models[i]['architecture']}")
         name = c[1].text_input("Name", key="ds-name", placeholder="default: the file's name, or stdlib-docs")
-        source, upload = BUILTIN, None
+        source, upload = client.builtin_dataset(), None
         if kind == "builtin":
             st.caption("The Python standard library's documentation (pydoc topics and module docstrings): "
                        "real English, available offline.")
@@ -140,7 +117,7 @@ def add_form(client) -> None:
             source = st.text_input("Path on the server", key="ds-path",
                                    placeholder="/data/texts.jsonl — .txt, .jsonl, .parquet, .csv, or a folder of them")
         elif kind == "upload":
-            upload = st.file_uploader("File", type=[t.lstrip(".") for t in FILE_TYPES], key="ds-upload",
+            upload = st.file_uploader("File", type=[t.lstrip(".") for t in client.data_file_types()], key="ds-upload",
                                       help="saved under the data root's uploads/ folder, then tokenized")
         else:
             source = st.text_input("Dataset id", key="ds-hub", placeholder="org/name (needs the hub to be reachable)")
@@ -160,7 +137,7 @@ def add_form(client) -> None:
         elif kind == "upload":
             if upload is None:
                 raise UserError("choose a file to upload first")
-            source = str(save_upload(client.settings.home, upload))
+            source = client.save_upload(upload.name, upload.getvalue())
         elif kind == "hub" and not source.strip():
             raise UserError("enter a Hugging Face dataset id, e.g. org/name")
     except UserError as e:
@@ -203,10 +180,10 @@ def length_section(ds: dict[str, Any], frame: pd.DataFrame) -> None:
     st.altair_chart(chart, width="stretch")
 
 
-def sample_section(ds: dict[str, Any], frame: pd.DataFrame, tok) -> None:
+def sample_section(client, ds: dict[str, Any], frame: pd.DataFrame, tok) -> None:
     row = int(st.number_input("Row", min_value=0, max_value=len(frame) - 1, value=0, step=1,
                               key=f"ds-row-{ds['id']}", help=f"0 to {len(frame) - 1:,}"))
-    ids = [int(i) for i in read_rows(ds["local_path"], [row])[row]]
+    ids = [int(i) for i in client.dataset_rows(ds["id"], [row])[row]]
     st.caption(f"row {row:,} · {len(ids)} tokens · document {int(frame['doc_id'].iat[row]):,}")
     if tok is None:
         st.code(" ".join(map(str, ids)), language=None, wrap_lines=True)
@@ -234,9 +211,9 @@ def dataset_details(client, datasets: list[dict[str, Any]]) -> None:
     dataset_id = st.selectbox("Dataset", list(reversed(by_id)), key="ds-selected",
                               format_func=lambda i: f"{by_id[i]['name']} ({i}) — {fmt_number(by_id[i]['tokens'])} "
                                                     f"tokens, {by_id[i]['model_id']}")
-    ds = {**by_id[dataset_id], "local_path": client.local(by_id[dataset_id]["path"])}
+    ds = by_id[dataset_id]
     stats_section(ds)
-    frame = row_lengths(ds["local_path"])
+    frame = row_lengths(client, ds["id"], ds["path"])
     tok = tokenizer_for(client, ds["model_id"])
     left, right = st.columns(2)
     with left:
@@ -244,7 +221,7 @@ def dataset_details(client, datasets: list[dict[str, Any]]) -> None:
         length_section(ds, frame)
     with right:
         st.markdown("**Rows**")
-        sample_section(ds, frame, tok)
+        sample_section(client, ds, frame, tok)
     st.markdown("**Tokenization preview**")
     preview_section(ds, tok)
 

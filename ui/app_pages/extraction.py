@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.errors import UserError
-from ui.widgets import fmt_bytes, fmt_duration, fmt_number, get_client, guard, model_and_dataset, progress_panel
+from actors.client import UserError
+from ui.components.client import get_client, guard
+from ui.components.formatting import fmt_bytes, fmt_duration, fmt_number
+from ui.components.forms import model_and_dataset
+from ui.components.jobs import progress_panel
 
 BYTES_PER_VALUE = 4  # activations are stored as float32 (core/extract.py)
 
@@ -26,8 +29,6 @@ def measured_rate(client, model_id: str) -> float | None:
 
 
 def extract_form(client) -> None:
-    from core.hooks import SITES, hook_name
-
     chosen = model_and_dataset(client, "extract")
     if chosen is None:
         return
@@ -36,7 +37,7 @@ def extract_form(client) -> None:
     # no st.form: the estimate follows every change
     c = st.columns(2)
     layers = c[0].multiselect("Layers", list(range(n_layers)), default=[n_layers // 2], key=f"x-layers-{model['id']}")
-    sites = c[1].multiselect("Hook sites", SITES, default=["resid_post"], key="x-sites",
+    sites = c[1].multiselect("Hook sites", client.hook_sites(), default=["resid_post"], key="x-sites",
                              help="resid_pre: the block's input; resid_post: its output; mlp_out, attn_out: "
                                   "what the MLP and attention add to the residual stream")
     c = st.columns(3)
@@ -47,7 +48,7 @@ def extract_form(client) -> None:
                             help="BOS/EOS and the tokenizer's other special tokens stay in the model's input "
                                  "but their activations are not stored")
     tokens = min(int(max_tokens) or dataset["tokens"], dataset["tokens"])
-    hooks = [hook_name(layer, site) for site in sites for layer in sorted(layers)]
+    hooks = [client.hook_name(layer, site) for site in sites for layer in sorted(layers)]
     size = tokens * model["d_model"] * BYTES_PER_VALUE * len(hooks)
     rate = measured_rate(client, model["id"])
     timing = (f"about {fmt_duration(tokens * len(hooks) / rate)} at this model's last measured "

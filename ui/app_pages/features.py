@@ -9,10 +9,11 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core.interp import CATEGORIES
-
-from ui.widgets import LABEL_ENDPOINT as ENDPOINT
-from ui.widgets import fmt_number, get_client, guard, line_charts, token_html, top_token_text
+from ui.components.charts import line_charts
+from ui.components.client import get_client, guard
+from ui.components.formatting import fmt_number
+from ui.components.forms import LABEL_ENDPOINT as ENDPOINT
+from ui.components.tokens import token_html, top_token_text
 
 SORTS = {"frequency": "frequency", "max_act": "max activation", "mean_act": "mean activation"}
 
@@ -67,7 +68,7 @@ def features_table(client, sae: dict[str, Any]) -> tuple[pd.DataFrame, dict[int,
     c = st.columns([1, 1, 2], vertical_alignment="bottom")
     min_max = c[0].number_input("Min max activation", min_value=0.0, value=0.0, key="min_max_act",
                                 help="the latent's largest activation over the data")
-    labels = c[1].selectbox("Labels", ["all", "labeled", "unlabeled", *CATEGORIES], key="label_filter",
+    labels = c[1].selectbox("Labels", ["all", "labeled", "unlabeled", *client.label_categories()], key="label_filter",
                             help="labeled or not, or one label category")
     rows = client.features(sae["id"], order_by=order, min_frequency=float(min_freq))
     if live_only:
@@ -205,7 +206,7 @@ def label_editor(client, sae: dict[str, Any], doc: dict[str, Any]) -> None:
     with st.expander("Edit label"):
         with st.form(key=f"label-{sae['id']}-{latent}"):
             name = st.text_input("Name", value=ex["name"], key=f"label_name-{latent}")
-            cats = list(CATEGORIES)
+            cats = list(client.label_categories())
             category = st.selectbox("Category", cats, index=cats.index(ex["category"]) if ex["category"] in cats
                                     else cats.index("other"), key=f"label_category-{latent}")
             description = st.text_area("Description", value=ex["description"], key=f"label_description-{latent}")

@@ -6,18 +6,14 @@ from typing import Any
 
 import streamlit as st
 
-from storage.registry import JOB_STATES
-from ui.cli import DEMO_DEFAULTS, DEMO_TRAIN
-from ui.widgets import fmt_number, get_client, guard, jobs_frame, model_and_dataset, progress_panel, submit_job
+from ui.components.client import get_client, guard
+from ui.components.formatting import fmt_number
+from ui.components.forms import RUN_DEFAULTS, model_and_dataset
+from ui.components.jobs import jobs_frame, progress_panel, submit_job
 
-# Form defaults: the demo's run. (A comment, not a docstring: Streamlit's magic would print it.)
-DEFAULTS = {"max_tokens": DEMO_DEFAULTS["max_tokens"], "batch_size": 8,
-            "expansion_factor": DEMO_TRAIN["expansion_factor"], "k": DEMO_TRAIN["k"], "epochs": DEMO_TRAIN["epochs"],
-            "train_batch_size": DEMO_TRAIN["batch_size"], "top_k": 20}
 
 def run_form(client) -> None:
-    from core.hooks import SITES
-
+    sites = client.hook_sites()
     chosen = model_and_dataset(client, "run")
     if chosen is None:
         return
@@ -31,29 +27,29 @@ def run_form(client) -> None:
         # keyed per model: the bound changes with the model's depth
         layer = c[0].number_input("Layer", min_value=0, max_value=n_layers - 1, value=n_layers // 2, step=1,
                                   key=f"layer-{model_id}", help=f"0 to {n_layers - 1}")
-        site = c[1].selectbox("Hook site", SITES, index=SITES.index("resid_post"), key="site",
+        site = c[1].selectbox("Hook site", sites, index=sites.index("resid_post"), key="site",
                               help="TransformerLens names: resid_post is the decoder block's output")
-        max_tokens = c[2].number_input("Max tokens (0 = all)", min_value=0, value=DEFAULTS["max_tokens"],
+        max_tokens = c[2].number_input("Max tokens (0 = all)", min_value=0, value=RUN_DEFAULTS["max_tokens"],
                                        step=1000, key="max_tokens",
                                        help=f"the dataset has {fmt_number(dataset['tokens'])} tokens")
-        batch_size = c[3].number_input("Batch size (sequences)", min_value=1, value=DEFAULTS["batch_size"],
+        batch_size = c[3].number_input("Batch size (sequences)", min_value=1, value=RUN_DEFAULTS["batch_size"],
                                        key="batch_size")
         st.markdown("**Training**")
         types = {t["name"]: t["about"] for t in client.sae_types()}
         architecture = st.selectbox("SAE type", list(types), key="architecture", format_func=lambda a: a,
                                     help="; ".join(f"{name}: {about}" for name, about in types.items()))
         c = st.columns(4)
-        expansion = c[0].number_input("Expansion factor", min_value=1, value=DEFAULTS["expansion_factor"],
+        expansion = c[0].number_input("Expansion factor", min_value=1, value=RUN_DEFAULTS["expansion_factor"],
                                       key="expansion_factor",
                                       help=f"SAE width = {d_model} (d_model) × expansion factor")
-        k = c[1].number_input("k (latents per token)", min_value=1, value=DEFAULTS["k"], key="k",
+        k = c[1].number_input("k (latents per token)", min_value=1, value=RUN_DEFAULTS["k"], key="k",
                               help="at most the SAE width (for a type with a penalty: the L0 it starts at)")
-        epochs = c[2].number_input("Epochs", min_value=1, value=DEFAULTS["epochs"], key="epochs")
-        train_batch = c[3].number_input("Batch size (tokens)", min_value=1, value=DEFAULTS["train_batch_size"],
+        epochs = c[2].number_input("Epochs", min_value=1, value=RUN_DEFAULTS["epochs"], key="epochs")
+        train_batch = c[3].number_input("Batch size (tokens)", min_value=1, value=RUN_DEFAULTS["train_batch_size"],
                                         step=256, key="train_batch_size")
         st.markdown("**Discovery**")
         c = st.columns(4)
-        top_k = c[0].number_input("Top contexts per feature", min_value=1, value=DEFAULTS["top_k"], key="top_k")
+        top_k = c[0].number_input("Top contexts per feature", min_value=1, value=RUN_DEFAULTS["top_k"], key="top_k")
         submitted = st.form_submit_button("Start run", type="primary", icon=":material/play_arrow:", key="submit")
 
     if not submitted:
@@ -92,7 +88,7 @@ def queue_view(client) -> None:
 def history_table(client) -> None:
     jobs = client.jobs()
     c = st.columns(5)
-    state = c[0].selectbox("State", ["all", *JOB_STATES], key="history_state")
+    state = c[0].selectbox("State", ["all", *client.job_states()], key="history_state")
     kind = c[1].selectbox("Kind", ["all", *sorted({j["kind"] for j in jobs})], key="history_kind")
     model = c[2].selectbox("Model", ["all", *sorted({j["model_id"] for j in jobs if j["model_id"]})],
                            key="history_model")

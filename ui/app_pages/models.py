@@ -8,9 +8,10 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from core.errors import UserError
-from core.models import QUANTIZATIONS
-from ui.widgets import fmt_number, get_client, guard, progress_panel, submit_job
+from actors.client import Client, UserError
+from ui.components.client import get_client, guard
+from ui.components.formatting import fmt_number
+from ui.components.jobs import progress_panel, submit_job
 
 SOURCES = {
     "embedded": "Embedded SmolLM2-135M",
@@ -37,11 +38,8 @@ def fmt_size(n: float) -> str:
 def estimate(source: str, dtype: str, quantization: str, batch_size: int, context_length: int,
              trust_remote_code: bool) -> tuple[dict[str, Any] | None, str]:
     """(the MemoryEstimate's fields, "") or (None, a one-line reason); failures are cached too."""
-    from core import models
-
     try:
-        where = models.embedded_gguf_path() if source == "embedded" else source
-        est = models.estimate_memory(where, dtype=dtype, quantization=quantization, batch_size=batch_size,
+        est = Client.estimate_memory(source, dtype=dtype, quantization=quantization, batch_size=batch_size,
                                      context_length=context_length, trust_remote_code=trust_remote_code)
     except UserError as e:
         return None, str(e)
@@ -118,7 +116,7 @@ def register_form(client) -> None:
     name = c[0].text_input("Name", key="m-name",
                            placeholder="default: SmolLM2-135M-Instruct, the folder's or file's name, or the id")
     dtype = c[1].selectbox("dtype", DTYPES, key="m-dtype")
-    quantization = c[2].selectbox("Quantization", QUANTIZATIONS, key="m-quantization",
+    quantization = c[2].selectbox("Quantization", client.quantizations(), key="m-quantization",
                                   help="bitsandbytes loading for every job on this model: 8bit (LLM.int8) or "
                                        "4bit (NF4)")
     trust_remote_code = c[3].checkbox("Trust remote code", value=False, key="m-trust-remote-code",
@@ -137,9 +135,8 @@ def register_form(client) -> None:
                                      "quantization": quantization, "trust_remote_code": trust_remote_code})
 
 
-def model_details(models: list[dict[str, Any]]) -> None:
-    from core.hooks import SITES, hook_name
-
+def model_details(client, models: list[dict[str, Any]]) -> None:
+    sites = client.hook_sites()
     by_id = {m["id"]: m for m in models}
     model_id = st.selectbox("Model", list(by_id), key="m-selected",
                             format_func=lambda i: f"{by_id[i]['name']} ({i})")
@@ -151,9 +148,9 @@ def model_details(models: list[dict[str, Any]]) -> None:
     c[3].metric("Vocabulary", fmt_number(m["vocab_size"]))
     c[4].metric("Precision", m["dtype"] if m["quantization"] == "none" else f"{m['quantization']} + {m['dtype']}")
     st.caption(f"{m['architecture']} · source `{m['source']}` · path `{m['path']}`")
-    st.markdown(f"**Hook sites** — {m['n_layers'] * len(SITES):,} in all: every decoder block's residual stream "
+    st.markdown(f"**Hook sites** — {m['n_layers'] * len(sites):,} in all: every decoder block's residual stream "
                 "before and after it, and what its attention and MLP add to it")
-    hooks = pd.DataFrame([{"layer": layer, **{site: hook_name(layer, site) for site in SITES}}
+    hooks = pd.DataFrame([{"layer": layer, **{site: client.hook_name(layer, site) for site in sites}}
                           for layer in range(m["n_layers"])])
     st.dataframe(hooks, hide_index=True, key=f"m-hooks-{model_id}", height=min(400, 38 + 35 * len(hooks)),
                  column_config={"layer": st.column_config.NumberColumn("layer", format="%d")})
@@ -173,7 +170,7 @@ def page() -> None:
     progress_panel(client)
     if models:
         st.subheader("Inside a model")
-        model_details(models)
+        model_details(client, models)
 
 
 guard(page)

@@ -10,8 +10,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core.errors import UserError
-from ui.widgets import fmt_number, get_client, guard, progress_panel
+from actors.client import UserError
+from ui.components.client import get_client, guard
+from ui.components.formatting import fmt_number
+from ui.components.jobs import progress_panel
 
 # Evaluation numbers stored with each SAE (held-out slice), as columns. (Comments, not
 # docstrings, at module level: Streamlit's magic would print a bare string.)
@@ -32,8 +34,6 @@ def sae_frame(saes: list[dict]) -> pd.DataFrame:
 
 
 def import_form(client) -> None:
-    from core.formats import FORMATS
-
     models = [m["id"] for m in client.models()]
     if not models:
         st.info("Register the model the SAEs read first, on the **Models** page.", icon=":material/info:")
@@ -45,7 +45,7 @@ def import_form(client) -> None:
         model_id = c[0].selectbox("Model", models, key="imp-model")
         hook = c[1].text_input("Hook (when the files do not say)", key="imp-hook",
                                placeholder="blocks.6.hook_resid_post")
-        fmt = c[2].selectbox("Format", ["detect", *FORMATS], key="imp-format")
+        fmt = c[2].selectbox("Format", ["detect", *client.sae_formats()], key="imp-format")
         name = c[3].text_input("Name prefix", key="imp-name")
         submitted = st.form_submit_button("Import", type="primary", icon=":material/upload:", key="imp-submit")
     if submitted:

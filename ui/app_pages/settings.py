@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from storage.registry import masked_url
-from ui.widgets import LABEL_ENDPOINT as ENDPOINT
-from ui.widgets import get_client, guard
+from ui.components.client import get_client, guard
+from ui.components.forms import LABEL_ENDPOINT as ENDPOINT
 
 
 def labeling_endpoint() -> dict[str, str] | None:
@@ -18,7 +17,7 @@ def deployment(client) -> None:
     s = client.settings
     st.dataframe([
         {"setting": "data root", "value": str(s.home), "environment variable": "MISTUDIO_HOME"},
-        {"setting": "database", "value": masked_url(s.database_url), "environment variable": "MISTUDIO_DATABASE_URL"},
+        {"setting": "database", "value": client.masked_database_url(), "environment variable": "MISTUDIO_DATABASE_URL"},
         {"setting": "Ray address", "value": s.ray_address or "local head under the data root",
          "environment variable": "MISTUDIO_RAY_ADDRESS"},
         {"setting": "GPUs per model worker", "value": str(s.num_gpus), "environment variable": "MISTUDIO_NUM_GPUS"},

@@ -8,7 +8,8 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from ui.widgets import get_client, guard, top_token_text
+from ui.components.client import get_client, guard
+from ui.components.tokens import top_token_text
 
 MODES = {"compare": "compare — each feature alone", "blend": "blend — all features together",
          "sweep": "sweep — one feature at several strengths"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from ui.widgets import get_client, guard
+from ui.components.client import get_client, guard
 
 GB = 1024 ** 3
 

@@ -6,11 +6,11 @@ import json
 
 import streamlit as st
 
-from actors.specs import LABEL_PROMPT, PROMPT_SETS, SPECS
-from core.errors import UserError
-from ui.widgets import get_client, guard
+from actors.client import Client, UserError
+from ui.components.client import get_client, guard
 
-KINDS = [*SPECS, PROMPT_SETS, LABEL_PROMPT]
+JOB_KINDS, PROMPT_SETS, LABEL_PROMPT = Client.template_kinds()
+KINDS = [*JOB_KINDS, PROMPT_SETS, LABEL_PROMPT]
 EXAMPLES = {PROMPT_SETS: {"prompts": ["The weather today is", "My favourite city is"]},
             LABEL_PROMPT: {"name": "short", "system": "", "user": "Name what these have in common:\n{examples}"},
             "train": {"config": {"architecture": "topk", "expansion_factor": 8, "k": 32}}}

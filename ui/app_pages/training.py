@@ -7,8 +7,10 @@ from typing import Any
 
 import streamlit as st
 
-from core.errors import UserError
-from ui.widgets import fmt_number, get_client, guard, progress_panel
+from actors.client import UserError
+from ui.components.client import get_client, guard
+from ui.components.formatting import fmt_number
+from ui.components.jobs import progress_panel
 
 SCHEDULE = ("expansion_factor", "batch_size", "epochs")
 # The form's fields beside the SAE type's own (which come with their defaults and help from the
@@ -62,8 +64,6 @@ def template_picker(client) -> None:
 
 def source_picker(client) -> dict[str, Any] | None:
     """What to train on: cached activations (one or several sets, mixed) or the model on the fly."""
-    from core.hooks import SITES, hook_name
-
     mode = st.radio("Train on", ["cached activations", "the model, on the fly (no cache)"], horizontal=True,
                     key="t-source")
     if mode == "cached activations":
@@ -90,10 +90,10 @@ def source_picker(client) -> dict[str, Any] | None:
     n_layers = models[model_id]["n_layers"]
     c = st.columns(3)
     layers = c[0].multiselect("Layers", list(range(n_layers)), default=[n_layers // 2], key=f"t-layers-{model_id}")
-    sites = c[1].multiselect("Hook sites", SITES, default=["resid_post"], key="t-sites")
+    sites = c[1].multiselect("Hook sites", client.hook_sites(), default=["resid_post"], key="t-sites")
     max_tokens = c[2].number_input("Max tokens per dataset (0 = all)", min_value=0, value=0, step=1000,
                                    key="t-max-tokens")
-    hooks = [hook_name(layer, site) for site in sites for layer in sorted(layers)]
+    hooks = [client.hook_name(layer, site) for site in sites for layer in sorted(layers)]
     if not dataset_ids or not hooks:
         return None
     return {"model_id": model_id, "dataset_ids": dataset_ids, "hook_names": hooks,
@@ -157,16 +157,11 @@ def train_form(client) -> None:
 
 def checkpoints(client) -> None:
     """Train jobs that left checkpoints, each resumable as a new job from its newest one."""
-    from core.train import checkpoints as list_checkpoints
-    from storage.artifacts import Artifacts
-
-    artifacts = Artifacts.of(client.settings)
     rows = []
     for job in client.jobs():
         if job["kind"] != "train":
             continue
-        folder = artifacts.pull(artifacts.checkpoints(job["id"]))
-        found = list_checkpoints(folder) if folder.is_dir() else []
+        found = client.checkpoints(job["id"])
         if found:
             rows.append((job, found))
     if not rows:
