@@ -17,7 +17,6 @@ import csv
 import importlib
 import json
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -29,6 +28,7 @@ import torch
 
 from core.errors import UserError
 from core.io import atomic_dir
+from core.progress import Meter
 
 BUILTIN = "builtin"
 MAX_DOC_CHARS = 2000
@@ -281,16 +281,6 @@ def _length_hist(lengths: np.ndarray, context_length: int, bins: int = 20) -> di
     return {"bin_edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
 
 
-def _rate_progress(progress, phase: str, done: int, total: int | None, unit: str, start: float) -> None:
-    if progress is None:
-        return
-    elapsed = max(time.perf_counter() - start, 1e-9)
-    rate = done / elapsed
-    eta = (total - done) / rate if total is not None and rate > 0 else None
-    progress({"phase": phase, "done": done, "total": total, "unit": unit,
-              "samples_per_s": rate, "eta_s": eta})
-
-
 def tokenize_to_shards(texts: Sequence[str], tokenizer, out_dir, context_length: int = 256,
                        rows_per_shard: int = 4096,
                        progress: Callable[[dict], None] | None = None) -> DatasetStats:
@@ -307,7 +297,7 @@ def tokenize_to_shards(texts: Sequence[str], tokenizer, out_dir, context_length:
     texts = list(texts)
     if not any(isinstance(t, str) and t.strip() for t in texts):
         raise UserError("no text to tokenize: every document is empty; check the dataset")
-    start = time.perf_counter()
+    meter = Meter(progress, "tokenize", total=len(texts), unit="documents")
     lengths: list[int] = []
     batch = 256  # documents per tokenizer call: the fast tokenizer parallelises a batch
     with atomic_dir(out_dir) as tmp:
@@ -325,7 +315,7 @@ def tokenize_to_shards(texts: Sequence[str], tokenizer, out_dir, context_length:
                     if len(row) >= 2:
                         writer.add(row, doc_id)
                         lengths.append(len(row))
-            _rate_progress(progress, "tokenize", min(first + batch, len(texts)), len(texts), "documents", start)
+            meter.add(len(chunk))
         writer.flush()
         if not lengths:
             raise UserError("no rows written: every document is shorter than 2 tokens; check the dataset")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -28,9 +27,10 @@ import pyarrow.parquet as pq
 import torch
 
 from core.data import TokenBatch
-from core.errors import Cancelled, UserError
+from core.errors import UserError
 from core.hooks import run_hooked, validate_hooks
 from core.io import atomic_dir
+from core.progress import Meter
 
 NORM_SAMPLE = 100_000
 """Size of the reservoir of token norms the median is taken from."""
@@ -186,21 +186,15 @@ def extract(model, batches: Iterable[TokenBatch], hook_names: list[str], out_dir
     names = list(dict.fromkeys(hook_names))
     stats = {name: _RunningStats() for name in names}
     excluded_ids = torch.tensor(sorted(set(int(i) for i in exclude_token_ids)), dtype=torch.long)
-    done = written = excluded = 0
-    start = time.perf_counter()
+    written = excluded = 0
+    meter = Meter(progress, "extract", total=total_tokens, should_cancel=should_cancel, what="extraction")
     with atomic_dir(out_dir) as tmp:
         writers = {name: _ActivationWriter(tmp / name, shard_tokens) for name in names}
         for batch in batches:
-            if should_cancel is not None and should_cancel():
-                raise Cancelled("extraction cancelled")
+            meter.check()
             kept, dropped = _extract_batch(model, batch, names, writers, stats, excluded_ids)
-            written, excluded, done = written + kept, excluded + dropped, done + kept + dropped
-            if progress is not None:
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                rate = done / elapsed
-                eta = (total_tokens - done) / rate if total_tokens and rate > 0 else None
-                progress({"phase": "extract", "done": done, "total": total_tokens, "unit": "tokens",
-                          "samples_per_s": rate, "eta_s": eta})
+            written, excluded = written + kept, excluded + dropped
+            meter.add(kept + dropped)
         if written == 0:
             if excluded:
                 raise UserError(f"no tokens to extract: all {excluded} tokens are excluded special tokens; "

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from core import data, evaluate, extract, hooks
+from core import data, extract, hooks
+from core.evals import spliced as evaluate
 from core.data import TokenBatch
 from core.discover import DiscoverConfig, DiscoverySummary, discover
 from core.errors import Cancelled, UserError

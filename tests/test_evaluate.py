@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from core.data import TokenBatch, builtin_corpus, iter_batches, tokenize_to_shards
 from core.errors import Cancelled, UserError
-from core.evaluate import evaluate_sae
+from core.evals.spliced import evaluate_sae
 from core.hooks import patched, run_hooked
 from core.sae import StandardSAE, TopKConfig, TopKSAE
 

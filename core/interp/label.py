@@ -3,10 +3,10 @@ going past a feature that fails, then optionally a detection score per label."""
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Iterable, NamedTuple
 
 from core.errors import Cancelled, UserError
+from core.progress import Meter, check_cancel
 from core.interp.explainers.heuristic import heuristic_label
 from core.interp.explainers.llm import DEFAULT_TEMPLATE, PromptTemplate
 from core.interp.scorers.detection import detection_score
@@ -31,12 +31,11 @@ def label_many(labeler, contexts: Iterable[FeatureContext], progress: Callable[[
     labels: dict[int, Label] = {}
     errors: dict[int, str] = {}
     unreachable = 0
-    t0 = time.perf_counter()
-    if progress is not None:
-        progress({"phase": "label", "done": 0, "total": len(contexts), "unit": "features", "failed": 0})
-    for i, ctx in enumerate(contexts):
-        if should_cancel is not None and should_cancel():
-            raise Cancelled("labeling cancelled")
+    meter = Meter(progress, "label", total=len(contexts), unit="features", should_cancel=should_cancel,
+                  what="labeling")
+    meter.report(failed=0)
+    for ctx in contexts:
+        meter.check()
         try:
             labels[ctx.latent] = heuristic_label(ctx) if labeler is None else labeler.label(ctx, template)
         except Cancelled:
@@ -49,10 +48,7 @@ def label_many(labeler, contexts: Iterable[FeatureContext], progress: Callable[[
         except Exception as e:  # noqa: BLE001 — one feature's failure (a model error too) must not end the job
             errors[ctx.latent] = str(e) if isinstance(e, UserError) else \
                 f"{type(e).__name__}: {' '.join(str(e).split())}"
-        if progress is not None:
-            rate = (i + 1) / max(time.perf_counter() - t0, 1e-9)
-            progress({"phase": "label", "done": i + 1, "total": len(contexts), "unit": "features",
-                      "samples_per_s": rate, "eta_s": (len(contexts) - i - 1) / rate, "failed": len(errors)})
+        meter.add(1, failed=len(errors))
     return Labeled(labels, errors)
 
 
@@ -82,8 +78,7 @@ def label_features(labeler, features: list[dict], features_dir, template: Prompt
         texts = {i: ["".join(e["tokens"]) for e in ex[:n_detect]] for i, ex in examples.items()}
         order = sorted(texts)
         for k, (i, lab) in enumerate(labels.items()):
-            if should_cancel is not None and should_cancel():
-                raise Cancelled("labeling cancelled")
+            check_cancel(should_cancel, "labeling")
             others = [t for j in order if j != i for t in texts[j][:1]][:n_detect]
             if texts.get(i) and others:
                 try:

@@ -12,12 +12,12 @@ final evaluation of the returned SAE in raw units.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from core.errors import Cancelled, UserError
+from core.progress import check_cancel as _check_cancel, rate
+from core.errors import UserError
 from core.sae import StepContext, registry
 from core.evals.reconstruction import evaluate
 from core.train.config import RunSpec, TrainResult
@@ -246,24 +246,21 @@ def stats(sample: torch.Tensor, d_in: int, multiple: float | None) -> Stats:
 
 
 def check_cancel(should_cancel) -> None:
-    if should_cancel is not None and should_cancel():
-        raise Cancelled("training cancelled")
+    _check_cancel(should_cancel, "training")
 
 
 _METRICS = ("loss", "mse", "fvu", "l0", "dead_frac", "lr")
 
 
-def report(progress, states: Sequence[RunState], t0: float) -> None:
+def report(on_progress, states: Sequence[RunState], t0: float) -> None:
     """One progress dict for all runs: token totals, the first run's metrics at top level (what
     a single-SAE chart reads) and every run's under `runs`."""
-    if progress is None:
+    if on_progress is None:
         return
     done = sum(s.tokens for s in states)
     total = sum(s.budget for s in states)
-    elapsed = time.perf_counter() - t0
-    rate = done / elapsed if elapsed > 0 and done else 0.0
-    d: dict[str, Any] = {"phase": "train", "done": done, "total": total, "unit": "tokens", "samples_per_s": rate,
-                         "eta_s": (total - done) / rate if rate else None, "step": states[0].step}
+    d: dict[str, Any] = {"phase": "train", "done": done, "total": total, "unit": "tokens",
+                         **rate(done, total, t0), "step": states[0].step}
     per_run = {}
     for s in states:
         m = {k: s.history[-1][k] for k in _METRICS} if s.history else {}
@@ -273,4 +270,4 @@ def report(progress, states: Sequence[RunState], t0: float) -> None:
     d |= {k: v for k, v in per_run[states[0].spec.name].items() if k in _METRICS}
     if len(states) > 1:
         d["runs"] = per_run
-    progress(d)
+    on_progress(d)

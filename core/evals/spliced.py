@@ -16,7 +16,6 @@ well, and an SAE never trained on them is not blamed for them. How many there we
 from __future__ import annotations
 
 import math
-import time
 from typing import Callable, Iterable
 
 import numpy as np
@@ -24,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from core.data import TokenBatch
-from core.errors import Cancelled, UserError
+from core.errors import UserError
 from core.hooks import patched, run_hooked, validate_hooks
 from core.models import d_model
+from core.progress import Meter, check_cancel
 from core.sae.base import SAE
 
 
@@ -81,19 +81,19 @@ def evaluate_sae(model, sae: SAE, hook_name: str, batches: Iterable[TokenBatch],
         raise UserError("no tokens to evaluate: the batches are empty; give a non-empty held-out slice")
     device = next(model.parameters()).device
     sae.to(device)
-    clock = _Progress(progress, total=2 * tokens)
+    clock = Meter(progress, "evaluate", total=2 * tokens)
 
     # Pass 1: activations at the hook → outliers, reconstruction, density, mean.
     recon = _Reconstruction(sae.d_in, sae.d_sae, device)
     keeps = []
     for b in batches:
-        _check_cancel(should_cancel)
+        check_cancel(should_cancel, "evaluation")
         x = run_hooked(model, b.input_ids, b.attention_mask, [hook_name])[hook_name]
         real = b.attention_mask.to(device).bool()
         keep = real & (x.norm(dim=-1) <= outlier_norm_threshold)
         keeps.append(keep)
         recon.add(x[keep], sae, outliers=int((real & ~keep).sum()))
-        clock.step(int(real.sum()))
+        clock.add(int(real.sum()))
     metrics = recon.result(hook_name, dense_threshold, hist_bins)
     mean = recon.mean().float()
 
@@ -112,7 +112,7 @@ def evaluate_sae(model, sae: SAE, hook_name: str, batches: Iterable[TokenBatch],
     kl = dict.fromkeys(ablations, 0.0)
     positions = 0
     for b, keep in zip(batches, keeps):
-        _check_cancel(should_cancel)
+        check_cancel(should_cancel, "evaluation")
         ids, mask = b.input_ids.to(device), b.attention_mask.to(device)
         target = (mask[:, 1:] * mask[:, :-1]).bool()  # positions whose next token is real
         labels = ids[:, 1:][target]
@@ -124,7 +124,7 @@ def evaluate_sae(model, sae: SAE, hook_name: str, batches: Iterable[TokenBatch],
             ce[key] += float(F.nll_loss(logp, labels, reduction="sum"))
             kl[key] += float(F.kl_div(logp, clean, log_target=True, reduction="sum"))
         positions += len(labels)
-        clock.step(int(mask.sum()))
+        clock.add(int(mask.sum()))
     if positions == 0:
         raise UserError("no next-token positions to score: every row is a single token; use rows of 2+ tokens")
 
@@ -199,24 +199,3 @@ class _Reconstruction:
             "dense_frac": float((freq > dense_threshold).mean()),
             "density_hist": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]},
         }
-
-
-class _Progress:
-    """Calls `progress` with token counts, rate and ETA."""
-
-    def __init__(self, progress, total: int):
-        self.progress, self.total, self.done, self.t0 = progress, total, 0, time.perf_counter()
-
-    def step(self, tokens: int) -> None:
-        self.done += tokens
-        if self.progress is None:
-            return
-        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        self.progress({"phase": "evaluate", "done": self.done, "total": self.total, "unit": "tokens",
-                       "samples_per_s": rate, "eta_s": (self.total - self.done) / rate if rate > 0 else None})
-
-
-def _check_cancel(should_cancel) -> None:
-    if should_cancel is not None and should_cancel():
-        raise Cancelled("evaluation cancelled")
-
