@@ -7,7 +7,6 @@ ProgressActor, so a restarted UI finds every job and its live numbers on its fir
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -39,14 +38,13 @@ class Client:
         """Enqueue a job (a higher `priority` starts before lower ones); bad input raises
         UserError with a one-line reason.
 
-        An openai labeling job takes the endpoint's key from `api_key` or this process's
-        MISTUDIO_LABEL_API_KEY / OPENAI_API_KEY; it travels with the job in memory only."""
-        secrets = None
-        if kind == "label" and spec.get("method") == "openai":
-            from core.label import KEY_ENV
+        What a kind needs and never stores (an openai labeling's endpoint key, from `api_key` or
+        this process's MISTUDIO_LABEL_API_KEY / OPENAI_API_KEY) comes from the kind's `secrets`
+        hook and travels with the job in memory only."""
+        from actors import jobs
 
-            key = api_key or next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), "")
-            secrets = {"api_key": key} if key else None
+        hook = jobs.get(kind).secrets if kind in jobs.names() else None  # an unknown kind fails in submit
+        secrets = hook(spec, api_key) if hook is not None else None
         return _get(self.manager.submit.remote(kind, spec, secrets, priority))["id"]
 
     def queue(self) -> list[dict[str, Any]]:

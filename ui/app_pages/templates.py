@@ -6,11 +6,11 @@ import json
 
 import streamlit as st
 
-from actors.specs import LABEL_PROMPT, PROMPT_SETS, SPECS
+from actors.specs import LABEL_PROMPT, PROMPT_SETS, template_kinds
 from core.errors import UserError
 from ui.widgets import get_client, guard
 
-KINDS = [*SPECS, PROMPT_SETS, LABEL_PROMPT]
+KINDS = template_kinds()
 EXAMPLES = {PROMPT_SETS: {"prompts": ["The weather today is", "My favourite city is"]},
             LABEL_PROMPT: {"name": "short", "system": "", "user": "Name what these have in common:\n{examples}"},
             "train": {"config": {"architecture": "topk", "expansion_factor": 8, "k": 32}}}
