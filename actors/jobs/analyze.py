@@ -3,6 +3,7 @@ features, NLP summaries, measured ablations (core.analysis) — recorded on each
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,4 +77,4 @@ KIND = register(Kind(
     "analyze", AnalyzeSpec, check, plans, run, record,
     cli=Command("features", "analyze", aliases={"sae_id": "sae"},
                 nested={"config": (AnalyzeConfig, {"ablation_top": "ablation-top", "nlp": "nlp"})},
-                defaults={"latents": None})))
+                defaults={"latents": None}, show=lambda job: json.dumps(job["result"]))))

@@ -7,7 +7,7 @@ from typing import Any
 import streamlit as st
 
 from storage.registry import JOB_STATES
-from ui.cli import DEMO_DEFAULTS, DEMO_TRAIN
+from ui.cli_demo import DEMO_DEFAULTS, DEMO_TRAIN
 from ui.widgets import fmt_number, get_client, guard, jobs_frame, model_and_dataset, progress_panel, submit_job
 
 # Form defaults: the demo's run. (A comment, not a docstring: Streamlit's magic would print it.)
