@@ -221,5 +221,5 @@ def execute(job: JobContext, kind: Kind, spec) -> dict[str, Any]:
 
 
 # Each file registers its kind when imported; this order is the order kinds are listed in.
-from actors.jobs import add_model, add_dataset, import_sae, extract, train, discover, pipeline, steer  # noqa: E402,F401,I001
-from actors.jobs import analyze, label  # noqa: E402,F401
+from actors.jobs import add_model, add_dataset, import_sae, extract, train  # noqa: E402,F401,I001
+from actors.jobs import discover, pipeline, steer, analyze, label  # noqa: E402,F401,I001
