@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -41,14 +40,13 @@ class Client:
         """Enqueue a job (a higher `priority` starts before lower ones); bad input raises
         UserError with a one-line reason.
 
-        An openai labeling job takes the endpoint's key from `api_key` or this process's
-        MISTUDIO_LABEL_API_KEY / OPENAI_API_KEY; it travels with the job in memory only."""
-        secrets = None
-        if kind == "label" and spec.get("method") == "openai":
-            from core.interp import KEY_ENV
+        What a kind needs and never stores (an openai labeling's endpoint key, from `api_key` or
+        this process's MISTUDIO_LABEL_API_KEY / OPENAI_API_KEY) comes from the kind's `secrets`
+        hook and travels with the job in memory only."""
+        from actors import jobs
 
-            key = api_key or next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), "")
-            secrets = {"api_key": key} if key else None
+        hook = jobs.get(kind).secrets if kind in jobs.names() else None  # an unknown kind fails in submit
+        secrets = hook(spec, api_key) if hook is not None else None
         return _get(self.manager.submit.remote(kind, spec, secrets, priority))["id"]
 
     def queue(self) -> list[dict[str, Any]]:
@@ -169,7 +167,7 @@ class Client:
         """Registered SAEs, each with `settings`: its type's knobs in a few characters ("k=32")."""
         from core.sae import registry
 
-        return [s | {"settings": registry.describe(s["sae_config"])}
+        return [s | {"settings": registry.summarize(s["sae_config"])}
                 for s in self.registry.list(SAE, order_by=SAE.created_at)]
 
     def train_defaults(self) -> dict[str, Any]:
@@ -331,9 +329,10 @@ class Client:
 
     @staticmethod
     def template_kinds() -> TemplateKinds:
-        from actors.specs import LABEL_PROMPT, PROMPT_SETS, SPECS
+        from actors import jobs
+        from actors.specs import LABEL_PROMPT, PROMPT_SETS
 
-        return TemplateKinds(tuple(SPECS), PROMPT_SETS, LABEL_PROMPT)
+        return TemplateKinds(tuple(jobs.names()), PROMPT_SETS, LABEL_PROMPT)
 
     @staticmethod
     def load_tokenizer(path: str):

@@ -1,39 +1,31 @@
 """JobManager: the queue, every job's lifecycle, and the one writer of the registry.
 
-`submit` validates a spec, persists the job as `queued` and shows 0% at once; a dispatcher
-thread hands jobs to the ModelWorker in order, one step at a time, and records each state
-change (`queued → loading → running → saving → completed | failed | cancelled`) and each
-step's outputs (activations, SAEs, features) in the registry.
+`submit` checks a spec (its kind's `check`, actors/jobs/), persists the job as `queued` and
+shows 0% at once; a dispatcher thread hands jobs to free ModelWorkers, highest priority first,
+and runs each as its kind says (plans → a worker runs each → record), recording each state
+change (`queued → loading → running → saving → completed | failed | cancelled`). A watchdog
+stops hung workers; a job whose worker died is retried. No kind is named here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
-import re
 import threading
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import ray
 
-from actors import specs
-from actors.worker import NAMESPACE, ModelWorker, plan_outputs
-from core import hooks, models, pipeline
+from actors import jobs, specs
+from actors.jobs.label import write_user_label
+from actors.worker import NAMESPACE, ModelWorker
 from core.errors import Cancelled, Paused, UserError
 from core.io import sweep_tmp
 from core.train import checkpoints
 from storage import Artifacts, Registry, Settings
-from storage.registry import SAE, Activation, Dataset, Experiment, Job, Model, Template, new_id
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "item"
-
+from storage.registry import Job, Template
 
 def disk_full_message(e: OSError, home, job_id: str) -> str:
     """One line for a job that ran out of disk: what was being written and how to go on. (Every
@@ -97,7 +89,7 @@ class JobManager:
         refs = {k: getattr(spec, k) for k in ("model_id", "dataset_id", "sae_id") if hasattr(spec, k)}
         job = self.registry.create_job(kind, specs.to_dict(spec), priority=int(priority), **refs)
         try:
-            self._validate(kind, spec)
+            jobs.get(kind).check(self.registry, spec)
         except UserError as e:
             self.registry.set_job_state(job["id"], "failed", message=str(e))
             raise
@@ -140,8 +132,9 @@ class JobManager:
         """Pause or finalize a running training (at its next chunk boundary), or resume a paused
         one from its checkpoint under the same job id."""
         job = self._need(Job, job_id, "job", "list jobs with: mistudio jobs list")
-        if job["kind"] != "train":
-            raise UserError(f"job {job_id} is a {job['kind']} job; only train jobs pause, resume and finalize "
+        if jobs.get(job["kind"]).resume is None:
+            pausable = " and ".join(k.name for k in jobs.kinds() if k.resume is not None)
+            raise UserError(f"job {job_id} is a {job['kind']} job; only {pausable} jobs pause, resume and finalize "
                             "(cancel stops any job)")
         if what == "resume":
             if job["state"] != "paused":
@@ -165,6 +158,11 @@ class JobManager:
     def delete_template(self, kind: str, name: str) -> bool:
         return self.registry.delete(Template, kind, name)
 
+    def set_label(self, sae_id: str, latent: int, name: str, category: str = "other",
+                  description: str = "") -> dict[str, Any]:
+        """A label written by a person (source "user"); an empty name clears the label."""
+        return write_user_label(self.registry, sae_id, latent, name, category, description)
+
     def database_url(self) -> str:
         return self.settings.database_url
 
@@ -176,100 +174,8 @@ class JobManager:
         """Every started worker's status: device, busy job, models loaded."""
         return [dict(ray.get(s.actor.status.remote()), name=s.name) for s in self._slots if s.actor is not None]
 
-    # -- validation ------------------------------------------------------------------
     def _need(self, table, key: str, what: str, hint: str) -> dict[str, Any]:
-        row = self.registry.get(table, key)
-        if row is None:
-            raise UserError(f"{what} {key!r} is not registered; {hint}")
-        return row
-
-    def _validate(self, kind: str, spec) -> None:
-        if kind == "add_model" and spec.source != "embedded" and spec.source.endswith(".gguf") \
-                and not Path(spec.source).expanduser().exists():
-            raise UserError(f"model file {spec.source} does not exist; check the path")
-        if kind == "add_dataset":
-            self._need(Model, spec.model_id, "model", "add it first with: mistudio models add")
-        if kind == "import_sae":
-            self._need(Model, spec.model_id, "model", "add it first with: mistudio models add")
-            if spec.hook_name:
-                hooks.parse_hook_name(spec.hook_name)
-        if kind in ("extract", "pipeline"):
-            model = self._need(Model, spec.model_id, "model", "add it first with: mistudio models add")
-            self._need(Dataset, spec.dataset_id, "dataset", "add it first with: mistudio datasets add")
-            layers = spec.layers if kind == "extract" else [spec.layer]
-            for layer in layers:
-                if not 0 <= layer < model["n_layers"]:
-                    raise UserError(f"layer {layer} is out of range: {model['id']} has {model['n_layers']} "
-                                    f"layers (0-{model['n_layers'] - 1}); pick a layer within it")
-            if spec.site not in hooks.SITES:
-                raise UserError(f"unknown hook site {spec.site!r}; choose one of {', '.join(hooks.SITES)}")
-            if kind == "pipeline":
-                specs.train_config(spec.train).resolved(model["d_model"])
-        if kind == "train":
-            self._train_inputs(spec)
-        if kind == "discover":
-            for sae_id in spec.all_sae_ids:
-                sae = self._need(SAE, sae_id, "SAE", "list them with: mistudio train list")
-                if not sae["model_id"]:
-                    raise UserError(f"SAE {sae_id} is not tied to a registered model; import it with --model")
-            self._need(Dataset, spec.dataset_id, "dataset", "add it first with: mistudio datasets add")
-        if kind == "pipeline":
-            specs.discover_config(spec.top_k)
-        if kind in ("analyze", "label"):
-            sae = self._need(SAE, spec.sae_id, "SAE", "list them with: mistudio train list")
-            if not sae["features_path"] or not sae["model_id"]:
-                raise UserError(f"SAE {spec.sae_id} has no discovered features yet; run: mistudio discover run "
-                                f"--sae {spec.sae_id} --dataset <dataset-id>")
-            if kind == "label" and spec.method == "local" and spec.model_id:
-                self._need(Model, spec.model_id, "model", "add it first with: mistudio models add")
-            if kind == "label" and spec.template:
-                self._need(Template, (specs.LABEL_PROMPT, spec.template), "label prompt template",
-                           "list them with: mistudio templates list --kind label_prompt")
-        if kind == "steer":
-            sae = self._need(SAE, spec.sae_id, "SAE", "list them with: mistudio train list")
-            if not sae["model_id"]:
-                raise UserError(f"SAE {spec.sae_id} is not tied to a registered model; import it with --model")
-            if spec.prompt_template:
-                self._need(Template, (specs.PROMPT_SETS, spec.prompt_template), "steering prompt template",
-                           "list them with: mistudio templates list --kind steering_prompts")
-            elif not spec.prompts:
-                raise UserError("give at least one prompt (prompts or prompt_template)")
-
-    def _train_inputs(self, spec: specs.TrainSpec) -> dict[str, Any]:
-        """Model, datasets (in order) and {hook: d_in, [activation rows per dataset]} of a train spec."""
-        if spec.activation_ids:
-            acts = [self._need(Activation, a, "activation set", "list them with: mistudio extract list")
-                    for a in spec.activation_ids]
-            model_ids = {a["model_id"] for a in acts}
-            if len(model_ids) != 1:
-                raise UserError(f"the activation sets come from different models ({', '.join(sorted(model_ids))}); "
-                                "train on one model's activations")
-            dataset_ids = list(dict.fromkeys(a["dataset_id"] for a in acts))
-            by_hook: dict[str, dict[str, dict]] = {}
-            for a in acts:
-                by_hook.setdefault(a["hook_name"], {})[a["dataset_id"]] = a
-            for hook, sets in by_hook.items():
-                if list(sets) != dataset_ids:
-                    raise UserError(f"{hook} lacks activations for some of the datasets {', '.join(dataset_ids)} "
-                                    "(or lists them in another order); give one activation set per hook and dataset")
-            model = self.registry.get(Model, model_ids.pop())
-            d_ins = {h: next(iter(sets.values()))["d_model"] for h, sets in by_hook.items()}
-        else:
-            model = self._need(Model, spec.model_id, "model", "add it first with: mistudio models add")
-            dataset_ids = spec.dataset_ids
-            for d in dataset_ids:
-                self._need(Dataset, d, "dataset", "add it first with: mistudio datasets add")
-            for name in spec.hook_names:
-                layer, _ = hooks.parse_hook_name(name)
-                if layer >= model["n_layers"]:
-                    raise UserError(f"layer {layer} is out of range: {model['id']} has {model['n_layers']} "
-                                    f"layers (0-{model['n_layers'] - 1}); pick a layer within it")
-            by_hook, d_ins = {}, {h: model["d_model"] for h in spec.hook_names}
-        for cfg in specs.train_variants(spec):
-            for d_in in d_ins.values():
-                cfg.resolved(d_in)
-        return {"model": model, "datasets": [self.registry.get(Dataset, d) for d in dataset_ids],
-                "by_hook": by_hook, "d_ins": d_ins}
+        return jobs.need(self.registry, table, key, what, hint)
 
     # -- dispatch --------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -307,10 +213,14 @@ class JobManager:
             self._wake.set()
 
     def _run(self, job: dict[str, Any]) -> None:
-        job_id, kind = job["id"], job["kind"]
-        spec = specs.parse_spec(kind, job["spec"])
+        job_id, kind = job["id"], jobs.get(job["kind"])
+        spec = specs.parse_spec(kind.name, job["spec"])
+        context = jobs.JobContext(job_id, self.registry, self.artifacts, call=lambda plan: self._call(job_id, plan),
+                                  state=lambda state, message="": self.set_state(job_id, state, message),
+                                  secrets=self._secrets.get(job_id, {}), has_checkpoint=self._has_checkpoint,
+                                  fatal=_fatal)
         try:
-            result = getattr(self, f"_job_{kind}")(job_id, spec)
+            result = jobs.execute(context, kind, spec)
         except Exception as e:  # noqa: BLE001 - every failure must land in the job record
             cause = getattr(e, "cause", None) or e
             if isinstance(cause, Cancelled):
@@ -361,7 +271,7 @@ class JobManager:
         """Queue a job again under its own id; with `resume`, a training continues from its own
         newest checkpoint (exactly as if it had never stopped)."""
         if resume:
-            self.registry.update(Job, job["id"], spec={**job["spec"], "resume_job": job["id"]})
+            self.registry.update(Job, job["id"], spec=jobs.get(job["kind"]).resume(job["spec"], job["id"]))
         job = self.registry.set_job_state(job["id"], "queued", message=message)
         self._report_where_it_stopped(job["id"], "queued", message)
         self._wake.set()
@@ -378,7 +288,7 @@ class JobManager:
         if attempt > self.settings.job_retries:
             return False
         self._attempts[job_id] = attempt
-        resumed = job["kind"] == "train" and self._has_checkpoint(job_id)
+        resumed = jobs.get(job["kind"]).resume is not None and self._has_checkpoint(job_id)
         self._requeue(job, f"{reason}; retry {attempt} of {self.settings.job_retries} on a fresh worker"
                       + (", from the newest checkpoint" if resumed else ""), resume=resumed)
         return True
@@ -407,7 +317,8 @@ class JobManager:
                         slot.stalled = f"the model worker sent no progress for {stall:g} s and was stopped as hung"
                         ray.kill(slot.actor, no_restart=True)
 
-    def _call(self, job_id: str, step: str, plan: dict[str, Any]) -> dict[str, Any]:
+    def _call(self, job_id: str, plan: jobs.Plan) -> Any:
+        """Run one plan on the job's worker (started, or restarted if it died while idle)."""
         slot = self._slot_of[job_id]
         if slot.actor is not None:
             try:
@@ -417,12 +328,9 @@ class JobManager:
         if slot.actor is None:
             slot.actor = self._start_worker(slot)
         slot.since = time.time()
-        self._outputs.setdefault(job_id, set()).update(_written_by(plan))
-        self.registry.update(Job, job_id, step=step)
-        model = self.registry.get(Model, plan["model_id"]) if "model_id" in plan else None
-        if model is not None:  # every job loads a model the way it was registered
-            plan = {**plan, "model_dtype": model["dtype"], "quantization": model["quantization"]}
-        return ray.get(slot.actor.run.remote(job_id, step, plan))
+        self._outputs.setdefault(job_id, set()).update(plan.outputs + plan.scratch)
+        self.registry.update(Job, job_id, step=plan.kind)
+        return ray.get(slot.actor.run.remote(job_id, plan))
 
     def _start_worker(self, slot: "_Slot"):
         """The slot's ModelWorker (found by name if it outlived a previous manager), on the GPU
@@ -438,275 +346,8 @@ class JobManager:
         return ModelWorker.options(name=slot.name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
                                    num_cpus=self.settings.cpus_per_worker, **options).remote(env)
 
-    # -- job kinds: each builds step plans with paths and records the outputs --------------
-    def _job_add_model(self, job_id: str, spec: specs.AddModelSpec) -> dict[str, Any]:
-        if spec.name:
-            name = spec.name
-        elif spec.source == "embedded":
-            name = models.EMBEDDED_MODEL_NAME
-        else:  # a folder or file is named after itself, a hub id stays as written
-            name = Path(spec.source).stem if Path(spec.source).exists() else spec.source
-        model_id = slug(name)
-        out = self.artifacts.model(model_id)
-        info = self._call(job_id, "add_model", {"model_id": model_id, "source": spec.source, "out_dir": str(out),
-                                                "dtype": spec.dtype, "quantization": spec.quantization,
-                                                "trust_remote_code": spec.trust_remote_code})
-        self.registry.add(Model(id=model_id, name=name, source=spec.source, **info))
-        self.registry.update(Job, job_id, model_id=model_id)
-        return {"model_id": model_id}
 
-    def _job_add_dataset(self, job_id: str, spec: specs.AddDatasetSpec) -> dict[str, Any]:
-        model = self.registry.get(Model, spec.model_id)
-        name = spec.name or (Path(spec.source).stem if spec.source != "builtin" else "stdlib-docs")
-        dataset_id = new_id(slug(name))
-        out = self.artifacts.dataset(dataset_id)
-        stats = self._call(job_id, "add_dataset", {
-            "model_id": spec.model_id, "model_path": model["path"], "source": spec.source, "out_dir": str(out),
-            "text_column": spec.text_column, "context_length": spec.context_length,
-            "max_documents": spec.max_documents})
-        self.registry.add(Dataset(id=dataset_id, name=name, source=spec.source, text_column=spec.text_column,
-                                  model_id=spec.model_id, context_length=spec.context_length, path=str(out),
-                                  documents=stats["documents"], rows=stats["rows"], tokens=stats["tokens"],
-                                  stats=stats))
-        self.registry.update(Job, job_id, dataset_id=dataset_id)
-        return {"dataset_id": dataset_id, **{k: stats[k] for k in ("documents", "rows", "tokens")}}
-
-    def _job_import_sae(self, job_id: str, spec: specs.ImportSAESpec) -> dict[str, Any]:
-        model = self.registry.get(Model, spec.model_id)
-        work = self.artifacts.home / "imports" / job_id
-        try:
-            found = self._call(job_id, "import_sae", {
-                "source": spec.source, "workdir": str(work), "model_id": model["id"], "model_name": model["name"],
-                "d_model": model["d_model"], "n_layers": model["n_layers"], "hook_name": spec.hook_name,
-                "format": spec.format})["saes"]
-            ids = []
-            for f in found:
-                sae_id = new_id("sae")
-                path = self.artifacts.sae(sae_id)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self.artifacts.pull(f["path"]).rename(path)  # a whole, checked SAELens folder: one atomic move
-                self.artifacts.push(path)
-                name = f"{spec.name or model['id']}/{f['hook_name']}/{f['label']}"
-                self.registry.add(SAE(id=sae_id, name=name, model_id=model["id"], hook_name=f["hook_name"],
-                                      architecture=f["architecture"], d_in=f["d_in"], d_sae=f["d_sae"], sae_config=f["sae_config"],
-                                      path=str(path), metrics={"imported_from": spec.source, "format": f["format"]}))
-                ids.append(sae_id)
-        finally:
-            self.artifacts.remove(work)
-        self.registry.update(Job, job_id, sae_id=ids[0])
-        return {"sae_ids": ids, "sae_id": ids[0], "note": f"imported {len(ids)} SAE(s)"}
-
-    def _job_extract(self, job_id: str, spec: specs.ExtractSpec) -> dict[str, Any]:
-        model = self.registry.get(Model, spec.model_id)
-        dataset = self.registry.get(Dataset, spec.dataset_id)
-        names = [hooks.hook_name(layer, spec.site) for layer in spec.layers]
-        out = self.artifacts.activations(job_id)
-        res = self._call(job_id, "extract", {
-            "model_id": model["id"], "model_path": model["path"], "dataset_path": dataset["path"],
-            "hook_names": names, "out_dir": str(out), "batch_size": spec.batch_size, "max_tokens": spec.max_tokens,
-            "exclude_special_tokens": spec.exclude_special_tokens})
-        ids = {}
-        for name, st in res["hooks"].items():
-            ids[name] = new_id("act")
-            self.registry.add(Activation(id=ids[name], job_id=job_id, model_id=model["id"], dataset_id=dataset["id"],
-                                         hook_name=name, path=str(out / name), tokens=st["tokens"],
-                                         d_model=st["d_model"], stats=st))
-        return {"activation_ids": ids, "seconds": res["seconds"]}
-
-    def _job_train(self, job_id: str, spec: specs.TrainSpec) -> dict[str, Any]:
-        inputs = self._train_inputs(spec)
-        model, datasets, d_ins = inputs["model"], inputs["datasets"], inputs["d_ins"]
-        first = datasets[0]
-        eval_rows = spec.eval_rows
-        if eval_rows is None:  # 5% of the rows actually used (an extraction may cover part of the dataset)
-            used = [sets[first["id"]]["tokens"] for sets in inputs["by_hook"].values()] or [spec.max_tokens or 0]
-            share = min(1.0, used[0] / first["tokens"]) if used[0] else 1.0
-            eval_rows = pipeline.default_eval_rows(round(first["rows"] * share))
-        runs, saes = [], {}
-        for hook, d_in in d_ins.items():
-            for cfg in specs.train_variants(spec):
-                name = f"{hook}/{cfg.run_name()}-x{cfg.expansion_factor}"
-                if name in saes:
-                    name = f"{name}-{len(saes)}"
-                sae_id = new_id("sae")
-                saes[name] = {"id": sae_id, "hook": hook, "path": str(self.artifacts.sae(sae_id)),
-                              "meta": {"model_name": model["name"], "hook_name": hook,
-                                       "context_size": first["context_length"],
-                                       "dataset_path": ",".join(d["source"] for d in datasets)}}
-                runs.append({"name": name, "hook_name": hook, "d_in": d_in, "config": cfg.to_dict()})
-        plan = {"runs": runs, "saes": saes, "model_id": model["id"], "model_path": model["path"],
-                "dataset_paths": [d["path"] for d in datasets], "eval_rows": eval_rows,
-                "hook_dirs": {h: [a["path"] for a in sets.values()] for h, sets in inputs["by_hook"].items()},
-                "batch_size": spec.batch_size, "max_tokens": spec.max_tokens,
-                "exclude_special_tokens": spec.exclude_special_tokens,
-                "checkpoint_dir": str(self.artifacts.checkpoints(spec.resume_job or job_id)),
-                "checkpoint_every": spec.checkpoint_every, "keep_checkpoints": spec.keep_checkpoints,
-                "resume": bool(spec.resume_job), "pausable": self.registry.get(Job, job_id)["kind"] == "train"}
-        res = self._call(job_id, "train", plan)
-        self.set_state(job_id, "saving", "recording the SAEs")
-        act_ids = {h: next(iter(sets.values()))["id"] for h, sets in inputs["by_hook"].items()}
-        out = {}
-        for name, r in res["runs"].items():
-            sae = saes[name]
-            self.registry.add(SAE(id=sae["id"], name=f"{model['id']}/{name}", model_id=model["id"],
-                                  hook_name=sae["hook"], architecture=r["architecture"], d_in=r["d_in"],
-                                  d_sae=r["d_sae"], sae_config=r["sae_config"], path=sae["path"], training_job_id=job_id,
-                                  activation_id=act_ids.get(sae["hook"]), metrics=r["metrics"],
-                                  history=r["history"]))
-            out[name] = {"sae_id": sae["id"], **r["metrics"]}
-        first_sae = next(iter(out.values()))
-        self.registry.update(Job, job_id, sae_id=first_sae["sae_id"])
-        # A single SAE keeps the flat result shape (sae_id + metrics) the CLI and dashboard show.
-        return first_sae if len(out) == 1 else {"saes": out, "sae_id": first_sae["sae_id"]}
-
-    def _job_discover(self, job_id: str, spec: specs.DiscoverSpec) -> dict[str, Any]:
-        """Each SAE in turn; a failed one is recorded and the next one still runs."""
-        sae_ids = spec.all_sae_ids
-        results, failures = {}, {}
-        for position, sae_id in enumerate(sae_ids, start=1):
-            try:
-                results[sae_id] = self._discover_one(job_id, spec, sae_id, position, len(sae_ids))
-            except Exception as e:  # noqa: BLE001 - the batch goes on; _run sees a cancel or a dead worker
-                cause = getattr(e, "cause", None) or e
-                if len(sae_ids) == 1 or isinstance(cause, Cancelled) or isinstance(e, ray.exceptions.ActorDiedError):
-                    raise
-                failures[sae_id] = (str(cause) or type(cause).__name__).splitlines()[0]
-        if len(sae_ids) == 1:
-            return results[sae_ids[0]]
-        if not results:
-            raise UserError(f"all {len(sae_ids)} SAEs failed; first: {next(iter(failures.items()))}")
-        note = f"{len(results)} of {len(sae_ids)} SAEs discovered"
-        if failures:
-            note += "; failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items())
-        return {"saes": results, "failed": failures, "sae_id": next(iter(results)), "note": note}
-
-    def _discover_one(self, job_id: str, spec: specs.DiscoverSpec, sae_id: str, position: int,
-                      total: int) -> dict[str, Any]:
-        sae = self.registry.get(SAE, sae_id)
-        model = self.registry.get(Model, sae["model_id"])
-        dataset = self.registry.get(Dataset, spec.dataset_id)
-        out = self.artifacts.features(sae["id"])
-        config = {"top_k": spec.top_k, **spec.config,
-                  # the same outlier cut as training, so both see the same tokens
-                  "max_norm": sae["metrics"].get("outlier_norm_threshold")}
-        res = self._call(job_id, "discover", {
-            "model_id": model["id"], "model_path": model["path"], "sae_id": sae_id, "sae_path": sae["path"],
-            "dataset_path": dataset["path"], "out_dir": str(out), "config": config,
-            "batch_size": spec.batch_size, "max_tokens": spec.max_tokens,
-            "exclude_special_tokens": spec.exclude_special_tokens, "position": position, "of": total})
-        self.set_state(job_id, "saving", f"recording features of {sae_id}")
-        self.artifacts.pull(out)  # written on the worker's node
-        cols = ["latent", "n_fired", "frequency", "max_act", "mean_act", "top_tokens"]
-        rows = pq.read_table(out / "features.parquet", columns=cols).to_pylist()
-        self.registry.replace_features(sae["id"], rows)
-        self.registry.update(SAE, sae["id"], features_path=str(out), features_dataset_id=dataset["id"])
-        return {k: v for k, v in res.items() if k != "paths"}
-
-    def _job_steer(self, job_id: str, spec: specs.SteerSpec) -> dict[str, Any]:
-        sae = self.registry.get(SAE, spec.sae_id)
-        model = self.registry.get(Model, sae["model_id"])
-        prompts = list(spec.prompts)
-        if spec.prompt_template:
-            prompts = self.registry.get(Template, (specs.PROMPT_SETS, spec.prompt_template))["values"]["prompts"] + prompts
-        record = self._call(job_id, "steer", {
-            "model_id": model["id"], "model_path": model["path"], "sae_path": sae["path"], "sae_id": sae["id"],
-            "prompts": prompts, "features": spec.features, "mode": spec.mode, "strengths": spec.strengths,
-            "generation": spec.generation, "name": spec.name})
-        out = {"outputs": record["outputs"]}
-        if spec.save:
-            exp_id = new_id("exp")
-            self.registry.add(Experiment(id=exp_id, name=spec.name or exp_id, sae_id=sae["id"], mode=spec.mode,
-                                         record=record))
-            out["experiment_id"] = exp_id
-        return out
-
-    def _job_analyze(self, job_id: str, spec: specs.AnalyzeSpec) -> dict[str, Any]:
-        sae = self.registry.get(SAE, spec.sae_id)
-        model = self.registry.get(Model, sae["model_id"])
-        dataset = self.registry.get(Dataset, sae["features_dataset_id"]) if sae["features_dataset_id"] else None
-        res = self._call(job_id, "analyze", {
-            "model_id": model["id"], "model_path": model["path"], "sae_path": sae["path"],
-            "features_path": sae["features_path"], "dataset_path": dataset["path"] if dataset else "",
-            "latents": spec.latents or None, "config": spec.config})
-        self.set_state(job_id, "saving", "recording the analysis")
-        self.registry.update_features(sae["id"], [{"latent": int(k), "analysis": v} for k, v in res.items()])
-        return {"latents": len(res), "ablations": sum("ablation" in v for v in res.values())}
-
-    def _job_label(self, job_id: str, spec: specs.LabelSpec) -> dict[str, Any]:
-        sae = self.registry.get(SAE, spec.sae_id)
-        feats = self.registry.features(sae["id"])  # most frequent first
-        wanted = set(spec.latents)
-        rows = [f for f in feats if (f["latent"] in wanted if wanted else f["n_fired"] > 0)]
-        if spec.keep_user_labels:
-            rows = [f for f in rows if f["label_source"] != "user"]
-        rows = rows[: spec.limit or None]
-        model = self.registry.get(Model, spec.model_id or sae["model_id"])
-        template = self.registry.get(Template, (specs.LABEL_PROMPT, spec.template))["values"] if spec.template else None
-        plan = {"method": spec.method, "features_path": sae["features_path"], "template": template,
-                "detection": spec.detection, "base_url": spec.base_url, "endpoint_model": spec.endpoint_model,
-                "api_key": self._secrets.get(job_id, {}).get("api_key", ""),
-                "features": [{k: f[k] for k in ("latent", "top_tokens", "frequency", "analysis")} for f in rows]}
-        if spec.method == "local":
-            plan |= {"model_id": model["id"], "model_path": model["path"]}
-        res = self._call(job_id, "label", plan)
-        if rows and not res["labels"]:  # nothing labeled (an endpoint down, say): the job fails with the reason
-            raise UserError(f"no feature was labeled; latent {next(iter(res['errors']))}: "
-                            f"{next(iter(res['errors'].values()))}")
-        self.set_state(job_id, "saving", "recording labels")
-        analyses = {f["latent"]: f["analysis"] for f in rows}
-        updates = []
-        for latent, lab in res["labels"].items():
-            row = {"latent": int(latent), "label": lab["name"], "category": lab["category"],
-                   "description": lab["description"], "label_source": lab["source"]}
-            if "detection" in lab:
-                row["analysis"] = {**analyses[int(latent)], "detection": lab["detection"]}
-            updates.append(row)
-        self.registry.update_features(sae["id"], [u for u in updates if "analysis" not in u])
-        self.registry.update_features(sae["id"], [u for u in updates if "analysis" in u])
-        note = f"labeled {len(updates)} of {len(rows)} features"
-        if res["errors"]:
-            note += f"; {len(res['errors'])} failed, e.g. latent {next(iter(res['errors']))}: " \
-                    f"{next(iter(res['errors'].values()))}"
-        return {"labeled": len(updates), "failed": res["errors"], "note": note}
-
-    def set_label(self, sae_id: str, latent: int, name: str, category: str = "other",
-                  description: str = "") -> dict[str, Any]:
-        """A label written by a person (source "user"); an empty name clears the label."""
-        from core.interp import CATEGORIES
-
-        if category not in CATEGORIES:
-            raise UserError(f"category {category!r} is not one of {', '.join(CATEGORIES)}")
-        sae = self._need(SAE, sae_id, "SAE", "list them with: mistudio train list")
-        if not 0 <= latent < sae["d_sae"]:
-            raise UserError(f"latent {latent} is out of range: {sae_id} has latents 0-{sae['d_sae'] - 1}")
-        name = " ".join(name.split())
-        self.registry.update_features(sae_id, [{"latent": latent, "label": name, "category": category if name else "",
-                                                "description": description.strip() if name else "",
-                                                "label_source": "user" if name else ""}])
-        return {"latent": latent, "label": name}
-
-    def _job_pipeline(self, job_id: str, spec: specs.PipelineSpec) -> dict[str, Any]:
-        # A rerun after a worker death keeps the stages this job already recorded.
-        acts = self.registry.list(Activation, job_id=job_id)
-        if acts:
-            act_id = acts[0]["id"]
-        else:
-            ext = self._job_extract(job_id, specs.ExtractSpec(spec.model_id, spec.dataset_id, [spec.layer],
-                                                               spec.site, spec.batch_size, spec.max_tokens,
-                                                               spec.exclude_special_tokens))
-            (act_id,) = ext["activation_ids"].values()
-        trained = self.registry.list(SAE, training_job_id=job_id)
-        if trained:
-            tr = {"sae_id": trained[0]["id"], **trained[0]["metrics"]}
-        else:
-            tr = self._job_train(job_id, specs.TrainSpec(
-                activation_ids=[act_id], config=spec.train, resume_job=job_id if self._has_checkpoint(job_id) else ""))
-        disc = self._job_discover(job_id, specs.DiscoverSpec(
-            spec.dataset_id, sae_id=tr["sae_id"], top_k=spec.top_k, batch_size=spec.batch_size,
-            max_tokens=spec.max_tokens, exclude_special_tokens=spec.exclude_special_tokens))
-        return {"activation_id": act_id, "train": tr, "discover": disc, "sae_id": tr["sae_id"]}
-
-
-def _written_by(plan: dict[str, Any]) -> list[str]:
-    """The paths a step plan writes to: where a killed worker may have left temporary files."""
-    return plan_outputs(plan) + [plan[k] for k in ("checkpoint_dir", "workdir") if plan.get(k)]
+def _fatal(error: BaseException) -> bool:
+    """The worker died under a plan: the whole job goes the worker-death way (a batch of items
+    does not go on to the next one)."""
+    return isinstance(error, ray.exceptions.ActorDiedError)

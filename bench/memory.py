@@ -4,13 +4,13 @@ Every case runs in a fresh subprocess (`python -m bench.memory --child ...`) and
 peak RSS, `resource.getrusage(RUSAGE_SELF).ru_maxrss` (the parent cross-checks it with the
 rusage `os.wait4` returns for that child).
 
-* tokenize  — `core.pipeline.tokenize_dataset` of the builtin corpus written once (1×) and ten
+* tokenize  — `core.data.tokenize_dataset` of the builtin corpus written once (1×) and ten
               times over (10×) as a .jsonl file; it builds the two datasets the extraction uses.
               Informational: tokenizing holds the documents in memory, so it is not in the target.
-* extract   — `core.pipeline.extract_activations` of SmolLM2 blocks.15.hook_resid_post (the real
+* extract   — `core.extract.extract_activations` of SmolLM2 blocks.15.hook_resid_post (the real
               model, batch 8, Parquet shards) over the first N tokens of the 1× dataset and the
               first 10·N tokens of the 10× dataset.
-* train     — `core.pipeline.train_on_activations` (TopK, 8×, k 32, batch 4096, one epoch: cached
+* train     — `core.sources.train_on_activations` (TopK, 8×, k 32, batch 4096, one epoch: cached
               Parquet source → trainer → SAELens folder) on an activation cache of M tokens and
               one of 10·M tokens, both in core.extract's Parquet layout, filled with the real
               cached SmolLM2 activations (the 10× cache repeats them).
@@ -51,7 +51,7 @@ def child(kind: str, src: str, out: str, tokens: int, threads: int) -> None:
     if kind == "tokenize":
         from transformers import AutoTokenizer
 
-        from core.pipeline import tokenize_dataset
+        from core.data import tokenize_dataset
 
         tok = AutoTokenizer.from_pretrained(str(C.model_dir()))
         tokenize_dataset(tok, src, Path(out), context_length=256)
@@ -67,7 +67,7 @@ def child(kind: str, src: str, out: str, tokens: int, threads: int) -> None:
             ids = torch.tensor([tok("The capital of France is a city")["input_ids"][:8]])
             run_hooked(model, ids, torch.ones_like(ids), [C.HOOK])
         else:
-            from core.pipeline import extract_activations
+            from core.extract import extract_activations
 
             def progress(d):  # peak RSS so far after every batch: shows where the growth happens
                 trace.append((d["done"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
@@ -83,7 +83,7 @@ def child(kind: str, src: str, out: str, tokens: int, threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
-        from core.pipeline import train_on_activations
+        from core.sources import train_on_activations
         from core.sae import TopKConfig
         from core.train import TrainConfig
 

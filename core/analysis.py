@@ -15,12 +15,20 @@ the difference of two forward passes.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
 
+import pyarrow.parquet as pq
 import torch
 
 from core import hooks
-from core.errors import UserError
+from core.data import decode_tokens, read_rows
+from core.errors import Cancelled, UserError
+from core.formats.saelens import load_saelens
+
+Progress = Callable[[dict], None] | None
+CancelCheck = Callable[[], bool] | None
 
 NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_norm", "model_norm")
 
@@ -203,3 +211,105 @@ def ablation_effect(model, sae, hook_name: str, contexts: Sequence[torch.Tensor]
         delta_loss_at_max=at_max.tolist(), delta_loss_after=mean_after.tolist(),
         mean_delta_loss_at_max=float(at_max.mean()), mean_delta_loss_after=float(mean_after.mean()),
         dropped_ids=di.tolist(), dropped_values=dv.tolist(), raised_ids=ri.tolist(), raised_values=rv.tolist())
+
+
+@dataclass
+class AnalyzeConfig:
+    """What `analyze_features` computes; every number is measured or read off the weights."""
+
+    n_logits: int = 10
+    """Promoted and suppressed tokens per latent (logit effects)."""
+    n_similar: int = 10
+    """Nearest latents by decoder cosine."""
+    n_coactive: int = 10
+    """Latents most often firing at the same tokens as the latent's examples."""
+    nlp: bool = True
+    """spaCy summary of each latent's top contexts."""
+    ablation_latents: list[int] = field(default_factory=list)
+    """Latents whose ablation effect is measured (two forwards over their contexts each)."""
+    ablation_top: int = 8
+    """Also measure the ablation of this many of the most frequent live latents."""
+    ablation_contexts: int = 8
+    """Top contexts per measured latent."""
+    ablation_after: int = 16
+    """Tokens after the max position kept in each context (the row's prefix is always whole)."""
+
+def analyze_features(model, tokenizer, sae_dir: Path, features_dir: Path, dataset_dir: Path | None, cfg: AnalyzeConfig,
+                     latents: Sequence[int] | None = None, progress: Progress = None,
+                     should_cancel: CancelCheck = None) -> dict[int, dict[str, Any]]:
+    """Per live latent (or `latents`): logit effects, similar and co-active features, an NLP
+    summary, and for a chosen few the measured ablation effect — as JSON-ready dicts."""
+    from core import nlp
+    from core.discover import EXAMPLES_FILE, FEATURES_FILE, rank_coactive
+
+    sae, sae_cfg = load_saelens(sae_dir)
+    sae = sae.to(next(model.parameters()).device)
+    feats = pq.read_table(Path(features_dir) / FEATURES_FILE, columns=["latent", "n_fired", "frequency"]).to_pylist()
+    live = [f["latent"] for f in sorted(feats, key=lambda f: -f["frequency"]) if f["n_fired"] > 0]
+    targets = sorted(set(live if latents is None else latents))
+    if not targets:
+        return {}
+    report = _stage_reporter(progress, len(targets))
+    out: dict[int, dict[str, Any]] = {i: {} for i in targets}
+    eff = logit_effects(model, sae, targets, n=cfg.n_logits)
+    strings = lambda rows: [decode_tokens(tokenizer, r) for r in rows]
+    for j, i in enumerate(targets):
+        out[i]["logits"] = {"pos_str": strings([eff.top_ids[j]])[0], "pos_values": eff.top_values[j],
+                            "neg_str": strings([eff.bottom_ids[j]])[0], "neg_values": eff.bottom_values[j],
+                            "final_norm": eff.final_norm}
+    ids, cos = similar_features(sae, targets, n=cfg.n_similar)
+    for j, i in enumerate(targets):
+        out[i]["similar"] = [[a, b] for a, b in zip(ids[j], cos[j])]
+    report("logits and similar features", len(targets))
+
+    examples = _examples_by_latent(Path(features_dir) / EXAMPLES_FILE, set(targets))
+    for i in targets:
+        out[i]["coactive"] = rank_coactive(examples.get(i, []), cfg.n_coactive)
+    if cfg.nlp:
+        for start in range(0, len(targets), 512):  # one spaCy pass per chunk of latents
+            _check(should_cancel)
+            chunk = targets[start:start + 512]
+            tops = {i: [e for e in examples.get(i, []) if e["kind"] == "top"] for i in chunk}
+            for i, summary in nlp.analyze_many(tops).items():
+                out[i]["nlp"] = summary.to_dict()
+            report("NLP", start + len(chunk))
+    # ablation re-reads the contexts' rows: only possible when the discovery dataset is known
+    chosen = [i for i in dict.fromkeys([*cfg.ablation_latents, *live[:cfg.ablation_top]]) if i in out] \
+        if dataset_dir is not None else []
+    for n_done, i in enumerate(chosen, start=1):
+        _check(should_cancel)
+        top = [e for e in examples.get(i, []) if e["kind"] == "top"][: cfg.ablation_contexts]
+        rows = read_rows(dataset_dir, [e["row_id"] for e in top])
+        ctx = [torch.from_numpy(rows[e["row_id"]][: e["pos"] + 1 + cfg.ablation_after]) for e in top]
+        try:
+            ab = ablation_effect(model, sae, sae_cfg.hook_name, ctx, [e["pos"] for e in top], i,
+                                          pad_id=tokenizer.pad_token_id or 0)
+        except UserError as e:  # e.g. every context ends at its max token: say so on the feature
+            out[i]["ablation"] = {"error": str(e)}
+            continue
+        d = ab._asdict()
+        d["dropped_str"] = decode_tokens(tokenizer, ab.dropped_ids)
+        d["raised_str"] = decode_tokens(tokenizer, ab.raised_ids)
+        out[i]["ablation"] = d
+        report("ablation", n_done, len(chosen))
+    return out
+
+def _check(should_cancel: CancelCheck) -> None:
+    if should_cancel is not None and should_cancel():
+        raise Cancelled("analysis cancelled")
+
+def _stage_reporter(progress: Progress, total: int):
+    def report(stage: str, done: int, of: int | None = None):
+        if progress is not None:
+            progress({"phase": "analyze", "stage": stage, "done": done, "total": of or total, "unit": "latents"})
+    return report
+
+def _examples_by_latent(path: Path, latents: set[int]) -> dict[int, list[dict[str, Any]]]:
+    """Every example row of the given latents, read once (columns a feature analysis needs)."""
+    cols = ["latent", "kind", "row_id", "pos", "tokens", "max_index", "coactive_latents", "coactive_acts"]
+    table = pq.read_table(path, columns=cols)
+    by: dict[int, list[dict[str, Any]]] = {}
+    for row in table.to_pylist():
+        if row["latent"] in latents:
+            by.setdefault(row["latent"], []).append(row)
+    return by

@@ -435,3 +435,24 @@ def read_rows(dataset_dir, row_ids: Iterable[int]) -> dict[int, np.ndarray]:
     if missing:
         raise UserError(f"rows {sorted(missing)[:5]} are not in {dataset_dir}; was the dataset re-tokenized?")
     return out
+
+
+def tokenize_dataset(tokenizer, source: str, out_dir: Path, text_column: str = "text",
+                     context_length: int = 256, max_documents: int | None = None,
+                     progress: Callable[[dict], None] | None = None) -> DatasetStats:
+    """Load texts from `source` and write them as Parquet token shards under `out_dir`."""
+    if context_length < 2:
+        raise UserError(f"context length {context_length} is too short; use --context-length 2 or more")
+    texts = load_texts(source, text_column=text_column, limit=max_documents)
+    return tokenize_to_shards(texts, tokenizer, out_dir, context_length=context_length, progress=progress)
+
+
+def total_tokens(dataset_dir: Path, max_tokens: int | None) -> int:
+    """Tokens a pass over the dataset reads: all of them, or at most `max_tokens`."""
+    tokens = read_stats(dataset_dir).tokens
+    return min(tokens, max_tokens) if max_tokens else tokens
+
+
+def decode_tokens(tokenizer, ids: list[int]) -> list[str]:
+    """Each token id as the text it stands for (byte-level markers like 'Ġ' resolved)."""
+    return [tokenizer.decode([i]) for i in ids]

@@ -677,3 +677,36 @@ def rank_coactive(examples: Iterable[dict], n: int = 10) -> list[dict]:
             counts.setdefault(other, []).append(act)
     ranked = sorted(counts.items(), key=lambda kv: (-len(kv[1]), -float(np.mean(kv[1])), kv[0]))
     return [{"latent": int(k), "count": len(v), "mean_act": float(np.mean(v))} for k, v in ranked[:n]]
+
+
+def discover_features(model, tokenizer, sae_dir: Path, dataset_dir: Path, out_dir: Path,
+                      cfg: DiscoverConfig, batch_size: int = 8, max_tokens: int | None = None,
+                      progress: Callable[[dict], None] | None = None,
+                      should_cancel: Callable[[], bool] | None = None,
+                      exclude_token_ids: Sequence[int] = ()) -> DiscoverySummary:
+    """Top activating contexts, quantile samples, histograms, co-active latents, frequency and
+    max/mean activation for every latent of an SAE.
+
+    Positions holding an `exclude_token_ids` token are no candidates (the model still reads them)."""
+    from core import data, hooks  # the model side of discovery; the rest of this module needs neither
+    from core.formats.saelens import load_saelens
+
+    sae, sae_cfg = load_saelens(sae_dir)
+    hook_name = sae_cfg.hook_name
+    hooks.validate_hooks(model, [hook_name])
+    d_model = model.config.hidden_size
+    if sae_cfg.d_in != d_model:
+        raise UserError(f"SAE d_in={sae_cfg.d_in} does not match {hook_name} of this model (d_model={d_model}); "
+                        "pick the model the SAE was trained on")
+    sae = sae.to(next(model.parameters()).device)
+    total = data.total_tokens(dataset_dir, max_tokens)
+    excluded = torch.tensor(sorted(set(exclude_token_ids)), dtype=torch.long)
+
+    def hooked_batches():
+        for b in data.iter_batches(dataset_dir, batch_size, tokenizer.pad_token_id, max_tokens=max_tokens):
+            acts = hooks.run_hooked(model, b.input_ids, b.attention_mask, [hook_name])[hook_name]
+            yield b.input_ids, b.attention_mask * ~torch.isin(b.input_ids, excluded), b.row_ids, acts, b.doc_ids
+
+    with torch.no_grad():
+        return discover(sae, hooked_batches(), out_dir, lambda ids: data.decode_tokens(tokenizer, ids), cfg,
+                        total_tokens=total, progress=progress, should_cancel=should_cancel)

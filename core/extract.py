@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from core.data import TokenBatch
+from core.data import TokenBatch, iter_batches, total_tokens
 from core.errors import UserError
 from core.hooks import run_hooked, validate_hooks
 from core.io import atomic_dir
@@ -264,3 +264,15 @@ def read_hook_stats(hook_dir) -> HookStats:
 def count_activations(hook_dir) -> int:
     """Number of token activations stored for one hook (from Parquet metadata, no data read)."""
     return sum(pq.ParquetFile(f).metadata.num_rows for f in _shards(hook_dir))
+
+
+def extract_activations(model, tokenizer, dataset_dir: Path, hook_names: list[str], out_dir: Path,
+                        batch_size: int = 8, max_tokens: int | None = None,
+                        progress: Callable[[dict], None] | None = None,
+                        should_cancel: Callable[[], bool] | None = None,
+                        exclude_token_ids: Sequence[int] = ()) -> dict[str, HookStats]:
+    """Run the hooked forward over a tokenized dataset and stream activations to Parquet."""
+    validate_hooks(model, hook_names)
+    batches = iter_batches(dataset_dir, batch_size, tokenizer.pad_token_id, max_tokens=max_tokens)
+    return extract(model, batches, hook_names, out_dir, progress=progress, should_cancel=should_cancel,
+                           total_tokens=total_tokens(dataset_dir, max_tokens), exclude_token_ids=exclude_token_ids)

@@ -4,9 +4,33 @@ documented is the string under its field, and forms and command-line help are bu
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import inspect
 import textwrap
+import typing
+from typing import Any, NamedTuple
+
+
+class FieldInfo(NamedTuple):
+    """One setting as a form or a command line shows it."""
+
+    name: str
+    hint: Any
+    """Its type annotation (e.g. int | None)."""
+    default: Any
+    doc: str
+
+
+def describe(cls: type) -> list[FieldInfo]:
+    """The fields of a dataclass with their types, defaults and docstrings, in order."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else \
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        out.append(FieldInfo(f.name, hints[f.name], default, docs.get(f.name, "")))
+    return out
 
 
 @functools.cache

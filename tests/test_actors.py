@@ -31,7 +31,7 @@ def test_pipeline_writes_artifacts_and_registry_rows(client, tiny_run):
     assert sum(pq.ParquetFile(s).metadata.num_rows for s in shards) == act["tokens"] >= 3000
 
     sae = client.get(SAE, res["sae_id"])
-    assert (sae["d_in"], sae["d_sae"], sae["k"], sae["hook_name"]) == (64, 256, 8, "blocks.1.hook_resid_post")
+    assert (sae["d_in"], sae["d_sae"], sae["sae_config"]["k"], sae["hook_name"]) == (64, 256, 8, "blocks.1.hook_resid_post")
     cfg = json.loads((Path(sae["path"]) / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post" and cfg["d_sae"] == 256
     with safe_open(str(Path(sae["path"]) / "sae_weights.safetensors"), "pt") as f:
@@ -221,7 +221,7 @@ def test_batch_discovery_goes_past_a_failed_sae(client, tiny_run, tmp_path):
     bad = build_sae("topk", 32, 64, k=4)
     save_saelens(bad, bad.config(hook_name="blocks.1.hook_resid_post", model_name="tiny-llama"), tmp_path / "bad")
     client.registry.add(SAE(id="sae-bad-din", name="bad", model_id="tiny-llama", hook_name="blocks.1.hook_resid_post",
-                            architecture="topk", d_in=32, d_sae=64, k=4, path=str(tmp_path / "bad")))
+                            architecture="topk", d_in=32, d_sae=64, sae_config=bad.type_config.to_dict(), path=str(tmp_path / "bad")))
     job_id = client.submit("discover", {"dataset_id": tiny_run["dataset_id"], "sae_ids": ["sae-bad-din", good],
                                         "top_k": 3, "max_tokens": 600})
     job = client.wait(job_id, timeout=300)

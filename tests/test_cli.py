@@ -105,7 +105,9 @@ def test_progress_bars_follow_steps_and_stages(capsys):
                 on_progress(job, p)
             return {**job, "state": "completed"}
 
-    cli.follow(Replay(), "analyze-1")
+    from ui.cli_output import follow
+
+    follow(Replay(), "analyze-1")
     labels = re.findall(r"(analyze(?: · [A-Za-z ]+)?):", capsys.readouterr().err)
     assert list(dict.fromkeys(labels)) == ["analyze", "analyze · logits and similar features", "analyze · NLP",
                                            "analyze · ablation"]

@@ -74,7 +74,7 @@ def test_a_type_registered_in_a_test_trains_through_core_train(square_type):
     assert isinstance(result.sae, SquareSAE) and result.sae.d_sae == 2 * D_IN
     assert result.final["fvu"] < 0.5, result.final
     assert square_type in registry.names(inference=True)
-    assert registry.describe(cfg.sae.to_dict()) == ""  # no cfg.json knobs to show
+    assert registry.summarize(cfg.sae.to_dict()) == ""  # no cfg.json knobs to show
     assert registry.config_from_dict(cfg.sae.to_dict()) == cfg.sae
     about = {t["name"]: t for t in registry.catalogue()}[square_type]
     assert about["fields"] == [{"name": "penalty", "default": 0.05, "help": "Weight of Σ z² per token."}]

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from actors.specs import PipelineSpec, load_job_file, parse_spec
+from actors.jobs.pipeline import PipelineSpec
+from actors.specs import load_job_file, parse_spec
 from core.errors import UserError
 
 

@@ -15,19 +15,25 @@ well, and an SAE never trained on them is not blamed for them. How many there we
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.data import TokenBatch
+from core.data import TokenBatch, iter_batches
 from core.errors import UserError
+from core.formats.saelens import load_saelens
 from core.hooks import patched, run_hooked, validate_hooks
+from core.io import atomic_file
 from core.models import d_model
 from core.progress import Meter, check_cancel
 from core.sae.base import SAE
+
+EVAL_FILENAME = "eval.json"
 
 
 @torch.no_grad()
@@ -199,3 +205,18 @@ class _Reconstruction:
             "dense_frac": float((freq > dense_threshold).mean()),
             "density_hist": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]},
         }
+
+
+def evaluate_saved_sae(model, tokenizer, sae_dir: Path, dataset_dir: Path, rows: int, *, batch_size: int = 8,
+                       outlier_norm_threshold: float = math.inf, progress: Callable[[dict], None] | None = None,
+                       should_cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """CE loss recovered, KL and the reconstruction metrics of a saved SAE on the dataset's first
+    `rows` rows (the held-out slice), written to `eval.json` in the SAE folder."""
+    sae, cfg = load_saelens(sae_dir)
+    batches = iter_batches(dataset_dir, batch_size, tokenizer.pad_token_id, max_rows=rows)
+    metrics = evaluate_sae(model, sae, cfg.hook_name, batches, outlier_norm_threshold=outlier_norm_threshold,
+                           progress=progress, should_cancel=should_cancel)
+    metrics["eval_rows"] = rows
+    with atomic_file(Path(sae_dir) / EVAL_FILENAME) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=1))
+    return metrics

@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable, Mapping
 
 from core.errors import UserError
-from core.fields import field_docs
+from core.fields import describe
 from core.sae.base import SAE, SAETypeConfig
 
 DEFAULT = "topk"
@@ -115,7 +115,7 @@ def config_from_cfg_json(d: Mapping[str, Any]) -> SAETypeConfig:
     return cls.Config.from_cfg_json(dict(d))
 
 
-def describe(d: Mapping[str, Any] | None) -> str:
+def summarize(d: Mapping[str, Any] | None) -> str:
     """A stored type config's inference knobs in a few characters ("k=32"; "" when unknown)."""
     try:
         return config_from_dict(d or {}).summary()
@@ -129,8 +129,7 @@ def catalogue() -> list[dict[str, Any]]:
     out = []
     for name in names():
         cls = _TYPES[name]
-        fields = [{"name": f.name, "default": f.default, "help": field_docs(cls.Config).get(f.name, "")}
-                  for f in dataclasses.fields(cls.Config)]
+        fields = [{"name": f.name, "default": f.default, "help": f.doc} for f in describe(cls.Config)]
         about = (sys.modules[cls.__module__].__doc__ or name).strip().splitlines()[0]
         out.append({"name": name, "about": about, "fields": fields})
     return out

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 
 from core.errors import UserError
+from core.fields import FieldInfo, describe
 from core.sae import SAE, SAETypeConfig, registry
 
 
@@ -90,6 +91,18 @@ class TrainConfig:
         """The flat JSON form of job files and templates: the type's fields beside the schedule's."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sae"}
         return self.sae.to_dict() | d
+
+    @classmethod
+    def flat_fields(cls) -> list[FieldInfo]:
+        """The keys of the flat form: the type's name, this config's own fields, then every
+        registered type's knobs (defaults from the first type that has each)."""
+        own = [f for f in describe(cls) if f.name != "sae"]
+        arch = FieldInfo("architecture", str, registry.DEFAULT, "The SAE type (core.sae.registry).")
+        knobs: dict[str, FieldInfo] = {}
+        for name in registry.names():
+            for f in describe(registry.get(name).Config):
+                knobs.setdefault(f.name, f)
+        return [arch, *own, *knobs.values()]
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":

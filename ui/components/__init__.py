@@ -10,5 +10,5 @@ forms       pickers and defaults several forms share (model + dataset, the run f
             the labeling endpoint's session key)
 
 Pages import these modules and `actors.client` only. Nothing here reaches past the Client either;
-forms reads the demo's run from ui/cli.py, the other front end, so the two keep one set of values.
+forms reads the demo's run from ui/cli_demo.py, the other front end, so the two keep one set of values.
 """

@@ -6,7 +6,7 @@ from typing import Any
 
 import streamlit as st
 
-from ui.cli import DEMO_DEFAULTS, DEMO_TRAIN
+from ui.cli_demo import DEMO_DEFAULTS, DEMO_TRAIN
 from ui.components.formatting import fmt_number
 
 LABEL_ENDPOINT = "label_endpoint"
