@@ -88,8 +88,16 @@ class Client:
             raise UserError(f"no job {job_id!r}; list jobs with: mistudio jobs list")
         return job
 
-    def jobs(self, state: str | None = None, model_id: str | None = None) -> list[dict[str, Any]]:
-        return self.registry.jobs(state=state, model_id=model_id)
+    def jobs(self, state: str | None = None, model_id: str | None = None, kind: str | None = None
+             ) -> list[dict[str, Any]]:
+        return self.registry.jobs(state=state, model_id=model_id, kind=kind)
+
+    @staticmethod
+    def job_kind(kind: str) -> dict[str, Any]:
+        """A kind's name, whether it can pause/resume/finalize, and the steps it runs."""
+        from actors import jobs
+
+        return jobs.get(kind).info()
 
     def active_jobs(self) -> list[dict[str, Any]]:
         return self.registry.active_jobs()

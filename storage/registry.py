@@ -307,12 +307,15 @@ class Registry:
                 setattr(job, k, v)
             return job.to_dict()
 
-    def jobs(self, state: str | None = None, model_id: str | None = None) -> list[dict[str, Any]]:
-        """Jobs newest first; filter by state and/or model ("what runs on this model now")."""
+    def jobs(self, state: str | None = None, model_id: str | None = None, kind: str | None = None
+             ) -> list[dict[str, Any]]:
+        """Jobs newest first; filter by state, model ("what runs on this model now") and/or kind."""
         with self.session() as s:
             q = select(Job).order_by(Job.created_at.desc())
             if state:
                 q = q.where(Job.state == state)
+            if kind:
+                q = q.where(Job.kind == kind)
             if model_id:
                 q = q.where(Job.model_id == model_id)
             return [r.to_dict() for r in s.scalars(q)]

@@ -155,7 +155,13 @@ class Kind:
     with it can pause, resume and finalize, and continues after a worker death."""
     secrets: Callable[[dict[str, Any], str | None], dict[str, str] | None] | None = None
     """(spec values, the api_key given) → what this run needs that is never stored."""
+    steps: tuple[str, ...] = ()
+    """The steps a composing kind runs in order (shown as "step 2 of 3")."""
     cli: Command | None = None
+
+    def info(self) -> dict[str, Any]:
+        """What a front end shows of the kind: whether it can pause/resume/finalize, its steps."""
+        return {"name": self.name, "pausable": self.resume is not None, "steps": list(self.steps)}
 
 
 _KINDS: dict[str, Kind] = {}

@@ -68,4 +68,4 @@ def execute(job: JobContext, spec: PipelineSpec) -> dict[str, Any]:
     return {"activation_id": act_id, "train": tr, "discover": disc, "sae_id": tr["sae_id"]}
 
 
-KIND = register(Kind("pipeline", PipelineSpec, check, execute=execute))
+KIND = register(Kind("pipeline", PipelineSpec, check, execute=execute, steps=("extract", "train", "discover")))

@@ -199,9 +199,7 @@ def load(folder: Path, resolve: Resolve) -> tuple[SAE, SAEConfig]:
         raise UserError(f"{folder} is a per-head SAE (hook_head_index={head}), which miStudio does not support")
     if raw.get("reshape_activations") == "hook_z":
         raise UserError(f"{folder} reads attention heads (hook_z), which miStudio does not hook")
-    activation = raw.get("activation_fn_str", raw.get("activation_fn"))
-    if activation not in (None, "relu", "topk"):
-        raise UserError(f"{folder} uses activation '{activation}'; miStudio loads ReLU, TopK and JumpReLU SAEs")
+    registry.check_activation_fn(raw, str(folder))
     if raw.get("finetuning_scaling_factor"):
         raise UserError(f"{folder} has a finetuning_scaling_factor, which miStudio does not apply; "
                         "fold it into W_dec and set it to false")

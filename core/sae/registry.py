@@ -100,6 +100,14 @@ def build_sae(architecture: str, d_in: int, d_sae: int, **knobs: Any) -> SAE:
     return build(config_for(architecture, knobs), d_in, d_sae)
 
 
+def check_activation_fn(d: Mapping[str, Any], where: str) -> None:
+    """Older SAELens cfg.json files name the activation (`activation_fn_str`); only ReLU and
+    TopK are ones our types reproduce."""
+    activation = d.get("activation_fn_str", d.get("activation_fn"))
+    if activation not in (None, "relu", "topk"):
+        raise UserError(f"{where} uses activation '{activation}'; miStudio loads ReLU, TopK and JumpReLU SAEs")
+
+
 def config_from_cfg_json(d: Mapping[str, Any]) -> SAETypeConfig:
     """The inference type a SAELens cfg.json describes, with its knobs."""
     name = str(d.get("architecture") or "standard")

@@ -18,8 +18,8 @@ def measured_rate(client, model_id: str) -> float | None:
     tokens_of: dict[str, int] = {}
     for a in client.activations():
         tokens_of[a["job_id"]] = tokens_of.get(a["job_id"], 0) + a["tokens"]
-    for job in client.jobs(state="completed", model_id=model_id):
-        if job["kind"] != "extract" or not job.get("started_at") or not job.get("finished_at"):
+    for job in client.jobs(state="completed", model_id=model_id, kind="extract"):
+        if not job.get("started_at") or not job.get("finished_at"):
             continue
         tokens = tokens_of.get(job["id"], 0)
         seconds = (job["finished_at"] - job["started_at"]).total_seconds()

@@ -158,9 +158,7 @@ def train_form(client) -> None:
 def checkpoints(client) -> None:
     """Train jobs that left checkpoints, each resumable as a new job from its newest one."""
     rows = []
-    for job in client.jobs():
-        if job["kind"] != "train":
-            continue
+    for job in client.jobs(kind="train"):
         found = client.checkpoints(job["id"])
         if found:
             rows.append((job, found))

@@ -22,7 +22,6 @@ from ui.components.formatting import fmt_duration, fmt_number
 POLL_S = 1.5
 """Seconds between progress polls while a job runs (workers report about once a second)."""
 
-PIPELINE_STEPS = {"pipeline": ("extract", "train", "discover")}
 
 
 def _num(v: Any) -> float | None:
@@ -54,7 +53,7 @@ def _bar(job: dict[str, Any], p: dict[str, Any]) -> tuple[float, str]:
         return frac, p.get("message") or job.get("message") or "queued, waiting for a worker"
     step = p.get("step") or job.get("step") or p.get("phase") or job["kind"]
     parts = [str(step)]
-    steps = PIPELINE_STEPS.get(job["kind"])
+    steps = Client.job_kind(job["kind"])["steps"]
     if steps and step in steps:
         parts.append(f"(step {steps.index(step) + 1} of {len(steps)})")
     if p.get("stage"):  # a step in stages (an analysis) counts each stage from 0: say which one
@@ -78,7 +77,7 @@ def job_card(client, job: dict[str, Any], active: bool) -> None:
         client.cancel(job["id"])
         st.toast(f"Cancel requested for {job['id']}")
         st.rerun()
-    if job["kind"] == "train":
+    if client.job_kind(job["kind"])["pausable"]:
         training_controls(client, job, btn)
     if job["state"] in ("failed", "cancelled") and btn.button("Retry", key=f"retry-{job['id']}",
                                                               icon=":material/replay:", help="run the same spec again"):
