@@ -25,6 +25,10 @@ class SquareConfig(SAETypeConfig):
     penalty: float = 0.05
     """Weight of Σ z² per token."""
 
+    def check(self, d_sae: int) -> None:
+        if self.penalty < 0:
+            raise UserError(f"penalty={self.penalty} must be 0 or more")
+
     def sparsity_coefficient(self) -> float:
         return self.penalty
 
@@ -106,3 +110,31 @@ def test_bad_training_configs_are_one_line_errors(values, message):
 def test_k_is_checked_against_the_resolved_width():
     with pytest.raises(UserError, match="k=200 must be between 1 and the SAE width 64; lower k"):
         TrainConfig.from_dict({"k": 200, "expansion_factor": 4}).resolved(16)
+
+
+def test_a_type_registered_in_a_test_passes_a_training_jobs_check(square_type, tmp_path):
+    """The train job kind checks a spec naming the new type (its knobs, checked by the type
+    itself, against the width the job resolves) with no other file changed."""
+    from actors import jobs, specs
+    from storage import Registry
+    from storage.registry import Activation, Dataset, Model
+
+    reg = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    reg.add(Model(id="m", name="m", source="x", path="/m", architecture="llama", n_layers=2, d_model=D_IN,
+                  n_params=1, dtype="float32", vocab_size=10))
+    reg.add(Dataset(id="d", name="d", source="builtin", text_column="text", model_id="m", context_length=8,
+                    path="/d", documents=1, rows=1, tokens=100))
+    reg.add(Activation(id="a", job_id="j", model_id="m", dataset_id="d", hook_name="blocks.1.hook_resid_post",
+                       path="/a", tokens=100, d_model=D_IN))
+    train = jobs.get("train")
+
+    def check(config):
+        train.check(reg, specs.parse_spec("train", {"activation_ids": ["a"], "config": config}))
+
+    check({"architecture": square_type, "penalty": 0.2, "expansion_factor": 2})
+    check({"sae": {"architecture": square_type, "penalty": 0.0}, "d_sae": 100})
+    with pytest.raises(UserError, match="penalty=-1 must be 0 or more"):
+        check({"architecture": square_type, "penalty": -1})
+    with pytest.raises(UserError, match="training option 'penalty' should be float"):
+        check({"architecture": square_type, "penalty": "lots"})
+    reg.close()
