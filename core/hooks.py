@@ -120,7 +120,10 @@ def _capture(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.nn.Module, ...]]]:
     """run_hooked's activations, and for each attn_out / mlp_out site the path its term took:
     (sublayer, child, ...), each module reading the previous one's output; the last one's
-    output is what the block adds to its residual stream."""
+    output is what the block adds to its residual stream.
+
+    One piece: the hooks it registers and the forward they run under share one try/finally, so
+    no hook outlives the call."""
     validate_hooks(model, hook_names)
     layers = find_layers(model)
     wanted = list(dict.fromkeys(hook_names))  # dedupe, keep order

@@ -42,7 +42,8 @@ def evaluate_sae(model, sae: SAE, hook_name: str, batches: Iterable[TokenBatch],
                  progress: Callable[[dict], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None) -> dict:
     """Evaluate `sae` at `hook_name` of `model` on `batches` (right-padded; read into memory,
-    since the mean ablation needs a first pass). The SAE is moved to the model's device.
+    since the mean ablation needs a first pass). The SAE is moved to the model's device. Its
+    length is its documented return value; the body is the two passes.
 
     Returns a flat JSON-able dict:
 

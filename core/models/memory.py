@@ -55,6 +55,7 @@ def estimate_memory(source, *, dtype: str = "float32", quantization: str = "none
                     context_length: int = 256, deepest_layer: int | None = None,
                     trust_remote_code: bool = False) -> MemoryEstimate:
     """Estimate the memory of loading `source` and running a forward, without loading weights.
+    (One piece: one formula over one config, term by term, each commented where it is added.)
 
     Weights: the model is built from its config on the meta device (no memory, no weights
     read), so every parameter is counted exactly for any architecture instead of by a

@@ -48,6 +48,9 @@ def train_saes(source: Source, runs: Sequence[RunSpec], *, progress: Progress | 
     `requested()` is asked at every chunk boundary: "pause" saves a checkpoint and raises
     Paused (resuming from it continues exactly); "finalize" ends training there and returns
     the SAEs as they are, evaluated like finished ones.
+
+    One piece: the stream position, the checkpoint cadence and the pause/finalize requests are
+    one state machine over the chunk loop; split, each part would need all of it.
     """
     if not runs:
         raise UserError("nothing to train: give at least one SAE")

@@ -119,7 +119,8 @@ def contexts(client, sae: dict[str, Any], latents: list[int], by_latent: dict[in
 
 
 def feature_page(client, sae: dict[str, Any], doc: dict[str, Any]) -> None:
-    """Everything known about one feature, rendered from its export document (core.export)."""
+    """Everything known about one feature, rendered from its export document (core.export);
+    one piece because it lays out one page top to bottom."""
     latent = doc["feature_index"]
     label_editor(client, sae, doc)
     c = st.columns(4)

@@ -1,0 +1,86 @@
+"""Batches of dataset rows: `iter_batches` pads each batch to its own longest row and returns
+the attention mask, so padded positions can be masked everywhere downstream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from core.data.shards import shard_files
+from core.errors import UserError
+
+
+
+class TokenBatch(NamedTuple):
+    """A right-padded batch of dataset rows."""
+
+    input_ids: torch.LongTensor
+    """[B, T] token ids, padded on the right with the pad token id."""
+    attention_mask: torch.LongTensor
+    """[B, T] 1 for real tokens, 0 for padding."""
+    row_ids: torch.LongTensor
+    """[B] global row index of each row (the `row_id` column)."""
+    doc_ids: torch.LongTensor | None = None
+    """[B] source document of each row (a long document spans several rows)."""
+
+
+def _pad(rows: list[np.ndarray], row_ids: list[int], pad_token_id: int, doc_ids: list[int]) -> TokenBatch:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    return TokenBatch(torch.from_numpy(ids), torch.from_numpy(mask), torch.tensor(row_ids, dtype=torch.int64),
+                      torch.tensor(doc_ids, dtype=torch.int64))
+
+
+def _iter_rows(dataset_dir: Path) -> Iterator[tuple[np.ndarray, int, int]]:
+    """(tokens, row_id, doc_id) for every row, shard by shard, a record batch at a time."""
+    for shard in shard_files(dataset_dir):
+        for rb in pq.ParquetFile(shard).iter_batches(batch_size=1024, columns=["input_ids", "row_id", "doc_id"]):
+            col = rb.column(0)
+            # .offsets index into .values (which ignores any slice offset), so they agree.
+            offsets = col.offsets.to_numpy()
+            values = col.values.to_numpy()
+            docs = rb.column(2).to_numpy()
+            for i, row_id in enumerate(rb.column(1).to_numpy()):
+                yield values[offsets[i]:offsets[i + 1]], int(row_id), int(docs[i])
+
+
+def iter_batches(dataset_dir, batch_size: int, pad_token_id: int, max_rows: int | None = None,
+                 max_tokens: int | None = None) -> Iterator[TokenBatch]:
+    """Stream rows in order as padded batches; stop after `max_rows` rows or once `max_tokens`
+    real tokens have been yielded (the row that crosses the limit is included whole).
+    """
+    dataset_dir = Path(dataset_dir)
+    if not shard_files(dataset_dir):
+        raise UserError(f"{dataset_dir} holds no token shards; tokenize the dataset first")
+    if batch_size < 1:
+        raise UserError(f"batch size must be positive, got {batch_size}")
+    rows: list[np.ndarray] = []
+    row_ids: list[int] = []
+    doc_ids: list[int] = []
+    n_rows = n_tokens = 0
+    for tokens, row_id, doc_id in _iter_rows(dataset_dir):
+        if (max_rows is not None and n_rows >= max_rows) or (max_tokens is not None and n_tokens >= max_tokens):
+            break
+        rows.append(tokens)
+        row_ids.append(row_id)
+        doc_ids.append(doc_id)
+        n_rows += 1
+        n_tokens += len(tokens)
+        if len(rows) == batch_size:
+            yield _pad(rows, row_ids, pad_token_id, doc_ids)
+            rows, row_ids, doc_ids = [], [], []
+    if rows:
+        yield _pad(rows, row_ids, pad_token_id, doc_ids)
+
+
+def decode_tokens(tokenizer, ids: list[int]) -> list[str]:
+    """Each token id as the text it stands for (byte-level markers like 'Ġ' resolved)."""
+    return [tokenizer.decode([i]) for i in ids]

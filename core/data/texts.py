@@ -1,0 +1,191 @@
+"""Text datasets: the built-in corpus, user files (.txt/.jsonl/.parquet/.csv) and Hugging Face
+datasets, read as a list of documents."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pyarrow.parquet as pq
+
+from core.errors import UserError
+
+BUILTIN = "builtin"
+MAX_DOC_CHARS = 2000
+FILE_TYPES = (".txt", ".jsonl", ".parquet", ".csv")
+
+# Stdlib modules whose docstrings are real English prose. A fixed list keeps the corpus
+# deterministic and avoids modules with import side effects (this, antigravity, turtle).
+_DOC_MODULES = (
+    "abc", "argparse", "ast", "asyncio", "base64", "bdb", "bisect", "bz2", "calendar", "cmd",
+    "code", "codecs", "collections", "colorsys", "concurrent.futures", "configparser",
+    "contextlib", "contextvars", "copy", "copyreg", "csv", "dataclasses", "datetime", "decimal",
+    "difflib", "dis", "doctest", "email", "enum", "filecmp", "fileinput", "fnmatch", "fractions",
+    "ftplib", "functools", "getopt", "getpass", "gettext", "glob", "graphlib", "gzip", "hashlib",
+    "heapq", "hmac", "html", "html.parser", "http", "http.client", "http.cookiejar",
+    "http.cookies", "http.server", "imaplib", "importlib", "inspect", "io", "ipaddress",
+    "itertools", "json", "keyword", "linecache", "locale", "logging", "lzma", "mailbox",
+    "mimetypes", "modulefinder", "multiprocessing", "netrc", "numbers", "operator", "optparse",
+    "os", "pathlib", "pdb", "pickle", "pickletools", "pkgutil", "platform", "plistlib", "poplib",
+    "pprint", "profile", "pstats", "py_compile", "pyclbr", "queue", "quopri", "random", "re",
+    "reprlib", "rlcompleter", "runpy", "sched", "secrets", "selectors", "shelve", "shlex",
+    "shutil", "signal", "site", "smtplib", "socket", "socketserver", "stat", "statistics",
+    "string", "stringprep", "struct", "subprocess", "symtable", "sysconfig", "tabnanny",
+    "tarfile", "tempfile", "textwrap", "threading", "timeit", "token", "tokenize", "trace",
+    "traceback", "tracemalloc", "types", "typing", "unittest", "urllib", "urllib.parse",
+    "urllib.request", "uuid", "warnings", "wave", "weakref", "webbrowser", "xml", "xml.dom",
+    "xml.etree.ElementTree", "zipapp", "zipfile", "zipimport", "zlib", "zoneinfo",
+)
+
+
+# ---------------------------------------------------------------------------- texts
+
+
+def _split_long(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
+    """Split text at paragraph boundaries into pieces of at most ~max_chars characters."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces: list[str] = []
+    current = ""
+    for para in re.split(r"\n\s*\n", text):
+        # A paragraph longer than the limit is cut at line breaks (never mid-line).
+        parts = [para] if len(para) <= max_chars else para.splitlines()
+        for part in parts:
+            if current and len(current) + 2 + len(part) > max_chars:
+                pieces.append(current)
+                current = part
+            else:
+                current = f"{current}\n\n{part}" if current else part
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def builtin_corpus() -> list[str]:
+    """Real English text shipped with Python: the pydoc topics and stdlib module docstrings.
+
+    About 465 k characters (≈ 113 k SmolLM2 tokens); same documents in the same order on
+    every call. Long texts are split at paragraph boundaries into documents of ≤ ~2000 chars.
+    """
+    from pydoc_data.topics import topics
+
+    sources = [topics[key] for key in sorted(topics)]
+    for name in _DOC_MODULES:
+        try:
+            doc = importlib.import_module(name).__doc__
+        except ImportError:  # optional stdlib parts (e.g. zlib, lzma) may be absent from a build
+            continue
+        if doc:
+            sources.append(doc)
+    docs = [piece.strip() for text in sources for piece in _split_long(text)]
+    return [d for d in docs if d]
+
+
+def _column_error(column: str, where: str, available: Iterable[str]) -> UserError:
+    return UserError(f"column '{column}' not found in {where}; available columns: "
+                     f"{', '.join(map(str, available))}; pass --text-column")
+
+
+def _read_txt(path: Path, column: str) -> list[str]:
+    # Documents are separated by blank lines.
+    return re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace"))
+
+
+def _read_jsonl(path: Path, column: str) -> list[str]:
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path.name} line {lineno} is not valid JSON ({e.msg}); "
+                                "fix the file: one JSON object per line") from e
+            if not isinstance(record, dict) or column not in record:
+                keys = record.keys() if isinstance(record, dict) else []
+                raise _column_error(column, f"{path.name} (line {lineno})", keys)
+            texts.append(record[column])
+    return texts
+
+
+def _read_parquet(path: Path, column: str) -> list[str]:
+    names = pq.read_schema(path).names
+    if column not in names:
+        raise _column_error(column, path.name, names)
+    return pq.read_table(path, columns=[column]).column(column).to_pylist()
+
+
+def _read_csv(path: Path, column: str) -> list[str]:
+    # The csv module copes with multi-line quoted fields, which is what text columns hold.
+    csv.field_size_limit(1 << 30)
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.DictReader(f)
+        if column not in (reader.fieldnames or []):
+            raise _column_error(column, path.name, reader.fieldnames or [])
+        return [row[column] for row in reader]
+
+
+_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet, ".csv": _read_csv}
+
+
+def _read_file(path: Path, column: str) -> list[str]:
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise UserError(f"unsupported file type '{path.suffix}' ({path.name}); "
+                        f"use one of: {', '.join(FILE_TYPES)}, or a Hugging Face dataset id")
+    return reader(path, column)
+
+
+def _read_hub(source: str, column: str, split: str, limit: int | None) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split=split if limit is None else f"{split}[:{limit}]")
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; all mean "could not load"
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load dataset '{source}' split '{split}' from the Hugging Face hub ({first}); "
+                        "check the id and that you are online (HF_HUB_OFFLINE=1 allows only cached "
+                        "datasets), or give a local .txt/.jsonl/.parquet/.csv file") from e
+    if column not in ds.column_names:
+        raise _column_error(column, f"dataset {source}", ds.column_names)
+    return ds[column]
+
+
+def _looks_like_path(source: str) -> bool:
+    return (source.startswith(("/", "./", "../", "~", "."))
+            or source.lower().endswith(FILE_TYPES) or "\\" in source)
+
+
+def load_texts(source: str, text_column: str = "text", split: str = "train",
+               limit: int | None = None) -> list[str]:
+    """Documents from "builtin", a local file or folder of files, or a Hugging Face dataset id.
+
+    Blank documents are dropped; `limit` keeps the first `limit` documents.
+    """
+    source = str(source)
+    path = Path(source).expanduser()
+    if source == BUILTIN:
+        texts: Sequence = builtin_corpus()
+    elif path.is_file():
+        texts = _read_file(path, text_column)
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_TYPES)
+        if not files:
+            raise UserError(f"no {', '.join(FILE_TYPES)} files in folder {path}; put data files there")
+        texts = [t for f in files for t in _read_file(f, text_column)]
+    elif _looks_like_path(source):
+        raise UserError(f"data file not found: {source}; check the path")
+    else:
+        texts = _read_hub(source, text_column, split, limit)
+    docs = [t for t in texts if isinstance(t, str) and t.strip()]
+    if limit is not None:
+        docs = docs[:limit]
+    if not docs:
+        raise UserError(f"dataset {source} is empty: no non-blank text in column '{text_column}'; "
+                        "check the file or pass --text-column")
+    return docs
