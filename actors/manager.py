@@ -18,13 +18,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import ray
 
 from actors import specs
 from actors.worker import NAMESPACE, ModelWorker, plan_outputs
 from core import hooks, models, pipeline
 from core.errors import Cancelled, Paused, UserError
+from core.features import store as features_store
+from core.features.schema import REGISTRY_COLUMNS
 from core.io import sweep_tmp
 from core.train import checkpoints
 from storage import Artifacts, Registry, Settings
@@ -596,8 +597,7 @@ class JobManager:
             "exclude_special_tokens": spec.exclude_special_tokens, "position": position, "of": total})
         self.set_state(job_id, "saving", f"recording features of {sae_id}")
         self.artifacts.pull(out)  # written on the worker's node
-        cols = ["latent", "n_fired", "frequency", "max_act", "mean_act", "top_tokens"]
-        rows = pq.read_table(out / "features.parquet", columns=cols).to_pylist()
+        rows = features_store.feature_rows(out, REGISTRY_COLUMNS)
         self.registry.replace_features(sae["id"], rows)
         self.registry.update(SAE, sae["id"], features_path=str(out), features_dataset_id=dataset["id"])
         return {k: v for k, v in res.items() if k != "paths"}

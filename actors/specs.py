@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.discover import DiscoverConfig
+from core.features import DiscoverConfig
 from core.errors import UserError
 from core.models import QUANTIZATIONS
 from core.train import TrainConfig

@@ -19,7 +19,7 @@ import torch
 
 from actors.progress import Reporter
 from core import models, pipeline, steer
-from core.discover import DiscoverConfig
+from core.features import DiscoverConfig
 from core.errors import UserError
 from core.train import CheckpointConfig, RunSpec, TrainConfig
 from storage.artifacts import Artifacts
