@@ -16,8 +16,9 @@ from typing import Any, Callable, NamedTuple
 import ray
 
 from actors import cluster
-from core.discover import read_examples
 from core.errors import UserError
+from core.features import FeaturePage, FeatureQuery
+from core.features import store as features_store
 from storage import Artifacts, Registry, Settings
 from storage.registry import FINAL_STATES, IDLE_STATES, SAE, Activation, Dataset, Experiment, Job, Model, Template
 from storage.registry import JOB_STATES, masked_url
@@ -194,8 +195,20 @@ class Client:
         return self.registry.get(table, key)
 
     def features(self, sae_id: str, order_by: str = "frequency", limit: int | None = None,
-                 min_frequency: float = 0.0) -> list[dict[str, Any]]:
-        return self.registry.features(sae_id, order_by=order_by, limit=limit, min_frequency=min_frequency)
+                 min_frequency: float = 0.0, offset: int = 0) -> list[dict[str, Any]]:
+        return self.registry.features(sae_id, order_by=order_by, limit=limit, min_frequency=min_frequency,
+                                      offset=offset)
+
+    def feature_page(self, sae_id: str, offset: int = 0, limit: int | None = None, order_by: str = "frequency",
+                     min_frequency: float = 0.0, live_only: bool = False, min_max_act: float = 0.0,
+                     labels: str = "all", search: str = "") -> FeaturePage:
+        """One page of an SAE's latents (rows, and how many pass the filters), filtered, sorted and
+        sliced by the registry: what a listing shows without loading every latent. `labels` is all,
+        labeled, unlabeled or a label category; `search` finds a latent number or text in a label
+        or top token."""
+        return self.registry.feature_page(sae_id, FeatureQuery(
+            order_by=order_by, offset=offset, limit=limit, min_frequency=min_frequency, live_only=live_only,
+            min_max_act=min_max_act, labels=labels, search=search))
 
     def experiments(self, sae_id: str | None = None) -> list[dict[str, Any]]:
         where = {"sae_id": sae_id} if sae_id else {}
@@ -209,22 +222,21 @@ class Client:
 
     def examples(self, sae_id: str, latent: int) -> list[dict[str, Any]]:
         """The stored top contexts of one latent, read from Parquet by a filter (not the whole file)."""
-        return read_examples(f"{self._discovered(sae_id)['features_path']}/examples.parquet", latent)
+        return features_store.read_examples(self._discovered(sae_id)["features_path"], latent)
 
     def feature_documents(self, sae_id: str, latents: list[int] | None = None) -> list[dict[str, Any]]:
         """Feature-page documents (core.export) of the given latents, else of every live latent."""
         from core.export import feature_documents
 
         sae = self._discovered(sae_id)
-        rows = self.registry.features(sae_id)
         if latents is not None:
             wanted = set(latents)
-            rows = [r for r in rows if r["latent"] in wanted]
+            rows = self.registry.features(sae_id, latents=wanted)
             missing = wanted - {r["latent"] for r in rows}
             if missing:
                 raise UserError(f"latent {min(missing)} is out of range: {sae_id} has latents 0-{sae['d_sae'] - 1}")
         else:
-            rows = [r for r in rows if r["n_fired"] > 0]
+            rows = self.registry.feature_page(sae_id, FeatureQuery(live_only=True)).rows
         return feature_documents(rows, sae["features_path"])
 
     def export_features(self, sae_id: str, fmt: str, out: str, latents: list[int] | None = None) -> str:

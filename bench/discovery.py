@@ -3,7 +3,7 @@ discovery vs extraction.
 
 (a) bookkeeping — the same SAE activations (a TopK SAE, d_sae 4608, k 32, random weights with
     b_dec at the data mean, applied to cached SmolLM2 blocks.15.hook_resid_post activations) fed
-    to: `core.discover.discover` with top-k only (a stand-in "SAE" handing over the TopK SAE's
+    to: `core.features.discover` with top-k only (a stand-in "SAE" handing over the TopK SAE's
     precomputed (values, indices), as discovery reads a TopK SAE, so no encoding is timed; its
     Parquet writes are timed), the same with every default on (quantile reservoir, histograms,
     co-active latents), and a per-feature `heapq` of size k fed every nonzero (token, latent)
@@ -11,7 +11,7 @@ discovery vs extraction.
     every feature. The top-k values and positions are checked identical. Target: ≥ 10×. With
     --dense-k, the same again at that many active latents per token read from a dense z, as for
     a ReLU or JumpReLU SAE.
-(b) whole discovery — `core.discover.discover_features` (forward to layer 15 + encode +
+(b) whole discovery — `core.features.discover_features` (forward to layer 15 + encode +
     bookkeeping with the defaults + writes) vs `core.extract.extract_activations` (forward
     + Parquet writes) on the same model, layer and tokens, alternated. Target: ≥ 0.8×.
 
@@ -114,7 +114,7 @@ def heapq_topk(batches, z: torch.Tensor | None = None) -> dict[int, list[tuple[f
 
 
 def ours(batches, out: Path, full: bool, sae: torch.nn.Module):
-    from core.discover import DiscoverConfig, discover
+    from core.features import DiscoverConfig, discover
 
     cfg = DiscoverConfig(top_k=TOP_K, outlier_norm_multiple=None, window_before=8, window_after=4,
                          **({} if full else {"n_quantiles": 0, "n_coactive": 0}))
@@ -166,8 +166,8 @@ def bench_bookkeeping(n_tokens: int, reps: int, tmp: Path, k: int = K, sparse: b
 
 
 def bench_whole(n_tokens: int, reps: int, tmp: Path) -> dict:
-    from core.discover import DiscoverConfig, discover_features
     from core.extract import extract_activations
+    from core.features import DiscoverConfig, discover_features
     from core.formats.saelens import save_saelens
 
     model, tok = C.load(torch.get_num_threads())

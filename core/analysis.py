@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-import pyarrow.parquet as pq
 import torch
 
 from core import hooks
 from core.data import decode_tokens, read_rows
-from core.errors import Cancelled, UserError
+from core.errors import UserError
 from core.formats.saelens import load_saelens
+from core.progress import check_cancel
 
 Progress = Callable[[dict], None] | None
 CancelCheck = Callable[[], bool] | None
@@ -240,12 +240,13 @@ def analyze_features(model, tokenizer, sae_dir: Path, features_dir: Path, datase
     """Per live latent (or `latents`): logit effects, similar and co-active features, an NLP
     summary, and for a chosen few the measured ablation effect — as JSON-ready dicts."""
     from core import nlp
-    from core.discover import EXAMPLES_FILE, FEATURES_FILE, rank_coactive
+    from core.features import FeatureQuery
+    from core.features import store as features_store
 
     sae, sae_cfg = load_saelens(sae_dir)
     sae = sae.to(next(model.parameters()).device)
-    feats = pq.read_table(Path(features_dir) / FEATURES_FILE, columns=["latent", "n_fired", "frequency"]).to_pylist()
-    live = [f["latent"] for f in sorted(feats, key=lambda f: -f["frequency"]) if f["n_fired"] > 0]
+    live = [f["latent"] for f in features_store.feature_page(features_dir, FeatureQuery(live_only=True),
+                                                             columns=["latent"]).rows]  # most frequent first
     targets = sorted(set(live if latents is None else latents))
     if not targets:
         return {}
@@ -262,9 +263,9 @@ def analyze_features(model, tokenizer, sae_dir: Path, features_dir: Path, datase
         out[i]["similar"] = [[a, b] for a, b in zip(ids[j], cos[j])]
     report("logits and similar features", len(targets))
 
-    examples = _examples_by_latent(Path(features_dir) / EXAMPLES_FILE, set(targets))
+    examples = features_store.examples_by_latent(features_dir, targets, columns=ANALYSIS_EXAMPLE_COLUMNS)
     for i in targets:
-        out[i]["coactive"] = rank_coactive(examples.get(i, []), cfg.n_coactive)
+        out[i]["coactive"] = features_store.rank_coactive(examples.get(i, []), cfg.n_coactive)
     if cfg.nlp:
         for start in range(0, len(targets), 512):  # one spaCy pass per chunk of latents
             _check(should_cancel)
@@ -295,8 +296,7 @@ def analyze_features(model, tokenizer, sae_dir: Path, features_dir: Path, datase
     return out
 
 def _check(should_cancel: CancelCheck) -> None:
-    if should_cancel is not None and should_cancel():
-        raise Cancelled("analysis cancelled")
+    check_cancel(should_cancel, "analysis")
 
 def _stage_reporter(progress: Progress, total: int):
     def report(stage: str, done: int, of: int | None = None):
@@ -304,12 +304,6 @@ def _stage_reporter(progress: Progress, total: int):
             progress({"phase": "analyze", "stage": stage, "done": done, "total": of or total, "unit": "latents"})
     return report
 
-def _examples_by_latent(path: Path, latents: set[int]) -> dict[int, list[dict[str, Any]]]:
-    """Every example row of the given latents, read once (columns a feature analysis needs)."""
-    cols = ["latent", "kind", "row_id", "pos", "tokens", "max_index", "coactive_latents", "coactive_acts"]
-    table = pq.read_table(path, columns=cols)
-    by: dict[int, list[dict[str, Any]]] = {}
-    for row in table.to_pylist():
-        if row["latent"] in latents:
-            by.setdefault(row["latent"], []).append(row)
-    return by
+ANALYSIS_EXAMPLE_COLUMNS = ["latent", "kind", "row_id", "pos", "tokens", "max_index", "coactive_latents",
+                            "coactive_acts"]
+"""The example columns a feature analysis reads."""

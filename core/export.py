@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from core.discover import EXAMPLES_FILE, INFO_FILE
+from core.features import store
 from core.io import atomic_dir, atomic_file
 
 BUNDLE_FORMAT = "mistudio-feature-bundle/1"
@@ -61,19 +60,11 @@ def feature_documents(features: Iterable[dict], features_dir: str | os.PathLike)
     """Feature documents for registry feature rows (latent, frequency, n_fired, max_act, mean_act,
     top_tokens, label fields, analysis), with examples and histograms read from `features_dir`."""
     features = list(features)
-    folder = Path(features_dir)
-    info = json.loads((folder / INFO_FILE).read_text()) if (folder / INFO_FILE).exists() else {}
+    info = store.info(features_dir)
     n_quantiles = int(info.get("config", {}).get("n_quantiles", 0))
     wanted = [int(f["latent"]) for f in features]
-    table = pq.read_table(folder / EXAMPLES_FILE, filters=[("latent", "in", wanted)]) if wanted else None
-    by: dict[int, list[dict]] = {}
-    for row in (table.to_pylist() if table is not None else []):
-        by.setdefault(row["latent"], []).append(row)
-    hists = {}
-    if wanted and "hist_edges" in info:
-        t = pq.read_table(folder / "features.parquet", columns=["latent", "hist_counts"],
-                          filters=[("latent", "in", wanted)])
-        hists = dict(zip(t.column("latent").to_pylist(), t.column("hist_counts").to_pylist()))
+    by = store.examples_by_latent(features_dir, wanted)
+    hists = store.histograms(features_dir, wanted) if "hist_edges" in info else {}
     docs = []
     for f in features:
         latent = int(f["latent"])

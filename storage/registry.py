@@ -19,6 +19,8 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from core.errors import UserError
+from core.features.schema import FeaturePage, FeatureQuery
+from storage.feature_pages import feature_page
 from storage.migrate import sqlite_pragmas, upgrade_to_head
 
 JOB_STATES = ("queued", "loading", "running", "saving", "paused", "completed", "failed", "cancelled")
@@ -368,11 +370,17 @@ class Registry:
         return len(rows)
 
     def features(self, sae_id: str, order_by: str = "frequency", limit: int | None = None,
-                 min_frequency: float = 0.0) -> list[dict[str, Any]]:
+                 min_frequency: float = 0.0, offset: int = 0,
+                 latents: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        """An SAE's feature rows, most frequent (or largest `order_by`) first; `offset`/`limit`
+        slice them (a limit of 0 or None: all), `latents` keeps only those."""
+        query = FeatureQuery(order_by=order_by, offset=offset, limit=limit or None, min_frequency=min_frequency,
+                             latents=None if latents is None else tuple(latents))
         with self.session() as s:
-            col = getattr(Feature, order_by)
-            q = (select(Feature).where(Feature.sae_id == sae_id, Feature.frequency >= min_frequency)
-                 .order_by(col.desc(), Feature.latent))
-            if limit:
-                q = q.limit(limit)
-            return [r.to_dict() for r in s.scalars(q)]
+            return feature_page(s, Feature, sae_id, query, count=False).rows
+
+    def feature_page(self, sae_id: str, query: FeatureQuery) -> FeaturePage:
+        """One page of an SAE's feature rows under every filter of `query` (labels included), and
+        how many rows pass the filters."""
+        with self.session() as s:
+            return feature_page(s, Feature, sae_id, query)

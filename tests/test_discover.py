@@ -6,9 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from core.discover import (HIST_EDGES, DiscoverConfig, coactive_features, discover, read_examples, read_histogram,
-                           top_features)
-from core.errors import Cancelled
+from core.errors import Cancelled, UserError
+from core.features import HIST_EDGES, Accumulator, DiscoverConfig, FeatureQuery, discover
+from core.features.schema import matches
+from core.features.store import (coactive_features, examples_by_latent, feature_page, read_examples, read_histogram,
+                                 top_features)
+from core.features.writer import write
 from core.sae import TopKConfig, TopKSAE
 
 D_IN, D_SAE, K = 8, 16, 4
@@ -42,6 +45,11 @@ def make_batches(n_batches=4, seed=1):
         ids[mask == 0] = PAD
         out.append((ids, mask, torch.arange(B) + 100 * i, acts))
     return out
+
+
+def folder(summary) -> str:
+    """The features folder a discovery wrote (what the store reads)."""
+    return summary.paths["features"].rsplit("/", 1)[0]
 
 
 def decode(ids):
@@ -91,7 +99,7 @@ def test_top_k_matches_brute_force(run):
     sae, batches, summary, _, _ = run
     _, top, _, _ = reference(sae, batches, CFG)
     for latent in range(D_SAE):
-        got = read_examples(summary.paths["examples"], latent)
+        got = read_examples(folder(summary), latent)
         want = top.get(latent, [])
         assert [(e["activation"], e["row_id"], e["pos"]) for e in got] == [
             (pytest.approx(v, abs=0, rel=0), r, p) for v, r, p in want
@@ -107,7 +115,7 @@ def test_windows_are_aligned_and_skip_padding(run):
     _, _, rows, _ = reference(sae, batches, CFG)
     n = 0
     for latent in range(D_SAE):
-        for e in read_examples(summary.paths["examples"], latent):
+        for e in read_examples(folder(summary), latent):
             ids, mask, z = rows[e["row_id"]]
             assert mask[e["pos"]] == 1
             span = [p for p in range(e["pos"] - CFG.window_before, e["pos"] + CFG.window_after + 1) if 0 <= p < T and mask[p]]
@@ -177,7 +185,7 @@ def test_top_features(run):
     _, _, summary, _, _ = run
     features = pq.read_table(summary.paths["features"]).to_pylist()
     live = sorted((f for f in features if f["n_fired"] > 0), key=lambda f: (-f["frequency"], f["latent"]))
-    got = top_features(summary.paths["features"], 3)
+    got = top_features(folder(summary), 3)
     assert [f["latent"] for f in got] == [f["latent"] for f in live[:3]]
     assert all(isinstance(t, str) for f in got for t in f["top_tokens"])
 
@@ -210,7 +218,7 @@ def test_quantile_samples_are_firing_tokens_in_rank_bins(run):
     entries, _, rows, _ = reference(sae, batches, CFG)
     assert summary.quantile_examples_count > 0
     for latent, fired in entries.items():
-        got = read_examples(summary.paths["examples"], latent, kind="quantile")
+        got = read_examples(folder(summary), latent, kind="quantile")
         firing = {(r, p): v for v, r, p in fired}
         assert len(got) == min(len(fired), CFG.reservoir)
         for e in got:
@@ -224,16 +232,15 @@ def test_quantile_samples_are_firing_tokens_in_rank_bins(run):
         assert acts == sorted(acts), "bins ascend and rows ascend within a bin"
         if len(fired) <= CFG.reservoir:
             assert sorted(acts) == sorted(v for v, _, _ in fired)
-    both = read_examples(summary.paths["examples"], 0, kind=None)
+    both = read_examples(folder(summary), 0, kind=None)
     assert [e["kind"] for e in both] == sorted((e["kind"] for e in both), key=lambda k: k != "top")
 
 
 def test_histograms_are_exact(run):
     sae, batches, summary, _, _ = run
     entries, _, _, _ = reference(sae, batches, CFG)
-    folder = summary.paths["features"].rsplit("/", 1)[0]
     for latent in range(D_SAE):
-        edges, counts = read_histogram(folder, latent)
+        edges, counts = read_histogram(folder(summary), latent)
         assert edges == pytest.approx(list(HIST_EDGES))
         vals = np.array([v for v, _, _ in entries.get(latent, [])], dtype=np.float32)
         want = np.bincount(np.searchsorted(np.asarray(edges, np.float32), vals, side="left"), minlength=len(edges) + 1)
@@ -245,7 +252,7 @@ def test_coactive_latents_match_brute_force(run):
     _, _, rows, _ = reference(sae, batches, CFG)
     n_checked = 0
     for latent in range(D_SAE):
-        for e in read_examples(summary.paths["examples"], latent, kind=None):
+        for e in read_examples(folder(summary), latent, kind=None):
             z = rows[e["row_id"]][2][e["pos"]]
             order = [int(i) for i in torch.argsort(z, descending=True, stable=True) if i != latent and z[i] > 0]
             want = order[: CFG.n_coactive]
@@ -253,7 +260,7 @@ def test_coactive_latents_match_brute_force(run):
             assert e["coactive_acts"] == [pytest.approx(float(z[i])) for i in e["coactive_latents"]]
             n_checked += 1
     assert n_checked > 0
-    co = coactive_features(summary.paths["examples"], 0, n=3)
+    co = coactive_features(folder(summary), 0, n=3)
     assert 1 <= len(co) <= 3 and all(c["latent"] != 0 and c["count"] >= 1 for c in co)
     assert [c["count"] for c in co] == sorted((c["count"] for c in co), reverse=True)
 
@@ -277,7 +284,7 @@ def test_one_example_per_document_is_exact(tmp_path):
             if d not in best or v > best[d][0]:
                 best[d] = (v, r, p)
         want = sorted(best.values(), key=lambda e: -e[0])[: cfg.top_k]
-        got = read_examples(summary.paths["examples"], latent)
+        got = read_examples(folder(summary), latent)
         assert [(e["activation"], e["row_id"], e["pos"]) for e in got] == [(pytest.approx(v, abs=0, rel=0), r, p)
                                                                           for v, r, p in want]
         assert len({doc_of[e["row_id"]] for e in got}) == len(got)
@@ -293,7 +300,7 @@ def test_min_frequency_keeps_stats_but_drops_examples(tmp_path):
     assert all(f["below_min_frequency"] == (f["latent"] in rare) for f in features)
     assert all(f["n_fired"] >= 0 for f in features if f["latent"] in rare)
     for latent in range(D_SAE):
-        got = read_examples(summary.paths["examples"], latent, kind=None)
+        got = read_examples(folder(summary), latent, kind=None)
         assert (not got) == (latent in rare or features[latent]["n_fired"] == 0)
 
 
@@ -308,7 +315,7 @@ def test_a_small_reservoir_samples_each_bin(tmp_path):
     crowded = [l for l, e in entries.items() if len(e) > cfg.reservoir]
     assert crowded
     for latent in crowded:
-        got = read_examples(summary.paths["examples"], latent, kind="quantile")
+        got = read_examples(folder(summary), latent, kind="quantile")
         assert [e["bin"] for e in got] == [0, 0, 0, 1, 1, 1]
         firing = {(r, p): v for v, r, p in entries[latent]}
         assert all(firing[(e["row_id"], e["pos"])] == e["activation"] for e in got)
@@ -361,3 +368,127 @@ def test_a_batch_that_beats_nothing_in_the_tables(tmp_path):
     n1 = pq.read_table(once.paths["features"]).column("n_fired").to_pylist()
     n2 = pq.read_table(twice.paths["features"]).column("n_fired").to_pylist()
     assert n2 == [2 * n for n in n1] and sum(n1) > 0
+
+
+# -- the accumulator merges: two halves of a stream give the state of one pass --------------------------
+
+
+def _accumulate(sae, batches, cfg, key_state=None):
+    acc = Accumulator(sae, cfg, key_state=key_state)
+    for b in batches:
+        acc.update(b)
+    return acc
+
+
+def _written(acc, folder, cfg):
+    """The tables a finished accumulator writes (features without mean_act, which is compared apart)."""
+    summary = write(folder, acc.finalize(), decode, cfg)
+    features = pq.read_table(summary.paths["features"])
+    mean = features.column("mean_act").to_numpy()
+    tables = {name: pq.read_table(summary.paths[name]) for name in ("examples", "outliers")}
+    tables["features"] = features.drop(["mean_act"])
+    return tables, mean, summary._replace(paths={})
+
+
+@pytest.mark.parametrize("variant", ["top and quantiles", "one per document", "outliers"])
+def test_halves_merge_into_one_pass(tmp_path, variant):
+    """Accumulate the first and second half of a batch stream apart, merge, and the state and the
+    written tables equal one pass over the whole stream: exactly for the top-k examples, the
+    quantile reservoir (the second half continues the first half's key stream), the histograms,
+    counts, maxima and outliers; the float64 activation sums up to rounding. Three parts merged
+    in either grouping give the same (the merge is associative)."""
+    cfg = {"top and quantiles": CFG, "one per document": dataclasses.replace(CFG, one_per_document=True),
+           "outliers": dataclasses.replace(CFG, max_norm=3.2)}[variant]
+    sae, batches = make_sae(), make_batches(6)
+    one = _accumulate(sae, batches, cfg)
+    first = _accumulate(sae, batches[:3], cfg)
+    second = _accumulate(sae, batches[3:], cfg, key_state=first.key_state())
+    merged = first.merge(second)
+    for field in ("n_fired", "hist", "max_act"):
+        assert torch.equal(getattr(merged, field), getattr(one, field)), field
+    assert torch.allclose(merged.sum_act, one.sum_act, rtol=1e-12, atol=0)
+    assert (merged.tokens, merged.seen, merged.n_batches) == (one.tokens, one.seen, one.n_batches)
+    if variant == "outliers":
+        assert one.seen > one.tokens  # the cut excludes some tokens, and the merge keeps them out too
+    want, want_mean, want_summary = _written(one, tmp_path / "one", cfg)
+    got, got_mean, got_summary = _written(merged, tmp_path / "merged", cfg)
+    assert got_summary == want_summary and want_summary.heap_examples_count > 0
+    for name in want:
+        assert got[name].equals(want[name]), name
+    np.testing.assert_allclose(got_mean, want_mean, rtol=1e-6)
+
+    # three parts, grouped ((a b) c) and (a (b c))
+    a = _accumulate(sae, batches[:2], cfg)
+    b = _accumulate(sae, batches[2:4], cfg, key_state=a.key_state())
+    c = _accumulate(sae, batches[4:], cfg, key_state=b.key_state())
+    left = _accumulate(sae, batches[:2], cfg).merge(_accumulate(sae, batches[2:4], cfg, key_state=a.key_state()))
+    left.merge(_accumulate(sae, batches[4:], cfg, key_state=b.key_state()))
+    right = a.merge(b.merge(c))
+    for acc, name in ((left, "left"), (right, "right")):
+        tables, _, _ = _written(acc, tmp_path / name, cfg)
+        assert all(tables[t].equals(want[t]) for t in want), name
+
+
+def test_independent_reservoirs_merge_to_the_top_keys_of_both(tmp_path):
+    """Halves whose reservoir keys come from independent streams: the merged reservoir holds each
+    latent's S largest keys of the two reservoirs — a uniform sample of the whole stream's
+    firing tokens, of size min(S, firings) — though not the same sample as one pass."""
+    sae, batches = make_sae(), make_batches(6)
+    first = _accumulate(sae, batches[:3], CFG)
+    second = _accumulate(sae, batches[3:], CFG, key_state=torch.Generator().manual_seed(99).get_state())
+    keys = torch.cat([first.sample["key"], second.sample["key"]], 1)
+    merged = first.merge(second)
+    S = CFG.reservoir
+    want = keys.topk(S, dim=1).values
+    assert torch.equal(merged.sample["key"].sort(dim=1, descending=True).values, want)
+    held = (merged.sample["value"] > 0).sum(1)
+    assert torch.equal(held, merged.n_fired.clamp(max=S)) and int(held.sum()) > 0
+
+
+def test_merging_different_configs_or_cuts_is_refused():
+    sae = make_sae()
+    with pytest.raises(UserError, match="same SAE width and discovery config"):
+        Accumulator(sae, CFG).merge(Accumulator(sae, dataclasses.replace(CFG, top_k=3)))
+    a = Accumulator(sae, dataclasses.replace(CFG, max_norm=None, outlier_norm_multiple=2.0))
+    b = Accumulator(sae, a.cfg)
+    a.update(make_batches(1)[0])
+    b.update(make_batches(1, seed=5)[0])
+    with pytest.raises(UserError, match="different outlier cuts"):
+        a.merge(b)
+
+
+def test_the_store_serves_pages_of_the_feature_table(run):
+    """feature_page over features.parquet: the filters, order and slice a listing asks for, equal
+    to filtering every row in Python; the page's rows are whole rows (or the columns asked for)."""
+    _, _, summary, _, _ = run
+    every = pq.read_table(summary.paths["features"]).to_pylist()
+    queries = [FeatureQuery(), FeatureQuery(limit=4), FeatureQuery(offset=3, limit=5, order_by="max_act"),
+               FeatureQuery(live_only=True, order_by="mean_act"), FeatureQuery(order_by="latent", offset=14),
+               FeatureQuery(min_frequency=float(np.median([f["frequency"] for f in every]))),
+               FeatureQuery(min_max_act=1.0, order_by="n_fired"), FeatureQuery(latents=(3, 1, 7), order_by="latent"),
+               FeatureQuery(search=every[0]["top_tokens"][0].upper()), FeatureQuery(search="5")]
+    for q in queries:
+        want = [f for f in every if f["frequency"] >= q.min_frequency and (f["n_fired"] > 0 or not q.live_only)
+                and f["max_act"] >= q.min_max_act and (q.latents is None or f["latent"] in q.latents)
+                and (not q.search or matches(f, q.search))]
+        want.sort(key=(lambda f: f["latent"]) if q.order_by == "latent" else (lambda f: (-f[q.order_by], f["latent"])))
+        stop = None if q.limit is None else q.offset + q.limit
+        page = feature_page(folder(summary), q)
+        assert page.rows == want[q.offset:stop] and page.total == len(want), q
+    narrow = feature_page(folder(summary), FeatureQuery(limit=3), columns=["frequency", "n_fired"])
+    assert narrow.rows == [{"frequency": f["frequency"], "n_fired": f["n_fired"]}
+                           for f in feature_page(folder(summary), FeatureQuery(limit=3)).rows]
+    with pytest.raises(UserError, match="labels live in the registry"):
+        feature_page(folder(summary), FeatureQuery(labels="labeled"))
+
+
+def test_the_store_reads_the_examples_of_several_latents_at_once(run):
+    _, _, summary, _, _ = run
+    by = examples_by_latent(folder(summary), [0, 3, 5])
+    assert set(by) == {0, 3, 5}
+    for latent, rows in by.items():
+        assert rows == read_examples(folder(summary), latent, kind=None)
+    tops = examples_by_latent(folder(summary), [3], kind="top", columns=["tokens", "max_index"])
+    assert tops[3] == [{"latent": 3, "tokens": e["tokens"], "max_index": e["max_index"]}
+                       for e in read_examples(folder(summary), 3)]
+    assert examples_by_latent(folder(summary), []) == {}

@@ -137,20 +137,20 @@ def test_a_full_disk_loses_nothing_already_written_and_says_so(tmp_path, monkeyp
     import pyarrow.parquet as pq
 
     from actors.manager import disk_full_message
-    from core import discover as disc
+    from core.features import discover, writer
     from tests.test_discover import CFG, decode, make_batches, make_sae
 
     sae, batches = make_sae(), make_batches()
     out = tmp_path / "features"
-    first = disc.discover(sae, iter(batches), out, decode, CFG)
+    first = discover(sae, iter(batches), out, decode, CFG)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "examples.parquet"))
 
-    monkeypatch.setattr(disc.pq, "write_table", full)
+    monkeypatch.setattr(writer.pq, "write_table", full)
     with pytest.raises(OSError) as e:
-        disc.discover(sae, iter(batches), out, decode, CFG)
+        discover(sae, iter(batches), out, decode, CFG)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["features"]  # no .tmp-* sibling left
     assert pq.read_table(first.paths["examples"]).num_rows > 0

@@ -471,7 +471,7 @@ def test_label_features_from_a_discovery_folder(tmp_path, tiny):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from core.discover import EXAMPLES_FILE
+    from core.features.schema import EXAMPLES_FILE
     from core.interp import label_features
     from core.nlp import analyze
 

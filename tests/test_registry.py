@@ -144,6 +144,47 @@ def test_features_are_replaced_in_bulk_and_sorted(registry):
     assert [f["latent"] for f in feats] == [2, 1, 0]
     assert feats[0]["top_tokens"] == ["a"]
     assert [f["latent"] for f in registry.features("s", min_frequency=0.1, limit=1)] == [2]
+    assert [f["latent"] for f in registry.features("s", offset=1)] == [1, 0]
+    assert [f["latent"] for f in registry.features("s", latents=[0, 2])] == [2, 0]
+
+
+def test_a_feature_page_is_filtered_sorted_and_sliced_by_the_registry(registry):
+    """What the Features page asks for: one page of latents under its filters (labels included),
+    and how many pass them; the same answers as filtering every row in Python."""
+    from core.features.schema import FeatureQuery, matches
+
+    registry.add(Model(id="m", name="m", source="x", path="/m", architecture="llama", n_layers=2, d_model=4,
+                       n_params=1, dtype="float32", vocab_size=9))
+    registry.add(SAE(id="s", name="s", model_id="m", hook_name="blocks.1.hook_resid_post", architecture="topk",
+                     d_in=4, d_sae=12, sae_config={"architecture": "topk", "k": 1}, path="/s"))
+    rows = [{"latent": i, "n_fired": i % 4, "frequency": (i % 4) / 10, "max_act": float(i % 5), "mean_act": i / 7,
+             "top_tokens": [f" Tok{i}", "ÉTÉ" if i % 3 == 0 else "x"]} for i in range(12)]
+    registry.replace_features("s", rows)
+    registry.update_features("s", [{"latent": 1, "label": "Dates", "category": "semantic"},
+                                   {"latent": 5, "label": "commas", "category": "syntactic"}])
+    everything = registry.features("s")
+    queries = [FeatureQuery(), FeatureQuery(limit=5), FeatureQuery(offset=5, limit=5), FeatureQuery(offset=11),
+               FeatureQuery(live_only=True, order_by="max_act"), FeatureQuery(min_max_act=3.0, order_by="latent"),
+               FeatureQuery(min_frequency=0.2, order_by="mean_act"), FeatureQuery(labels="labeled"),
+               FeatureQuery(labels="unlabeled", limit=3), FeatureQuery(labels="semantic"),
+               FeatureQuery(search="tok1"), FeatureQuery(search="été", limit=2, offset=1),
+               FeatureQuery(search="DATES"), FeatureQuery(search="7"),
+               FeatureQuery(latents=(3, 4, 9), order_by="latent")]
+    for q in queries:
+        want = [r for r in everything if r["frequency"] >= q.min_frequency and (r["n_fired"] > 0 or not q.live_only)
+                and r["max_act"] >= q.min_max_act and (q.latents is None or r["latent"] in q.latents)
+                and {"all": True, "labeled": bool(r["label"]), "unlabeled": not r["label"]}.get(
+                    q.labels, bool(r["label"]) and r["category"] == q.labels)
+                and (not q.search or matches(r, q.search))]
+        want.sort(key=(lambda r: r["latent"]) if q.order_by == "latent" else (lambda r: (-r[q.order_by], r["latent"])))
+        page = registry.feature_page("s", q)
+        stop = None if q.limit is None else q.offset + q.limit
+        assert [r["latent"] for r in page.rows] == [r["latent"] for r in want[q.offset:stop]], q
+        assert page.total == len(want), q
+        assert page.rows == want[q.offset:stop]
+    assert registry.feature_page("s", FeatureQuery(search="été")).total == 4  # case-insensitive beyond ASCII
+    with pytest.raises(UserError, match="cannot sort features by 'label'"):
+        registry.feature_page("s", FeatureQuery(order_by="label"))
 
 
 # -- migrations -----------------------------------------------------------------------------------------

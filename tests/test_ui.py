@@ -185,6 +185,30 @@ def test_features_page_lists_features_and_contexts(tiny_run, ui_client):
     assert len(found) <= len(df)
 
 
+def test_features_page_asks_the_client_for_one_page_at_a_time(tiny_run, ui_client, monkeypatch):
+    """The latents table is a page (offset, limit, sort, filters) the registry serves; with more
+    latents than a page a page picker appears, and new filters go back to the first page."""
+    from actors.client import Client
+
+    sae_id = tiny_run["job"]["result"]["sae_id"]
+    real, calls = Client.feature_page, []
+
+    def as_if_many(self, sae, **query):
+        calls.append(query)
+        return real(self, sae, **query)._replace(total=1200)  # as if 1,200 latents matched
+
+    monkeypatch.setattr(Client, "feature_page", as_if_many)
+    at = run_page(FEATURES)
+    at.selectbox(key="sae").select(sae_id).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert (calls[-1]["offset"], calls[-1]["limit"], calls[-1]["live_only"]) == (0, 500, True)
+    assert any("of 1,200 matching" in c.value for c in at.caption)
+    at.number_input(key="page").set_value(3).run()
+    assert not at.exception and (calls[-1]["offset"], calls[-1]["limit"]) == (1000, 500)
+    at.selectbox(key="order_by").select("max_act").run()
+    assert (calls[-1]["offset"], calls[-1]["order_by"]) == (0, "max_act")
+
+
 def test_feature_page_label_editing_and_jobs(tiny_run, ui_client):
     sae_id = tiny_run["job"]["result"]["sae_id"]
     at = run_page(FEATURES)

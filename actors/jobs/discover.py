@@ -1,5 +1,5 @@
 """discover: every latent's top activating contexts, quantile samples, histograms and
-statistics for one SAE or several in turn (core.discover), recorded as the SAE's features."""
+statistics for one SAE or several in turn (core.features), recorded as the SAE's features."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 
 from actors import specs
 from actors.jobs import Command, JobContext, Kind, Plan, RunContext, model_ref, need_dataset, need_sae, register
-from core.discover import DiscoverConfig, discover_features
+from core.features import DiscoverConfig, discover_features
+from core.features import store as features_store
+from core.features.schema import REGISTRY_COLUMNS
 from core.errors import Cancelled, UserError
 from storage.registry import SAE, Dataset, Model
 
@@ -128,8 +129,7 @@ def _record_one(job: JobContext, plan: Plan, res: dict[str, Any]) -> dict[str, A
     p: DiscoverParams = plan.params
     job.state("saving", f"recording features of {p.sae_id}")
     out = job.artifacts.pull(p.out_dir)  # written on the worker's node
-    cols = ["latent", "n_fired", "frequency", "max_act", "mean_act", "top_tokens"]
-    rows = pq.read_table(Path(out) / "features.parquet", columns=cols).to_pylist()
+    rows = features_store.feature_rows(out, REGISTRY_COLUMNS)
     job.registry.replace_features(p.sae_id, rows)
     job.registry.update(SAE, p.sae_id, features_path=str(p.out_dir), features_dataset_id=p.dataset_id)
     return {k: v for k, v in res.items() if k != "paths"}

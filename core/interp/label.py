@@ -58,17 +58,10 @@ def label_features(labeler, features: list[dict], features_dir, template: Prompt
     """Label registry feature rows (latent, top_tokens, frequency, analysis) from their discovered
     examples; with `detection` (and a model), score each label on its top contexts against other
     features' contexts. Returns {"labels": {latent: label dict}, "errors": {latent: message}}."""
-    import pyarrow.parquet as pq
+    from core.features import store
 
-    from core.discover import EXAMPLES_FILE
-
-    latents = {f["latent"] for f in features}
-    table = pq.read_table(f"{features_dir}/{EXAMPLES_FILE}", columns=["latent", "kind", "tokens", "max_index"],
-                          filters=[("kind", "=", "top")])
-    examples: dict[int, list[dict]] = {}
-    for row in table.to_pylist():
-        if row["latent"] in latents:
-            examples.setdefault(row["latent"], []).append(row)
+    examples = store.examples_by_latent(features_dir, {f["latent"] for f in features}, kind="top",
+                                        columns=["latent", "kind", "tokens", "max_index"])
     contexts = [FeatureContext.build(f["latent"], f, examples.get(f["latent"], []),
                                      (f.get("analysis") or {}).get("nlp"), (f.get("analysis") or {}).get("logits"))
                 for f in features]

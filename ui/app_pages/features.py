@@ -16,6 +16,7 @@ from ui.components.forms import LABEL_ENDPOINT as ENDPOINT
 from ui.components.tokens import token_html, top_token_text
 
 SORTS = {"frequency": "frequency", "max_act": "max activation", "mean_act": "mean activation"}
+PAGE_SIZE = 500  # latents per page of the table (the registry serves one page at a time)
 
 
 def sae_summary(sae: dict[str, Any]) -> None:
@@ -42,22 +43,6 @@ def sae_summary(sae: dict[str, Any]) -> None:
                                        "dead_frac": "dead fraction"}, columns=3)
 
 
-def _matches(row: dict[str, Any], query: str) -> bool:
-    q = query.lower()
-    if q.strip().isdigit() and int(q) == row["latent"]:
-        return True
-    return q in (row.get("label") or "").lower() or any(
-        q in str(t[0] if isinstance(t, (list, tuple)) and t else t).lower() for t in row.get("top_tokens") or [])
-
-
-def _label_kept(row: dict[str, Any], which: str) -> bool:
-    if which == "all":
-        return True
-    if which in ("labeled", "unlabeled"):
-        return bool(row.get("label")) == (which == "labeled")
-    return bool(row.get("label")) and row.get("category") == which
-
-
 def features_table(client, sae: dict[str, Any]) -> tuple[pd.DataFrame, dict[int, dict[str, Any]]]:
     c = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
     query = c[0].text_input("Search tokens and labels", key="search", placeholder="a token or label, e.g. def or (  — or a latent number")
@@ -70,18 +55,30 @@ def features_table(client, sae: dict[str, Any]) -> tuple[pd.DataFrame, dict[int,
                                 help="the latent's largest activation over the data")
     labels = c[1].selectbox("Labels", ["all", "labeled", "unlabeled", *client.label_categories()], key="label_filter",
                             help="labeled or not, or one label category")
-    rows = client.features(sae["id"], order_by=order, min_frequency=float(min_freq))
-    if live_only:
-        rows = [r for r in rows if r["n_fired"] > 0]
-    rows = [r for r in rows if r["max_act"] >= min_max and _label_kept(r, labels)]
-    if query:
-        rows = [r for r in rows if _matches(r, query)]
+    # the registry filters, sorts and slices: the page holds one page of latents, never all of them
+    filters = {"order_by": order, "min_frequency": float(min_freq), "live_only": live_only,
+               "min_max_act": float(min_max), "labels": labels, "search": query}
+    if st.session_state.get("_page_filters") != (sae["id"], filters):  # new filters start at their first page
+        st.session_state["_page_filters"] = (sae["id"], filters)
+        st.session_state["page"] = 1
+    number = int(st.session_state.get("page", 1))
+    page = client.feature_page(sae["id"], offset=(number - 1) * PAGE_SIZE, limit=PAGE_SIZE, **filters)
+    pages = max(1, -(-page.total // PAGE_SIZE))
+    if number > pages:  # fewer latents match than when the page was picked (e.g. a label changed)
+        number = st.session_state["page"] = pages
+        page = client.feature_page(sae["id"], offset=(number - 1) * PAGE_SIZE, limit=PAGE_SIZE, **filters)
+    if pages > 1:
+        c[2].number_input(f"Page (of {pages})", min_value=1, max_value=pages, step=1, key="page",
+                          help=f"{PAGE_SIZE} latents per page")
+    rows = page.rows
     by_latent = {r["latent"]: r for r in rows}
     df = pd.DataFrame([{"latent": r["latent"], "label": r["label"], "frequency": r["frequency"], "n_fired": r["n_fired"],
                         "max_act": r["max_act"], "mean_act": r["mean_act"],
                         "top_tokens": top_token_text(r["top_tokens"])} for r in rows],
                       columns=["latent", "label", "frequency", "n_fired", "max_act", "mean_act", "top_tokens"])
-    st.caption(f"{len(df):,} of {fmt_number(sae.get('d_sae'))} latents · select a row, or pick a latent below")
+    shown = f"{len(df):,}" if page.total <= len(df) else \
+        f"{(number - 1) * PAGE_SIZE + 1:,}–{(number - 1) * PAGE_SIZE + len(df):,} of {page.total:,} matching"
+    st.caption(f"{shown} of {fmt_number(sae.get('d_sae'))} latents · select a row, or pick a latent below")
     event = st.dataframe(
         df, hide_index=True, key="features_table", on_select="rerun", selection_mode="single-row", height=320,
         column_config={

@@ -1,0 +1,143 @@
+"""One batch of discovery: its latent activations, its non-pad tokens, and what a candidate
+example gathers from them when it enters a table (its context window, that latent's activation
+at each window position, and the strongest other latents at its token). The activations are
+gone after the batch, so everything an example shows is gathered here, vectorized."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from core.errors import UserError
+from core.features.config import Batch
+from core.features.schema import OUTLIER_LATENTS
+
+class Acts:
+    """A batch's latent activations: a dense z [n, d_sae], or a TopK SAE's own (values,
+    indices) [n, k] — read as they are, so no pass over an [n, d_sae] matrix is needed. The
+    indices are sorted within each token, so `keys` (token · d_sae + latent) ascend and a
+    (token, latent) lookup is a binary search."""
+
+    def __init__(self, sae, x: torch.Tensor):
+        self.d_sae = int(sae.W_dec.shape[0])
+        self.z = self.values = self.indices = self.keys = None
+        if not hasattr(sae, "encode_topk"):
+            self.z = sae.encode(x).float()
+            return
+        values, indices = sae.encode_topk(x)
+        self.indices, order = indices.sort(dim=1)
+        self.values = values.float().gather(1, order)
+        self.keys = (torch.arange(len(x), device=x.device)[:, None] * self.d_sae + self.indices).reshape(-1)
+        if len(x) * self.d_sae < 2**31:  # the binary searches run faster on 4-byte keys
+            self.keys = self.keys.int()
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Dense activations [len(rows), d_sae] of some tokens (an index or a boolean mask)."""
+        if self.z is not None:
+            return self.z[rows]
+        v = self.values[rows]
+        return torch.zeros((len(v), self.d_sae), device=v.device).scatter_(1, self.indices[rows], v)
+
+    def pairs(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The firing (token, latent, activation) entries of tokens `rows`, by token then latent."""
+        if self.values is None:
+            z = self.z[rows] if len(rows) < len(self.z) else self.z
+            tok, lat = (z > 0).nonzero(as_tuple=True)
+            return rows[tok], lat, z[tok, lat]
+        v, i = self.values[rows], self.indices[rows]
+        tok = rows[:, None].expand_as(i)
+        live = v > 0
+        if bool(live.all()):  # the usual case: no selection needed
+            return tok.reshape(-1), i.reshape(-1), v.reshape(-1)
+        return tok[live], i[live], v[live]
+
+    def at(self, tok: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
+        """The activation of latent `lat` at token `tok` (same shapes)."""
+        if self.z is not None:
+            return self.z[tok, lat]
+        q = (tok * self.d_sae + lat).to(self.keys.dtype)
+        i = torch.searchsorted(self.keys, q.reshape(-1)).clamp(max=len(self.keys) - 1).view(q.shape)
+        return torch.where(self.keys[i] == q, self.values.view(-1)[i], 0.0)
+
+
+class BatchView(NamedTuple):
+    """One batch's non-pad tokens and what a candidate gathers from them."""
+
+    acts: Acts  # latent activations of the non-pad tokens
+    b_idx: torch.Tensor  # [n] batch row of each token
+    t_idx: torch.Tensor  # [n] position of each token
+    pos_map: torch.Tensor  # [B, T] token index in acts, -1 on padding
+    input_ids: torch.Tensor
+    row_ids: torch.Tensor
+    doc_ids: torch.Tensor
+    co_i: torch.Tensor  # [n, m] strongest latents of each token
+    co_v: torch.Tensor
+
+
+def gather(view: BatchView, latents: torch.Tensor, flat: torch.Tensor, before: int,
+           after: int) -> dict[str, torch.Tensor]:
+    """Table fields (all but key) of candidates: token `flat` (index into view.acts) for latent
+    `latents`, any matching shape; windows add a trailing W dimension."""
+    b, t = view.b_idx[flat], view.t_idx[flat]
+    T = view.pos_map.shape[1]
+    tt = t[..., None] + torch.arange(-before, after + 1, device=flat.device)  # [..., W]
+    in_row = (tt >= 0) & (tt < T)
+    at = b[..., None] * T + tt.clamp(0, T - 1)  # flat [B·T] index of each window position
+    src = view.pos_map.view(-1)[at]  # token index of each window position, -1 on padding
+    valid = in_row & (src >= 0)
+    win_acts = torch.where(valid, view.acts.at(src.clamp_min(0), latents[..., None].expand_as(src)), 0.0)
+    return {"value": win_acts[..., before], "row_id": view.row_ids[b], "pos": t,  # the window's centre is the token
+            "doc": view.doc_ids[b], "win_tokens": torch.where(valid, view.input_ids.reshape(-1)[at], -1),
+            "win_acts": win_acts, "co_lat": view.co_i[flat], "co_val": view.co_v[flat]}
+
+
+
+def best_per_row(view: BatchView, cand: torch.Tensor, c: int) -> tuple:
+    """Each latent's best `c` rows of the batch, one token each (its best): keys, flat."""
+    # Rows of one document (here or in the table) are merged in `merge_documents`.
+    B, T = view.pos_map.shape
+    d_sae = view.acts.d_sae
+    dense = torch.full((B * T, d_sae), -torch.inf, device=cand.device)
+    dense[view.b_idx[cand] * T + view.t_idx[cand]] = view.acts.rows(cand)
+    row_max, row_arg = dense.view(B, T, -1).max(dim=1)  # [B, d_sae]
+    keys, rows = row_max.topk(min(c, B), dim=0)  # [c, d_sae]
+    latent = torch.arange(d_sae, device=cand.device)
+    flat = view.pos_map[rows, row_arg[rows, latent]]  # -1 where the row had no candidate
+    keys = torch.where(flat >= 0, keys, -torch.inf)
+    return keys.T, flat.clamp_min(0).T
+
+
+
+def as_tensors(batch: Batch, device) -> tuple:
+    if len(batch) not in (4, 5):
+        raise UserError("a discovery batch is (input_ids, attention_mask, row_ids, acts[, doc_ids])")
+    input_ids, mask, row_ids, acts = batch[:4]
+    input_ids = torch.as_tensor(input_ids, device=device).long()
+    mask = torch.as_tensor(mask, device=device).bool()
+    row_ids = torch.as_tensor(row_ids, device=device).long()
+    acts = torch.as_tensor(acts, device=device)
+    doc_ids = torch.as_tensor(batch[4], device=device).long() if len(batch) == 5 and batch[4] is not None else row_ids
+    if acts.shape[:2] != mask.shape or input_ids.shape != mask.shape or row_ids.shape != mask.shape[:1] \
+            or doc_ids.shape != row_ids.shape:
+        raise UserError(
+            f"batch shapes disagree: input_ids {list(input_ids.shape)}, attention_mask {list(mask.shape)}, "
+            f"row_ids {list(row_ids.shape)}, acts {list(acts.shape)}; they must be [B,T], [B,T], [B], [B,T,d_in]"
+        )
+    return input_ids, mask, row_ids, acts, doc_ids
+
+
+
+def outlier_rows(zo, out, norms, b_idx, t_idx, input_ids, row_ids) -> dict:
+    """Excluded tokens (mask `out`, their latent activations `zo`) and their strongest latents."""
+    vals, lat = zo.topk(min(OUTLIER_LATENTS, zo.shape[1]), dim=1)
+    b, t = b_idx[out], t_idx[out]
+    return {
+        "row_id": row_ids[b].cpu().numpy(),
+        "pos": t.cpu().numpy(),
+        "token_id": input_ids[b, t].cpu().numpy(),
+        "norm": norms[out].cpu().numpy(),
+        "latents": lat.cpu().numpy(),
+        "acts": vals.cpu().numpy(),
+    }
+

@@ -1,0 +1,77 @@
+"""The discovery driver: an SAE's features over a stream of batches, from the accumulator to
+the written folder, with progress and cancellation."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from core.errors import UserError
+from core.features.accumulator import Accumulator
+from core.features.config import Batch, DiscoverConfig, DiscoverySummary
+from core.features.writer import write
+from core.progress import check_cancel, rate
+
+
+@torch.no_grad()
+def discover(
+    sae,
+    batches: Iterable[Batch],
+    out_dir: str | os.PathLike,
+    decode_tokens: Callable[[list[int]], list[str]],
+    cfg: DiscoverConfig,
+    total_tokens: int | None = None,
+    progress: Callable[[dict], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> DiscoverySummary:
+    """Exact per-latent top-k examples, quantile samples, histograms and firing statistics over
+    every non-pad token of `batches`, written into the features folder `out_dir`."""
+    acc = Accumulator(sae, cfg)
+    t0 = time.perf_counter()
+    for batch in batches:
+        check_cancel(should_cancel, "discovery")
+        if acc.update(batch) and progress is not None:
+            progress(_progress(acc, total_tokens, t0))
+    return write(out_dir, acc.finalize(), decode_tokens, cfg)
+
+
+def _progress(acc: Accumulator, total: int | None, t0: float) -> dict:
+    held = acc.top["value"] > 0
+    return {"phase": "discover", "done": acc.seen, "total": total, "unit": "tokens", **rate(acc.seen, total, t0),
+            "batches": acc.n_batches, "features_in_heap": int(held.any(1).sum()),
+            "heap_examples_count": int(held.sum())}
+def discover_features(model, tokenizer, sae_dir: Path, dataset_dir: Path, out_dir: Path,
+                      cfg: DiscoverConfig, batch_size: int = 8, max_tokens: int | None = None,
+                      progress: Callable[[dict], None] | None = None,
+                      should_cancel: Callable[[], bool] | None = None,
+                      exclude_token_ids: Sequence[int] = ()) -> DiscoverySummary:
+    """Top activating contexts, quantile samples, histograms, co-active latents, frequency and
+    max/mean activation for every latent of an SAE.
+
+    Positions holding an `exclude_token_ids` token are no candidates (the model still reads them)."""
+    from core import data, hooks  # the model side of discovery; the rest of this module needs neither
+    from core.formats.saelens import load_saelens
+
+    sae, sae_cfg = load_saelens(sae_dir)
+    hook_name = sae_cfg.hook_name
+    hooks.validate_hooks(model, [hook_name])
+    d_model = model.config.hidden_size
+    if sae_cfg.d_in != d_model:
+        raise UserError(f"SAE d_in={sae_cfg.d_in} does not match {hook_name} of this model (d_model={d_model}); "
+                        "pick the model the SAE was trained on")
+    sae = sae.to(next(model.parameters()).device)
+    total = data.total_tokens(dataset_dir, max_tokens)
+    excluded = torch.tensor(sorted(set(exclude_token_ids)), dtype=torch.long)
+
+    def hooked_batches():
+        for b in data.iter_batches(dataset_dir, batch_size, tokenizer.pad_token_id, max_tokens=max_tokens):
+            acts = hooks.run_hooked(model, b.input_ids, b.attention_mask, [hook_name])[hook_name]
+            yield b.input_ids, b.attention_mask * ~torch.isin(b.input_ids, excluded), b.row_ids, acts, b.doc_ids
+
+    with torch.no_grad():
+        return discover(sae, hooked_batches(), out_dir, lambda ids: data.decode_tokens(tokenizer, ids), cfg,
+                        total_tokens=total, progress=progress, should_cancel=should_cancel)
