@@ -11,20 +11,21 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import ray
 
 from actors import cluster
+from actors.catalogue import Catalogue
 from core.errors import UserError
 from core.features import FeaturePage, FeatureQuery
 from core.features import store as features_store
 from storage import Artifacts, Registry, Settings
 from storage.registry import FINAL_STATES, IDLE_STATES, SAE, Activation, Dataset, Experiment, Job, Model, Template
-from storage.registry import JOB_STATES, masked_url
+from storage.registry import masked_url
 
 
-class Client:
+class Client(Catalogue):
     def __init__(self, settings: Settings | None = None, start: bool = True):
         self.settings = settings or Settings.from_env()
         self.artifacts = Artifacts.of(self.settings)  # a bad MISTUDIO_ARTIFACT_ROOT fails before Ray starts
@@ -92,13 +93,6 @@ class Client:
     def jobs(self, state: str | None = None, model_id: str | None = None, kind: str | None = None
              ) -> list[dict[str, Any]]:
         return self.registry.jobs(state=state, model_id=model_id, kind=kind)
-
-    @staticmethod
-    def job_kind(kind: str) -> dict[str, Any]:
-        """A kind's name, whether it can pause/resume/finalize, and the steps it runs."""
-        from actors import jobs
-
-        return jobs.get(kind).info()
 
     def active_jobs(self) -> list[dict[str, Any]]:
         return self.registry.active_jobs()
@@ -178,18 +172,6 @@ class Client:
 
         return [s | {"settings": registry.summarize(s["sae_config"])}
                 for s in self.registry.list(SAE, order_by=SAE.created_at)]
-
-    def train_defaults(self) -> dict[str, Any]:
-        """The training config's defaults in its flat job-file form (architecture, k, lr, ...)."""
-        from core.train import TrainConfig
-
-        return TrainConfig().to_dict()
-
-    def sae_types(self) -> list[dict[str, Any]]:
-        """The trainable SAE types and their settings (name, default, help), for forms."""
-        from core.sae import registry
-
-        return registry.catalogue()
 
     def get(self, table, key: str) -> dict[str, Any] | None:
         return self.registry.get(table, key)
@@ -279,88 +261,6 @@ class Client:
         self.local(sae["features_path"])
         return sae
 
-    # -- what the dashboard's forms and views need ---------------------------------------------
-    # The pages talk to nothing but this class: the vocabularies their controls offer and the
-    # reads they show come from here, each a thin call into core or storage (and they catch the
-    # UserError imported above from this module).
-    @staticmethod
-    def job_states() -> tuple[str, ...]:
-        return JOB_STATES
-
-    @staticmethod
-    def final_states() -> tuple[str, ...]:
-        """States a job never leaves (completed, failed, cancelled)."""
-        return FINAL_STATES
-
-    @staticmethod
-    def hook_sites() -> tuple[str, ...]:
-        from core.hooks import SITES
-
-        return SITES
-
-    @staticmethod
-    def hook_name(layer: int, site: str = "resid_post") -> str:
-        """The TransformerLens name of a decoder block's hook site, e.g. blocks.6.hook_resid_post."""
-        from core.hooks import hook_name
-
-        return hook_name(layer, site)
-
-    @staticmethod
-    def quantizations() -> tuple[str, ...]:
-        from core.models import QUANTIZATIONS
-
-        return QUANTIZATIONS
-
-    @staticmethod
-    def estimate_memory(source: str, **options: Any):
-        """core.models' MemoryEstimate of a model from its config alone (no weights are loaded);
-        `source` "embedded" is the embedded SmolLM2. `options`: dtype, quantization, batch_size,
-        context_length, trust_remote_code."""
-        from core import models
-
-        return models.estimate_memory(models.embedded_gguf_path() if source == "embedded" else source, **options)
-
-    @staticmethod
-    def sae_formats() -> tuple[str, ...]:
-        """The SAE file formats import_sae reads."""
-        from core.formats import FORMATS
-
-        return FORMATS
-
-    @staticmethod
-    def label_categories() -> tuple[str, ...]:
-        from core.interp import CATEGORIES
-
-        return CATEGORIES
-
-    @staticmethod
-    def data_file_types() -> tuple[str, ...]:
-        """The suffixes of the text files a dataset can be added from."""
-        from core.data import FILE_TYPES
-
-        return FILE_TYPES
-
-    @staticmethod
-    def builtin_dataset() -> str:
-        """The source name of the built-in corpus (the standard library's documentation)."""
-        from core.data import BUILTIN
-
-        return BUILTIN
-
-    @staticmethod
-    def template_kinds() -> TemplateKinds:
-        from actors import jobs
-        from actors.specs import LABEL_PROMPT, PROMPT_SETS
-
-        return TemplateKinds(tuple(jobs.names()), PROMPT_SETS, LABEL_PROMPT)
-
-    @staticmethod
-    def load_tokenizer(path: str):
-        """The Hugging Face tokenizer in a model's local folder (see `local`)."""
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-
     def model(self, model_id: str) -> dict[str, Any] | None:
         """A registered model's row, or None when it is not (or no longer) registered."""
         return self.registry.get(Model, model_id)
@@ -408,13 +308,6 @@ class Client:
         if ds is None:
             raise UserError(f"no dataset {dataset_id!r}; list them with: mistudio datasets list")
         return ds
-
-
-class TemplateKinds(NamedTuple):
-    """What a template can hold: a job kind's form, or one of the two prompt kinds."""
-    jobs: tuple[str, ...]  # one per job kind: its spec's fields
-    prompt_sets: str  # steering prompt sets
-    label_prompt: str  # labeling prompts
 
 
 def _get(ref):

@@ -10,7 +10,7 @@ rusage `os.wait4` returns for that child).
 * extract   — `core.extract.extract_activations` of SmolLM2 blocks.15.hook_resid_post (the real
               model, batch 8, Parquet shards) over the first N tokens of the 1× dataset and the
               first 10·N tokens of the 10× dataset.
-* train     — `core.sources.train_on_activations` (TopK, 8×, k 32, batch 4096, one epoch: cached
+* train     — `core.train.sources.train_on_activations` (TopK, 8×, k 32, batch 4096, one epoch: cached
               Parquet source → trainer → SAELens folder) on an activation cache of M tokens and
               one of 10·M tokens, both in core.extract's Parquet layout, filled with the real
               cached SmolLM2 activations (the 10× cache repeats them).
@@ -83,7 +83,7 @@ def child(kind: str, src: str, out: str, tokens: int, threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
-        from core.sources import train_on_activations
+        from core.train.sources import train_on_activations
         from core.sae import TopKConfig
         from core.train import TrainConfig
 

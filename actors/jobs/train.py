@@ -1,5 +1,5 @@
 """train: SAEs, one per hook × variant, from one pass over cached activations or over the model
-run on the fly (core.train, with the activation sources of core.sources); a training pauses,
+run on the fly (core.train, with its activation sources, core.train.sources); a training pauses,
 resumes and finalizes, and continues from its checkpoints after a worker death."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Any, NamedTuple
 
 from actors import specs
 from actors.jobs import Command, JobContext, Kind, Plan, RunContext, model_ref, need, need_dataset, need_model, register
-from core import hooks, sources
+from core import hooks
+from core.train import sources
 from core.errors import UserError
 from core.evals.spliced import evaluate_saved_sae
 from core.sae import registry

@@ -1,5 +1,7 @@
 """SAE training: the config (`config`), the stream over an activation source (`loop`), one
-SAE's steps (`run`) and checkpoints (`checkpoints`).
+SAE's steps (`run`), checkpoints (`checkpoints`), and the activation sources themselves —
+cached activation folders or the model run on the fly, with the held-out slice (`sources`,
+imported on its own: it needs the model side of core).
 
 The recipe follows Gao et al. 2024, Anthropic's April 2024 update, Rajamanoharan et al. 2024
 and EleutherAI's sparsify, with the lessons recorded in DESIGN.md: activations scaled so

@@ -21,7 +21,9 @@ from core.data import TokenBatch
 from core.errors import UserError
 from core.formats.saelens import save_saelens
 from core.sae import SAEConfig
-from core.train import CheckpointConfig, RunSpec, Source, TrainConfig, TrainResult, replayable, train_saes
+from core.train.checkpoints import CheckpointConfig
+from core.train.config import RunSpec, TrainConfig, TrainResult
+from core.train.loop import Source, replayable, train_saes
 
 Progress = Callable[[dict], None] | None
 CancelCheck = Callable[[], bool] | None
