@@ -6,7 +6,8 @@ import pytest
 
 from core.data import builtin_corpus
 from storage.registry import SAE, Model
-from ui.cli import EMBEDDED_ID, demo_summary
+from actors.jobs.add_model import EMBEDDED_ID
+from ui.cli_demo import demo_summary
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,9 @@ JOB_KINDS, PROMPT_SETS, LABEL_PROMPT = Client.template_kinds()
 KINDS = [*JOB_KINDS, PROMPT_SETS, LABEL_PROMPT]
 EXAMPLES = {PROMPT_SETS: {"prompts": ["The weather today is", "My favourite city is"]},
             LABEL_PROMPT: {"name": "short", "system": "", "user": "Name what these have in common:\n{examples}"},
-            "train": {"config": {"architecture": "topk", "expansion_factor": 8, "k": 32}}}
+            # a train form's example: the SAE type and width at the training config's own defaults
+            "train": {"config": {k: v for k, v in Client.train_defaults().items()
+                                 if k in ("architecture", "expansion_factor", "k")}}}
 
 
 def _values(text: str) -> dict:
