@@ -34,6 +34,14 @@ def test_pipeline_writes_artifacts_and_registry_rows(client, tiny_run):
     assert (sae["d_in"], sae["d_sae"], sae["sae_config"]["k"], sae["hook_name"]) == (64, 256, 8, "blocks.1.hook_resid_post")
     cfg = json.loads((Path(sae["path"]) / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post" and cfg["d_sae"] == 256
+    # What it was trained on: the tiny tokenizer has no BOS; its EOS/pad (256) was left out by
+    # default at extraction, training and evaluation, and each says how many it left out.
+    assert dataset["stats"]["prepend_bos"] is False and cfg["prepend_bos"] is False
+    assert (cfg["metadata"]["exclude_special_tokens"], cfg["normalize_activations"]) == ([256], "none")
+    assert cfg["metadata"]["context_size"] == 64 and cfg["metadata"]["model_name"] == model["name"]
+    assert sae["metrics"]["excluded_special"] == act["stats"]["excluded_special"]
+    assert sae["metrics"]["eval_excluded_special"] >= 0
+    assert ("outlier_norm_threshold" in cfg["metadata"]) == (sae["metrics"]["outlier_norm_threshold"] != float("inf"))
     with safe_open(str(Path(sae["path"]) / "sae_weights.safetensors"), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert shapes == {"W_enc": (64, 256), "W_dec": (256, 64), "b_enc": (256,), "b_dec": (64,)}
@@ -197,15 +205,19 @@ def test_quantization_and_special_token_exclusion_reach_the_worker(client, tiny_
                                                    "context_length": 32}))
     assert ds["state"] == "completed", ds["message"]
     runs = {}
-    for exclude in (False, True):
+    for exclude in (False, None):  # None: the spec's default, which is to exclude them
+        flag = {} if exclude is None else {"exclude_special_tokens": exclude}
         job = client.wait(client.submit("extract", {"model_id": "tiny-8bit", "dataset_id": ds["result"]["dataset_id"],
-                                                    "layers": [1], "exclude_special_tokens": exclude}))
+                                                    "layers": [1], **flag}))
         assert job["state"] == "completed", job["message"]
         (act_id,) = job["result"]["activation_ids"].values()
         runs[exclude] = client.get(Activation, act_id)
     assert client.worker_status()["quantization"]["tiny-8bit"] == "8bit"
-    assert runs[True]["stats"]["excluded_special"] == 2
-    assert runs[True]["tokens"] == runs[False]["tokens"] - 2
+    assert runs[None]["stats"]["excluded_special"] == 2
+    assert runs[None]["tokens"] == runs[False]["tokens"] - 2
+    # the activation set carries what its SAEs' cfg.json will state (the tiny tokenizer has no BOS)
+    assert (runs[None]["stats"]["excluded_token_ids"], runs[None]["stats"]["prepend_bos"]) == ([256], False)
+    assert (runs[False]["stats"]["excluded_token_ids"], runs[False]["stats"]["excluded_special"]) == ([], 0)
     with pytest.raises(UserError, match="quantization 'int3'"):
         client.submit("add_model", {"source": str(tiny_model_dir), "quantization": "int3"})
 

@@ -78,6 +78,49 @@ def test_tokenize_to_shards(tmp_path, tiny_tokenizer):
         row_lengths(tmp_path)
 
 
+def _with_bos(tiny_tokenizer, adds_it: bool):
+    """The tiny tokenizer with a BOS token; `adds_it`: it also puts BOS in front of every
+    encoding itself, as Llama's add_bos_token does."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.add_special_tokens({"bos_token": "<s>"})
+    if adds_it:
+        tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    return tok
+
+
+@pytest.mark.parametrize("adds_it", [False, True])
+def test_every_row_starts_with_bos(tmp_path, tiny_tokenizer, adds_it):
+    """prepend_bos: every row is BOS + up to context_length − 1 text tokens — each row of a
+    document cut into several, once even when the tokenizer adds BOS itself — and the dataset
+    records it. Off, or with a tokenizer that has no BOS, rows are text only."""
+    tok = _with_bos(tiny_tokenizer, adds_it)
+    bos = tok.bos_token_id
+    assert (tok("ab")["input_ids"][0] == bos) == adds_it
+    texts = ["a" * 25, "bc", "x"]
+    stats = tokenize_to_shards(texts, tok, tmp_path / "ds", context_length=10)
+    ids, doc_ids, _ = _rows(tmp_path / "ds")
+    # "a"*25 -> 9 + 9 + 7 text tokens, each row behind its own BOS; "x" -> BOS x (2 tokens)
+    assert [len(r) for r in ids] == [10, 10, 8, 3, 2] and doc_ids == [0, 0, 0, 1, 2]
+    assert all(r[0] == bos and bos not in r[1:] for r in ids)
+    assert ids[3][1:] == tiny_tokenizer("bc")["input_ids"]
+    assert (stats.prepend_bos, stats.bos_token_id, stats.tokens) == (True, bos, 33)
+    assert read_stats(tmp_path / "ds") == stats
+    off = tokenize_to_shards(texts, tok, tmp_path / "off", context_length=10, prepend_bos=False)
+    assert (off.prepend_bos, off.bos_token_id) == (False, None)
+    assert [r[0] == bos for r in _rows(tmp_path / "off")[0]] == [adds_it, False, False, adds_it, adds_it][:off.rows]
+    no_bos = tokenize_to_shards(texts, tiny_tokenizer, tmp_path / "plain", context_length=10)
+    assert not no_bos.prepend_bos and no_bos.tokens == 27  # 10 + 10 + 5 + 2: nothing to prepend
+
+
+def test_old_stats_read_as_no_bos(tmp_path):
+    """A dataset tokenized before prepend_bos existed reads as rows without BOS."""
+    (tmp_path / "stats.json").write_text(json.dumps({"documents": 1, "rows": 1, "tokens": 5, "context_length": 8}))
+    assert read_stats(tmp_path).prepend_bos is False
+
+
 def test_tokenize_long_context_and_empty(tmp_path, tiny_tokenizer):
     stats = tokenize_to_shards(["z" * 5000], tiny_tokenizer, tmp_path / "long", context_length=4096)
     assert [len(r) for r in _rows(tmp_path / "long")[0]] == [4096, 904]  # no hidden cap

@@ -492,3 +492,31 @@ def test_the_store_reads_the_examples_of_several_latents_at_once(run):
     assert tops[3] == [{"latent": 3, "tokens": e["tokens"], "max_index": e["max_index"]}
                        for e in read_examples(folder(summary), 3)]
     assert examples_by_latent(folder(summary), []) == {}
+
+
+def test_discovery_leaves_special_tokens_out_by_id(tiny_llama, tiny_tokenizer, tmp_path):
+    """discover_features: positions of the excluded ids (BOS/EOS/pad in a job; a frequent byte
+    here) are no candidates and not in the statistics, and the summary counts them."""
+    from core.data import builtin_corpus, iter_batches, tokenize_to_shards
+    from core.features.discovery import discover_features
+    from core.formats.saelens import save_saelens
+
+    ds = tmp_path / "ds"
+    tokenize_to_shards(builtin_corpus()[:2], tiny_tokenizer, ds, context_length=32)
+    torch.manual_seed(0)
+    sae = TopKSAE(64, 128, TopKConfig(k=4))
+    save_saelens(sae, sae.config(hook_name="blocks.0.hook_resid_post"), tmp_path / "sae")
+    batches = list(iter_batches(ds, 4, tiny_tokenizer.pad_token_id, max_tokens=300))
+    special = int(batches[0].input_ids[0, 2])
+    real = sum(int(b.attention_mask.sum()) for b in batches)
+    expected = sum(int((b.attention_mask.bool() & (b.input_ids == special)).sum()) for b in batches)
+    assert 0 < expected < real
+    cfg = DiscoverConfig(top_k=3, window_before=1, window_after=1, outlier_norm_multiple=None)
+    summary = discover_features(tiny_llama, tiny_tokenizer, tmp_path / "sae", ds, tmp_path / "f", cfg, batch_size=4,
+                                max_tokens=300, exclude_token_ids=[special])
+    assert (summary.excluded_special, summary.tokens) == (expected, real - expected)
+    examples = pq.read_table(summary.paths["examples"]).to_pylist()
+    assert examples and all(e["token_ids"][e["max_index"]] != special for e in examples)
+    plain = discover_features(tiny_llama, tiny_tokenizer, tmp_path / "sae", ds, tmp_path / "g", cfg, batch_size=4,
+                              max_tokens=300)
+    assert (plain.excluded_special, plain.tokens) == (0, real)

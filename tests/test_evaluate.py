@@ -177,8 +177,37 @@ def test_outliers_are_counted_and_left_unpatched(tiny_llama, batches):
     assert r["l0"] == pytest.approx(float((z > 0).sum(1).float().mean()), rel=1e-6)
     assert r["dead_frac"] == pytest.approx(float((z > 0).sum(0).eq(0).float().mean()))
 
-    with pytest.raises(UserError, match="every token at blocks.0.hook_resid_post was excluded as an outlier"):
+    with pytest.raises(UserError, match=r"every token at blocks.0.hook_resid_post was excluded \(0 special tokens, "
+                                         rf"{len(real)} norm outliers\)"):
         evaluate_sae(tiny_llama, sae, HOOK, batches, outlier_norm_threshold=0.0)
+
+
+def test_special_tokens_are_excluded_by_id_and_left_clean(tiny_llama, batches):
+    """Positions holding an excluded id (standing in for BOS/EOS/pad here: the byte of a space)
+    are counted, kept out of the reconstruction metrics and left clean in the spliced forwards,
+    while the tokens after them are still predicted; no norm cut is involved."""
+    special = batches[0].input_ids[0, 3].item()
+    is_special = [b.attention_mask.bool() & (b.input_ids == special) for b in batches]
+    expected = sum(int(m.sum()) for m in is_special)
+    assert 0 < expected
+    sae = random_sae(64)
+    r = evaluate_sae(tiny_llama, sae, HOOK, batches, exclude_token_ids=[special])
+    plain = evaluate_sae(tiny_llama, sae, HOOK, batches)
+    assert (r["excluded_special"], r["excluded_outliers"], plain["excluded_special"]) == (expected, 0, 0)
+    assert r["tokens"] == plain["tokens"] and r["ce_tokens"] == plain["ce_tokens"]  # every target still scored
+    assert r["ce_clean"] == pytest.approx(plain["ce_clean"])
+    it = iter(is_special)
+
+    def zero_but_special(b, m):
+        spliced = (b.attention_mask.bool() & ~m)[..., None]
+        return {HOOK: lambda x: torch.where(spliced, torch.zeros_like(x), x)}
+    assert r["ce_zero"] == pytest.approx(_ce_by_hand(tiny_llama, batches, lambda b: zero_but_special(b, next(it))),
+                                         rel=1e-5)
+    xs = torch.cat([run_hooked(tiny_llama, b.input_ids, b.attention_mask, [HOOK])[HOOK][b.attention_mask.bool() & ~m]
+                    for b, m in zip(batches, is_special)])
+    with torch.no_grad():
+        x_hat, _ = sae(xs)
+    assert r["fvu"] == pytest.approx(float((x_hat - xs).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()), rel=1e-4)
 
 
 def test_progress_and_cancel(tiny_llama, batches):

@@ -622,3 +622,38 @@ def test_export_metadata_survives_saelens_loading(tmp_path):
                                             context_size=64), tmp_path / "sae")
     meta = sae_lens.SAE.load_from_disk(str(folder)).cfg.metadata
     assert (meta.hook_name, meta.model_name, meta.context_size) == ("blocks.4.hook_resid_post", "smollm2", 64)
+
+
+@pytest.mark.parametrize("guard", [None, 2150.5])
+def test_export_states_what_the_sae_was_trained_on(tmp_path, guard):
+    """cfg.json carries the contexts (prepend_bos), the normalisation, the special tokens left out
+    and the norm guard's threshold (only when one was used); SAELens reads them from the same
+    fields, and our reader gives back the same SAEConfig."""
+    import sae_lens  # a test dependency (pyproject [test]): SAELens's own loader is the judge
+    from core.formats.saelens import load_saelens
+    sae = _trained_like("topk")
+    cfg = sae.config(hook_name="blocks.15.hook_resid_post", model_name="SmolLM2-135M-Instruct", context_size=256,
+                     prepend_bos=True, dataset_path="builtin", exclude_special_tokens=[0, 1, 2],
+                     outlier_norm_threshold=guard)
+    folder = export_saelens(sae, cfg, tmp_path / "sae")
+    raw = json.loads((folder / "cfg.json").read_text())
+    assert raw["normalize_activations"] == "none" and raw["prepend_bos"] is True
+    assert raw["metadata"]["exclude_special_tokens"] == [0, 1, 2]
+    assert ("outlier_norm_threshold" in raw["metadata"]) == (guard is not None)
+    theirs = sae_lens.SAE.load_from_disk(str(folder)).cfg
+    meta = theirs.metadata
+    assert theirs.normalize_activations == "none"
+    assert (meta.prepend_bos, meta.exclude_special_tokens, meta.context_size, meta.dataset_path, meta.model_name,
+            meta.hook_name) == (True, [0, 1, 2], 256, "builtin", "SmolLM2-135M-Instruct", "blocks.15.hook_resid_post")
+    assert meta.outlier_norm_threshold == guard  # SAELens keeps our field (None when absent)
+    assert load_saelens(folder)[1] == cfg
+
+
+def test_cfg_json_exclude_special_tokens_reads_saelens_spellings():
+    """SAELens writes exclude_special_tokens as a list of ids or a bool; a missing one reads False."""
+    from core.formats.saelens import from_cfg_json
+    base = {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE}
+    assert from_cfg_json(base).exclude_special_tokens is False
+    assert from_cfg_json(base | {"metadata": {"exclude_special_tokens": True}}).exclude_special_tokens is True
+    assert from_cfg_json(base | {"metadata": {"exclude_special_tokens": [5, 7]}}).exclude_special_tokens == [5, 7]
+    assert from_cfg_json(base | {"metadata": {"prepend_bos": True}}).prepend_bos is True

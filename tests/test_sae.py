@@ -60,8 +60,11 @@ def test_cfg_json_v6_layout_and_round_trip():
     d = to_cfg_json(cfg)
     assert d["architecture"] == "topk" and d["device"] == "cpu" and d["k"] == 3
     assert (d["d_in"], d["d_sae"], d["dtype"], d["apply_b_dec_to_input"], d["normalize_activations"]) == (6, 12, "float32", True, "none")
+    # The run metadata where SAELens 6 reads it; no norm guard used → no outlier_norm_threshold.
     assert d["metadata"] == {"model_name": "smollm2", "hook_name": "blocks.3.hook_resid_post", "context_size": 128,
-                             "prepend_bos": True, "dataset_path": "stdlib", "sae_lens_version": "6.0.0"}
+                             "prepend_bos": True, "dataset_path": "stdlib", "exclude_special_tokens": False,
+                             "sae_lens_version": "6.0.0"}
+    assert d["prepend_bos"] is True  # also at the top level, where SAELens before 6 reads it
     assert "hook_name" not in d
     assert from_cfg_json(json.loads(json.dumps(d))) == cfg
 

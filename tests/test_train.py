@@ -434,3 +434,23 @@ def test_resume_from_a_checkpoint_taken_at_the_end_of_a_pass(tmp_path):
     for name, p in full.sae.state_dict().items():
         assert torch.equal(p, resumed.sae.state_dict()[name]), name
     assert resumed.final == full.final
+
+
+def test_training_on_the_fly_leaves_special_tokens_out_by_id(tiny_llama, tiny_tokenizer, tmp_path):
+    """model_source drops the positions of the excluded ids (BOS/EOS/pad in a job; a frequent
+    byte here) before the trainer sees them, and special_positions counts exactly those."""
+    from core.data import builtin_corpus, iter_batches, tokenize_to_shards
+    from core.train.sources import model_source, special_positions
+
+    ds = tmp_path / "ds"
+    tokenize_to_shards(builtin_corpus()[:3], tiny_tokenizer, ds, context_length=32)
+    hook = "blocks.0.hook_resid_post"
+    batches = list(iter_batches(ds, 4, tiny_tokenizer.pad_token_id, max_tokens=400))
+    special = int(batches[0].input_ids[0, 2])
+    real = sum(int(b.attention_mask.sum()) for b in batches)
+    expected = sum(int((b.attention_mask.bool() & (b.input_ids == special)).sum()) for b in batches)
+    assert 0 < expected < real
+    kept = sum(len(c[hook]) for c in model_source(tiny_llama, [ds], [hook], tiny_tokenizer.pad_token_id, 4,
+                                                  max_tokens=400, exclude_token_ids=[special])(0))
+    assert kept == real - expected
+    assert special_positions([ds], 400, [special]) == expected and special_positions([ds], 400, []) == 0

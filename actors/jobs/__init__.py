@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from core.data import special_token_ids
 from core.errors import UserError
 from storage.registry import SAE, Dataset, Model
 
@@ -73,8 +74,9 @@ class RunContext:
     """state(name, message="") → the JobManager records the job's state before the step goes on."""
 
     def excluded(self, tokenizer, exclude_special_tokens: bool) -> list[int]:
-        """Token ids kept out of activations and candidates (special tokens, when asked)."""
-        return list(tokenizer.all_special_ids) if exclude_special_tokens else []
+        """Token ids kept out of activations, training, evaluation and candidates: BOS, EOS and
+        pad (core.data.special_token_ids, SAELens's rule), unless turned off."""
+        return special_token_ids(tokenizer) if exclude_special_tokens else []
 
 
 @dataclass

@@ -26,6 +26,9 @@ class AddDatasetSpec:
     """Tokens per row; longer documents are split into several rows."""
     max_documents: int | None = None
     """Read at most this many documents."""
+    prepend_bos: bool = True
+    """Start every row with the tokenizer's BOS token, as TransformerLens and SAELens build
+    contexts (the model's attention sink then sits on BOS); ignored for a tokenizer without BOS."""
 
 
 @dataclass
@@ -37,6 +40,7 @@ class AddDatasetParams:
     text_column: str
     context_length: int
     max_documents: int | None
+    prepend_bos: bool = True
 
 
 def check(registry, spec: AddDatasetSpec) -> None:
@@ -50,7 +54,7 @@ def plans(job: JobContext, spec: AddDatasetSpec) -> list[Plan]:
     dataset_id = new_id(slug(name))
     out = str(job.artifacts.dataset(dataset_id))
     params = AddDatasetParams(dataset_id, name, spec.source, out, spec.text_column, spec.context_length,
-                              spec.max_documents)
+                              spec.max_documents, spec.prepend_bos)
     return [Plan("add_dataset", params, model=model_ref(model), outputs=[out])]
 
 
@@ -58,7 +62,7 @@ def run(ctx: RunContext, plan: Plan) -> dict[str, Any]:
     p: AddDatasetParams = plan.params
     ctx.state("running", f"tokenizing {p.source}")
     stats = tokenize_dataset(ctx.tokenizer(), p.source, Path(p.out_dir), p.text_column, p.context_length,
-                             p.max_documents, progress=ctx.report)
+                             p.max_documents, progress=ctx.report, prepend_bos=p.prepend_bos)
     return stats.to_dict()
 
 

@@ -37,8 +37,9 @@ class DiscoverSpec:
     """Sequences per forward pass."""
     max_tokens: int | None = None
     """Stop after this many tokens; None → the whole dataset."""
-    exclude_special_tokens: bool = False
-    """Leave special tokens out of the candidates (they stay in the model's input)."""
+    exclude_special_tokens: bool = True
+    """Leave BOS, EOS and pad positions out of the candidates and statistics, by token id (they
+    stay in the model's input)."""
 
     @property
     def all_sae_ids(self) -> list[str]:

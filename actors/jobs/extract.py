@@ -30,8 +30,9 @@ class ExtractSpec:
     """Sequences per forward pass."""
     max_tokens: int | None = None
     """Stop after this many tokens; None → the whole dataset."""
-    exclude_special_tokens: bool = False
-    """Leave out BOS/EOS and the tokenizer's other special tokens (they stay in the model's input)."""
+    exclude_special_tokens: bool = True
+    """Leave out BOS, EOS and pad positions by token id (SAELens's rule; they stay in the model's
+    input): the attention sink on BOS carries norms ~100× any text token's."""
 
 
 @dataclass
@@ -78,18 +79,23 @@ def run(ctx: RunContext, plan: Plan) -> dict[str, Any]:
     p: ExtractParams = plan.params
     model, tok = ctx.model()
     t0 = time.perf_counter()
+    excluded = ctx.excluded(tok, p.exclude_special_tokens)
     stats = extract_activations(model, tok, Path(p.dataset_path), p.hook_names, Path(p.out_dir),
                                 batch_size=p.batch_size, max_tokens=p.max_tokens, progress=ctx.report,
-                                should_cancel=ctx.report.should_cancel,
-                                exclude_token_ids=ctx.excluded(tok, p.exclude_special_tokens))
-    return {"hooks": {h: s.to_dict() for h, s in stats.items()}, "seconds": time.perf_counter() - t0}
+                                should_cancel=ctx.report.should_cancel, exclude_token_ids=excluded)
+    return {"hooks": {h: s.to_dict() for h, s in stats.items()}, "excluded_token_ids": excluded,
+            "seconds": time.perf_counter() - t0}
 
 
 def record(job: JobContext, spec: ExtractSpec, plans: list[Plan], results: list[dict]) -> dict[str, Any]:
     p: ExtractParams = plans[0].params
     res = results[0]
+    # What the SAEs trained on this set record in their cfg.json: the contexts and what was left out.
+    contexts = {"prepend_bos": bool((job.registry.get(Dataset, p.dataset_id)["stats"] or {}).get("prepend_bos")),
+                "excluded_token_ids": res.get("excluded_token_ids", [])}
     ids = {}
     for name, st in res["hooks"].items():
+        st = st | contexts
         ids[name] = new_id("act")
         job.registry.add(Activation(id=ids[name], job_id=job.id, model_id=p.model_id, dataset_id=p.dataset_id,
                                     hook_name=name, path=str(Path(p.out_dir) / name), tokens=st["tokens"],

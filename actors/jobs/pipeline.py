@@ -31,8 +31,9 @@ class PipelineSpec:
     """TrainConfig fields (architecture, expansion_factor, k, epochs, batch_size, ...)."""
     top_k: int = 20
     """Top activating examples kept per latent."""
-    exclude_special_tokens: bool = False
-    """Leave out BOS/EOS and the tokenizer's other special tokens (they stay in the model's input)."""
+    exclude_special_tokens: bool = True
+    """Leave out BOS, EOS and pad positions by token id from extraction and discovery (they stay
+    in the model's input)."""
 
 
 def check(registry, spec: PipelineSpec) -> None:

@@ -55,9 +55,9 @@ class TrainSpec:
     """Sequences per forward pass when training on the fly."""
     max_tokens: int | None = None
     """Tokens per dataset when training on the fly."""
-    exclude_special_tokens: bool = False
-    """Leave out special tokens when training on the fly (cached activations were filtered, or
-    not, at extraction)."""
+    exclude_special_tokens: bool = True
+    """Leave out BOS, EOS and pad positions by token id when training on the fly (cached
+    activations were filtered, or not, at extraction; the evaluation follows the training data)."""
 
 
 @dataclass
@@ -68,7 +68,8 @@ class SAEOut:
     sae_id: str
     path: str
     meta: dict[str, Any]
-    """cfg.json metadata: model_name, hook_name, context_size, dataset_path."""
+    """cfg.json metadata: model_name, hook_name, context_size, dataset_path, prepend_bos (the
+    excluded token ids and the norm threshold are added on the worker)."""
 
 
 @dataclass
@@ -90,6 +91,9 @@ class TrainParams:
     resume: bool
     pausable: bool
     """The job can be paused and finalized (a pipeline's training cannot)."""
+    excluded_special: int | None = None
+    """Special-token positions the cached activation sets left out (None: on the fly, counted
+    on the worker)."""
 
 
 class TrainInputs(NamedTuple):
@@ -176,6 +180,11 @@ def plans(job: JobContext, spec: TrainSpec, pausable: bool = True) -> list[Plan]
         used = [sets[first["id"]]["tokens"] for sets in by_hook.values()] or [spec.max_tokens or 0]
         share = min(1.0, used[0] / first["tokens"]) if used[0] else 1.0
         eval_rows = sources.default_eval_rows(round(first["rows"] * share))
+    exclude, excluded_special = spec.exclude_special_tokens, None
+    if by_hook:  # cached: the activation sets were filtered, or not, at extraction
+        sets = list(next(iter(by_hook.values())).values())
+        exclude = any(a["stats"].get("excluded_token_ids") or a["stats"].get("excluded_special") for a in sets)
+        excluded_special = sum(int(a["stats"].get("excluded_special", 0)) for a in sets)
     saes: list[SAEOut] = []
     for hook, d_in in d_ins.items():
         for cfg in train_variants(spec):
@@ -184,14 +193,15 @@ def plans(job: JobContext, spec: TrainSpec, pausable: bool = True) -> list[Plan]
                 name = f"{name}-{len(saes)}"
             sae_id = new_id("sae")
             meta = {"model_name": model["name"], "hook_name": hook, "context_size": first["context_length"],
-                    "dataset_path": ",".join(d["source"] for d in datasets)}
+                    "dataset_path": ",".join(d["source"] for d in datasets),
+                    "prepend_bos": all((d["stats"] or {}).get("prepend_bos", False) for d in datasets)}
             saes.append(SAEOut(RunSpec(name, hook, d_in, cfg), sae_id, str(job.artifacts.sae(sae_id)), meta))
     hook_dirs = {h: [a["path"] for a in sets.values()] for h, sets in by_hook.items()}
     ck = str(job.artifacts.checkpoints(spec.resume_job or job.id))
     params = TrainParams(model["id"], saes, [d["path"] for d in datasets], hook_dirs,
                          {h: next(iter(sets.values()))["id"] for h, sets in by_hook.items()}, eval_rows,
-                         spec.batch_size, spec.max_tokens, spec.exclude_special_tokens, ck, spec.checkpoint_every,
-                         spec.keep_checkpoints, bool(spec.resume_job), pausable)
+                         spec.batch_size, spec.max_tokens, exclude, ck, spec.checkpoint_every,
+                         spec.keep_checkpoints, bool(spec.resume_job), pausable, excluded_special)
     reads = params.dataset_paths + [p for dirs in hook_dirs.values() for p in dirs] + ([ck] if params.resume else [])
     return [Plan("train", params, model=model_ref(model), inputs=reads, outputs=[s.path for s in saes],
                  scratch=[ck])]
@@ -203,33 +213,38 @@ def run(ctx: RunContext, plan: Plan) -> dict[str, Any]:
     if ctx.device == "cuda":
         runs = [r._replace(cfg=dataclasses.replace(r.cfg, device="cuda")) for r in runs]
     first = Path(p.dataset_paths[0])
+    excluded_ids = ctx.excluded(ctx.tokenizer(), p.exclude_special_tokens)
+    excluded_special = p.excluded_special
     if p.hook_dirs:  # cached activations
         ctx.state("running")
         hook_dirs = {h: [Path(d) for d in dirs] for h, dirs in p.hook_dirs.items()}
         source, runs, holdout = sources.cached_training(hook_dirs, runs, p.eval_rows)
     else:  # on the fly: the model runs as the trainer consumes
         model, tok = ctx.model()
-        source, holdout = sources.live_training(model, tok, [Path(d) for d in p.dataset_paths], runs, p.eval_rows,
-                                                p.batch_size, p.max_tokens,
-                                                exclude_token_ids=ctx.excluded(tok, p.exclude_special_tokens))
+        dirs = [Path(d) for d in p.dataset_paths]
+        source, holdout = sources.live_training(model, tok, dirs, runs, p.eval_rows, p.batch_size, p.max_tokens,
+                                                exclude_token_ids=excluded_ids)
+        excluded_special = sources.special_positions(dirs, p.max_tokens, excluded_ids)
     # always a folder: a pause writes its checkpoint there even without periodic ones. Each one
     # is published as written (with an artifact store), so a retry on another node resumes from it.
     ck = CheckpointConfig(Path(p.checkpoint_dir), p.checkpoint_every, p.keep_checkpoints, resume=p.resume,
                           on_save=ctx.artifacts.push if ctx.artifacts.store else None)
     by_name = {s.run.name: s for s in p.saes}
+    metas = {n: s.meta | {"exclude_special_tokens": excluded_ids or False} for n, s in by_name.items()}
     results = sources.train_runs(source, runs, {n: Path(s.path) for n, s in by_name.items()},
-                                 {n: s.meta for n, s in by_name.items()}, holdout_tokens=holdout, checkpoint=ck,
+                                 metas, holdout_tokens=holdout, checkpoint=ck,
                                  progress=ctx.report, should_cancel=ctx.report.should_cancel,
                                  requested=ctx.report.requested if p.pausable else None)
     out = {}
     for name, result in results.items():
-        metrics = dict(result.final)
+        metrics = dict(result.final) | {"excluded_special": excluded_special}
         if p.eval_rows:  # CE loss recovered and KL need the model on the held-out rows
             model, tok = ctx.model()
             metrics |= _renamed(evaluate_saved_sae(
                 model, tok, Path(by_name[name].path), first, p.eval_rows,
-                outlier_norm_threshold=result.final["outlier_norm_threshold"], progress=ctx.report,
-                should_cancel=ctx.report.should_cancel), {"tokens": "eval_tokens", "dead_frac": "eval_dead_frac"})
+                outlier_norm_threshold=result.final["outlier_norm_threshold"], exclude_token_ids=excluded_ids,
+                progress=ctx.report, should_cancel=ctx.report.should_cancel),
+                {"tokens": "eval_tokens", "dead_frac": "eval_dead_frac", "excluded_special": "eval_excluded_special"})
         cfg = result.sae.config()
         out[name] = {"metrics": metrics, "history": result.history, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
                      "sae_config": cfg.type_config.to_dict(), "architecture": cfg.architecture}

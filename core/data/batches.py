@@ -15,6 +15,18 @@ from core.errors import UserError
 
 
 
+SPECIAL_TOKEN_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
+"""The structural special tokens, SAELens's `exclude_special_tokens=True` rule."""
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """BOS, EOS, pad (and SEP, decoder start) ids of a tokenizer, sorted: the positions that are
+    excluded from training, evaluation, statistics and discovery by identity. Chat-template tokens
+    (additional special tokens) are text here, as in SAELens."""
+    ids = {getattr(tokenizer, attr, None) for attr in SPECIAL_TOKEN_ATTRS}
+    return sorted(int(i) for i in ids if i is not None)
+
+
 class TokenBatch(NamedTuple):
     """A right-padded batch of dataset rows."""
 

@@ -39,6 +39,11 @@ class DatasetStats:
     context_length: int
     length_hist: dict = field(default_factory=dict)
     """Row lengths in tokens: {"bin_edges": [...], "counts": [...]}."""
+    prepend_bos: bool = False
+    """Every row starts with the tokenizer's BOS token (TransformerLens/SAELens contexts).
+    False for datasets tokenized before the setting existed: their rows start with text."""
+    bos_token_id: int | None = None
+    """The BOS id the rows start with, when `prepend_bos`."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,14 +102,25 @@ def _length_hist(lengths: np.ndarray, context_length: int, bins: int = 20) -> di
     return {"bin_edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
 
 
+def bos_id(tokenizer, prepend_bos: bool) -> int | None:
+    """The BOS id rows start with: the tokenizer's, when asked for and it defines one."""
+    return tokenizer.bos_token_id if prepend_bos and tokenizer.bos_token_id is not None else None
+
+
 def tokenize_to_shards(texts: Sequence[str], tokenizer, out_dir, context_length: int = 256,
                        rows_per_shard: int = 4096,
-                       progress: Callable[[dict], None] | None = None) -> DatasetStats:
+                       progress: Callable[[dict], None] | None = None,
+                       prepend_bos: bool = True) -> DatasetStats:
     """Tokenize documents, cut each into rows of ≤ context_length tokens, write Parquet shards.
 
-    Special tokens are added as the tokenizer does by default (so only a document's first
-    row starts with BOS, for tokenizers that add one). Rows shorter than 2 tokens are dropped:
-    they hold no next-token prediction. Everything is written atomically into `out_dir`.
+    With `prepend_bos` (and a tokenizer that defines BOS) every row is BOS followed by up to
+    context_length − 1 text tokens, as TransformerLens and SAELens build contexts: the model's
+    attention sink then sits on BOS in every row, not on a row's first word. The text is
+    tokenized without the tokenizer's own special tokens, so a tokenizer that adds BOS itself
+    (Llama's add_bos_token) does not give two. Without it, special tokens are added as the
+    tokenizer does by default (only a document's first row starts with BOS, for tokenizers that
+    add one). Rows shorter than 2 tokens are dropped: they hold no next-token prediction.
+    Everything is written atomically into `out_dir`.
     """
     if context_length < 2:
         raise UserError(f"context length {context_length} is too small; use at least 2 tokens")
@@ -114,6 +130,9 @@ def tokenize_to_shards(texts: Sequence[str], tokenizer, out_dir, context_length:
     if not any(isinstance(t, str) and t.strip() for t in texts):
         raise UserError("no text to tokenize: every document is empty; check the dataset")
     meter = Meter(progress, "tokenize", total=len(texts), unit="documents")
+    bos = bos_id(tokenizer, prepend_bos)
+    head = np.asarray([] if bos is None else [bos], dtype=np.int32)
+    step = context_length - len(head)  # text tokens per row
     lengths: list[int] = []
     batch = 256  # documents per tokenizer call: the fast tokenizer parallelises a batch
     with atomic_dir(out_dir) as tmp:
@@ -121,13 +140,13 @@ def tokenize_to_shards(texts: Sequence[str], tokenizer, out_dir, context_length:
         for first in range(0, len(texts), batch):
             chunk = [t if isinstance(t, str) else "" for t in texts[first:first + batch]]
             # verbose=False: documents longer than model_max_length are expected; we chunk them.
-            encoded = tokenizer(chunk, verbose=False)["input_ids"]
+            encoded = tokenizer(chunk, verbose=False, add_special_tokens=bos is None)["input_ids"]
             for doc_id, ids in enumerate(encoded, start=first):
                 if not chunk[doc_id - first].strip():
                     continue
                 ids = np.asarray(ids, dtype=np.int32)
-                for s in range(0, len(ids), context_length):
-                    row = ids[s:s + context_length]
+                for s in range(0, len(ids), step):
+                    row = np.concatenate([head, ids[s:s + step]]) if len(head) else ids[s:s + step]
                     if len(row) >= 2:
                         writer.add(row, doc_id)
                         lengths.append(len(row))
@@ -137,7 +156,8 @@ def tokenize_to_shards(texts: Sequence[str], tokenizer, out_dir, context_length:
             raise UserError("no rows written: every document is shorter than 2 tokens; check the dataset")
         arr = np.asarray(lengths)
         stats = DatasetStats(documents=len(texts), rows=len(arr), tokens=int(arr.sum()),
-                             context_length=context_length, length_hist=_length_hist(arr, context_length))
+                             context_length=context_length, length_hist=_length_hist(arr, context_length),
+                             prepend_bos=bos is not None, bos_token_id=bos)
         (tmp / "stats.json").write_text(json.dumps(stats.to_dict(), indent=1))
     return stats
 
@@ -147,7 +167,7 @@ def read_stats(dataset_dir) -> DatasetStats:
     path = Path(dataset_dir) / "stats.json"
     if not path.is_file():
         raise UserError(f"{dataset_dir} is not a tokenized dataset (no stats.json); tokenize it first")
-    return DatasetStats(**json.loads(path.read_text()))
+    return DatasetStats(**json.loads(path.read_text()))  # older files lack prepend_bos: False
 
 
 class RowLengths(NamedTuple):
@@ -186,12 +206,14 @@ def read_rows(dataset_dir, row_ids: Iterable[int]) -> dict[int, np.ndarray]:
 
 def tokenize_dataset(tokenizer, source: str, out_dir: Path, text_column: str = "text",
                      context_length: int = 256, max_documents: int | None = None,
-                     progress: Callable[[dict], None] | None = None) -> DatasetStats:
-    """Load texts from `source` and write them as Parquet token shards under `out_dir`."""
+                     progress: Callable[[dict], None] | None = None, prepend_bos: bool = True) -> DatasetStats:
+    """Load texts from `source` and write them as Parquet token shards under `out_dir`
+    (rows start with BOS when `prepend_bos` and the tokenizer defines one)."""
     if context_length < 2:
         raise UserError(f"context length {context_length} is too short; use --context-length 2 or more")
     texts = load_texts(source, text_column=text_column, limit=max_documents)
-    return tokenize_to_shards(texts, tokenizer, out_dir, context_length=context_length, progress=progress)
+    return tokenize_to_shards(texts, tokenizer, out_dir, context_length=context_length, progress=progress,
+                              prepend_bos=prepend_bos)
 
 
 def total_tokens(dataset_dir: Path, max_tokens: int | None) -> int:

@@ -2,15 +2,20 @@
 splicing the SAE into the model does to its next-token predictions.
 
 Two passes over the slice. The first captures the activation at the hook (the forward stops
-there), flags massive-activation outliers, accumulates the reconstruction and density metrics
-and the mean activation. The second runs, per batch, the clean model and three spliced
-forwards — the SAE reconstruction, zeros, the mean — and accumulates next-token cross-entropy
-and KL against the clean distribution; no logits outlive their batch.
+there), sets aside special-token positions and norm outliers, accumulates the reconstruction and
+density metrics and the mean activation. The second runs, per batch, the clean model and three
+spliced forwards — the SAE reconstruction, zeros, the mean — and accumulates next-token
+cross-entropy and KL against the clean distribution; no logits outlive their batch.
 
-Outlier tokens (activation norm above a threshold; SmolLM2 has ~0.02% of tokens with norms
-100× the median that carry most of the variance) are left unchanged in every spliced forward
-and kept out of the reconstruction metrics, so one SAE that reconstructs only them cannot score
-well, and an SAE never trained on them is not blamed for them. How many there were is reported.
+Special tokens (BOS, EOS, pad: `exclude_token_ids`, SAELens's `exclude_special_tokens` rule)
+are set aside by identity. The attention sink puts a massive activation on each context's first
+position: on SmolLM2 at layer 15 that is ~0.5% of tokens (one per row) with norms ~100× the
+median, holding ~99% of the activation variance. With BOS prepended (the dataset's
+`prepend_bos`) that position is BOS, so it is excluded by id. The norm guard
+(`outlier_norm_threshold`, off unless given) catches any massive token that is not special.
+Set-aside positions are left unchanged in every spliced forward (their next tokens are still
+predicted and scored) and kept out of the reconstruction and density metrics, so an SAE is
+neither credited nor blamed for them. How many there were of each is reported.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +43,8 @@ EVAL_FILENAME = "eval.json"
 
 @torch.no_grad()
 def evaluate_sae(model, sae: SAE, hook_name: str, batches: Iterable[TokenBatch], *,
-                 outlier_norm_threshold: float = math.inf, dense_threshold: float = 0.1, hist_bins: int = 40,
+                 outlier_norm_threshold: float = math.inf, exclude_token_ids: Sequence[int] = (),
+                 dense_threshold: float = 0.1, hist_bins: int = 40,
                  progress: Callable[[dict], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None) -> dict:
     """Evaluate `sae` at `hook_name` of `model` on `batches` (right-padded; read into memory,
@@ -48,9 +54,11 @@ def evaluate_sae(model, sae: SAE, hook_name: str, batches: Iterable[TokenBatch],
     Returns a flat JSON-able dict:
 
     - tokens: non-pad tokens in the slice.
-    - excluded_outliers: tokens whose activation norm exceeds `outlier_norm_threshold`; they are
-      left unchanged in every spliced forward and excluded from the reconstruction and density
-      metrics, which are over the other `tokens - excluded_outliers` ("evaluated") tokens.
+    - excluded_special: tokens whose id is in `exclude_token_ids` (BOS, EOS, pad).
+    - excluded_outliers: the other tokens whose activation norm exceeds `outlier_norm_threshold`.
+      Both kinds are left unchanged in every spliced forward and excluded from the reconstruction
+      and density metrics, which are over the other `tokens - excluded_special -
+      excluded_outliers` ("evaluated") tokens.
     - l0: mean number of non-zero latents per evaluated token.
     - mse: mean squared error per element, Σ‖x − x̂‖² / (N·d_in).
     - fvu: fraction of variance unexplained, Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the mean over evaluated tokens.
@@ -64,7 +72,7 @@ def evaluate_sae(model, sae: SAE, hook_name: str, batches: Iterable[TokenBatch],
       token is a real token.
     - ce_clean: mean next-token cross-entropy (nats) of the unmodified model.
     - ce_sae / ce_zero / ce_mean: the same with the activation at the hook replaced, at every
-      non-pad non-outlier position, by the SAE reconstruction / zeros / the mean activation x̄.
+      evaluated position, by the SAE reconstruction / zeros / the mean activation x̄.
     - ce_loss_recovered_zero: (ce_zero − ce_sae) / (ce_zero − ce_clean); 1 means the SAE loses
       nothing, 0 that it is as bad as zero ablation. None when ce_zero == ce_clean.
     - ce_loss_recovered_mean: the same against mean ablation.
@@ -92,14 +100,16 @@ def evaluate_sae(model, sae: SAE, hook_name: str, batches: Iterable[TokenBatch],
 
     # Pass 1: activations at the hook → outliers, reconstruction, density, mean.
     recon = _Reconstruction(sae.d_in, sae.d_sae, device)
+    special_ids = torch.tensor(sorted(set(int(i) for i in exclude_token_ids)), dtype=torch.long)
     keeps = []
     for b in batches:
         check_cancel(should_cancel, "evaluation")
         x = run_hooked(model, b.input_ids, b.attention_mask, [hook_name])[hook_name]
         real = b.attention_mask.to(device).bool()
-        keep = real & (x.norm(dim=-1) <= outlier_norm_threshold)
+        ordinary = real & ~torch.isin(b.input_ids, special_ids).to(device)
+        keep = ordinary & (x.norm(dim=-1) <= outlier_norm_threshold)
         keeps.append(keep)
-        recon.add(x[keep], sae, outliers=int((real & ~keep).sum()))
+        recon.add(x[keep], sae, outliers=int((ordinary & ~keep).sum()), special=int((real & ~ordinary).sum()))
         clock.add(int(real.sum()))
     metrics = recon.result(hook_name, dense_threshold, hist_bins)
     mean = recon.mean().float()
@@ -163,14 +173,15 @@ class _Reconstruction:
     """Running sums for the reconstruction and density metrics, in float64 where they add up."""
 
     def __init__(self, d_in: int, d_sae: int, device):
-        self.n = self.outliers = 0
+        self.n = self.outliers = self.special = 0
         self.sum = torch.zeros(d_in, dtype=torch.float64, device=device)      # Σ x
         self.sum_sq = torch.zeros(d_in, dtype=torch.float64, device=device)   # Σ x²
         self.sq_err = self.cos = 0.0
         self.fired = torch.zeros(d_sae, dtype=torch.int64, device=device)     # tokens each latent fired on
 
-    def add(self, x: torch.Tensor, sae: SAE, outliers: int) -> None:
+    def add(self, x: torch.Tensor, sae: SAE, outliers: int, special: int = 0) -> None:
         self.outliers += outliers
+        self.special += special
         if not len(x):
             return
         x_hat, z = sae(x)
@@ -188,8 +199,8 @@ class _Reconstruction:
 
     def result(self, hook_name: str, dense_threshold: float, bins: int) -> dict:
         if self.n == 0:
-            raise UserError(f"every token at {hook_name} was excluded as an outlier; "
-                            "raise the outlier norm threshold")
+            raise UserError(f"every token at {hook_name} was excluded ({self.special} special tokens, "
+                            f"{self.outliers} norm outliers); raise the outlier norm threshold or check the slice")
         n, d = self.n, len(self.sum)
         # Σ‖x − x̄‖² = Σ_d (Σ x_d² − N x̄_d²), per dimension in float64.
         total_var = float((self.sum_sq - self.sum.pow(2) / n).sum())
@@ -197,6 +208,7 @@ class _Reconstruction:
         live = freq[freq > 0]
         counts, edges = np.histogram(np.log10(live), bins=bins, range=(math.log10(1 / n), 0.0))
         return {
+            "excluded_special": self.special,
             "excluded_outliers": self.outliers,
             "l0": float(self.fired.sum()) / n,
             "mse": self.sq_err / (n * d),
@@ -209,14 +221,15 @@ class _Reconstruction:
 
 
 def evaluate_saved_sae(model, tokenizer, sae_dir: Path, dataset_dir: Path, rows: int, *, batch_size: int = 8,
-                       outlier_norm_threshold: float = math.inf, progress: Callable[[dict], None] | None = None,
+                       outlier_norm_threshold: float = math.inf, exclude_token_ids: Sequence[int] = (),
+                       progress: Callable[[dict], None] | None = None,
                        should_cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
     """CE loss recovered, KL and the reconstruction metrics of a saved SAE on the dataset's first
     `rows` rows (the held-out slice), written to `eval.json` in the SAE folder."""
     sae, cfg = load_saelens(sae_dir)
     batches = iter_batches(dataset_dir, batch_size, tokenizer.pad_token_id, max_rows=rows)
     metrics = evaluate_sae(model, sae, cfg.hook_name, batches, outlier_norm_threshold=outlier_norm_threshold,
-                           progress=progress, should_cancel=should_cancel)
+                           exclude_token_ids=exclude_token_ids, progress=progress, should_cancel=should_cancel)
     metrics["eval_rows"] = rows
     with atomic_file(Path(sae_dir) / EVAL_FILENAME) as tmp:
         tmp.write_text(json.dumps(metrics, indent=1))

@@ -76,3 +76,5 @@ class DiscoverySummary(NamedTuple):
     """Non-pad tokens excluded as norm outliers."""
     quantile_examples_count: int = 0
     """Quantile examples held (a uniform sample of firing tokens per latent)."""
+    excluded_special: int = 0
+    """Non-pad positions left out by token id (BOS, EOS, pad: `exclude_token_ids`)."""

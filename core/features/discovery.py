@@ -52,7 +52,8 @@ def discover_features(model, tokenizer, sae_dir: Path, dataset_dir: Path, out_di
     """Top activating contexts, quantile samples, histograms, co-active latents, frequency and
     max/mean activation for every latent of an SAE.
 
-    Positions holding an `exclude_token_ids` token are no candidates (the model still reads them)."""
+    Positions holding an `exclude_token_ids` token (BOS, EOS, pad) are no candidates and not in
+    the statistics (the model still reads them); the summary's `excluded_special` counts them."""
     from core import data, hooks  # the model side of discovery; the rest of this module needs neither
     from core.formats.saelens import load_saelens
 
@@ -66,12 +67,16 @@ def discover_features(model, tokenizer, sae_dir: Path, dataset_dir: Path, out_di
     sae = sae.to(next(model.parameters()).device)
     total = data.total_tokens(dataset_dir, max_tokens)
     excluded = torch.tensor(sorted(set(exclude_token_ids)), dtype=torch.long)
+    special = [0]
 
     def hooked_batches():
         for b in data.iter_batches(dataset_dir, batch_size, tokenizer.pad_token_id, max_tokens=max_tokens):
             acts = hooks.run_hooked(model, b.input_ids, b.attention_mask, [hook_name])[hook_name]
-            yield b.input_ids, b.attention_mask * ~torch.isin(b.input_ids, excluded), b.row_ids, acts, b.doc_ids
+            is_special = torch.isin(b.input_ids, excluded)
+            special[0] += int((b.attention_mask.bool() & is_special).sum())
+            yield b.input_ids, b.attention_mask * ~is_special, b.row_ids, acts, b.doc_ids
 
     with torch.no_grad():
-        return discover(sae, hooked_batches(), out_dir, lambda ids: data.decode_tokens(tokenizer, ids), cfg,
-                        total_tokens=total, progress=progress, should_cancel=should_cancel)
+        summary = discover(sae, hooked_batches(), out_dir, lambda ids: data.decode_tokens(tokenizer, ids), cfg,
+                           total_tokens=total, progress=progress, should_cancel=should_cancel)
+    return summary._replace(excluded_special=special[0])

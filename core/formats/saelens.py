@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,11 @@ from core.sae import SAE, SAEConfig, SAETypeConfig, registry
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
-_METADATA_FIELDS = ("model_name", "hook_name", "context_size", "prepend_bos", "dataset_path")
+_METADATA_FIELDS = ("model_name", "hook_name", "context_size", "prepend_bos", "dataset_path",
+                    "exclude_special_tokens", "outlier_norm_threshold")
+"""The run metadata, under `metadata` as SAELens 6 reads it (sae_lens.saes.sae.SAEMetadata keeps
+every key). `exclude_special_tokens` is SAELens's own (a list of token ids, or a bool);
+`outlier_norm_threshold` is ours: written only when a norm filter left tokens out."""
 
 
 # ---------------------------------------------------------------------------------- cfg.json
@@ -55,9 +60,18 @@ def to_cfg_json(cfg: SAEConfig) -> dict[str, Any]:
         "reshape_activations": "none",
         # sae_lens_version marks the v6 layout: SAELens reads configs without it as pre-6.0
         # and drops the metadata block (hook_name, model_name, ...).
-        "metadata": {name: getattr(cfg, name) for name in _METADATA_FIELDS} | {"sae_lens_version": "6.0.0"},
+        "metadata": _metadata(cfg),
+        # SAELens before 6 read prepend_bos at the top level; 6 reads metadata.prepend_bos.
+        "prepend_bos": cfg.prepend_bos,
     }
     return d | cfg.type_config.cfg_json()
+
+
+def _metadata(cfg: SAEConfig) -> dict[str, Any]:
+    meta = {name: getattr(cfg, name) for name in _METADATA_FIELDS}
+    if meta["outlier_norm_threshold"] is None or not math.isfinite(meta["outlier_norm_threshold"]):
+        del meta["outlier_norm_threshold"]  # no norm filter (JSON has no inf)
+    return meta | {"sae_lens_version": "6.0.0"}
 
 
 def from_cfg_json(d: dict[str, Any]) -> SAEConfig:
@@ -88,7 +102,16 @@ def _config(d: dict[str, Any], type_config: SAETypeConfig, flat: dict[str, Any])
         context_size=int(flat["context_size"] or 0),
         prepend_bos=bool(flat["prepend_bos"]),
         dataset_path=str(flat["dataset_path"] or ""),
+        exclude_special_tokens=_excluded(flat["exclude_special_tokens"]),
+        outlier_norm_threshold=None if flat["outlier_norm_threshold"] is None else float(flat["outlier_norm_threshold"]),
     )
+
+
+def _excluded(value: Any) -> bool | list[int]:
+    """metadata.exclude_special_tokens: a list of token ids or a bool (SAELens's two spellings)."""
+    if isinstance(value, (list, tuple)):
+        return [int(i) for i in value]
+    return bool(value)
 
 
 # ---------------------------------------------------------------------------------- folders

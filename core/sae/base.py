@@ -93,9 +93,15 @@ class SAEConfig:
     context_size: int = 0
     """Tokens per sequence during extraction."""
     prepend_bos: bool = False
-    """Whether sequences started with BOS during extraction."""
+    """Whether every context started with BOS (the dataset's `prepend_bos`)."""
     dataset_path: str = ""
     """Dataset the activations came from."""
+    exclude_special_tokens: bool | list[int] = False
+    """Token ids whose positions were left out of training and evaluation (BOS, EOS, pad), or
+    True/False as SAELens writes it (True: the tokenizer's structural special tokens)."""
+    outlier_norm_threshold: float | None = None
+    """Raw ‖x‖ above which tokens were left out of training and evaluation by the norm guard
+    (TrainConfig.outlier_norm_multiple); None when no norm filter was used."""
 
     @property
     def architecture(self) -> str:

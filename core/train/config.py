@@ -53,7 +53,10 @@ class TrainConfig:
     """Seeds the initialisation and the shuffle."""
     outlier_norm_multiple: float | None = 10.0
     """Tokens with ‖x‖ > this × the median norm are excluded from training and evaluation (and
-    counted); None disables. Non-finite tokens are always excluded."""
+    counted; the exported cfg.json states the threshold); None disables. A guard beside the
+    special tokens left out by id: with BOS prepended, SmolLM2 still has a few text tokens (the
+    first after BOS in some rows) at up to ~50× the median (bench/sink.py). Non-finite tokens
+    are always excluded."""
     sample_tokens: int = 16384
     """Tokens read first to estimate the median norm, the scale and b_dec."""
     shuffle_batches: int = 4

@@ -9,6 +9,7 @@ trains and saves the SAEs of one pass.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -70,6 +71,16 @@ def row_tokens(dataset_dir: Path, rows: int, exclude_token_ids: Sequence[int] = 
     return sum(int((b.attention_mask.bool() & ~torch.isin(b.input_ids, excluded)).sum())
                for b in data.iter_batches(dataset_dir, 256, 0, max_rows=rows))
 
+def special_positions(dataset_dirs: Sequence[Path], max_tokens: int | None, exclude_token_ids: Sequence[int]) -> int:
+    """Positions of `exclude_token_ids` in one pass over the datasets (each read up to
+    `max_tokens`, as `model_source` reads them): what training on the fly leaves out. Reads
+    token ids only, no forward."""
+    if not exclude_token_ids:
+        return 0
+    excluded = torch.tensor(sorted(set(exclude_token_ids)), dtype=torch.long)
+    return sum(int((b.attention_mask.bool() & torch.isin(b.input_ids, excluded)).sum())
+               for d in dataset_dirs for b in data.iter_batches(d, 256, 0, max_tokens=max_tokens))
+
 def _with_budget(cfg: TrainConfig, pass_tokens: int) -> TrainConfig:
     """Fix total_tokens from a known pass size: spares the trainer a counting pass."""
     if cfg.total_tokens is None:
@@ -80,12 +91,15 @@ def train_runs(source: Source, runs: list[RunSpec], out_dirs: dict[str, Path], m
                holdout_tokens: int = 0, checkpoint: CheckpointConfig | None = None,
                progress: Progress = None, should_cancel: CancelCheck = None,
                requested: Callable[[], str] | None = None) -> dict[str, TrainResult]:
-    """Train several SAEs from one pass of `source`; save each as a SAELens folder in out_dirs[name].
+    """Train several SAEs from one pass of `source`; save each as a SAELens folder in out_dirs[name],
+    its cfg.json stating the norm threshold when the norm guard was on.
     `requested` may pause or finalize the training (see core.train.train_saes)."""
     results = train_saes(source, runs, progress=progress, should_cancel=should_cancel,
                          holdout_tokens=holdout_tokens, checkpoint=checkpoint, requested=requested)
     for name, result in results.items():
-        save_saelens(result.sae, result.sae.config(**metas[name]), out_dirs[name])
+        threshold = result.final.get("outlier_norm_threshold")
+        guard = {"outlier_norm_threshold": threshold} if threshold is not None and math.isfinite(threshold) else {}
+        save_saelens(result.sae, result.sae.config(**(metas[name] | guard)), out_dirs[name])
     return results
 
 def cached_source(hook_dirs: dict[str, list[Path]], chunk_tokens: int = 4096, lead_tokens: int = 0) -> Source:

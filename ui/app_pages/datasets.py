@@ -128,6 +128,9 @@ def add_form(client) -> None:
                                            key="ds-context-length")
         max_documents = c[2].number_input("Max documents (0 = all)", min_value=0, value=0, step=100,
                                           key="ds-max-documents")
+        prepend_bos = st.checkbox("Start every row with BOS", value=True, key="ds-prepend-bos",
+                                  help="as TransformerLens and SAELens build contexts: the attention sink then "
+                                       "sits on BOS, which is left out by id; ignored if the tokenizer has no BOS")
         submitted = st.form_submit_button("Add dataset", type="primary", icon=":material/add:", key="ds-submit")
     if not submitted:
         return
@@ -146,7 +149,8 @@ def add_form(client) -> None:
     submit_job(client, "add_dataset", {"model_id": model_id, "source": source.strip(), "name": name.strip(),
                                        "text_column": text_column.strip() or "text",
                                        "context_length": int(context_length),
-                                       "max_documents": int(max_documents) or None})
+                                       "max_documents": int(max_documents) or None,
+                                       "prepend_bos": bool(prepend_bos)})
 
 
 def stats_section(ds: dict[str, Any]) -> None:
@@ -159,7 +163,8 @@ def stats_section(ds: dict[str, Any]) -> None:
     c[3].metric("Context length", fmt_number(stats.get("context_length", ds["context_length"])))
     c[4].metric("Mean row length", f"{tokens / rows:.1f}" if rows else "–", help="tokens per row")
     st.caption(f"id `{ds['id']}` · source `{ds['source']}` · text column `{ds['text_column']}` · "
-               f"tokenized for `{ds['model_id']}` · `{ds['path']}`")
+               f"tokenized for `{ds['model_id']}` · rows start with BOS: "
+               f"{'yes' if stats.get('prepend_bos') else 'no'} · `{ds['path']}`")
 
 
 def length_section(ds: dict[str, Any], frame: pd.DataFrame) -> None:

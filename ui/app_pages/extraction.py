@@ -44,9 +44,9 @@ def extract_form(client) -> None:
     max_tokens = c[0].number_input("Max tokens (0 = all)", min_value=0, value=0, step=1000, key="x-max-tokens",
                                    help=f"the dataset has {fmt_number(dataset['tokens'])} tokens")
     batch_size = c[1].number_input("Batch size (sequences)", min_value=1, value=8, key="x-batch-size")
-    exclude = c[2].checkbox("Leave out special tokens", key="x-exclude-special",
-                            help="BOS/EOS and the tokenizer's other special tokens stay in the model's input "
-                                 "but their activations are not stored")
+    exclude = c[2].checkbox("Leave out special tokens", value=True, key="x-exclude-special",
+                            help="BOS, EOS and pad stay in the model's input but their activations are not "
+                                 "stored (BOS holds the attention sink's massive activation)")
     tokens = min(int(max_tokens) or dataset["tokens"], dataset["tokens"])
     hooks = [client.hook_name(layer, site) for site in sites for layer in sorted(layers)]
     size = tokens * model["d_model"] * BYTES_PER_VALUE * len(hooks)
