@@ -1,11 +1,14 @@
 """End to end on the real embedded SmolLM2-135M through the actors, on a small slice of the
 built-in corpus: the same path `mistudio demo` takes, only smaller."""
 
+import json
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import pytest
 
 from core.data import builtin_corpus
-from storage.registry import SAE, Model
+from storage.registry import SAE, Dataset, Model
 from actors.jobs.add_model import EMBEDDED_ID
 from ui.cli_demo import demo_summary
 
@@ -30,6 +33,15 @@ def test_demo_pipeline_on_smollm2(client):
     sae = client.get(SAE, job["result"]["sae_id"])
     assert sae["hook_name"] == "blocks.3.hook_resid_post" and sae["d_in"] == 576
     assert sae["history"][-1]["fvu"] < sae["history"][0]["fvu"]
+
+    # SmolLM2 defines BOS (<|im_start|>, id 1): every row starts with it, and BOS/EOS/pad (1, 2)
+    # are left out by id, each step counting them; cfg.json says so in SAELens's fields.
+    stats = client.get(Dataset, ds["result"]["dataset_id"])["stats"]
+    assert (stats["prepend_bos"], stats["bos_token_id"]) == (True, 1)
+    cfg = json.loads((Path(sae["path"]) / "cfg.json").read_text())
+    assert (cfg["prepend_bos"], cfg["metadata"]["prepend_bos"], cfg["metadata"]["exclude_special_tokens"],
+            cfg["metadata"]["context_size"]) == (True, True, [1, 2], 128)
+    assert sae["metrics"]["excluded_special"] > 0 and sae["metrics"]["eval_excluded_special"] > 0
 
     # The top contexts are real text from the corpus, decoded from real tokens.
     corpus = "\n".join(builtin_corpus())
