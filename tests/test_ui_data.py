@@ -104,7 +104,7 @@ def test_add_builtin_dataset_from_form(tiny_run, ui_client):
     (job,) = new_jobs(ui_client, before)
     assert job["kind"] == "add_dataset"
     assert job["spec"] == {"model_id": "tiny-llama", "source": "builtin", "name": "ui-builtin", "text_column": "text",
-                           "context_length": 32, "max_documents": 6}
+                           "context_length": 32, "max_documents": 6, "prepend_bos": True}  # BOS-first by default
     assert job["id"] in texts(at.success)
     assert at.progress, "the progress panel shows the new job"
 
