@@ -109,11 +109,9 @@ def config(cls, values: dict[str, Any], what: str):
     unknown = set(values) - names
     if unknown:
         raise UserError(f"unknown {what} option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(names))}")
-    hints = typing.get_type_hints(cls)
-    for name, value in values.items():
-        if not _type_ok(value, hints[name]):
-            raise UserError(f"{what} option {name!r} should be {_type_name(hints[name])}, got {value!r}")
-    return cls(**values)
+    obj = cls(**values)  # a dataclass takes any value; its types are checked next
+    check_types(obj, what)
+    return obj
 
 
 def check_types(obj, what: str, skip: tuple[str, ...] = ()) -> None:

@@ -9,7 +9,7 @@ import functools
 import inspect
 import textwrap
 import typing
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 
 class FieldInfo(NamedTuple):
@@ -22,11 +22,14 @@ class FieldInfo(NamedTuple):
     doc: str
 
 
-def describe(cls: type) -> list[FieldInfo]:
-    """The fields of a dataclass with their types, defaults and docstrings, in order."""
+def describe(cls: type, only: Sequence[str] | None = None) -> list[FieldInfo]:
+    """The fields of a dataclass (or just those named in `only`) with their types, defaults and
+    docstrings, in order."""
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else \
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         out.append(FieldInfo(f.name, hints[f.name], default, docs.get(f.name, "")))

@@ -17,7 +17,7 @@ import typing
 from typing import Any, Callable, NamedTuple
 
 from actors import jobs
-from core.fields import describe, field_docs
+from core.fields import field_docs
 
 
 class Flag(NamedTuple):
@@ -79,15 +79,10 @@ def flags(kind: jobs.Kind) -> list[Flag]:
 
 
 def _nested(kind: jobs.Kind, name: str) -> list[Flag]:
-    """A flag per listed key of the nested dataclass; for one with `flat_fields()` (TrainConfig:
-    its own fields and every SAE type's knobs) a flag per key, named `--key-name` unless the
-    kind renames it."""
-    cls, renamed = kind.cli.nested[name]
-    if hasattr(cls, "flat_fields"):
-        keys = cls.flat_fields()
-    else:
-        info = {f.name: f for f in describe(cls)}
-        keys = [info[key] for key in renamed]
+    """A flag per key the kind's field list gives (TrainConfig's: its own fields and every SAE
+    type's knobs), named `--key-name` unless the kind renames it."""
+    keys_of, renamed = kind.cli.nested[name]
+    keys = keys_of()
     out = []
     for key in keys:
         dest = f"{name}.{key.name}"

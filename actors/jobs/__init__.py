@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from core.data import special_token_ids
 from core.errors import UserError
+from core.fields import FieldInfo
 from storage.registry import SAE, Dataset, Model
 
 
@@ -113,9 +114,10 @@ class Command:
     aliases: dict[str, str] = field(default_factory=dict)
     """field → the flag it has always had where that differs from the field (activation_ids →
     activations); both names work."""
-    nested: dict[str, tuple[type, dict[str, str]]] = field(default_factory=dict)
-    """A dict field whose keys get flags of their own: field → (the dataclass of its keys,
-    {key: flag}). Only the keys given go into the spec; the dataclass's default applies."""
+    nested: dict[str, tuple[Callable[[], list[FieldInfo]], dict[str, str]]] = field(default_factory=dict)
+    """A dict field whose keys get flags of their own: field → (a function listing those keys,
+    e.g. `core.fields.describe(cls, only=...)`, {key: flag where it is not --key-name}). Only
+    the keys given go into the spec; the dataclass's default applies."""
     skip: tuple[str, ...] = ()
     """Fields with no flag (set from a file: `mistudio run`)."""
     required: tuple[str, ...] = ()

@@ -12,6 +12,7 @@ from actors import specs
 from actors.jobs import Command, JobContext, Kind, Plan, RunContext, model_ref, register
 from actors.jobs.discover import need_discovered
 from core.analysis import AnalyzeConfig, analyze_features
+from core.fields import describe
 from storage.registry import SAE, Dataset, Model
 
 
@@ -76,5 +77,5 @@ def record(job: JobContext, spec: AnalyzeSpec, plans: list[Plan], results: list[
 KIND = register(Kind(
     "analyze", AnalyzeSpec, check, plans, run, record,
     cli=Command("features", "analyze", aliases={"sae_id": "sae"},
-                nested={"config": (AnalyzeConfig, {"ablation_top": "ablation-top", "nlp": "nlp"})},
+                nested={"config": (lambda: describe(AnalyzeConfig, only=("ablation_top", "nlp")), {})},
                 defaults={"latents": None}, show=lambda job: json.dumps(job["result"]))))

@@ -11,6 +11,7 @@ from actors import specs
 from actors.jobs import Command, JobContext, Kind, Plan, RunContext, model_ref, need, need_sae, register
 from core import steer
 from core.errors import UserError
+from core.fields import describe
 from storage.registry import SAE, Experiment, Model, Template, new_id
 
 
@@ -138,7 +139,7 @@ def _show(job: dict[str, Any]) -> str:
 KIND = register(Kind(
     "steer", SteerSpec, check, plans, run, record,
     cli=Command("steer", "run", aliases={"sae_id": "sae", "prompts": "prompt", "features": "feature"},
-                nested={"generation": (steer.GenerationConfig, {k: k.replace("_", "-") for k in (
-                    "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")})},
+                nested={"generation": (lambda: describe(steer.GenerationConfig, only=(
+                    "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")), {})},
                 required=("features",), repeat=("prompts", "features"), types={"features": _feature_arg},
                 choices={"mode": steer.MODES}, defaults={"generation.temperature": 0.0}, show=_show)))

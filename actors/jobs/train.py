@@ -289,7 +289,7 @@ KIND = register(Kind(
         aliases={"activation_ids": "activations", "variants": "k-variants", "resume_job": "resume"},
         # The config's flags: its own fields and every SAE type's knobs (TrainConfig.flat_fields),
         # under the names they have always had where those differ.
-        nested={"config": (TrainConfig, {"expansion_factor": "expansion", "l1_coefficient": "l1",
+        nested={"config": (TrainConfig.flat_fields, {"expansion_factor": "expansion", "l1_coefficient": "l1",
                                          "l0_coefficient": "l0"})},
         skip=("model_id", "dataset_ids", "hook_names", "batch_size", "max_tokens", "exclude_special_tokens"),
         required=("activation_ids",),
