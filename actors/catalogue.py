@@ -67,6 +67,14 @@ class Catalogue:
         return FORMATS
 
     @staticmethod
+    def metric_definitions():
+        """core.evals' {metric key: Metric(label, convention, meaning)}: every headline number of an
+        SAE with the definition (ours or SAELens's) it follows, in display order."""
+        from core.evals.definitions import METRICS
+
+        return METRICS
+
+    @staticmethod
     def label_categories() -> tuple[str, ...]:
         from core.interp import CATEGORIES
 

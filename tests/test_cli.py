@@ -61,6 +61,20 @@ def test_lists_print_tables(cli_env, tiny_run, capsys):
     assert "row length (tokens)" in out and "#" in out and "median_norm" in out
 
 
+def test_saes_show_names_each_metrics_definition(cli_env, tiny_run, capsys):
+    sae_id = tiny_run["job"]["result"]["sae_id"]
+    cli.main(["saes", "list"])
+    cli.main(["saes", "show", "--sae", sae_id])
+    out = capsys.readouterr().out
+    assert "fvu(ours)" in out and "ce_score(SAELens)" in out
+    ours, theirs = out.split("miStudio's definitions:")[1].split("SAELens's definitions:")
+    assert "FVU" in ours and "CE rec. (zero)" in ours and "explained var." not in ours
+    assert "explained var." in theirs and "CE score" in theirs and "BOS included" in theirs
+    with pytest.raises(SystemExit) as e:
+        cli.main(["saes", "show", "--sae", "sae-nope"])
+    assert str(e.value) == "error: no SAE 'sae-nope'; list them with: mistudio saes list"
+
+
 def test_job_history_filters(cli_env, tiny_run, capsys):
     cli.main(["jobs", "list", "--kind", "pipeline", "--model", "tiny-llama", "--since", "2000-01-01"])
     out = capsys.readouterr().out

@@ -56,6 +56,9 @@ def test_demo_pipeline_on_smollm2(client):
 
     summary = demo_summary(client, client.job(job["id"]))
     assert "FVU" in summary and "dead latents" in summary and f"#{features[0]['latent']}" in summary
+    assert f"ce_loss_score {sae['metrics']['ce_loss_score']:.3f}" in summary  # SAELens's figures beside ours
+    if sae["metrics"]["excluded_outliers"] == 0:  # the conventions then agree on the variance explained
+        assert sae["metrics"]["explained_variance"] == pytest.approx(1 - sae["metrics"]["fvu"], abs=1e-9)
 
     # Issue 4's feature page on the real model: analysis, then heuristic labels, then one document
     # per feature holding everything the dashboard and the Neuronpedia export show.

@@ -122,7 +122,12 @@ def test_saes_page_lists_metrics_and_exports(tiny_run, ui_client, tmp_path):
     at = run_page(SAES)
     table = at.dataframe[0].value
     row = table[table["id"] == sae["id"]].iloc[0]
-    assert row["FVU"] == pytest.approx(sae["metrics"]["fvu"]) and row["L0"] == pytest.approx(sae["metrics"]["l0"])
+    assert row["FVU · miStudio"] == pytest.approx(sae["metrics"]["fvu"])
+    assert row["L0 · miStudio"] == pytest.approx(sae["metrics"]["l0"])
+    assert row["explained var. · SAELens"] == pytest.approx(sae["metrics"]["explained_variance"])
+    assert row["CE score · SAELens"] == pytest.approx(sae["metrics"]["ce_loss_score"])
+    meanings = at.dataframe[1].value  # "What the numbers mean"
+    assert "every position (BOS included)" in meanings.set_index("column").loc["CE score · SAELens", "definition"]
     assert row["source"] == "trained"
     at.selectbox(key="exp-sae").select(sae["id"]).run()
     at.text_input(key="exp-out").set_value(str(tmp_path / "from-page"))

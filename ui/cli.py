@@ -16,7 +16,7 @@ from typing import Any
 from core.errors import UserError
 from ui.cli_demo import DEMO_DEFAULTS, cmd_demo, serve
 from ui.cli_jobs import cmd_jobs, cmd_run, cmd_templates
-from ui.cli_output import feature_text, run_job, sae_table, show_dataset, table
+from ui.cli_output import feature_text, run_job, sae_table, show_dataset, show_sae, table
 
 # -- helpers ---------------------------------------------------------------------------
 def client(start: bool = True):
@@ -94,6 +94,8 @@ def cmd_saes(a) -> None:
     submit_flags(c, a)
     if a.action == "export":
         return print(f"wrote {c.export_sae(a.sae, a.out)}")
+    if a.action == "show":
+        return show_sae(c, a.sae)
     sae_table(c)
 
 
@@ -223,10 +225,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     sa = sub.add_parser("saes", help="list SAEs, import them from the field's formats, export SAELens folders")
-    sa.add_argument("action", choices=["list", "import", "export"])
+    sa.add_argument("action", choices=["list", "show", "import", "export"])
     job_flags(sa, "saes", "import: a folder, .zip/.tar.gz archive or Hugging Face repo id (owner/name[/subfolder]) "
                           "of SAELens, sparsify, dictionary_learning or Gemma Scope SAEs")
-    sa.add_argument("--sae", help="export: the SAE id")
+    sa.add_argument("--sae", help="show, export: the SAE id")
     sa.add_argument("--out", help="export: the folder to write (SAELens: cfg.json + sae_weights.safetensors)")
     sa.set_defaults(fn=cmd_saes)
 
@@ -280,7 +282,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 SAE, JOB = ("sae_id", "--sae"), ("job_id", "job_id")
 REQUIRED = {("discover", "show"): [SAE], ("features", "show"): [SAE], ("features", "label"): [SAE],
             ("features", "export"): [SAE], ("steer", "export"): [("experiment", "--experiment")],
-            ("jobs", "watch"): [JOB], ("jobs", "show"): [JOB], ("jobs", "cancel"): [JOB]}
+            ("jobs", "watch"): [JOB], ("jobs", "show"): [JOB], ("jobs", "cancel"): [JOB],
+            ("saes", "show"): [("sae", "--sae")]}
 """What the actions that submit no job need (a job action's needs come from its spec)."""
 
 

@@ -66,12 +66,14 @@ def demo_summary(c, job: dict[str, Any]) -> str:
         f"miStudio demo — job {job['id']} completed",
         f"  tokens extracted : {act['tokens']:,} at {act['hook_name']}",
         f"  SAE              : {res['sae_id']} (TopK, {disc['n_latents']} latents)",
+        f"  held-out metrics : {tr['eval_rows']} rows; miStudio's definitions, then SAELens's (README: Evaluation)",
         f"  FVU (held-out)   : {tr['fvu']:.4f}",
         f"  L0               : {tr['l0']:.1f}",
         f"  dead latents     : {100 * tr['dead_frac']:.2f}%",
         f"  CE loss recovered: {tr['ce_loss_recovered_zero']:.3f} vs zero ablation, "
-        f"{tr['ce_loss_recovered_mean']:.3f} vs mean ablation (KL {tr['kl_sae']:.3f}; "
-        f"{tr['eval_rows']} held-out rows)",
+        f"{tr['ce_loss_recovered_mean']:.3f} vs mean ablation (KL {tr['kl_sae']:.3f})",
+        f"  SAELens's evals  : explained_variance {tr['explained_variance']:.4f}, ce_loss_score "
+        f"{tr['ce_loss_score']:.3f}, kl_div_score {tr['kl_div_score']:.3f} (KL {tr['kl_div_with_sae']:.3f})",
         f"  live features    : {disc['live_features']:,}",
         "  most frequent live features:",
     ]

@@ -94,10 +94,37 @@ def show_dataset(c, dataset_id: str) -> None:
         print(f"  {lo:>6.0f}-{hi:<6.0f} {'#' * round(40 * n / top):<40} {n:,}")
 
 
+# The columns of `mistudio saes list`: (metric key, title naming its convention).
+SAE_COLUMNS = [("fvu", "fvu(ours)"), ("l0", "l0"), ("dead_frac", "dead"), ("ce_loss_recovered_zero", "ce_rec(ours)"),
+               ("explained_variance", "expl_var(SAELens)"), ("ce_loss_score", "ce_score(SAELens)")]
+
+
 def sae_table(c) -> None:
-    rows = [dict(s, fvu=s["metrics"].get("fvu"), l0=s["metrics"].get("l0"), dead=s["metrics"].get("dead_frac"),
-                 ce_rec=s["metrics"].get("ce_loss_recovered_zero")) for s in c.saes()]
-    table(rows, ["id", "hook_name", "architecture", "d_sae", "settings", "fvu", "l0", "dead", "ce_rec", "path"])
+    rows = [dict(s, **{title: s["metrics"].get(key) for key, title in SAE_COLUMNS}) for s in c.saes()]
+    table(rows, ["id", "hook_name", "architecture", "d_sae", "settings", *(t for _, t in SAE_COLUMNS), "path"])
+    print("(ours: miStudio's definitions; SAELens: sae_lens.evals.run_evals's. `mistudio saes show --sae ID` "
+          "says what each means.)")
+
+
+def show_sae(c, sae_id: str) -> None:
+    """One SAE: what it reads, and every headline metric with the definition it follows."""
+    sae = next((s for s in c.saes() if s["id"] == sae_id), None)
+    if sae is None:
+        raise UserError(f"no SAE {sae_id!r}; list them with: mistudio saes list")
+    m = sae["metrics"] or {}
+    print(f"{sae['id']}  {sae['name']}")
+    print(f"{sae['architecture']} at {sae['hook_name']} of {sae['model_id']}: d_in {sae['d_in']} → d_sae "
+          f"{sae['d_sae']:,} ({sae['settings']})  stored at {sae['path']}")
+    if "eval_tokens" in m:
+        print(f"held-out slice: {m.get('eval_rows')} rows, {m['eval_tokens']:,} tokens "
+              f"({m.get('eval_excluded_special', 0):,} special, {m.get('excluded_outliers', 0):,} norm outliers "
+              "set aside under miStudio's definitions)")
+    definitions = c.metric_definitions()
+    for convention in dict.fromkeys(d.convention for d in definitions.values()):
+        print(f"{convention}'s definitions:")
+        for key, d in definitions.items():
+            if d.convention == convention and m.get(key) is not None:
+                print(f"  {d.label:<16} {_fmt(m[key]):>8}  {d.meaning}")
 
 
 def feature_text(doc: dict[str, Any]) -> str:

@@ -1,11 +1,24 @@
 """Honest SAE evaluation on a held-out slice of tokens: reconstruction, density, and what
-splicing the SAE into the model does to its next-token predictions.
+splicing the SAE into the model does to its next-token predictions — under our definitions and,
+side by side, SAELens's (`sae_lens.evals.run_evals`), so the field can reproduce the numbers.
 
 Two passes over the slice. The first captures the activation at the hook (the forward stops
 there), sets aside special-token positions and norm outliers, accumulates the reconstruction and
-density metrics and the mean activation. The second runs, per batch, the clean model and three
-spliced forwards — the SAE reconstruction, zeros, the mean — and accumulates next-token
-cross-entropy and KL against the clean distribution; no logits outlive their batch.
+density metrics and the mean activation. The second runs, per batch, the clean model and the
+spliced forwards — the SAE reconstruction, zeros, the mean, each under both conventions (a
+forward the two share runs once) — and accumulates next-token cross-entropy and KL against the
+clean distribution; no logits outlive their batch.
+
+The two conventions differ only in which positions are touched and scored:
+
+* ours: special tokens and norm outliers are left clean in every spliced forward (the SAE, zero
+  and mean ablation alike) and out of the reconstruction metrics; CE and KL are over every
+  position whose next token is real.
+* SAELens's: the SAE is spliced at every non-special position (no norm guard), the zero and
+  mean ablations replace every position (BOS included), explained variance is over every
+  non-special token, CE is over non-special positions and KL over non-special positions
+  including each row's last. On an SAE and rows without norm outliers, `explained_variance`
+  is exactly 1 − `fvu`.
 
 Special tokens (BOS, EOS, pad: `exclude_token_ids`, SAELens's `exclude_special_tokens` rule)
 are set aside by identity. The attention sink puts a massive activation on each context's first
@@ -79,6 +92,21 @@ def evaluate_sae(model, sae: SAE, hook_name: str, batches: Iterable[TokenBatch],
     - kl_sae / kl_zero / kl_mean: mean per-position KL(clean ‖ spliced) of the next-token
       distributions (nats), over the same positions.
 
+    And SAELens's figures under SAELens's names (`run_evals` with `exclude_special_tokens`;
+    see the module docstring for the positions):
+
+    - explained_variance: 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² over every non-special token.
+    - ce_loss_without_sae / ce_loss_with_sae / ce_loss_with_ablation: mean next-token CE of the
+      clean model / the SAE spliced / every position zeroed.
+    - ce_loss_score: (ce_loss_with_ablation − ce_loss_with_sae) / (ce_loss_with_ablation −
+      ce_loss_without_sae).
+    - kl_div_with_sae / kl_div_with_ablation: mean KL(clean ‖ spliced); kl_div_score:
+      (kl_div_with_ablation − kl_div_with_sae) / kl_div_with_ablation.
+    - ce_loss_with_mean_ablation, ce_loss_score_mean_ablation, kl_div_with_mean_ablation,
+      kl_div_score_mean_ablation: the same with every position set to the mean activation
+      (not in SAELens; its convention).
+    - field_ce_tokens / field_kl_tokens: the positions in those CE / KL means.
+
     `progress` gets {"phase": "evaluate", "done", "total", "unit": "tokens", "samples_per_s",
     "eta_s"} once per batch of each pass; every token is read twice (capture, then splice), so
     `total` is 2 × tokens and `done` counts both passes. `should_cancel` is checked per batch.
@@ -97,64 +125,141 @@ def evaluate_sae(model, sae: SAE, hook_name: str, batches: Iterable[TokenBatch],
     device = next(model.parameters()).device
     sae.to(device)
     clock = Meter(progress, "evaluate", total=2 * tokens)
-
-    # Pass 1: activations at the hook → outliers, reconstruction, density, mean.
-    recon = _Reconstruction(sae.d_in, sae.d_sae, device)
     special_ids = torch.tensor(sorted(set(int(i) for i in exclude_token_ids)), dtype=torch.long)
-    keeps = []
+
+    # Pass 1: activations at the hook → reconstruction, density and the mean, over our evaluated
+    # tokens (`keep`: no special token, no norm outlier) and SAELens's (`ordinary`: no special token).
+    ours, field = _Reconstruction(sae.d_in, sae.d_sae, device), _Reconstruction(sae.d_in, sae.d_sae, device)
+    masks = []
     for b in batches:
         check_cancel(should_cancel, "evaluation")
         x = run_hooked(model, b.input_ids, b.attention_mask, [hook_name])[hook_name]
         real = b.attention_mask.to(device).bool()
         ordinary = real & ~torch.isin(b.input_ids, special_ids).to(device)
         keep = ordinary & (x.norm(dim=-1) <= outlier_norm_threshold)
-        keeps.append(keep)
-        recon.add(x[keep], sae, outliers=int((ordinary & ~keep).sum()), special=int((real & ~ordinary).sum()))
+        masks.append((keep, ordinary))
+        x_o = x[ordinary]
+        x_hat, z = sae(x_o) if len(x_o) else (x_o, x_o)
+        kept = keep[ordinary]
+        ours.add(x_o[kept], x_hat[kept], z[kept], outliers=int((~kept).sum()), special=int((real & ~ordinary).sum()))
+        field.add(x_o, x_hat, z)
         clock.add(int(real.sum()))
-    metrics = recon.result(hook_name, dense_threshold, hist_bins)
-    mean = recon.mean().float()
+    metrics = ours.result(hook_name, dense_threshold, hist_bins)
+    explained = field.explained_variance()
+    ours_mean, field_mean = ours.mean().float(), field.mean().float()
 
-    # Pass 2: clean vs spliced next-token predictions.
-    def splice(keep, replacement):
-        def fn(x):
-            return torch.where(keep[..., None], replacement(x).to(x.dtype), x)
-        return fn
-
-    ablations = {
-        "sae": lambda x: sae(x)[0],
-        "zero": torch.zeros_like,
-        "mean": lambda x: mean.to(x.dtype).expand_as(x),
+    # Pass 2: clean vs spliced next-token predictions. Ours splice at our evaluated positions;
+    # SAELens's splice the SAE at every non-special position and ablate every position.
+    reconstruct = lambda x: sae(x)[0]  # noqa: E731
+    splices = {  # name: (which positions, what replaces the activation there)
+        "sae": ("ours", reconstruct),
+        "zero": ("ours", torch.zeros_like),
+        "mean": ("ours", lambda x: ours_mean.to(x.dtype).expand_as(x)),
+        "field_sae": ("ordinary", reconstruct),
+        "field_zero": ("real", torch.zeros_like),
+        "field_mean": ("real", lambda x: field_mean.to(x.dtype).expand_as(x)),
     }
-    ce = dict.fromkeys(["clean", *ablations], 0.0)
-    kl = dict.fromkeys(ablations, 0.0)
-    positions = 0
-    for b, keep in zip(batches, keeps):
+    scores = _Scores()
+    for b, (keep, ordinary) in zip(batches, masks):
         check_cancel(should_cancel, "evaluation")
         ids, mask = b.input_ids.to(device), b.attention_mask.to(device)
-        target = (mask[:, 1:] * mask[:, :-1]).bool()  # positions whose next token is real
-        labels = ids[:, 1:][target]
-        clean = _next_token_logprobs(model, ids, mask, target)
-        ce["clean"] += float(F.nll_loss(clean, labels, reduction="sum"))
-        for key, replacement in ablations.items():
-            with patched(model, {hook_name: splice(keep, replacement)}):
-                logp = _next_token_logprobs(model, ids, mask, target)
-            ce[key] += float(F.nll_loss(logp, labels, reduction="sum"))
-            kl[key] += float(F.kl_div(logp, clean, log_target=True, reduction="sum"))
-        positions += len(labels)
+        at = {"ours": keep, "ordinary": ordinary, "real": mask.bool()}
+        scores.start(ids, at["real"], ordinary, _logprobs(model, ids, mask))
+        done: list[tuple[str, Callable, torch.Tensor]] = []  # (positions, replacement, log-probs)
+        for name, (where, replacement) in splices.items():
+            # The same replacement at the same positions is the same forward: run it once.
+            logp = next((lp for w, r, lp in done if r is replacement and torch.equal(at[w], at[where])), None)
+            if logp is None:
+                with patched(model, {hook_name: _splice(at[where], replacement)}):
+                    logp = _logprobs(model, ids, mask)
+                done.append((where, replacement, logp))
+            scores.add(name, logp)
         clock.add(int(mask.sum()))
-    if positions == 0:
+    if scores.positions == 0:
         raise UserError("no next-token positions to score: every row is a single token; use rows of 2+ tokens")
+    return {"tokens": tokens, **metrics, **scores.ours(), "explained_variance": explained, **scores.field()}
 
-    ce = {k: v / positions for k, v in ce.items()}
-    return {
-        "tokens": tokens,
-        **metrics,
-        "ce_tokens": positions,
-        "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"], "ce_mean": ce["mean"],
-        "ce_loss_recovered_zero": _recovered(ce["zero"], ce["sae"], ce["clean"]),
-        "ce_loss_recovered_mean": _recovered(ce["mean"], ce["sae"], ce["clean"]),
-        **{f"kl_{k}": v / positions for k, v in kl.items()},
-    }
+
+def _splice(at: torch.Tensor, replacement: Callable[[torch.Tensor], torch.Tensor]):
+    """A hook function replacing the activation by `replacement(x)` at the positions `at`."""
+    def fn(x):
+        return torch.where(at[..., None], replacement(x).to(x.dtype), x)
+    return fn
+
+
+def _logprobs(model, ids, mask) -> torch.Tensor:
+    """float32 next-token log-probabilities [n_real, vocab] at every real position, row-major."""
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return logits[mask.bool()].float().log_softmax(-1)
+
+
+class _Scores:
+    """Running next-token CE and KL sums of each spliced forward, over two sets of positions.
+
+    Ours: every real position whose next token is real (`ce_tokens`), for CE and KL alike.
+    SAELens's (`get_downstream_reconstruction_metrics`): CE at the positions whose own token is not
+    special and whose next token exists; KL at every position whose token is not special, the
+    row's last included. (SAELens's rows have no padding; here "exists" means "is real".)
+    """
+
+    def __init__(self):
+        self.ce: dict[str, float] = {}
+        self.kl: dict[str, float] = {}
+        self.positions = self.field_ce_positions = self.field_kl_positions = 0
+
+    def start(self, ids: torch.Tensor, real: torch.Tensor, ordinary: torch.Tensor, clean: torch.Tensor) -> None:
+        """A new batch: its positions, its next tokens, and the clean model's log-probs."""
+        has_next = torch.zeros_like(real)
+        has_next[:, :-1] = real[:, 1:] & real[:, :-1]
+        nxt = torch.zeros_like(ids)
+        nxt[:, :-1] = ids[:, 1:]
+        # Each set as (rows of the log-probs, which index real positions; the labels there).
+        field_ce = has_next & ordinary
+        self.ce_at = {"": (has_next[real], nxt[has_next]), "field_": (field_ce[real], nxt[field_ce])}
+        self.kl_at = {"": has_next[real], "field_": ordinary[real]}
+        self.clean = clean
+        self.positions += int(has_next.sum())
+        self.field_ce_positions += int((has_next & ordinary).sum())
+        self.field_kl_positions += int(ordinary.sum())
+        for prefix in self.ce_at:
+            self._ce(prefix + "clean", prefix, clean)
+
+    def add(self, name: str, logp: torch.Tensor) -> None:
+        prefix = "field_" if name.startswith("field_") else ""
+        self._ce(name, prefix, logp)
+        at = self.kl_at[prefix]
+        kl = F.kl_div(logp[at], self.clean[at], log_target=True, reduction="sum")
+        self.kl[name] = self.kl.get(name, 0.0) + float(kl)
+
+    def _ce(self, name: str, prefix: str, logp: torch.Tensor) -> None:
+        at, labels = self.ce_at[prefix]
+        self.ce[name] = self.ce.get(name, 0.0) + float(F.nll_loss(logp[at], labels, reduction="sum"))
+
+    def ours(self) -> dict[str, Any]:
+        ce = {k: self.ce[k] / self.positions for k in ("clean", "sae", "zero", "mean")}
+        return {
+            "ce_tokens": self.positions,
+            "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"], "ce_mean": ce["mean"],
+            "ce_loss_recovered_zero": _recovered(ce["zero"], ce["sae"], ce["clean"]),
+            "ce_loss_recovered_mean": _recovered(ce["mean"], ce["sae"], ce["clean"]),
+            **{f"kl_{k}": self.kl[k] / self.positions for k in ("sae", "zero", "mean")},
+        }
+
+    def field(self) -> dict[str, Any]:
+        n_ce, n_kl = max(self.field_ce_positions, 1), max(self.field_kl_positions, 1)
+        ce = {k: self.ce["field_" + k] / n_ce for k in ("clean", "sae", "zero", "mean")}
+        kl = {k: self.kl["field_" + k] / n_kl for k in ("sae", "zero", "mean")}
+        return {
+            "ce_loss_score": _recovered(ce["zero"], ce["sae"], ce["clean"]),
+            "ce_loss_without_sae": ce["clean"], "ce_loss_with_sae": ce["sae"], "ce_loss_with_ablation": ce["zero"],
+            "kl_div_score": _kl_score(kl["zero"], kl["sae"]),
+            "kl_div_with_sae": kl["sae"], "kl_div_with_ablation": kl["zero"],
+            "ce_loss_score_mean_ablation": _recovered(ce["mean"], ce["sae"], ce["clean"]),
+            "ce_loss_with_mean_ablation": ce["mean"],
+            "kl_div_score_mean_ablation": _kl_score(kl["mean"], kl["sae"]),
+            "kl_div_with_mean_ablation": kl["mean"],
+            "field_ce_tokens": self.field_ce_positions, "field_kl_tokens": self.field_kl_positions,
+        }
 
 
 def _recovered(ablated: float, spliced: float, clean: float) -> float | None:
@@ -163,10 +268,9 @@ def _recovered(ablated: float, spliced: float, clean: float) -> float | None:
     return (ablated - spliced) / gap if gap != 0 else None
 
 
-def _next_token_logprobs(model, ids, mask, target) -> torch.Tensor:
-    """float32 log-probabilities [n, vocab] at the `target` positions (next token real)."""
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-    return logits[target].float().log_softmax(-1)
+def _kl_score(ablated: float, spliced: float) -> float | None:
+    """SAELens's kl_div_score: the fraction of the ablation's KL that the SAE avoids."""
+    return (ablated - spliced) / ablated if ablated != 0 else None
 
 
 class _Reconstruction:
@@ -179,12 +283,12 @@ class _Reconstruction:
         self.sq_err = self.cos = 0.0
         self.fired = torch.zeros(d_sae, dtype=torch.int64, device=device)     # tokens each latent fired on
 
-    def add(self, x: torch.Tensor, sae: SAE, outliers: int, special: int = 0) -> None:
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor, outliers: int = 0, special: int = 0) -> None:
+        """Tokens `x` [n, d_in], the SAE's reconstruction `x_hat` and latents `z` of them."""
         self.outliers += outliers
         self.special += special
         if not len(x):
             return
-        x_hat, z = sae(x)
         x_hat = x_hat.float()
         self.n += len(x)
         xd = x.double()
@@ -197,13 +301,23 @@ class _Reconstruction:
     def mean(self) -> torch.Tensor:
         return self.sum / self.n
 
+    def explained_variance(self) -> float | None:
+        """SAELens's explained_variance: 1 − E‖x − x̂‖² / (E‖x‖² − ‖E x‖²), i.e. 1 − FVU."""
+        fvu = self._fvu()
+        return None if fvu is None else 1.0 - fvu
+
+    def _fvu(self) -> float | None:
+        if self.n == 0:
+            return None
+        # Σ‖x − x̄‖² = Σ_d (Σ x_d² − N x̄_d²), per dimension in float64.
+        total_var = float((self.sum_sq - self.sum.pow(2) / self.n).sum())
+        return self.sq_err / total_var if total_var > 0 else None
+
     def result(self, hook_name: str, dense_threshold: float, bins: int) -> dict:
         if self.n == 0:
             raise UserError(f"every token at {hook_name} was excluded ({self.special} special tokens, "
                             f"{self.outliers} norm outliers); raise the outlier norm threshold or check the slice")
         n, d = self.n, len(self.sum)
-        # Σ‖x − x̄‖² = Σ_d (Σ x_d² − N x̄_d²), per dimension in float64.
-        total_var = float((self.sum_sq - self.sum.pow(2) / n).sum())
         freq = (self.fired.double() / n).cpu().numpy()
         live = freq[freq > 0]
         counts, edges = np.histogram(np.log10(live), bins=bins, range=(math.log10(1 / n), 0.0))
@@ -212,7 +326,7 @@ class _Reconstruction:
             "excluded_outliers": self.outliers,
             "l0": float(self.fired.sum()) / n,
             "mse": self.sq_err / (n * d),
-            "fvu": self.sq_err / total_var if total_var > 0 else None,
+            "fvu": self._fvu(),
             "cos_sim": self.cos / n,
             "dead_frac": float((freq == 0).mean()),
             "dense_frac": float((freq > dense_threshold).mean()),

@@ -15,22 +15,29 @@ from ui.components.client import get_client, guard
 from ui.components.formatting import fmt_number
 from ui.components.jobs import progress_panel
 
-# Evaluation numbers stored with each SAE (held-out slice), as columns. (Comments, not
-# docstrings, at module level: Streamlit's magic would print a bare string.)
-METRICS = {"l0": "L0", "fvu": "FVU", "mse": "MSE", "cos_sim": "cosine", "dead_frac": "dead", "dense_frac": "dense",
-           "ce_loss_recovered_zero": "CE rec. (zero)", "ce_loss_recovered_mean": "CE rec. (mean)", "kl_sae": "KL"}
+
+def metric_titles(definitions: dict) -> dict[str, str]:
+    """{metric key: column title naming the definition it follows}, e.g. "FVU · miStudio"."""
+    return {key: f"{m.label} · {m.convention}" for key, m in definitions.items()}
 
 
-def sae_frame(saes: list[dict]) -> pd.DataFrame:
+def sae_frame(saes: list[dict], titles: dict[str, str]) -> pd.DataFrame:
     rows = []
     for s in saes:
         m = s.get("metrics") or {}
         rows.append({"id": s["id"], "name": s["name"], "model": s["model_id"], "hook": s["hook_name"],
                      "type": s["architecture"], "d_sae": s["d_sae"], "settings": s["settings"],
-                     **{title: m.get(key) for key, title in METRICS.items()},
+                     **{title: m.get(key) for key, title in titles.items()},
                      "features": "yes" if s.get("features_path") else "no",
                      "source": m.get("imported_from", "trained")})
     return pd.DataFrame(rows)
+
+
+def definitions_table(definitions: dict) -> None:
+    """What each column means and whose definition it follows."""
+    with st.expander("What the numbers mean", icon=":material/info:"):
+        st.dataframe(pd.DataFrame([{"column": f"{m.label} · {m.convention}", "definition": m.meaning}
+                                   for m in definitions.values()]), hide_index=True, key="sae-definitions")
 
 
 def import_form(client) -> None:
@@ -97,10 +104,16 @@ def page() -> None:
     client = get_client()
     saes = client.saes()
     if saes:
-        st.dataframe(sae_frame(saes), hide_index=True, key="sae-table",
-                     column_config={t: st.column_config.NumberColumn(t, format="%.4g") for t in METRICS.values()})
-        st.caption("Metrics are measured on a held-out slice after training (CE loss recovered: 1 = as good as the "
-                   "model, 0 = as bad as ablating the site). Imported SAEs have none until they are retrained here.")
+        definitions = client.metric_definitions()
+        titles = metric_titles(definitions)
+        st.dataframe(sae_frame(saes, titles), hide_index=True, key="sae-table",
+                     column_config={t: st.column_config.NumberColumn(t, format="%.4g") for t in titles.values()})
+        st.caption("Metrics are measured on a held-out slice after training, each under the definition its column "
+                   "names: miStudio's (special tokens and norm outliers left clean) or SAELens's (run_evals: every "
+                   "non-special position spliced, every position ablated). CE loss recovered / CE score: 1 = as "
+                   "good as the model, 0 = as bad as ablating the site. Imported SAEs have none until they are "
+                   "retrained here.")
+        definitions_table(definitions)
     else:
         st.caption("No SAEs yet: train one on the Training page, or import one below.")
     st.subheader("Import")
