@@ -50,10 +50,19 @@ def load(threads: int):
     return load_model(model_dir())
 
 
+def _built(d: Path, flag: str) -> bool:
+    """`d` holds shards and its stats.json says `flag` (fixtures from before BOS-first contexts
+    and special-token exclusion do not, and are rebuilt)."""
+    import json
+
+    stats = d / "stats.json"
+    return stats.is_file() and any(d.glob("shard-*.parquet")) and bool(json.loads(stats.read_text()).get(flag))
+
+
 def dataset_dir(tokenizer) -> Path:
-    """The builtin corpus tokenized in rows of ≤ 256 tokens."""
+    """The builtin corpus tokenized in rows of BOS + ≤ 255 tokens, as the studio builds them."""
     for d in (SHARED / "ds", CACHE / "ds"):
-        if (d / "stats.json").is_file() and any(d.glob("shard-*.parquet")):
+        if _built(d, "prepend_bos"):
             return d
     from core.data import tokenize_dataset
 
@@ -64,16 +73,19 @@ def dataset_dir(tokenizer) -> Path:
 
 
 def acts_dir(threads: int = 2) -> Path:
-    """Cached activations of blocks.15.hook_resid_post over the builtin corpus (~60k tokens)."""
+    """Cached activations of blocks.15.hook_resid_post over the builtin corpus (~60k tokens),
+    special tokens (BOS, EOS, pad) left out by id as the studio's extraction does."""
     for d in (SHARED / "acts" / HOOK, CACHE / "acts" / HOOK):
-        if (d / "stats.json").is_file() and any(d.glob("shard-*.parquet")):
+        if _built(d, "excluded_special"):
             return d
+    from core.data import special_token_ids
     from core.extract import extract_activations
 
     model, tok = load(threads)
     out = CACHE / "acts"
     print(f"[bench] extracting {ACT_TOKENS} tokens of {HOOK} into {out} (~1-2 min)", flush=True)
-    extract_activations(model, tok, dataset_dir(tok), [HOOK], out, max_tokens=ACT_TOKENS)
+    extract_activations(model, tok, dataset_dir(tok), [HOOK], out, max_tokens=ACT_TOKENS,
+                        exclude_token_ids=special_token_ids(tok))
     return out / HOOK
 
 

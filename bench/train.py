@@ -14,8 +14,10 @@ tokens on the SAME cached SmolLM2 activations (blocks.15.hook_resid_post of the 
              Settings: its defaults plus what its docs recommend for this case —
              `normalize_activations="expected_average_only_in"`, lr decay over the final 20%.
 
-Data: tokens whose norm exceeds 10× the median are dropped up front (DESIGN.md: ~0.02% of
-tokens carry most of the variance), so both see identical tokens. The first H tokens (document
+Data: the studio's contexts (every row BOS-first, special tokens left out at extraction), and
+the studio's default norm guard applied up front — tokens above 10× the median norm dropped
+(bench/sink.py: a few text tokens after BOS still reach 11–52× the median) — so both see
+identical tokens. The first H tokens (document
 order) are held out; the rest are shuffled once (fixed seed) and cycled. FVU on the held-out
 tokens is computed for both by one function, Σ‖x−x̂‖²/Σ‖x−x̄‖², in float64, with each SAE's
 own encode/decode in raw units (both fold their activation scaling into the weights).

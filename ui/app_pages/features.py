@@ -19,19 +19,25 @@ SORTS = {"frequency": "frequency", "max_act": "max activation", "mean_act": "mea
 PAGE_SIZE = 500  # latents per page of the table (the registry serves one page at a time)
 
 
-def sae_summary(sae: dict[str, Any]) -> None:
+def sae_summary(sae: dict[str, Any], definitions: dict) -> None:
     m = sae.get("metrics") or {}
-    c = st.columns(6)
-    c[0].metric("FVU", fmt_number(m.get("fvu"), 4), help="fraction of variance unexplained (lower is better)")
-    c[1].metric("L0", fmt_number(m.get("l0"), 3), help="latents active per token")
+
+    def explain(key: str) -> str:  # the tooltip: whose definition, and what it is
+        d = definitions[key]
+        return f"{d.convention}'s definition: {d.meaning}"
+    c = st.columns(7)
+    c[0].metric("FVU", fmt_number(m.get("fvu"), 4), help=explain("fvu"))
+    c[1].metric("L0", fmt_number(m.get("l0"), 3), help=explain("l0"))
     dead = m.get("dead_frac")
-    c[2].metric("Dead", f"{dead:.1%}" if isinstance(dead, (int, float)) else "–",
-                help="latents that did not fire for the dead-token window")
-    c[3].metric("MSE", fmt_number(m.get("mse"), 4))
-    c[4].metric("Width", fmt_number(sae.get("d_sae")), help=f"d_in {sae.get('d_in')}")
-    c[5].metric("Type", sae.get("architecture", ""), help=sae.get("settings") or None)
+    c[2].metric("Dead", f"{dead:.1%}" if isinstance(dead, (int, float)) else "–", help=explain("dead_frac"))
+    c[3].metric("Explained var. (SAELens)", fmt_number(m.get("explained_variance"), 4),
+                help=explain("explained_variance"))
+    c[4].metric("CE score (SAELens)", fmt_number(m.get("ce_loss_score"), 4), help=explain("ce_loss_score"))
+    c[5].metric("Width", fmt_number(sae.get("d_sae")), help=f"d_in {sae.get('d_in')}")
+    c[6].metric("Type", sae.get("architecture", ""), help=sae.get("settings") or None)
     st.caption(f"{sae.get('architecture', '')} SAE on `{sae.get('hook_name')}` of `{sae.get('model_id')}` · "
-               f"id `{sae['id']}`")
+               f"id `{sae['id']}` · FVU, L0, dead: miStudio's definitions; the others SAELens's (run_evals) — "
+               "the SAEs page lists every metric with its definition")
     history = sae.get("history") or []
     with st.expander(f"Training curves ({len(history)} log steps)", expanded=False):
         if not history:
@@ -251,7 +257,7 @@ def page() -> None:
     if len(ready) < len(saes):
         st.caption(f"{len(saes) - len(ready)} SAE(s) without discovered features are not listed.")
     sae = by_id[sae_id]
-    sae_summary(sae)
+    sae_summary(sae, client.metric_definitions())
     st.subheader("Latents")
     feature_jobs(client, sae)
     df, by_latent = features_table(client, sae)

@@ -19,6 +19,11 @@ from ui.components.charts import job_charts
 from ui.components.client import guard
 from ui.components.formatting import fmt_duration, fmt_number
 
+# Whose definition a live training number follows (the SAEs page lists the final ones).
+LIVE_HELP = {"FVU": "miStudio's FVU, Σ‖x − x̂‖² / Σ‖x − x̄‖², on the held-out activations (special tokens and "
+                    "norm outliers set aside)",
+             "dead": "miStudio's: share of latents that did not fire for the dead-token window"}
+
 POLL_S = 1.5
 """Seconds between progress polls while a job runs (workers report about once a second)."""
 
@@ -103,7 +108,7 @@ def job_card(client, job: dict[str, Any], active: bool) -> None:
         cols = st.columns(len(shown))
         for col, (label, v, digits) in zip(cols, shown):
             value = f"{v:.1%}" if label == "dead" else fmt_number(v, digits) if digits else fmt_number(v)
-            col.metric(label, value)
+            col.metric(label, value, help=LIVE_HELP.get(label))
     with st.expander("Charts", expanded=active):
         job_charts(client.history(job["id"]))
 
