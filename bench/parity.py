@@ -9,7 +9,8 @@ excluded — runs over the same held-out rows. Every SAELens-convention figure i
 
     .venv/bin/python -m bench.parity [--home mistudio_data] [--sae SAE_ID] [--no-record]
 
-reads the SAE (default: the newest trained one, e.g. the demo's) and its held-out rows from
+reads the SAE folder (default: the newest trained SAE, e.g. the demo's; `mistudio saes export`
+copies that folder as is) and its held-out rows from
 the studio's registry; run `DEMO_SERVE=0 make demo` first. Needs `sae-lens` (a test dependency).
 """
 

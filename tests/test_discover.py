@@ -1,5 +1,7 @@
 import dataclasses
+import json
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -515,6 +517,8 @@ def test_discovery_leaves_special_tokens_out_by_id(tiny_llama, tiny_tokenizer, t
     summary = discover_features(tiny_llama, tiny_tokenizer, tmp_path / "sae", ds, tmp_path / "f", cfg, batch_size=4,
                                 max_tokens=300, exclude_token_ids=[special])
     assert (summary.excluded_special, summary.tokens) == (expected, real - expected)
+    info = json.loads(Path(summary.paths["info"]).read_text())
+    assert (info["excluded_special"], info["tokens"]) == (expected, real - expected)
     examples = pq.read_table(summary.paths["examples"]).to_pylist()
     assert examples and all(e["token_ids"][e["max_index"]] != special for e in examples)
     plain = discover_features(tiny_llama, tiny_tokenizer, tmp_path / "sae", ds, tmp_path / "g", cfg, batch_size=4,

@@ -27,16 +27,19 @@ def discover(
     total_tokens: int | None = None,
     progress: Callable[[dict], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    excluded_special: Callable[[], int] | None = None,
 ) -> DiscoverySummary:
     """Exact per-latent top-k examples, quantile samples, histograms and firing statistics over
-    every non-pad token of `batches`, written into the features folder `out_dir`."""
+    every non-pad token of `batches`, written into the features folder `out_dir`.
+    `excluded_special()`, asked once the batches are spent, is how many positions the batches
+    masked out by token id; discovery.json and the summary record it."""
     acc = Accumulator(sae, cfg)
     t0 = time.perf_counter()
     for batch in batches:
         check_cancel(should_cancel, "discovery")
         if acc.update(batch) and progress is not None:
             progress(_progress(acc, total_tokens, t0))
-    return write(out_dir, acc.finalize(), decode_tokens, cfg)
+    return write(out_dir, acc.finalize(), decode_tokens, cfg, excluded_special() if excluded_special else 0)
 
 
 def _progress(acc: Accumulator, total: int | None, t0: float) -> dict:
@@ -77,6 +80,6 @@ def discover_features(model, tokenizer, sae_dir: Path, dataset_dir: Path, out_di
             yield b.input_ids, b.attention_mask * ~is_special, b.row_ids, acts, b.doc_ids
 
     with torch.no_grad():
-        summary = discover(sae, hooked_batches(), out_dir, lambda ids: data.decode_tokens(tokenizer, ids), cfg,
-                           total_tokens=total, progress=progress, should_cancel=should_cancel)
-    return summary._replace(excluded_special=special[0])
+        return discover(sae, hooked_batches(), out_dir, lambda ids: data.decode_tokens(tokenizer, ids), cfg,
+                        total_tokens=total, progress=progress, should_cancel=should_cancel,
+                        excluded_special=lambda: special[0])

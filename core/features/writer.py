@@ -93,12 +93,13 @@ def _coactive(rows: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarr
 
 
 def write(out_dir: str | os.PathLike, found: Discovered, decode_tokens: Callable[[list[int]], list[str]],
-          cfg: DiscoverConfig) -> DiscoverySummary:
-    """Write the features folder `out_dir` (replacing one there) from discovery's finished state."""
+          cfg: DiscoverConfig, excluded_special: int = 0) -> DiscoverySummary:
+    """Write the features folder `out_dir` (replacing one there) from discovery's finished state;
+    `excluded_special` (positions left out by token id before discovery saw them) is recorded."""
     d_sae = found.top["value"].shape[0]
     with atomic_dir(out_dir) as tmp:
         counts = _write_tables(tmp, found, decode_tokens, cfg)
-        info = {"config": dataclasses.asdict(cfg), "tokens": found.tokens,
+        info = {"config": dataclasses.asdict(cfg), "tokens": found.tokens, "excluded_special": excluded_special,
                 "excluded_outliers": found.seen - found.tokens, "hist_edges": HIST_EDGES.tolist(), "n_latents": d_sae}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
     out_dir = Path(out_dir)
@@ -112,6 +113,7 @@ def write(out_dir: str | os.PathLike, found: Discovered, decode_tokens: Callable
                "outliers": str(out_dir / OUTLIERS_FILE), "info": str(out_dir / INFO_FILE)},
         excluded_outliers=found.seen - found.tokens,
         quantile_examples_count=counts[2],
+        excluded_special=excluded_special,
     )
 
 
