@@ -127,13 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     theirs = saelens_figures(Path(sae["path"]), hooked_transformer(hf_model, model_folder), rows)
     table = compare(ours, theirs)
     worst = max(d for *_, d in table)
-    lines = [f"SAE {sae['id']} at {sae['hook_name']}, {len(rows)} held-out rows ({sum(map(len, rows)):,} tokens)",
+    lines = [f"SAE {sae['id']} at {sae['hook_name']}, {len(rows)} held-out rows ({sum(map(len, rows)):,} tokens)", "",
              "| figure | miStudio eval.json | SAELens run_evals | difference |", "|---|---|---|---|",
              *(f"| {k} | {o:.4f} | {t:.4f} | {d:.1e} |" for k, o, t, d in table),
-             f"Largest difference {worst:.1e} (target ≤ {TARGET}: {'met' if worst <= TARGET else 'NOT met'}). "
+             "", f"Largest difference {worst:.1e} (target ≤ {TARGET}: {'met' if worst <= TARGET else 'NOT met'}). "
              f"Our own definitions on the same SAE: FVU {ours['fvu']:.4f}, CE loss recovered "
              f"{ours['ce_loss_recovered_zero']:.4f} (zero) / {ours['ce_loss_recovered_mean']:.4f} (mean), "
-             f"KL {ours['kl_sae']:.4f}."]
+             f"KL {ours['kl_sae']:.4f}; L0 {sae['metrics']['l0']:.1f}, dead latents "
+             f"{100 * sae['metrics']['dead_frac']:.2f}% (training's window)."]
     print("\n".join(lines))
     if not a.no_record:
         _common.append_result("bench/parity.py — SAELens's run_evals on the demo's exported SAE", "\n".join(lines))
