@@ -176,6 +176,11 @@ def test_outliers_are_counted_and_left_unpatched(tiny_llama, batches):
     assert r["fvu"] == pytest.approx(float((x_hat - xs).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()), rel=1e-4)
     assert r["l0"] == pytest.approx(float((z > 0).sum(1).float().mean()), rel=1e-6)
     assert r["dead_frac"] == pytest.approx(float((z > 0).sum(0).eq(0).float().mean()))
+    # SAELens's figures apply no norm guard: the outliers count, and are spliced.
+    unguarded = evaluate_sae(tiny_llama, sae, HOOK, batches)
+    for key in ("explained_variance", "ce_loss_score", "ce_loss_with_sae", "kl_div_with_sae"):
+        assert r[key] == pytest.approx(unguarded[key], rel=1e-6), key
+    assert r["explained_variance"] != pytest.approx(1 - r["fvu"], rel=1e-3)
 
     with pytest.raises(UserError, match=r"every token at blocks.0.hook_resid_post was excluded \(0 special tokens, "
                                          rf"{len(real)} norm outliers\)"):

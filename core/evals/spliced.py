@@ -165,15 +165,21 @@ def evaluate_sae(model, sae: SAE, hook_name: str, batches: Iterable[TokenBatch],
         ids, mask = b.input_ids.to(device), b.attention_mask.to(device)
         at = {"ours": keep, "ordinary": ordinary, "real": mask.bool()}
         scores.start(ids, at["real"], ordinary, _logprobs(model, ids, mask))
-        done: list[tuple[str, Callable, torch.Tensor]] = []  # (positions, replacement, log-probs)
+        # The same replacement at the same positions is the same forward: run it once for all
+        # the names it serves (one set of log-probs alive at a time: they are [tokens, vocab]).
+        groups: list[tuple[torch.Tensor, Callable, list[str]]] = []
         for name, (where, replacement) in splices.items():
-            # The same replacement at the same positions is the same forward: run it once.
-            logp = next((lp for w, r, lp in done if r is replacement and torch.equal(at[w], at[where])), None)
-            if logp is None:
-                with patched(model, {hook_name: _splice(at[where], replacement)}):
-                    logp = _logprobs(model, ids, mask)
-                done.append((where, replacement, logp))
-            scores.add(name, logp)
+            same = next((g for g in groups if g[1] is replacement and torch.equal(g[0], at[where])), None)
+            if same is None:
+                groups.append((at[where], replacement, [name]))
+            else:
+                same[2].append(name)
+        for positions, replacement, names in groups:
+            with patched(model, {hook_name: _splice(positions, replacement)}):
+                logp = _logprobs(model, ids, mask)
+            for name in names:
+                scores.add(name, logp)
+            del logp
         clock.add(int(mask.sum()))
     if scores.positions == 0:
         raise UserError("no next-token positions to score: every row is a single token; use rows of 2+ tokens")
