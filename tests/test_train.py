@@ -120,6 +120,21 @@ def test_total_tokens_budget_cycles_the_data():
     assert result.history[-1]["tokens"] == 2_500
 
 
+def test_dead_window_is_set_by_width_not_run_length():
+    """The default dead window is 32 × d_sae tokens whatever the budget; `dead_tokens` sets it."""
+    from core.train.config import default_dead_tokens
+
+    x = synthetic(n=1_000)
+    for total in (2_000, 9_000):
+        cfg = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=128, total_tokens=total,
+                          log_every=100, sample_tokens=512)
+        result = train_sae(source(x, chunk=300), D_IN, cfg)
+        assert result.final["dead_tokens"] == default_dead_tokens(4 * D_IN) == 32 * 128
+    cfg = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=128, total_tokens=9_000, log_every=100,
+                      sample_tokens=512, dead_tokens=1_000)
+    assert train_sae(source(x, chunk=300), D_IN, cfg).final["dead_tokens"] == 1_000
+
+
 def test_k_larger_than_d_sae_is_a_user_error():
     with pytest.raises(UserError, match="k=200 must be between 1 and the SAE width 128"):
         train_sae(source(synthetic(n=100)), D_IN, TrainConfig(sae=TopKConfig(k=200), expansion_factor=4))
@@ -182,12 +197,53 @@ def test_sparse_gradients_match_dense_autograd():
         torch.testing.assert_close(sparse[name], p.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_batchtopk_auxk_matches_dense_autograd(apply_b_dec_to_input):
+    """BatchTopK's AuxK, picked from the step's own pre-activations with a sparse backward,
+    gives the loss and gradients of the dense formula (b_dec's only when it is subtracted)."""
+    from core.sae import BatchTopKConfig, BatchTopKSAE
+
+    torch.manual_seed(1)
+    d, m = 8, 40
+    sae = BatchTopKSAE(d, m, BatchTopKConfig(k=3, auxk_alpha=0.5), apply_b_dec_to_input=apply_b_dec_to_input)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    x = torch.randn(30, d) * 2
+    dead = torch.zeros(m, dtype=torch.bool)
+    dead[1::4] = True
+    out = sae.training_step(x, StepContext(dead, 0.0, amp=False))
+    out.loss.backward()
+    sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    for p in sae.parameters():
+        p.grad = None
+    sae.global_threshold.fill_(-1.0)
+
+    x_c = x - sae.b_dec if apply_b_dec_to_input else x
+    pre = x_c @ sae.W_enc + sae.b_enc
+    x_hat = sae.activation(pre) @ sae.W_dec + sae.b_dec
+    total_var = (x - x.mean(0)).pow(2).sum()
+    n_dead, k_aux = int(dead.sum()), min(d // 2, int(dead.sum()))
+    av, ai = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=1)
+    z_aux = torch.zeros_like(pre).scatter(1, ai, av.relu())
+    aux = min(n_dead / (d // 2), 1.0) * (z_aux @ sae.W_dec - (x - x_hat).detach()).pow(2).sum() / total_var
+    loss = (x_hat - x).pow(2).sum() / total_var + 0.5 * aux
+    loss.backward()
+    assert float(out.loss.detach()) == pytest.approx(float(loss.detach()), rel=1e-5)
+    for name, p in sae.named_parameters():
+        if p.grad is None:
+            assert sparse[name] is None or not sparse[name].any(), name
+        else:
+            torch.testing.assert_close(sparse[name], p.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_reused_pre_activation_buffer_gives_the_same_step():
     """Steps sharing a scratch buffer (the trainer's CPU path) equal steps that allocate afresh,
-    also when a shorter last batch reuses a larger buffer."""
+    also when a shorter last batch reuses a larger buffer and AuxK picks dead latents from it."""
     torch.manual_seed(0)
     sae = TopKSAE(8, 48, TopKConfig(k=4, auxk_alpha=0.5))
     dead = torch.zeros(48, dtype=torch.bool)
+    dead[::5] = True  # AuxK reads the buffer too
     scratch: dict = {}
     for n in (40, 40, 17):
         x = torch.randn(n, 8) * 2

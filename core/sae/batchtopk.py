@@ -56,7 +56,7 @@ class BatchTopKSAE(SAE):
         sq_err, total_var = reconstruction_terms(x, x_hat)
         fvu = sq_err / total_var
         x_c = x - self.b_dec if self.apply_b_dec_to_input else x
-        loss = fvu + auxk_loss(self, x_c, (x - x_hat).detach(), ctx, self.type_config.auxk_alpha) / total_var
+        loss = fvu + auxk_loss(self, x_c, pre, (x - x_hat).detach(), ctx, self.type_config.auxk_alpha) / total_var
         live = z > 0
         return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum(1).float().mean(), live.any(0))
 

@@ -12,7 +12,7 @@ with autograd through the dense pre-activations took 1.9 s per step (≈2,100 to
 as one matrix-vector product and W_enc's gradient in W_enc's own layout, 0.24 s on an idle
 machine (bench/RESULTS.md, 2026-12-02). Then, on a slower 2-core machine (0.2 s for the
 encoder matmul alone): 0.48 s → 0.35 s per step (medians, side by side) by reusing the
-pre-activation buffer (`_pre_buffer`), computing both weight gradients as `embedding_bag` sums
+pre-activation buffer (`_buffer`), computing both weight gradients as `embedding_bag` sums
 over tokens grouped by latent and the activations' gradient as one sampled matmul (`_ByLatent`).
 """
 
@@ -85,35 +85,38 @@ class TopKSAE(SAE):
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOut:
         x_c = x - self.b_dec
         with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
-            pre = torch.addmm(self.b_enc, x_c.detach(), self.W_enc, out=_pre_buffer(ctx, x, self.d_sae))
+            pre = torch.addmm(self.b_enc, x_c.detach(), self.W_enc, out=_buffer(ctx, "pre", x, self.d_sae))
         top_v, top_i = pre.topk(self.k, dim=1, sorted=False)
-        del pre
         by_latent = _ByLatent(top_i, self.d_sae)
         acts = _GatherPre.apply(x_c.detach(), self.b_dec, self.W_enc, self.b_enc, by_latent, top_v.float()).relu()
         x_hat = _GatherDecode.apply(top_i, acts, self.W_dec, by_latent) + self.b_dec
         sq_err, total_var = reconstruction_terms(x, x_hat)
         fvu = sq_err / total_var
-        loss = fvu + auxk_loss(self, x_c, (x - x_hat).detach(), ctx, self.type_config.auxk_alpha) / total_var
+        aux = auxk_loss(self, x_c, pre, (x - x_hat).detach(), ctx, self.type_config.auxk_alpha)
+        del pre
+        loss = fvu + aux / total_var
         live = acts > 0
         fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
         fired[top_i[live]] = True
         return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum(1).float().mean(), fired)
 
 
-def _pre_buffer(ctx: StepContext, x: torch.Tensor, d_sae: int) -> torch.Tensor | None:
-    """A reused [N, d_sae] fp32 buffer for the dense pre-activations on CPU (None elsewhere).
+def _buffer(ctx: StepContext, key: str, x: torch.Tensor, cols: int) -> torch.Tensor | None:
+    """A reused [N, cols] fp32 buffer named `key` on CPU (None elsewhere): the dense
+    pre-activations, or the dead latents' columns of them for AuxK.
 
     glibc hands out allocations this large (> 32 MB) as fresh mmapped pages, so a new buffer
-    per step is page-faulted in anew: 30-50 ms of a 400 ms step at batch 4096 × 4608 latents.
-    CUDA's caching allocator already reuses memory (and only CUDA autocasts to bf16).
+    per step is page-faulted in anew: 30-50 ms of a 400 ms step at batch 4096 × 4608 latents,
+    and most of AuxK's cost at 65,536 latents. CUDA's caching allocator already reuses memory
+    (and only CUDA autocasts to bf16).
     """
     if ctx.scratch is None or x.device.type != "cpu":
         return None
-    n = len(x) * d_sae
-    buf = ctx.scratch.get("pre")
+    n = len(x) * cols
+    buf = ctx.scratch.get(key)
     if buf is None or buf.numel() < n:
-        buf = ctx.scratch["pre"] = torch.empty(n)
-    return buf[:n].view(len(x), d_sae)
+        buf = ctx.scratch[key] = torch.empty(n)
+    return buf[:n].view(len(x), cols)
 
 
 class _ByLatent:
@@ -147,26 +150,43 @@ class _ByLatent:
         return torch.empty_like(by_latent).index_put_((self.order,), by_latent).view(self.shape)
 
 
-def auxk_loss(sae: SAE, x_c: torch.Tensor, resid: torch.Tensor, ctx: StepContext, alpha: float) -> torch.Tensor:
+def auxk_loss(sae: SAE, x_c: torch.Tensor, pre: torch.Tensor, resid: torch.Tensor, ctx: StepContext,
+              alpha: float) -> torch.Tensor:
     """AuxK (Gao et al.): the top k_aux = d_in/2 dead latents reconstruct what the live ones
     missed (no bias), scaled down while fewer than k_aux latents are dead, as in sparsify.
     Returns α·Σ‖aux − resid‖² (0 when nothing is dead).
 
-    Computed densely over the dead latents' columns only: with the usual few percent dead this
-    is a handful of small matmuls, cheaper than a sparse path with k_aux = 288 entries per token.
+    `pre` [N, d_sae] holds the step's pre-activations (values only): the dead latents' top
+    k_aux are picked there, not recomputed, and their activations, decode and backward touch
+    only those N·k_aux (token, latent) pairs (`_GatherPre`, `_GatherDecode`). So AuxK costs
+    one copy of the dead columns plus O(N·k_aux·d_in), not a dense product per dead latent:
+    at 65,536 latents with 38% of them dead the step went from 3.5× to ~1.1× the step
+    without AuxK (bench/auxk.py).
     """
-    n_dead = int(ctx.dead.sum())
-    if not n_dead or alpha <= 0:
+    if alpha <= 0:
+        return x_c.new_zeros(())
+    dead = ctx.dead.nonzero().squeeze(1)
+    if not len(dead):
         return x_c.new_zeros(())
     k_aux_max = sae.d_in // 2
-    k_aux = max(1, min(k_aux_max, n_dead))
-    idx = ctx.dead.nonzero().squeeze(1)
-    with torch.autocast(x_c.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
-        pre = torch.addmm(sae.b_enc[idx], x_c, sae.W_enc[:, idx]).float()
-    v, i = pre.topk(k_aux, dim=1, sorted=False)
-    z = torch.zeros_like(pre).scatter(1, i, v.relu())
-    aux_hat = z @ sae.W_dec[idx]
-    return alpha * min(n_dead / max(k_aux_max, 1), 1.0) * (aux_hat - resid).pow(2).sum()
+    k_aux = max(1, min(k_aux_max, len(dead)))
+    pre = pre.detach()
+    columns = torch.index_select(pre, 1, dead, out=_buffer(ctx, "aux", pre, len(dead)) if pre.dtype == torch.float32
+                                 else None)
+    # Pairs whose pre-activation is ≤ 0 add nothing (ReLU) and get no gradient, so no row needs
+    # more than its positive entries: truly dead latents are mostly negative, and the top-k
+    # then shrinks from k_aux to a handful.
+    weight = alpha * min(len(dead) / max(k_aux_max, 1), 1.0)
+    k_live = min(k_aux, int((columns > 0).sum(1).max()))
+    if not k_live:  # nothing to reconstruct with: the loss is the residual's, with no gradient
+        return weight * resid.pow(2).sum()
+    values, which = columns.topk(k_live, dim=1, sorted=False)
+    indices = dead[which]
+    by_latent = _ByLatent(indices, sae.d_sae)
+    b_dec = sae.b_dec if sae.apply_b_dec_to_input else None  # x_c = x − b_dec: AuxK's gradient reaches b_dec
+    acts = _GatherPre.apply(x_c.detach(), b_dec, sae.W_enc, sae.b_enc, by_latent, values.float()).relu()
+    aux_hat = _GatherDecode.apply(indices, acts, sae.W_dec, by_latent)
+    return weight * (aux_hat - resid).pow(2).sum()
 
 
 class _GatherPre(torch.autograd.Function):

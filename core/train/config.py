@@ -15,6 +15,17 @@ from core.errors import UserError
 from core.fields import FieldInfo, describe
 from core.sae import SAE, SAETypeConfig, registry
 
+DEAD_TOKENS_PER_LATENT = 32
+
+
+def default_dead_tokens(d_sae: int) -> int:
+    """32 × d_sae tokens: a latent that stays silent for 1,000 times the mean interval between
+    a latent's firings at k = 32 (d_sae / k tokens) is dead — 147k tokens at 4,608 latents,
+    2.1M at 65,536. Independent of the run's length, so a short run's slow starters are not
+    counted (at 65k latents a quarter of a 250k-token run left ~25k latents "dead" and AuxK
+    busy on them), and a long run does not wait Gao et al.'s fixed 10M tokens at small widths."""
+    return DEAD_TOKENS_PER_LATENT * d_sae
+
 
 @dataclass
 class TrainConfig:
@@ -38,9 +49,9 @@ class TrainConfig:
     sparsity_warmup_frac: float = 0.05
     """Fraction of steps over which a penalised type's sparsity coefficient rises linearly from 0."""
     dead_tokens: int | None = None
-    """A latent that has not fired for this many tokens is dead (and gets AuxK gradient in the
-    TopK family). None → 10M as in Gao et al., capped at a quarter of the run (at least one
-    batch) so that short runs on small corpora still revive latents."""
+    """A latent that has not fired for this many tokens is dead (AuxK revives it in the TopK
+    family; `dead_frac` counts it). None → `default_dead_tokens(d_sae)`, fixed by the width
+    alone, not by the run's length."""
     lr_warmup_frac: float = 0.05
     """Fraction of steps over which lr rises linearly from 0."""
     lr_decay_frac: float = 0.2

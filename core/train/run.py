@@ -20,7 +20,7 @@ from core.progress import check_cancel as _check_cancel, rate
 from core.errors import UserError
 from core.sae import StepContext, registry
 from core.evals.reconstruction import evaluate
-from core.train.config import RunSpec, TrainResult
+from core.train.config import RunSpec, TrainResult, default_dead_tokens
 
 
 class Stats(NamedTuple):
@@ -42,8 +42,8 @@ class RunState:
         self.stats = stats(sample, spec.d_in, cfg.outlier_norm_multiple)
         self.budget = cfg.total_tokens if cfg.total_tokens is not None else pass_tokens * cfg.epochs
         self.total_steps = max(1, math.ceil(self.budget / cfg.batch_size))
-        self.dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.batch_size, self.budget // 4))
         d_sae = cfg.width(spec.d_in)
+        self.dead_tokens = cfg.dead_tokens or default_dead_tokens(d_sae)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.sae = registry.build(cfg.sae, spec.d_in, d_sae)
@@ -172,6 +172,7 @@ class RunState:
             split, eval_x = "held-out", held[norms <= self.stats.threshold]
         final = evaluate(folded, eval_x, self.cfg.batch_size) | {
             "dead_frac": self.dead_frac,
+            "dead_tokens": self.dead_tokens,
             "tokens": self.tokens,
             "excluded_outliers": self.excluded,
             "outlier_frac": self.excluded / max(self.tokens + self.excluded, 1),
