@@ -126,3 +126,22 @@ def test_progress_bars_follow_steps_and_stages(capsys):
     assert list(dict.fromkeys(labels)) == ["analyze", "analyze · logits and similar features", "analyze · NLP",
                                            "analyze · ablation"]
     assert labels[-1] == "analyze · ablation"  # "completed" did not open a bar of its own
+
+
+def test_progress_without_a_terminal_prints_a_line_every_few_seconds(capsys):
+    """Output sent to a file (pytest's capture is one) gets a bar's first and last line and at
+    most one more per LOG_INTERVAL_S, however often the job reports: `make demo > log` stays short."""
+    from ui.cli_output import follow
+
+    class Chatty:  # 2,000 progress reports within well under a second
+        def wait(self, job_id, on_progress):
+            job = {"id": job_id, "kind": "extract", "step": "extract", "state": "running"}
+            for i in range(2_000):
+                on_progress(job, {"step": "extract", "done": i + 1, "total": 2_000, "unit": "tokens"})
+            return {**job, "state": "completed"}
+
+    follow(Chatty(), "extract-1")
+    err = capsys.readouterr().err
+    lines = [seg for seg in err.replace("\r", "\n").split("\n") if seg.strip()]
+    assert 1 <= len(lines) <= 3, lines
+    assert "2000/2000" in lines[-1] or "2.00k/2.00k" in lines[-1], lines[-1]

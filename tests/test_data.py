@@ -151,3 +151,5 @@ def test_iter_batches(tmp_path, tiny_tokenizer):
     limited = list(iter_batches(tmp_path / "ds", 2, pad, max_tokens=9))
     assert int(sum(b.attention_mask.sum() for b in limited)) == 7 + 3  # the row crossing 9 tokens is kept whole
     assert len(limited) == 1 and np.array_equal(limited[0].row_ids.numpy(), [0, 1])
+    everything = [r for b in iter_batches(tmp_path / "ds", 4, pad, max_tokens=0) for r in b.row_ids.tolist()]
+    assert everything == list(range(len(expected)))  # 0 means "all", as the dashboard's fields say

@@ -3,18 +3,25 @@ numbers, a feature's page as text."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import sys
+import time
+from typing import Any
 
 from tqdm import tqdm
 
 from core.errors import UserError
 
 
+LOG_INTERVAL_S = 5.0
+"""Without a terminal (output sent to a file or a pipe) a bar prints at most one line per this
+many seconds, besides its first and last: a redraw per progress report floods logs."""
+
+
 def follow(c, job_id: str, quiet: bool = False) -> dict[str, Any]:
     """Show a progress bar per job step until the job ends; exit 1 when it did not complete."""
     bars: dict[str, tqdm] = {}
+    terminal = sys.stderr.isatty()
+    drawn = [time.monotonic()]  # when a bar last printed
 
     def update(job: dict, p: dict) -> None:
         if quiet:
@@ -38,7 +45,9 @@ def follow(c, job_id: str, quiet: bool = False) -> dict[str, Any]:
         shown = {k: p[k] for k in ("loss", "fvu", "l0", "dead_frac", "features_in_heap", "heap_examples_count")
                  if isinstance(p.get(k), (int, float))}
         bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()} | {"state": job["state"]}, refresh=False)
-        bar.refresh()
+        if terminal or time.monotonic() - drawn[0] >= LOG_INTERVAL_S:
+            bar.refresh()
+            drawn[0] = time.monotonic()
 
     job = c.wait(job_id, update)
     for b in bars.values():

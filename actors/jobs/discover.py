@@ -36,7 +36,7 @@ class DiscoverSpec:
     batch_size: int = 8
     """Sequences per forward pass."""
     max_tokens: int | None = None
-    """Stop after this many tokens; None → the whole dataset."""
+    """Stop after this many tokens; None or 0 → the whole dataset."""
     exclude_special_tokens: bool = True
     """Leave BOS, EOS and pad positions out of the candidates and statistics, by token id (they
     stay in the model's input)."""

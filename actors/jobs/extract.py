@@ -29,7 +29,7 @@ class ExtractSpec:
     batch_size: int = 8
     """Sequences per forward pass."""
     max_tokens: int | None = None
-    """Stop after this many tokens; None → the whole dataset."""
+    """Stop after this many tokens; None or 0 → the whole dataset."""
     exclude_special_tokens: bool = True
     """Leave out BOS, EOS and pad positions by token id (SAELens's rule; they stay in the model's
     input): the attention sink on BOS carries norms ~100× any text token's."""

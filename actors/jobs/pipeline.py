@@ -26,7 +26,7 @@ class PipelineSpec:
     batch_size: int = 8
     """Sequences per forward pass (extraction and discovery)."""
     max_tokens: int | None = None
-    """Tokens extracted and searched; None → the whole dataset."""
+    """Tokens extracted and searched; None or 0 → the whole dataset."""
     train: dict[str, Any] = field(default_factory=dict)
     """TrainConfig fields (architecture, expansion_factor, k, epochs, batch_size, ...)."""
     top_k: int = 20

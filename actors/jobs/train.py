@@ -54,7 +54,7 @@ class TrainSpec:
     batch_size: int = 8
     """Sequences per forward pass when training on the fly."""
     max_tokens: int | None = None
-    """Tokens per dataset when training on the fly."""
+    """Tokens per dataset when training on the fly; None or 0 → all of them."""
     exclude_special_tokens: bool = True
     """Leave out BOS, EOS and pad positions by token id when training on the fly (cached
     activations were filtered, or not, at extraction; the evaluation follows the training data)."""

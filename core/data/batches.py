@@ -68,6 +68,8 @@ def iter_batches(dataset_dir, batch_size: int, pad_token_id: int, max_rows: int 
                  max_tokens: int | None = None) -> Iterator[TokenBatch]:
     """Stream rows in order as padded batches; stop after `max_rows` rows or once `max_tokens`
     real tokens have been yielded (the row that crosses the limit is included whole).
+    `max_tokens` None or 0 means no limit: 0 is "all" everywhere (CLI flags, job files and the
+    dashboard's "Max tokens (0 = all)" fields alike).
     """
     dataset_dir = Path(dataset_dir)
     if not shard_files(dataset_dir):
@@ -79,7 +81,7 @@ def iter_batches(dataset_dir, batch_size: int, pad_token_id: int, max_rows: int 
     doc_ids: list[int] = []
     n_rows = n_tokens = 0
     for tokens, row_id, doc_id in _iter_rows(dataset_dir):
-        if (max_rows is not None and n_rows >= max_rows) or (max_tokens is not None and n_tokens >= max_tokens):
+        if (max_rows is not None and n_rows >= max_rows) or (max_tokens and n_tokens >= max_tokens):
             break
         rows.append(tokens)
         row_ids.append(row_id)
