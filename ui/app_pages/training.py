@@ -38,7 +38,7 @@ def _template_values(client, values: dict[str, Any]) -> dict[str, Any]:
     arch = config.get("architecture", defaults["architecture"])
     arch = arch if arch in types else defaults["architecture"]  # a template naming an unknown type loads the default
     own = _type_defaults(types[arch])
-    return {"architecture": arch, **{k: defaults[k] for k in SCHEDULE}, **own,
+    return {"architecture": arch, **{k: defaults[k] for k in SCHEDULE}, **own, "d_sae": config.get("d_sae") or 0,
             **{k: v for k, v in config.items() if k in own or k in SCHEDULE},
             **{k: values[k] for k in ("checkpoint_every", "keep_checkpoints") if k in values}}
 
@@ -117,14 +117,19 @@ def train_form(client) -> None:
     source = source_picker(client)
     arch = st.session_state["t-architecture"]
     number = lambda where, label, name, **kw: where.number_input(label, key=f"t-{name}", **kw)
+    st.session_state.setdefault("t-d_sae", 0)
     with st.form("train_form"):
-        c = st.columns(3)
+        c = st.columns(4)
         values = {
             "expansion_factor": number(c[0], "Expansion factor", "expansion_factor", min_value=1,
-                                       help="SAE width = d_model × this"),
-            "batch_size": number(c[1], "Batch (tokens per step)", "batch_size", min_value=1, step=256),
-            "epochs": number(c[2], "Epochs", "epochs", min_value=1),
+                                       help="SAE width = d_model × this, unless Latents is set"),
+            "batch_size": number(c[2], "Batch (tokens per step)", "batch_size", min_value=1, step=256),
+            "epochs": number(c[3], "Epochs", "epochs", min_value=1),
         }
+        width = number(c[1], "Latents (0 = expansion × d_model)", "d_sae", min_value=0, step=1024,
+                       help="the SAE's width as a number, e.g. 16384 or 65536; overrides the expansion factor")
+        if width:
+            values["d_sae"] = width
         values |= type_fields(_types(client)[arch])
         c = st.columns(3)
         st.session_state.setdefault("t-checkpoint_every", 0)
