@@ -89,10 +89,17 @@ class Catalogue:
 
     @staticmethod
     def builtin_dataset() -> str:
-        """The source name of the built-in corpus (the standard library's documentation)."""
+        """The source name of the first built-in corpus (the standard library's documentation)."""
         from core.data import BUILTIN
 
         return BUILTIN
+
+    @staticmethod
+    def builtin_corpora() -> dict[str, str]:
+        """The built-in corpora a dataset can be added from (available offline): name → what it is."""
+        from core.data import CORPORA
+
+        return {name: c.about for name, c in CORPORA.items()}
 
     @staticmethod
     def template_kinds() -> TemplateKinds:

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from core.data import (DatasetStats, builtin_corpus, iter_batches, load_texts, read_stats, row_lengths,
-                       tokenize_to_shards)
+from core.data import (CORPORA, DatasetStats, builtin_corpus, iter_batches, load_texts, read_stats, row_lengths,
+                       stdlib_source, tokenize_dataset, tokenize_to_shards)
 from core.errors import UserError
 
 
@@ -21,6 +21,37 @@ def test_builtin_corpus_is_real_and_deterministic():
     assert max(map(len, docs)) <= 2000
     assert any('The "assert" statement' in d for d in docs)
     assert load_texts("builtin", limit=5) == docs[:5]
+
+
+def test_stdlib_source_is_the_standard_librarys_code_tests_included():
+    """The second built-in corpus: every .py file of the stdlib (found through sysconfig, so also
+    from a venv), tests included, site-packages left out, in a fixed order, streamed."""
+    import itertools
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    first = list(itertools.islice(stdlib_source(), 40))
+    assert first == list(itertools.islice(stdlib_source(), 40))  # deterministic
+    assert all(d.strip() for d in first)
+    files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts]
+    assert CORPORA["stdlib-source"].count() == len(files) > 1_000
+    assert (root / "test").is_dir() and sum(1 for p in files if "test" in p.relative_to(root).parts) > 300
+    assert (root / "heapq.py").read_text(encoding="utf-8") in stdlib_source()  # a plain module, whole
+    assert load_texts("stdlib-source", limit=3) == first[:3]
+    assert load_texts("builtin", limit=4) == load_texts("stdlib-docs", limit=4)
+
+
+def test_a_builtin_corpus_is_tokenized_as_a_stream(tmp_path, tiny_tokenizer):
+    """tokenize_dataset reads a built-in corpus as a stream, with progress against its size."""
+    seen = []
+    stats = tokenize_dataset(tiny_tokenizer, "stdlib-source", tmp_path / "src", context_length=128, max_documents=30,
+                             progress=seen.append)
+    assert stats.documents == 30 and stats.tokens > 30 * 100
+    assert seen[-1]["total"] == 30 and seen[-1]["done"] == 30 and seen[-1]["unit"] == "documents"
+    docs = iter(["def f():\n    return 1\n", "", "class A:\n    pass\n"])  # a generator has no len()
+    stats = tokenize_to_shards(docs, tiny_tokenizer, tmp_path / "gen", context_length=16)
+    assert stats.documents == 3 and stats.tokens == len("def f():\n    return 1\n") + len("class A:\n    pass\n")
 
 
 def test_load_local_files(tmp_path):

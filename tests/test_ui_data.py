@@ -95,6 +95,8 @@ def test_add_builtin_dataset_from_form(tiny_run, ui_client):
     at = run_page(DATASETS)
     before = {j["id"] for j in ui_client.jobs()}
     assert at.radio(key="ds-source-kind").value == "builtin"
+    assert [o.split(" — ")[0] for o in at.selectbox(key="ds-corpus").options] == ["stdlib-docs", "stdlib-source"]
+    at.selectbox(key="ds-corpus").select("stdlib-source")  # the standard library's code, streamed
     at.selectbox(key="ds-model").select("tiny-llama")
     at.text_input(key="ds-name").input("ui-builtin")
     at.number_input(key="ds-context-length").set_value(32)
@@ -103,7 +105,7 @@ def test_add_builtin_dataset_from_form(tiny_run, ui_client):
     assert not at.error, texts(at.error)
     (job,) = new_jobs(ui_client, before)
     assert job["kind"] == "add_dataset"
-    assert job["spec"] == {"model_id": "tiny-llama", "source": "builtin", "name": "ui-builtin", "text_column": "text",
+    assert job["spec"] == {"model_id": "tiny-llama", "source": "stdlib-source", "name": "ui-builtin", "text_column": "text",
                            "context_length": 32, "max_documents": 6, "prepend_bos": True}  # BOS-first by default
     assert job["id"] in texts(at.success)
     assert at.progress, "the progress panel shows the new job"

@@ -208,8 +208,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     ds = sub.add_parser("datasets", help="tokenize and list datasets")
     ds.add_argument("action", choices=["add", "list", "show"])
-    job_flags(ds, "datasets", "add: 'builtin' (stdlib docs), a .txt/.jsonl/.parquet/.csv file or a Hugging Face "
-                              "dataset id; show: a dataset id")
+    job_flags(ds, "datasets", "add: a built-in corpus ('stdlib-docs' a.k.a. 'builtin', 'stdlib-source'), a "
+                              ".txt/.jsonl/.parquet/.csv file or a Hugging Face dataset id; show: a dataset id")
     ds.set_defaults(fn=cmd_datasets)
 
     e = sub.add_parser("extract", help="extract hooked activations to Parquet")

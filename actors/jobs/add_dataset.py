@@ -10,6 +10,7 @@ from typing import Any
 from actors.jobs import Command, JobContext, Kind, Plan, RunContext, model_ref, need_model, register, slug
 from actors.jobs.add_model import EMBEDDED_ID
 from core.data import tokenize_dataset
+from core.data.texts import corpus_name
 from storage.registry import Dataset, Job, new_id
 
 @dataclass
@@ -17,9 +18,10 @@ class AddDatasetSpec:
     model_id: str
     """Datasets are tokenized with this model's tokenizer."""
     source: str = "builtin"
-    """'builtin' (the standard library's documentation), a .txt/.jsonl/.parquet/.csv file or a HF dataset id."""
+    """A built-in corpus ('stdlib-docs' a.k.a. 'builtin': the standard library's documentation;
+    'stdlib-source': its source code, ≈ 10M tokens), a .txt/.jsonl/.parquet/.csv file or a HF dataset id."""
     name: str = ""
-    """Registry name; empty → the file's name (stdlib-docs for the built-in corpus)."""
+    """Registry name; empty → the corpus's or file's name."""
     text_column: str = "text"
     """The column holding the text (jsonl, parquet, csv and HF datasets)."""
     context_length: int = 256
@@ -50,7 +52,7 @@ def check(registry, spec: AddDatasetSpec) -> None:
 
 def plans(job: JobContext, spec: AddDatasetSpec) -> list[Plan]:
     model = need_model(job.registry, spec.model_id)
-    name = spec.name or (Path(spec.source).stem if spec.source != "builtin" else "stdlib-docs")
+    name = spec.name or corpus_name(spec.source) or Path(spec.source).stem
     dataset_id = new_id(slug(name))
     out = str(job.artifacts.dataset(dataset_id))
     params = AddDatasetParams(dataset_id, name, spec.source, out, spec.text_column, spec.context_length,

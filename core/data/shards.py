@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Sequence
+import itertools
+from collections.abc import Sized
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +24,7 @@ import pyarrow.parquet as pq
 from core.errors import UserError
 from core.io import atomic_dir
 from core.progress import Meter
-from core.data.texts import load_texts
+from core.data.texts import CORPORA, corpus_name, iter_texts, load_texts
 
 
 
@@ -107,10 +109,10 @@ def bos_id(tokenizer, prepend_bos: bool) -> int | None:
     return tokenizer.bos_token_id if prepend_bos and tokenizer.bos_token_id is not None else None
 
 
-def tokenize_to_shards(texts: Sequence[str], tokenizer, out_dir, context_length: int = 256,
+def tokenize_to_shards(texts: Iterable[str], tokenizer, out_dir, context_length: int = 256,
                        rows_per_shard: int = 4096,
                        progress: Callable[[dict], None] | None = None,
-                       prepend_bos: bool = True) -> DatasetStats:
+                       prepend_bos: bool = True, total_documents: int | None = None) -> DatasetStats:
     """Tokenize documents, cut each into rows of ≤ context_length tokens, write Parquet shards.
 
     With `prepend_bos` (and a tokenizer that defines BOS) every row is BOS followed by up to
@@ -120,16 +122,18 @@ def tokenize_to_shards(texts: Sequence[str], tokenizer, out_dir, context_length:
     (Llama's add_bos_token) does not give two. Without it, special tokens are added as the
     tokenizer does by default (only a document's first row starts with BOS, for tokenizers that
     add one). Rows shorter than 2 tokens are dropped: they hold no next-token prediction.
-    Everything is written atomically into `out_dir`.
+    Everything is written atomically into `out_dir`. `texts` may be a stream: it is read 256
+    documents at a time and rows go to disk shard by shard, so memory stays bounded whatever
+    the corpus's size; progress counts documents against `total_documents` (or len(texts)).
     """
     if context_length < 2:
         raise UserError(f"context length {context_length} is too small; use at least 2 tokens")
     if rows_per_shard < 1:
         raise UserError(f"rows per shard must be positive, got {rows_per_shard}")
-    texts = list(texts)
-    if not any(isinstance(t, str) and t.strip() for t in texts):
-        raise UserError("no text to tokenize: every document is empty; check the dataset")
-    meter = Meter(progress, "tokenize", total=len(texts), unit="documents")
+    total = len(texts) if isinstance(texts, Sized) else total_documents
+    meter = Meter(progress, "tokenize", total=total, unit="documents")
+    stream = iter(texts)
+    documents = 0
     bos = bos_id(tokenizer, prepend_bos)
     head = np.asarray([] if bos is None else [bos], dtype=np.int32)
     step = context_length - len(head)  # text tokens per row
@@ -137,8 +141,8 @@ def tokenize_to_shards(texts: Sequence[str], tokenizer, out_dir, context_length:
     batch = 256  # documents per tokenizer call: the fast tokenizer parallelises a batch
     with atomic_dir(out_dir) as tmp:
         writer = _ShardWriter(tmp, rows_per_shard)
-        for first in range(0, len(texts), batch):
-            chunk = [t if isinstance(t, str) else "" for t in texts[first:first + batch]]
+        while chunk := [t if isinstance(t, str) else "" for t in itertools.islice(stream, batch)]:
+            first, documents = documents, documents + len(chunk)
             # verbose=False: documents longer than model_max_length are expected; we chunk them.
             encoded = tokenizer(chunk, verbose=False, add_special_tokens=bos is None)["input_ids"]
             for doc_id, ids in enumerate(encoded, start=first):
@@ -153,9 +157,10 @@ def tokenize_to_shards(texts: Sequence[str], tokenizer, out_dir, context_length:
             meter.add(len(chunk))
         writer.flush()
         if not lengths:
-            raise UserError("no rows written: every document is shorter than 2 tokens; check the dataset")
+            raise UserError("no text to tokenize: every document is empty or shorter than 2 tokens; "
+                            "check the dataset")
         arr = np.asarray(lengths)
-        stats = DatasetStats(documents=len(texts), rows=len(arr), tokens=int(arr.sum()),
+        stats = DatasetStats(documents=documents, rows=len(arr), tokens=int(arr.sum()),
                              context_length=context_length, length_hist=_length_hist(arr, context_length),
                              prepend_bos=bos is not None, bos_token_id=bos)
         (tmp / "stats.json").write_text(json.dumps(stats.to_dict(), indent=1))
@@ -211,9 +216,16 @@ def tokenize_dataset(tokenizer, source: str, out_dir: Path, text_column: str = "
     (rows start with BOS when `prepend_bos` and the tokenizer defines one)."""
     if context_length < 2:
         raise UserError(f"context length {context_length} is too short; use --context-length 2 or more")
-    texts = load_texts(source, text_column=text_column, limit=max_documents)
+    name = corpus_name(str(source))
+    if name is None:  # a file or hub dataset: read whole (and checked non-empty) first
+        texts: Iterable[str] = load_texts(source, text_column=text_column, limit=max_documents)
+        total = None
+    else:  # a built-in corpus: streamed
+        texts = iter_texts(source, limit=max_documents)
+        total = CORPORA[name].count()
+        total = min(total, max_documents) if max_documents else total
     return tokenize_to_shards(texts, tokenizer, out_dir, context_length=context_length, progress=progress,
-                              prepend_bos=prepend_bos)
+                              prepend_bos=prepend_bos, total_documents=total)
 
 
 def total_tokens(dataset_dir: Path, max_tokens: int | None) -> int:

@@ -1,20 +1,23 @@
-"""Text datasets: the built-in corpus, user files (.txt/.jsonl/.parquet/.csv) and Hugging Face
-datasets, read as a list of documents."""
+"""Text datasets: the built-in corpora, user files (.txt/.jsonl/.parquet/.csv) and Hugging Face
+datasets, read as documents (the built-in corpora as a stream)."""
 
 from __future__ import annotations
 
 import csv
 import importlib
+import itertools
 import json
 import re
+import sysconfig
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import pyarrow.parquet as pq
 
 from core.errors import UserError
 
 BUILTIN = "builtin"
+"""The first built-in corpus's original name, kept as another name of `stdlib-docs`."""
 MAX_DOC_CHARS = 2000
 FILE_TYPES = (".txt", ".jsonl", ".parquet", ".csv")
 
@@ -83,6 +86,49 @@ def builtin_corpus() -> list[str]:
             sources.append(doc)
     docs = [piece.strip() for text in sources for piece in _split_long(text)]
     return [d for d in docs if d]
+
+
+def _stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise UserError(f"the Python standard library was not found at {root}; "
+                        "use the stdlib-docs corpus or a data file")
+    return [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.relative_to(root).parts]
+
+
+def stdlib_source() -> Iterator[str]:
+    """The Python standard library's own source files, tests included: real code, comments and
+    docstrings (≈ 30 MB, ≈ 10M SmolLM2 tokens), one document per file in path order, read one
+    at a time. Found through `sysconfig`'s stdlib path (the base installation's, also inside a
+    venv); site-packages is left out, and so are the few files that are not UTF-8 (encoding
+    tests)."""
+    for path in _stdlib_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            yield text
+
+
+class Corpus(NamedTuple):
+    about: str
+    documents: Callable[[], Iterable[str]]  # in a fixed order
+    count: Callable[[], int]  # how many (an upper bound where some are skipped), for progress
+
+
+CORPORA: dict[str, Corpus] = {
+    "stdlib-docs": Corpus("The Python standard library's documentation (pydoc topics and module docstrings): "
+                          "real English, ≈ 113k SmolLM2 tokens", builtin_corpus, lambda: len(builtin_corpus())),
+    "stdlib-source": Corpus("The Python standard library's source files, tests included: real code, comments and "
+                            "docstrings, ≈ 10M SmolLM2 tokens", stdlib_source, lambda: len(_stdlib_files())),
+}
+"""The built-in corpora, available offline."""
+
+
+def corpus_name(source: str) -> str | None:
+    """The built-in corpus `source` names ("builtin" is stdlib-docs), or None."""
+    return "stdlib-docs" if source == BUILTIN else source if source in CORPORA else None
 
 
 def _column_error(column: str, where: str, available: Iterable[str]) -> UserError:
@@ -161,16 +207,29 @@ def _looks_like_path(source: str) -> bool:
             or source.lower().endswith(FILE_TYPES) or "\\" in source)
 
 
+def iter_texts(source: str, text_column: str = "text", split: str = "train",
+               limit: int | None = None) -> Iterator[str]:
+    """The non-blank documents of `source`, the first `limit` of them: a built-in corpus is
+    streamed, files and hub datasets are read whole first (`load_texts`)."""
+    name = corpus_name(str(source))
+    if name is None:
+        yield from load_texts(source, text_column, split, limit)
+        return
+    docs = (t for t in CORPORA[name].documents() if t.strip())
+    yield from itertools.islice(docs, limit) if limit is not None else docs
+
+
 def load_texts(source: str, text_column: str = "text", split: str = "train",
                limit: int | None = None) -> list[str]:
-    """Documents from "builtin", a local file or folder of files, or a Hugging Face dataset id.
+    """Documents from a built-in corpus ("stdlib-docs" a.k.a. "builtin", "stdlib-source"), a
+    local file or folder of files, or a Hugging Face dataset id.
 
     Blank documents are dropped; `limit` keeps the first `limit` documents.
     """
     source = str(source)
     path = Path(source).expanduser()
-    if source == BUILTIN:
-        texts: Sequence = builtin_corpus()
+    if corpus_name(source):
+        texts: Sequence = list(iter_texts(source, limit=limit))
     elif path.is_file():
         texts = _read_file(path, text_column)
     elif path.is_dir():

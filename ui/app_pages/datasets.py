@@ -18,7 +18,7 @@ from ui.components.jobs import progress_panel, submit_job
 from ui.components.tokens import visible_token
 
 SOURCES = {
-    "builtin": "Built-in corpus",
+    "builtin": "Built-in corpus",  # one of client.builtin_corpora()
     "path": "File on the server",
     "upload": "Upload a file",
     "hub": "Hugging Face dataset",
@@ -108,11 +108,12 @@ def add_form(client) -> None:
         c = st.columns(2)
         model_id = c[0].selectbox("Model (its tokenizer)", list(models), key="ds-model",
                                   format_func=lambda i: f"{models[i]['name']} — {models[i]['architecture']}")
-        name = c[1].text_input("Name", key="ds-name", placeholder="default: the file's name, or stdlib-docs")
+        name = c[1].text_input("Name", key="ds-name", placeholder="default: the corpus's or the file's name")
         source, upload = client.builtin_dataset(), None
         if kind == "builtin":
-            st.caption("The Python standard library's documentation (pydoc topics and module docstrings): "
-                       "real English, available offline.")
+            corpora = client.builtin_corpora()
+            source = st.selectbox("Corpus", list(corpora), key="ds-corpus", format_func=lambda n: f"{n} — {corpora[n]}",
+                                  help="shipped with Python, available offline")
         elif kind == "path":
             source = st.text_input("Path on the server", key="ds-path",
                                    placeholder="/data/texts.jsonl — .txt, .jsonl, .parquet, .csv, or a folder of them")
