@@ -19,7 +19,7 @@ class AddDatasetSpec:
     """Datasets are tokenized with this model's tokenizer."""
     source: str = "builtin"
     """A built-in corpus ('stdlib-docs' a.k.a. 'builtin': the standard library's documentation;
-    'stdlib-source': its source code, ≈ 10M tokens), a .txt/.jsonl/.parquet/.csv file or a HF dataset id."""
+    'stdlib-source': its source code, ≈ 9M tokens), a .txt/.jsonl/.parquet/.csv file or a HF dataset id."""
     name: str = ""
     """Registry name; empty → the corpus's or file's name."""
     text_column: str = "text"
