@@ -247,7 +247,9 @@ def test_worker_killed_mid_import_imports_every_sae_once(client, tiny_run, tmp_p
 
 def test_worker_killed_mid_analysis_reruns_to_the_same_analysis(client, tiny_run):
     sae_id = tiny_run["job"]["result"]["sae_id"]
-    spec = {"sae_id": sae_id, "config": {"ablation_top": 64, "ablation_contexts": 8}}
+    # Enough ablation forwards that the kill lands mid-job even on a loaded machine (with 8
+    # contexts per latent the job once finished between the progress poll and the kill).
+    spec = {"sae_id": sae_id, "config": {"ablation_top": 64, "ablation_contexts": 24}}
     plain = client.wait(client.submit("analyze", spec), timeout=600)
     assert plain["state"] == "completed", plain["message"]
     first = {f["latent"]: f["analysis"] for f in client.features(sae_id)}
