@@ -71,6 +71,7 @@ def start_head(settings: Settings) -> dict:
            *extra, f"--num-cpus={os.cpu_count() or 1}", "--disable-usage-stats"]
     # `ray start` inherits RAY_AUTH_MODE from actors/__init__.py. The head and its clients authenticate with the token in ~/.ray/auth_token; make one once.
     subprocess.run([ray_exe, "get-auth-token", "--generate"], capture_output=True, check=False)
+    protect_token()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise UserError(f"could not start a local Ray head: {proc.stderr.strip().splitlines()[-1:]}")
@@ -78,6 +79,14 @@ def start_head(settings: Settings) -> dict:
     settings.home.mkdir(parents=True, exist_ok=True)
     head_file(settings).write_text(json.dumps(head))
     return head
+
+
+def protect_token() -> None:
+    """Make Ray's auth token file readable by its owner only (Ray writes it 0644): whoever reads
+    it may run code on the cluster."""
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file():
+        token.chmod(0o600)
 
 
 def connect(settings: Settings, start: bool = True) -> None:

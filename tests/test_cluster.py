@@ -2,6 +2,7 @@
 free ports) and records it under the data root; every later process attaches to it and sees
 the same actors and jobs; `mistudio stop` ends that head and nothing else."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -196,3 +197,46 @@ def test_each_worker_gets_its_gpu(tmp_path, tiny_model_dir, settings, want):
         assert sorted(r["gpus"].values()) == ["0", "1"]
     import torch
     assert r["devices"] == ["cuda" if torch.cuda.is_available() else "cpu"] * 2
+
+
+LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+
+
+def head_processes(port: str) -> list[psutil.Process]:
+    """The processes of the head whose GCS listens on `port`: those named by its session folder
+    (gcs_server, raylet, dashboard, monitors) and all their children (agents, actor workers)."""
+    gcs = [p for p in psutil.process_iter(["cmdline"]) if f"gcs_server_port={port}" in " ".join(p.info["cmdline"] or [])]
+    assert gcs, "the head's gcs_server is not running"
+    session = next(a for a in gcs[0].info["cmdline"] if "session_" in a).split("session_")[1].split("/")[0]
+    named = [p for p in psutil.process_iter(["cmdline"]) if f"session_{session}" in " ".join(p.info["cmdline"] or [])]
+    found = {p.pid: p for p in named}
+    for p in named:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.update({c.pid: c for c in p.children(recursive=True)})
+    return list(found.values())
+
+
+def test_local_head_listens_on_loopback_only(tmp_path):
+    """Every listening socket of the local head (GCS, raylet, object manager, dashboard and its
+    agent, runtime-env agent, Ray client server, the actors' workers) is bound to 127.0.0.1, and
+    the auth token file is its owner's alone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MISTUDIO_", "RAY_"))}
+    env.update(MISTUDIO_HOME=str(tmp_path / "home"), MISTUDIO_WORKER_CPUS="1")
+    try:
+        run_py("from actors.client import Client\nc = Client()\nprint(c.jobs())\n", env)
+        port = json.loads((tmp_path / "home" / "ray_head.json").read_text())["address"].rpartition(":")[2]
+        listening = {}
+        for p in head_processes(port):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for conn in p.net_connections(kind="inet"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        listening[(conn.laddr.ip, conn.laddr.port)] = p.name()
+        names = set(listening.values())
+        assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::JobManager") for n in names), names
+        exposed = {addr: name for addr, name in listening.items() if addr[0] not in LOOPBACK}
+        assert not exposed, exposed
+        assert ("127.0.0.1", int(port)) in listening or ("::ffff:127.0.0.1", int(port)) in listening
+        token = Path.home() / ".ray" / "auth_token"
+        assert token.stat().st_mode & 0o777 == 0o600
+    finally:
+        subprocess.run([sys.executable, "-m", "ui.cli", "stop"], env=env, capture_output=True, text=True)
