@@ -20,14 +20,18 @@ from actors.catalogue import Catalogue
 from core.errors import UserError
 from core.features import FeaturePage, FeatureQuery
 from core.features import store as features_store
-from storage import Artifacts, Registry, Settings
+from storage import Artifacts, Registry, Settings, access
 from storage.registry import FINAL_STATES, IDLE_STATES, SAE, Activation, Dataset, Experiment, Job, Model, Template
 from storage.registry import masked_url
 
 
 class Client(Catalogue):
-    def __init__(self, settings: Settings | None = None, start: bool = True):
+    def __init__(self, settings: Settings | None = None, start: bool = True, confined: bool = False):
+        """`confined`: the dashboard's Client, acting for its users with the server's account:
+        files are read only under the allowed roots and exports written only under the data
+        root's exports/ folder (storage.access). The CLI's Client reads and writes any path."""
         self.settings = settings or Settings.from_env()
+        self.confined = confined
         self.artifacts = Artifacts.of(self.settings)  # a bad MISTUDIO_ARTIFACT_ROOT fails before Ray starts
         cluster.connect(self.settings, start=start)
         self.progress_actor, self.manager = cluster.ensure_actors(self.settings)
@@ -47,6 +51,9 @@ class Client(Catalogue):
         hook and travels with the job in memory only."""
         from actors import jobs
 
+        if self.confined and kind in jobs.names():
+            spec = {**spec, **{f: access.source(str(spec[f]), self.settings)
+                               for f in jobs.get(kind).server_paths if spec.get(f)}}
         hook = jobs.get(kind).secrets if kind in jobs.names() else None  # an unknown kind fails in submit
         secrets = hook(spec, api_key) if hook is not None else None
         return _get(self.manager.submit.remote(kind, spec, secrets, priority))["id"]
@@ -226,6 +233,7 @@ class Client(Catalogue):
         from core import export
         from core.hooks import parse_hook_name
 
+        out = self._export_path(out)
         if fmt not in ("neuronpedia", "bundle"):
             raise UserError(f"export format {fmt!r} is not one of neuronpedia, bundle")
         sae = self._discovered(sae_id)
@@ -243,6 +251,7 @@ class Client(Catalogue):
         """The SAE as a SAELens folder at `out` (what SAELens's own loader reads), written atomically."""
         from core.io import atomic_dir
 
+        out = self._export_path(out)
         sae = self.get(SAE, sae_id)
         if sae is None:
             raise UserError(f"no SAE {sae_id!r}; list them with: mistudio saes list")
@@ -253,6 +262,22 @@ class Client(Catalogue):
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
         return str(Path(out).resolve())
+
+    def server_path(self, path: str) -> str:
+        """A file or folder on the server that this Client may read: resolved and checked
+        against the allowed roots when confined (the dashboard), as given otherwise."""
+        return access.readable(path, self.settings) if self.confined else path
+
+    def readable_roots(self) -> list[str]:
+        """The folders the dashboard may read files from (storage.access.allowed_roots)."""
+        return [str(r) for r in access.allowed_roots(self.settings)]
+
+    def export_folder(self) -> str:
+        """Where the dashboard writes exports: the data root's exports/ folder."""
+        return str(access.export_folder(self.settings))
+
+    def _export_path(self, out: str) -> str:
+        return access.writable(out, self.settings) if self.confined else out
 
     def _discovered(self, sae_id: str) -> dict[str, Any]:
         sae = self.registry.get(SAE, sae_id)

@@ -42,6 +42,10 @@ class Settings:
     artifact_root: str = ""
     """An object-store URI (s3://bucket/prefix, gs://..., file://...) that holds every finished
     artifact; `home` is then this node's working copy (storage.store). Empty: `home` alone."""
+    allowed_roots: str = ""
+    """Folders (separated by ":") whose files the dashboard may read (datasets, models and SAEs
+    from a server path); empty: the data root's imports/ folder and the corpora that ship with
+    Python. The CLI reads any path its user gives."""
     job_stall_s: float = 1200.0
     """Seconds a running job (not one still loading its model) may go without a progress report
     before its worker is taken for hung, killed and the job retried like after a worker death;
@@ -65,6 +69,7 @@ class Settings:
             job_retries=int(env.get("MISTUDIO_JOB_RETRIES") or 1),
             job_stall_s=float(env.get("MISTUDIO_JOB_STALL_S") or 1200),
             artifact_root=env.get("MISTUDIO_ARTIFACT_ROOT", "").strip(),
+            allowed_roots=env.get("MISTUDIO_ALLOWED_ROOTS", ""),
         )
 
     @property
@@ -86,6 +91,7 @@ class Settings:
             "MISTUDIO_JOB_RETRIES": str(d["job_retries"]),
             "MISTUDIO_JOB_STALL_S": str(d["job_stall_s"]),
             "MISTUDIO_ARTIFACT_ROOT": d["artifact_root"],
+            "MISTUDIO_ALLOWED_ROOTS": d["allowed_roots"],
         }
 
 

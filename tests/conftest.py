@@ -97,15 +97,16 @@ def tiny_run(client, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def ui_client(client):
+def ui_client(client, tmp_path_factory):
     """The session's client, with the environment set so the dashboard's own Client() (built
-    by pages run under AppTest in this process) finds the same Ray and registry."""
+    by pages run under AppTest in this process) finds the same Ray and registry; the dashboard
+    may read the session's temporary folders (test models and data files live there)."""
     import os
 
     from ui.components.client import get_client
 
     saved = {k: os.environ.get(k) for k in client.settings.to_env()}
-    os.environ.update(client.settings.to_env())
+    os.environ.update(client.settings.to_env(), MISTUDIO_ALLOWED_ROOTS=str(tmp_path_factory.getbasetemp()))
     get_client.clear()
     yield client
     get_client.clear()

@@ -144,11 +144,28 @@ def test_add_dataset_bad_path_is_one_line_error(tiny_run, ui_client):
     at = run_page(DATASETS)
     rerun(at.radio(key="ds-source-kind").set_value("path"))
     before = {j["id"] for j in ui_client.jobs()}
-    at.text_input(key="ds-path").input("/no/such/dir/texts.jsonl")
+    at.text_input(key="ds-path").input("no-such-dir/texts.jsonl")  # relative: under the first allowed root
     rerun(at.button(key="ds-submit").click())
     (error,) = at.error
-    assert "data file not found: /no/such/dir/texts.jsonl" in error.value and "\n" not in error.value
+    assert "data file not found: no-such-dir/texts.jsonl" in error.value and "\n" not in error.value
     assert not new_jobs(ui_client, before)
+
+
+def test_add_dataset_outside_the_allowed_roots_is_refused(tiny_run, ui_client, tmp_path):
+    """A server file outside MISTUDIO_ALLOWED_ROOTS is refused before it is looked at, also
+    through a symlink or `..` that leads out; a template-free submit is refused the same way."""
+    link = tmp_path / "etc-link"
+    link.symlink_to("/etc")
+    for path in ("/etc/passwd", str(link / "passwd"), f"{tmp_path}/../../../../../../etc/passwd"):
+        at = run_page(DATASETS)
+        rerun(at.radio(key="ds-source-kind").set_value("path"))
+        before = {j["id"] for j in ui_client.jobs()}
+        at.text_input(key="ds-path").input(path)
+        rerun(at.button(key="ds-submit").click())
+        (error,) = at.error
+        assert error.value.startswith(f"{path} is outside the folders the dashboard may read"), error.value
+        assert "MISTUDIO_ALLOWED_ROOTS" in error.value and "\n" not in error.value
+        assert not new_jobs(ui_client, before)
 
 
 # -- Models page -------------------------------------------------------------------------------
@@ -195,10 +212,16 @@ def test_models_page_estimates_memory_of_a_folder(tiny_run, tiny_model_dir, ui_c
 def test_models_page_bad_source_is_one_line_error(tiny_run, ui_client):
     at = run_page(MODELS)
     rerun(at.radio(key="m-source-kind").set_value("folder"))
-    rerun(at.text_input(key="m-source-folder").input("/no/such/model"))
+    rerun(at.text_input(key="m-source-folder").input("no-such-model"))
     (error,) = at.error
-    assert error.value.startswith("model not found: /no/such/model") and "\n" not in error.value
+    assert error.value.startswith("model not found: /") and "no-such-model" in error.value and "\n" not in error.value
     before = {j["id"] for j in ui_client.jobs()}
     rerun(at.button(key="m-submit").click())
-    assert [e.value for e in at.error][-1] == "/no/such/model does not exist on the server; check the path"
+    assert [e.value for e in at.error][-1] == "no-such-model does not exist on the server; check the path"
+    assert not new_jobs(ui_client, before)
+    # a folder outside the allowed roots: refused before its config is read for the estimate
+    rerun(at.text_input(key="m-source-folder").input("/etc"))
+    (error,) = at.error
+    assert error.value.startswith("/etc is outside the folders the dashboard may read")
+    rerun(at.button(key="m-submit").click())
     assert not new_jobs(ui_client, before)

@@ -130,13 +130,23 @@ def test_saes_page_lists_metrics_and_exports(tiny_run, ui_client, tmp_path):
     assert "every position (BOS included)" in meanings.set_index("column").loc["CE score · SAELens", "definition"]
     assert row["source"] == "trained"
     at.selectbox(key="exp-sae").select(sae["id"]).run()
-    at.text_input(key="exp-out").set_value(str(tmp_path / "from-page"))
+    at.text_input(key="exp-out").set_value("from-page")  # a name: under the data root's exports/
     at.button(key="exp-go").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert (tmp_path / "from-page" / "sae_weights.safetensors").is_file()
+    assert (ui_client.settings.home / "exports" / "from-page" / "sae_weights.safetensors").is_file()
+    for outside in (str(tmp_path / "from-page"), "../escaped"):  # the dashboard writes under exports/ only
+        at.text_input(key="exp-out").set_value(outside)
+        at.button(key="exp-go").click().run()
+        assert any(e.value.startswith(f"{outside} is not inside ") for e in at.error), [e.value for e in at.error]
+    assert not (tmp_path / "from-page").exists() and not (ui_client.settings.home / "escaped").exists()
     at.text_input(key="imp-source").set_value("")
     at.button(key="imp-submit").click().run()
     assert any("give a source" in e.value for e in at.error)
+    before = {j["id"] for j in ui_client.jobs()}
+    at.text_input(key="imp-source").set_value("/etc")
+    at.button(key="imp-submit").click().run()
+    assert any(e.value.startswith("/etc is outside the folders the dashboard may read") for e in at.error)
+    assert {j["id"] for j in ui_client.jobs()} == before
 
 
 def test_templates_page_creates_edits_refuses_and_imports(tiny_run, ui_client):

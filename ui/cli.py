@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
-from ui.cli_demo import DEMO_DEFAULTS, cmd_demo, serve
+from ui.cli_demo import DEMO_DEFAULTS, check_host, cmd_demo, serve
 from ui.cli_jobs import cmd_jobs, cmd_run, cmd_templates
 from ui.cli_output import feature_text, run_job, sae_table, show_dataset, show_sae, table
 
@@ -153,8 +153,9 @@ def cmd_steer(a) -> None:
 
 
 def cmd_ui(a) -> None:
+    check_host(a.host)  # before the cluster starts: nothing is left running after a refusal
     client()  # start or attach to the cluster before the app needs it
-    serve(a.port)
+    serve(a.port, a.host)
 
 
 def cmd_stop(a) -> None:
@@ -192,8 +193,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("--priority", type=int, default=0, help="higher starts before lower among queued jobs")
     r.set_defaults(fn=cmd_run)
 
-    u = sub.add_parser("ui", help="serve the dashboard on localhost")
+    u = sub.add_parser("ui", help="serve the dashboard (on localhost unless --host)")
     u.add_argument("--port", type=int, default=8501)
+    u.add_argument("--host", default="localhost",
+                   help="address to listen on, e.g. 0.0.0.0 for every interface; anything but localhost needs "
+                        "MISTUDIO_UI_PASSWORD or OIDC (README: Serving a team)")
     u.set_defaults(fn=cmd_ui)
 
     s = sub.add_parser("stop", help="stop the local Ray head recorded under the data root")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserError
 from ui.cli_output import run_job
 
 DEMO_DEFAULTS = {"layer": 15, "max_tokens": 40_000, "context_length": 256}
@@ -86,9 +87,24 @@ def demo_summary(c, job: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def serve(port: int) -> None:
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def check_host(host: str) -> None:
+    """Serving beyond this machine needs sign-in: a UserError, before anything starts, when
+    neither MISTUDIO_UI_PASSWORD nor an OIDC provider is configured."""
+    from ui.components.signin import PASSWORD_ENV, sign_in_configured
+
+    if host not in LOOPBACK and not sign_in_configured():
+        raise UserError(f"refusing to serve the dashboard on {host} with no sign-in; set {PASSWORD_ENV} or "
+                        "configure OIDC ([auth] in .streamlit/secrets.toml), see README \"Serving a team\"")
+
+
+def serve(port: int, host: str = "localhost") -> None:
+    check_host(host)
     app = Path(__file__).with_name("app.py")
-    print(f"serving the dashboard on http://localhost:{port} (Ctrl-C to stop)")
-    subprocess.run([sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "localhost",
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving the dashboard on http://{shown}:{port} (Ctrl-C to stop)")
+    subprocess.run([sys.executable, "-m", "streamlit", "run", str(app), "--server.address", host,
                     "--server.port", str(port), "--server.headless", "true",
                     "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"], check=False)

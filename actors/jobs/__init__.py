@@ -161,6 +161,9 @@ class Kind:
     """(spec values, the api_key given) → what this run needs that is never stored."""
     steps: tuple[str, ...] = ()
     """The steps a composing kind runs in order (shown as "step 2 of 3")."""
+    server_paths: tuple[str, ...] = ()
+    """Spec fields that may name a file or folder on the server (besides a hub id or a built-in
+    name): the dashboard's Client confines them to the allowed roots (storage.access)."""
     cli: Command | None = None
 
     def info(self) -> dict[str, Any]:

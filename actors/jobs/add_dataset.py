@@ -79,7 +79,7 @@ def record(job: JobContext, spec: AddDatasetSpec, plans: list[Plan], results: li
 
 
 KIND = register(Kind(
-    "add_dataset", AddDatasetSpec, check, plans, run, record,
+    "add_dataset", AddDatasetSpec, check, plans, run, record, server_paths=("source",),
     cli=Command("datasets", "add", positional="source", aliases={"model_id": "model"},
                 defaults={"model_id": EMBEDDED_ID},
                 show=lambda job: f"registered dataset {job['result']['dataset_id']}")))

@@ -101,7 +101,7 @@ def record(job: JobContext, spec: AddModelSpec, plans: list[Plan], results: list
 
 
 KIND = register(Kind(
-    "add_model", AddModelSpec, check, plans, run, record,
+    "add_model", AddModelSpec, check, plans, run, record, server_paths=("source",),
     cli=Command("models", "add", positional="source",
                 choices={"dtype": ("float32", "bfloat16", "float16"), "quantization": models.QUANTIZATIONS},
                 show=lambda job: f"registered model {job['result']['model_id']}")))

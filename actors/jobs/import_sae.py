@@ -119,6 +119,6 @@ def record(job: JobContext, spec: ImportSAESpec, plans: list[Plan], results: lis
 
 
 KIND = register(Kind(
-    "import_sae", ImportSAESpec, check, plans, run, record, execute=execute,
+    "import_sae", ImportSAESpec, check, plans, run, record, execute=execute, server_paths=("source",),
     cli=Command("saes", "import", positional="source", aliases={"model_id": "model", "hook_name": "hook"},
                 show=lambda job: f"imported {', '.join(job['result']['sae_ids'])}")))

@@ -74,11 +74,12 @@ def length_histogram(lengths: np.ndarray, high: int | None = None, bins: int = 4
     return pd.DataFrame({"start": edges[:-1], "end": edges[1:], "count": counts})
 
 
-def check_path(source: str) -> str:
-    """A data file or folder on the server, as AddDatasetSpec wants it; UserError if it is not one."""
+def check_path(client, source: str) -> str:
+    """A data file or folder on the server, inside the allowed roots, as AddDatasetSpec wants it;
+    UserError if it is not one."""
     if not source:
         raise UserError("enter the path of a data file (or folder of them) on the server")
-    path = Path(source).expanduser()
+    path = Path(client.server_path(source))  # outside the allowed roots: refused before it is looked at
     if not path.exists():
         raise UserError(f"data file not found: {source}; check the path")
     file_types = Client.data_file_types()
@@ -116,7 +117,9 @@ def add_form(client) -> None:
                                   help="shipped with Python, available offline")
         elif kind == "path":
             source = st.text_input("Path on the server", key="ds-path",
-                                   placeholder="/data/texts.jsonl — .txt, .jsonl, .parquet, .csv, or a folder of them")
+                                   placeholder="texts.jsonl — .txt, .jsonl, .parquet, .csv, or a folder of them",
+                                   help=f"inside {', '.join(client.readable_roots())}; a relative name is looked "
+                                        "up in the first")
         elif kind == "upload":
             upload = st.file_uploader("File", type=[t.lstrip(".") for t in client.data_file_types()], key="ds-upload",
                                       help="saved under the data root's uploads/ folder, then tokenized")
@@ -137,7 +140,7 @@ def add_form(client) -> None:
         return
     try:
         if kind == "path":
-            source = check_path(source.strip())
+            source = check_path(client, source.strip())
         elif kind == "upload":
             if upload is None:
                 raise UserError("choose a file to upload first")

@@ -49,7 +49,7 @@ def estimate(source: str, dtype: str, quantization: str, batch_size: int, contex
     return vars(est), ""
 
 
-def check_source(kind: str, source: str) -> str:
+def check_source(client, kind: str, source: str) -> str:
     """The source as AddModelSpec wants it; UserError if a local one is missing or of the wrong kind."""
     if kind == "embedded":
         return "embedded"
@@ -57,7 +57,7 @@ def check_source(kind: str, source: str) -> str:
         raise UserError(f"enter a {SOURCES[kind].lower()}")
     if kind == "hub":
         return source
-    path = Path(source).expanduser()
+    path = Path(client.server_path(source))  # outside the allowed roots: refused before it is looked at
     if not path.exists():
         raise UserError(f"{source} does not exist on the server; check the path")
     if kind == "folder" and not (path / "config.json").is_file():
@@ -84,7 +84,7 @@ def models_table(client, models: list[dict[str, Any]]) -> None:
                                                                           help="datasets tokenized for it")})
 
 
-def memory_estimate(kind: str, source: str, dtype: str, quantization: str, trust_remote_code: bool) -> None:
+def memory_estimate(client, kind: str, source: str, dtype: str, quantization: str, trust_remote_code: bool) -> None:
     c = st.columns([1, 1, 3])
     batch_size = c[0].number_input("Batch size (sequences)", min_value=1, value=8, key="m-est-batch-size",
                                    help="for the estimate only: sequences per forward")
@@ -93,6 +93,12 @@ def memory_estimate(kind: str, source: str, dtype: str, quantization: str, trust
     if kind != "embedded" and not source:
         c[2].caption("Enter a source to see its memory estimate.")
         return
+    if kind in ("folder", "gguf"):
+        try:
+            source = client.server_path(source)
+        except UserError as e:
+            st.error(str(e), icon=":material/error:")
+            return
     est, error = estimate("embedded" if kind == "embedded" else source, dtype, quantization, int(batch_size),
                           int(context_length), trust_remote_code)
     if est is None:
@@ -122,12 +128,12 @@ def register_form(client) -> None:
     trust_remote_code = c[3].checkbox("Trust remote code", value=False, key="m-trust-remote-code",
                                       help="run the model repository's own Python code; only for sources you trust")
     st.markdown("**Memory estimate** (read from the config; no weights are loaded)")
-    memory_estimate(kind, source, dtype, quantization, trust_remote_code)
+    memory_estimate(client, kind, source, dtype, quantization, trust_remote_code)
     if not st.button("Register model", type="primary", icon=":material/add:", key="m-submit",
                      disabled=kind != "embedded" and not source):
         return
     try:
-        source = check_source(kind, source)
+        source = check_source(client, kind, source)
     except UserError as e:
         st.error(str(e), icon=":material/error:")
         return

@@ -84,7 +84,8 @@ def export_panel(client, saes: list[dict]) -> None:
                          mime="application/zip", key="exp-zip", icon=":material/download:",
                          help="cfg.json + sae_weights.safetensors: SAELens's SAE.load_from_disk reads it")
     with c[1].form("export_form"):
-        out = st.text_input("…or write it to a folder on the server", key="exp-out")
+        out = st.text_input("…or write it on the server, under exports/", key="exp-out",
+                            help=f"a new folder or file name inside {client.export_folder()}")
         kind = st.radio("As", ["SAELens folder", "Neuronpedia feature JSON", "dashboard bundle"], horizontal=True,
                         key="exp-kind")
         go = st.form_submit_button("Export", key="exp-go")

@@ -22,8 +22,10 @@ def get_client():
     """One Client per dashboard process; settings come from the environment (MISTUDIO_*).
 
     Connecting attaches to the deployment's Ray cluster, starting the local head when none runs.
+    Confined: the dashboard's users read server files only under the allowed roots and export
+    only under the data root's exports/ folder.
     """
-    return Client()
+    return Client(confined=True)
 
 
 def guard(body: Callable[[], None], name: str = "page") -> None:

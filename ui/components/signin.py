@@ -10,18 +10,25 @@ import streamlit as st
 PASSWORD_ENV = "MISTUDIO_UI_PASSWORD"
 
 
-def _oidc_configured() -> bool:
+def oidc_configured() -> bool:
+    """Whether Streamlit's secrets (.streamlit/secrets.toml in the working folder or the home
+    folder) hold an [auth] section; readable before the app runs (`mistudio ui --host`)."""
     try:
         return "auth" in st.secrets
     except FileNotFoundError:  # no secrets.toml at all
         return False
 
 
+def sign_in_configured() -> bool:
+    """A password or an OIDC provider guards the app: what serving beyond localhost requires."""
+    return bool(os.environ.get(PASSWORD_ENV)) or oidc_configured()
+
+
 def signed_in() -> bool:
     """Whether this browser session may see the app; draws the sign-in form when not. Open when
     neither a password (MISTUDIO_UI_PASSWORD) nor an OIDC provider ([auth] in Streamlit's
     secrets.toml, Streamlit's built-in st.login) is configured."""
-    if _oidc_configured():
+    if oidc_configured():
         if st.user.get("is_logged_in"):  # a mapping: absent until the provider has answered
             return True
         st.title("miStudio")

@@ -1,0 +1,127 @@
+"""What the dashboard may touch on the server (storage.access): reads under the allowed roots
+only, exports under the data root's exports/ only, symlinks and `..` resolved first."""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from core.errors import UserError
+from storage import Settings, access
+
+
+@pytest.fixture
+def settings(tmp_path):
+    home = tmp_path / "home"
+    (home / "imports").mkdir(parents=True)
+    (home / "imports" / "notes.txt").write_text("hello")
+    (tmp_path / "secret.txt").write_text("password")
+    return Settings.from_env({"MISTUDIO_HOME": str(home)})
+
+
+def test_default_roots_are_imports_uploads_and_shipped_corpora(settings):
+    roots = access.allowed_roots(settings)
+    assert roots[0] == (settings.home / "imports").resolve()
+    assert (settings.home / "uploads").resolve() in roots
+    assert Path(sysconfig.get_paths()["stdlib"]).resolve() in roots
+    stdlib_file = Path(sysconfig.get_paths()["stdlib"]) / "os.py"
+    assert access.readable(str(stdlib_file), settings) == str(stdlib_file.resolve())
+
+
+def test_reads_inside_the_roots_only(settings, tmp_path):
+    inside = settings.home / "imports" / "notes.txt"
+    assert access.readable(str(inside), settings) == str(inside.resolve())
+    assert access.readable("notes.txt", settings) == str(inside.resolve())  # a name: under imports/
+    for outside in (str(tmp_path / "secret.txt"), "/etc/passwd", "../secret.txt", "../../secret.txt",
+                    f"{settings.home}/imports/../../secret.txt", str(settings.home / "registry.db")):
+        with pytest.raises(UserError, match="is outside the folders the dashboard may read"):
+            access.readable(outside, settings)
+
+
+def test_symlink_out_of_a_root_is_refused(settings, tmp_path):
+    (settings.home / "imports" / "link.txt").symlink_to(tmp_path / "secret.txt")
+    (settings.home / "imports" / "etc").symlink_to("/etc")
+    for given in ("link.txt", str(settings.home / "imports" / "etc" / "passwd"), "etc"):
+        with pytest.raises(UserError, match="outside the folders"):
+            access.readable(given, settings)
+
+
+def test_allowed_roots_setting_replaces_the_default(tmp_path):
+    data = tmp_path / "team-data"
+    data.mkdir()
+    (data / "a.jsonl").write_text("{}")
+    s = Settings.from_env({"MISTUDIO_HOME": str(tmp_path / "home"),
+                           "MISTUDIO_ALLOWED_ROOTS": f"{data}{os.pathsep}{tmp_path / 'more'}"})
+    assert s.to_env()["MISTUDIO_ALLOWED_ROOTS"] == f"{data}{os.pathsep}{tmp_path / 'more'}"
+    assert access.readable("a.jsonl", s) == str(data / "a.jsonl")
+    with pytest.raises(UserError, match="outside"):
+        access.readable(str(tmp_path / "home" / "imports" / "x.txt"), s)  # imports/ is no longer a root
+    assert access.readable(str(tmp_path / "home" / "uploads" / "u.txt"), s)  # uploads/ always is
+
+
+def test_source_tells_paths_from_hub_ids(settings, tmp_path, monkeypatch):
+    assert access.source("builtin", settings) == "builtin"
+    assert access.source("embedded", settings) == "embedded"
+    assert access.source("org/some-dataset", settings) == "org/some-dataset"  # a hub id passes
+    assert access.source("notes.txt", settings) == str((settings.home / "imports" / "notes.txt").resolve())
+    monkeypatch.chdir(tmp_path)  # the server's working folder never matters: a relative path is taken under imports/
+    for given in ("secret.txt", "./secret.txt", "sub/data.parquet"):
+        assert access.source(given, settings) == str((settings.home / "imports" / given).resolve())
+    for given in ("/etc/passwd", "~/x.txt", "../secret.txt", "../home/registry.db"):
+        with pytest.raises(UserError, match="outside the folders"):
+            access.source(given, settings)
+
+
+def test_exports_only_under_exports(settings, tmp_path):
+    root = (settings.home / "exports").resolve()
+    assert access.writable("run-1", settings) == str(root / "run-1")
+    assert access.writable(str(root / "a" / "b.zip"), settings) == str(root / "a" / "b.zip")
+    (settings.home / "exports").mkdir()
+    (settings.home / "exports" / "out").symlink_to(tmp_path)
+    for bad in ("", ".", "../x", str(tmp_path / "x"), "/etc/cron.d/x", "out/x", str(settings.home / "saes")):
+        with pytest.raises(UserError, match="is not inside"):
+            access.writable(bad, settings)
+
+
+# -- mistudio ui --host: closed by default ---------------------------------------------------------
+def run_cli(args: list[str], cwd: Path, **env: str):
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MISTUDIO_", "RAY_"))}
+    base.update(HOME=str(cwd), PYTHONPATH=str(Path(__file__).resolve().parents[1]), **env)
+    return subprocess.run([sys.executable, "-m", "ui.cli", *args], cwd=cwd, env=base, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_ui_beyond_localhost_needs_sign_in(tmp_path):
+    home = tmp_path / "home"
+    out = run_cli(["ui", "--host", "0.0.0.0", "--port", "1"], tmp_path, MISTUDIO_HOME=str(home))
+    assert out.returncode != 0
+    assert out.stderr.strip() == ("error: refusing to serve the dashboard on 0.0.0.0 with no sign-in; set "
+                                  "MISTUDIO_UI_PASSWORD or configure OIDC ([auth] in .streamlit/secrets.toml), "
+                                  'see README "Serving a team"')
+    assert not (home / "ray_head.json").exists()  # refused before any Ray head started
+
+
+def test_sign_in_configured_by_password_or_oidc(tmp_path, monkeypatch):
+    from ui.cli_demo import check_host
+
+    monkeypatch.delenv("MISTUDIO_UI_PASSWORD", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    check_host("localhost")
+    check_host("127.0.0.1")
+    with pytest.raises(UserError, match="refusing to serve the dashboard on 10.0.0.5"):
+        check_host("10.0.0.5")
+    monkeypatch.setenv("MISTUDIO_UI_PASSWORD", "team-password")
+    check_host("10.0.0.5")
+    monkeypatch.delenv("MISTUDIO_UI_PASSWORD")
+    (tmp_path / ".streamlit").mkdir()
+    (tmp_path / ".streamlit" / "secrets.toml").write_text(
+        '[auth]\nredirect_uri = "https://studio.example/oauth2callback"\ncookie_secret = "s"\nclient_id = "c"\n'
+        'client_secret = "x"\nserver_metadata_url = "https://idp.example/.well-known/openid-configuration"\n')
+    check_host("0.0.0.0")
