@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -267,6 +268,22 @@ class Client(Catalogue):
         """A file or folder on the server that this Client may read: resolved and checked
         against the allowed roots when confined (the dashboard), as given otherwise."""
         return access.readable(path, self.settings) if self.confined else path
+
+    def masked(self, url: str) -> str:
+        """A URL (database, object store, endpoint) with any password hidden, for showing."""
+        return masked_url(url) if url else url
+
+    def server_label_endpoint(self) -> str:
+        """The labeling endpoint the server's MISTUDIO_LABEL_API_KEY is bound to ("" when none)."""
+        from core.interp import BASE_URL_ENV
+
+        return os.environ.get(BASE_URL_ENV, "").strip()
+
+    def check_label_endpoint(self, base_url: str) -> None:
+        """UserError unless `base_url` is an http(s) URL (what a labeling job accepts)."""
+        from core.interp import check_url
+
+        check_url(base_url)
 
     def readable_roots(self) -> list[str]:
         """The folders the dashboard may read files from (storage.access.allowed_roots)."""

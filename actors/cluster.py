@@ -26,6 +26,7 @@ from actors.progress import ProgressActor
 from actors.worker import NAMESPACE
 from core.errors import UserError
 from storage import Settings
+from storage.registry import masked_url
 
 
 def _free_port() -> int:
@@ -116,7 +117,8 @@ def ensure_actors(settings: Settings):
     manager = JobManager.options(name="job_manager", **opts).remote(settings.to_env())
     theirs = ray.get(manager.database_url.remote())
     if theirs != settings.database_url:  # one cluster serves one registry
-        raise UserError(f"the Ray cluster already serves the registry {theirs}, not {settings.database_url}; "
+        raise UserError(f"the Ray cluster already serves the registry {masked_url(theirs)}, not "
+                        f"{masked_url(settings.database_url)}; "
                         "use the same MISTUDIO_HOME / MISTUDIO_DATABASE_URL, or another cluster")
     return progress, manager
 

@@ -36,7 +36,11 @@ def open_root(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
         fs, base = pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as e:  # (pyarrow's ArrowInvalid and ArrowIOError are these)
-        raise UserError(f"MISTUDIO_ARTIFACT_ROOT={uri!r} cannot be opened ({str(e).splitlines()[0]}); "
+        from storage.registry import masked_url  # (no password of the URI in the message, nor in pyarrow's)
+
+        shown = masked_url(uri)
+        reason = (str(e).splitlines() or [type(e).__name__])[0].replace(uri, shown)
+        raise UserError(f"MISTUDIO_ARTIFACT_ROOT={shown!r} cannot be opened ({reason}); "
                         "give a URI such as s3://bucket/prefix or file:///shared/path") from None
     return fs, base.rstrip("/")
 

@@ -125,3 +125,29 @@ def test_sign_in_configured_by_password_or_oidc(tmp_path, monkeypatch):
         '[auth]\nredirect_uri = "https://studio.example/oauth2callback"\ncookie_secret = "s"\nclient_id = "c"\n'
         'client_secret = "x"\nserver_metadata_url = "https://idp.example/.well-known/openid-configuration"\n')
     check_host("0.0.0.0")
+
+
+def test_no_setting_is_echoed_with_its_password(tmp_path):
+    from storage.store import open_root
+
+    with pytest.raises(UserError) as e:
+        open_root("nope://key:Sup3rSecret@bucket/prefix")
+    assert "Sup3rSecret" not in str(e.value) and "key:***@bucket" in str(e.value)
+    from core.interp import OpenAILabeler
+
+    with pytest.raises(UserError) as e:
+        OpenAILabeler("ftp://me:Sup3rSecret@host/v1", "m")
+    assert "Sup3rSecret" not in str(e.value)
+
+
+def test_free_text_is_made_literal_for_markdown():
+    import re
+
+    from ui.components.formatting import literal
+
+    text = "**bold** ![x](http://example.invalid/x.png) <img src=x> :red[x] $x^2$ # h `c` a\\b"
+    shown = literal(text)
+    assert re.sub(r"\\(.)", r"\1", shown) == text  # unescaping gives the text back: nothing lost
+    unescaped = re.sub(r"\\.", "", shown)  # what is left outside escapes holds no markup character
+    assert not set(unescaped) & set("\\`*_{}[]()<>#+-.!|~$:&=^")
+    assert literal("plain words 42") == "plain words 42"

@@ -170,3 +170,35 @@ def test_steering_comparison(page):
     assert page.get_by_text("Saved as experiment").count() == 1
     page.screenshot(path=str(ARTIFACTS / "steering.png"), full_page=True)
     _no_error(page)
+
+
+def test_a_label_with_markdown_shows_as_typed(page):
+    """A label is free text: its Markdown (bold, an image link) is shown literally, and no
+    viewer's browser fetches the image."""
+    fetched = []
+    page.on("request", lambda r: fetched.append(r.url) if "example.invalid" in r.url else None)
+    label = "**bold** ![x](http://example.invalid/x.png)"
+    _open(page, "Features")
+    page.get_by_text(re.compile(r"Top \d+ contexts")).first.wait_for()
+    page.get_by_text("Edit label").first.click()
+    page.get_by_label("Name").fill(label)
+    page.get_by_role("button", name="Save label").click()
+    page.get_by_role("heading", name=re.compile(r"^Latent \d+: \*\*bold\*\* !\[x\]")).first.wait_for()
+    heading = page.get_by_role("heading", name=re.compile(r"^Latent \d+"))
+    assert heading.count() == 1 and heading.inner_text().endswith(label), heading.inner_text()
+    assert heading.locator("strong, img, a").count() == 0
+    assert page.locator("img[src*='example.invalid']").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "feature-markdown-label.png"), full_page=True)
+    assert not fetched, fetched
+    _no_error(page)
+
+
+def test_a_server_path_outside_the_allowed_roots_is_refused(page):
+    _open(page, "Datasets")
+    page.get_by_text("File on the server").first.click()
+    page.get_by_label("Path on the server").fill("/etc/passwd")
+    page.get_by_role("button", name="Add dataset").click()
+    page.get_by_text("/etc/passwd is outside the folders the dashboard may read").first.wait_for()
+    assert page.get_by_text("Submitted add_dataset job").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "datasets-refused-path.png"), full_page=True)
+    _no_error(page)

@@ -338,18 +338,57 @@ def test_openai_labeler_over_http_sends_the_key_as_bearer_only(server, tiny):
 def test_the_key_comes_from_the_argument_then_the_environment(server, monkeypatch):
     monkeypatch.delenv("MISTUDIO_LABEL_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("MISTUDIO_LABEL_BASE_URL", server + "/v1")
     hi = [{"role": "user", "content": "hi"}]
     OpenAILabeler(server + "/v1", "m").complete(hi, max_tokens=1)
     assert ChatServer.seen[-1]["auth"] is None  # no key: no header
     monkeypatch.setenv("OPENAI_API_KEY", "from-openai-env")
-    OpenAILabeler(server + "/v1", "m").complete(hi, max_tokens=1)
+    OpenAILabeler(server + "/v1/", "m").complete(hi, max_tokens=1)  # the same endpoint, spelled differently
     assert ChatServer.seen[-1]["auth"] == "Bearer from-openai-env"
     monkeypatch.setenv("MISTUDIO_LABEL_API_KEY", SECRET)
+    monkeypatch.setenv("MISTUDIO_LABEL_BASE_URL", server + "/auth/v1")
     lab = OpenAILabeler(server + "/auth/v1", "m")
     lab.complete(hi, max_tokens=1)  # /auth accepts only SECRET
     assert ChatServer.seen[-1]["auth"] == f"Bearer {SECRET}"
     with pytest.raises(UserError, match=r"answered HTTP 401 \(Incorrect API key provided\); check the API key"):
         OpenAILabeler(server + "/auth/v1", "m", api_key="wrong").complete(hi)
+
+
+def test_the_environment_key_goes_only_to_its_bound_endpoint(server, monkeypatch):
+    """A server's MISTUDIO_LABEL_API_KEY is sent to MISTUDIO_LABEL_BASE_URL only: a base URL a
+    user typed (another host, port, path or scheme) gets no Authorization header at all."""
+    from actors.jobs.label import secrets
+    from core.interp import environment_key
+
+    hi = [{"role": "user", "content": "hi"}]
+    monkeypatch.setenv("MISTUDIO_LABEL_API_KEY", SECRET)
+    monkeypatch.delenv("MISTUDIO_LABEL_BASE_URL", raising=False)
+    OpenAILabeler(server + "/v1", "m").complete(hi, max_tokens=1)  # no binding: the key goes nowhere
+    assert ChatServer.seen[-1]["auth"] is None
+    bound = "https://labels.internal.example/v1"
+    monkeypatch.setenv("MISTUDIO_LABEL_BASE_URL", bound)
+    OpenAILabeler(server + "/v1", "m").complete(hi, max_tokens=1)  # a user's endpoint: no key
+    assert ChatServer.seen[-1]["auth"] is None
+    assert environment_key(bound) == SECRET and environment_key("HTTPS://Labels.internal.example:443/v1/") == SECRET
+    assert environment_key(bound + "/chat/completions") == SECRET
+    for other in ("http://labels.internal.example/v1", "https://labels.internal.example:8443/v1",
+                  "https://labels.internal.example/v2", "https://evil.example/v1",
+                  "https://labels.internal.example.evil.example/v1", "https://x@evil.example/v1"):
+        assert environment_key(other) == "", other
+    # what the dashboard's submit sends with the job: the server key for its endpoint only
+    assert secrets({"method": "openai", "base_url": bound}, None) == {"api_key": SECRET}
+    assert secrets({"method": "openai", "base_url": server + "/v1"}, None) is None
+    assert secrets({"method": "openai", "base_url": server + "/v1"}, "users-own") == {"api_key": "users-own"}
+
+
+def test_labeling_endpoints_are_http_only():
+    from actors.jobs.label import LabelSpec, check
+
+    for bad in ("file:///etc/passwd", "ftp://host/v1", "gopher://x", "http://", "127.0.0.1:8000/v1"):
+        with pytest.raises(UserError, match="is not an http\\(s\\) URL"):
+            OpenAILabeler(bad, "m")
+        with pytest.raises(UserError, match="is not an http\\(s\\) URL"):
+            check(None, LabelSpec(sae_id="s", method="openai", base_url=bad, endpoint_model="m"))
 
 
 @pytest.mark.parametrize("route, message", [

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from ui.components.formatting import literal
+
 UI = Path(__file__).resolve().parents[1] / "ui"
 APP, JOBS, FEATURES = str(UI / "app.py"), str(UI / "app_pages" / "jobs.py"), str(UI / "app_pages" / "features.py")
 SYSTEM = str(UI / "app_pages" / "system.py")
@@ -69,7 +71,7 @@ def test_jobs_page_lists_completed_run(tiny_run, ui_client):
     assert any("Nothing is running" in c.value for c in at.caption)
     latest = ui_client.jobs()[0]  # other tests may have finished jobs since the tiny run
     assert f"`{latest['id']}` — **{latest['state']}**" in " ".join(m.value for m in at.markdown)
-    assert latest["message"] in " ".join(c.value for c in at.caption)
+    assert literal(latest["message"]) in " ".join(c.value for c in at.caption)  # shown as text, not Markdown
     if latest["state"] == "completed":
         assert at.progress and at.progress[0].value == 100
         chartable = any(k in p for p in ui_client.history(latest["id"]) for k in ("samples_per_s", "loss"))
@@ -207,6 +209,29 @@ def test_features_page_asks_the_client_for_one_page_at_a_time(tiny_run, ui_clien
     assert not at.exception and (calls[-1]["offset"], calls[-1]["limit"]) == (1000, 500)
     at.selectbox(key="order_by").select("max_act").run()
     assert (calls[-1]["offset"], calls[-1]["order_by"]) == (0, "max_act")
+
+
+MARKDOWN_LABEL = "**bold** ![x](http://example.invalid/x.png)"
+
+
+def test_labels_and_descriptions_render_as_text(tiny_run, ui_client):
+    """A label holding Markdown (an image link that would make every viewer's browser fetch it)
+    is shown as typed: escaped in the header and the caption, never rendered."""
+    sae_id = tiny_run["job"]["result"]["sae_id"]
+    latent = next(f["latent"] for f in ui_client.features(sae_id) if f["n_fired"] > 0)
+    description = "see <img src=http://example.invalid/y.png> and :red[alarm]"
+    ui_client.set_label(sae_id, latent, MARKDOWN_LABEL, "other", description)
+    try:
+        at = run_page(FEATURES)
+        at.selectbox(key="sae").select(sae_id).run()
+        at.selectbox(key="latent").select(latent).run()
+        assert not at.exception, [e.value for e in at.exception]
+        header = next(m.value for m in at.markdown if m.value.startswith(f"### Latent {latent}:"))
+        assert header == f"### Latent {latent}: {literal(MARKDOWN_LABEL)}"
+        assert "![x](" not in header and "**bold**" not in header
+        assert literal(description) in " ".join(c.value for c in at.caption)
+    finally:
+        ui_client.set_label(sae_id, latent, "", "other", "")
 
 
 def test_feature_page_label_editing_and_jobs(tiny_run, ui_client):

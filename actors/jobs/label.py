@@ -4,7 +4,6 @@ person writes by hand."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,9 @@ LABEL_METHODS = ("heuristic", "local", "openai")
 @dataclass
 class LabelSpec:
     """Label features: heuristic (no model), local (a registered Hugging Face model) or openai
-    (an OpenAI-compatible endpoint; its key from MISTUDIO_LABEL_API_KEY of the submitting process)."""
+    (an OpenAI-compatible endpoint: the worker POSTs feature contexts to `base_url`; its key is
+    the one given, or the submitting process's MISTUDIO_LABEL_API_KEY when `base_url` is that
+    process's MISTUDIO_LABEL_BASE_URL)."""
 
     sae_id: str
     """The SAE, once its features are discovered."""
@@ -66,6 +67,10 @@ def check(registry, spec: LabelSpec) -> None:
         raise UserError(f"labeling method {spec.method!r} is not one of {', '.join(LABEL_METHODS)}")
     if spec.method == "openai" and not (spec.base_url and spec.endpoint_model):
         raise UserError("openai labeling needs base_url (e.g. http://127.0.0.1:8000/v1) and endpoint_model")
+    if spec.method == "openai":
+        from core.interp import check_url
+
+        check_url(spec.base_url)
     if spec.limit < 0:
         raise UserError(f"limit={spec.limit} must be 0 (all) or more")
     if registry is None:
@@ -80,12 +85,13 @@ def check(registry, spec: LabelSpec) -> None:
 
 def secrets(values: dict[str, Any], api_key: str | None) -> dict[str, str] | None:
     """An openai labeling's endpoint key: given, or this process's MISTUDIO_LABEL_API_KEY /
-    OPENAI_API_KEY; it travels with the job in memory only."""
+    OPENAI_API_KEY when the job's base_url is the endpoint that key is bound to
+    (MISTUDIO_LABEL_BASE_URL), never a URL a user typed; it travels with the job in memory only."""
     if values.get("method") != "openai":
         return None
-    from core.interp import KEY_ENV
+    from core.interp import environment_key
 
-    key = api_key or next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), "")
+    key = api_key or environment_key(str(values.get("base_url") or ""))
     return {"api_key": key} if key else None
 
 

@@ -17,11 +17,12 @@ from core.interp.types import (CATEGORIES, EndpointError, EndpointUnreachable, F
 from core.interp.explainers.heuristic import heuristic_label
 from core.interp.explainers.llm import DEFAULT_TEMPLATE, PLACEHOLDERS, PromptTemplate, parse_label
 from core.interp.clients.local import LocalLabeler
-from core.interp.clients.openai import KEY_ENV, OpenAILabeler
+from core.interp.clients.openai import BASE_URL_ENV, KEY_ENV, OpenAILabeler, check_url, environment_key
 from core.interp.scorers.detection import DETECT_QUESTION, DetectionResult, detection_score
 from core.interp.label import Labeled, label_features, label_many
 
-__all__ = ["CATEGORIES", "DEFAULT_TEMPLATE", "DETECT_QUESTION", "KEY_ENV", "PLACEHOLDERS", "DetectionResult",
-           "EndpointError", "EndpointUnreachable", "FeatureContext", "Label", "Labeled", "LocalLabeler",
-           "OpenAILabeler", "PromptTemplate", "detection_score", "heuristic_label", "label_features", "label_many",
-           "marked", "parse_label"]
+__all__ = ["BASE_URL_ENV", "CATEGORIES", "DEFAULT_TEMPLATE", "DETECT_QUESTION", "KEY_ENV",
+           "PLACEHOLDERS", "check_url", "detection_score", "DetectionResult", "EndpointError",
+           "EndpointUnreachable", "environment_key", "FeatureContext", "heuristic_label", "Label",
+           "label_features", "label_many", "Labeled", "LocalLabeler", "marked", "OpenAILabeler",
+           "parse_label", "PromptTemplate"]

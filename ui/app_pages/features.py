@@ -11,7 +11,7 @@ import streamlit as st
 
 from ui.components.charts import line_charts
 from ui.components.client import get_client, guard
-from ui.components.formatting import fmt_number
+from ui.components.formatting import fmt_number, literal
 from ui.components.forms import LABEL_ENDPOINT as ENDPOINT
 from ui.components.tokens import token_html, top_token_text
 
@@ -160,14 +160,14 @@ def feature_page(client, sae: dict[str, Any], doc: dict[str, Any]) -> None:
         st.write(", ".join(f"#{x['latent']} ×{x['count']}" for x in doc["coactive_features"][:8]) or "–")
     with n:
         st.markdown("**NLP summary**")
-        st.write((doc.get("nlp") or {}).get("summary") or "–")
+        st.text((doc.get("nlp") or {}).get("summary") or "–")  # words of the contexts: text, never Markdown
     ab = doc.get("ablation") or {}
     if "mean_delta_loss_at_max" in ab:
         st.markdown(f"**Ablation effect** (measured on {ab['n_contexts']} top contexts): next-token loss "
                     f"{ab['mean_delta_loss_at_max']:+.4f} nats at the max token, {ab['mean_delta_loss_after']:+.4f} "
-                    f"on average after it; prediction falls most for {', '.join(repr(t) for t in ab['dropped_str'][:5])}.")
+                    f"on average after it; prediction falls most for {literal(', '.join(repr(t) for t in ab['dropped_str'][:5]))}.")
     elif ab.get("error"):
-        st.caption(f"Ablation: {ab['error']}")
+        st.caption(f"Ablation: {literal(ab['error'])}")
     detection = doc.get("detection")
     if detection:
         st.caption(f"Label detection score: balanced accuracy {detection['balanced_accuracy']:.2f} "
@@ -204,9 +204,11 @@ def _context_rows(acts: list[dict[str, Any]], max_act: float, ranges: bool = Fal
 def label_editor(client, sae: dict[str, Any], doc: dict[str, Any]) -> None:
     ex = doc["explanation"]
     latent = doc["feature_index"]
-    st.markdown(f"### Latent {latent}: {html.escape(ex['name']) or '_no label yet_'}")
+    # a label and its description are free text (a person's or a model's): shown as typed, never as Markdown
+    st.markdown(f"### Latent {latent}: {literal(ex['name']) or '_no label yet_'}")
     if ex["name"]:
-        st.caption(f"{ex['category']} · by {ex['source']}" + (f" · {ex['description']}" if ex["description"] else ""))
+        st.caption(literal(f"{ex['category']} · by {ex['source']}" + (f" · {ex['description']}" if ex["description"]
+                                                                      else "")))
     with st.expander("Edit label"):
         with st.form(key=f"label-{sae['id']}-{latent}"):
             name = st.text_input("Name", value=ex["name"], key=f"label_name-{latent}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from actors.client import UserError
 from ui.components.client import get_client, guard
 from ui.components.forms import LABEL_ENDPOINT as ENDPOINT
 
@@ -34,14 +35,19 @@ def deployment(client) -> None:
          "environment variable": "MISTUDIO_JOB_RETRIES"},
         {"setting": "seconds without progress before a worker counts as hung",
          "value": f"{s.job_stall_s:g}" if s.job_stall_s > 0 else "never", "environment variable": "MISTUDIO_JOB_STALL_S"},
-        {"setting": "artifact store", "value": s.artifact_root or "none (the data root alone)",
+        {"setting": "artifact store", "value": client.masked(s.artifact_root) or "none (the data root alone)",
          "environment variable": "MISTUDIO_ARTIFACT_ROOT"},
+        {"setting": "server files the dashboard may read", "value": " : ".join(client.readable_roots()),
+         "environment variable": "MISTUDIO_ALLOWED_ROOTS"},
+        {"setting": "where the dashboard writes exports", "value": client.export_folder(), "environment variable": ""},
+        {"setting": "labeling endpoint of the server's key", "value": client.masked(client.server_label_endpoint())
+         or "none (the server's key is sent nowhere)", "environment variable": "MISTUDIO_LABEL_BASE_URL"},
     ], hide_index=True, key="settings-table")
     st.caption("These come from the environment of `mistudio ui`; set the variables and restart it to change them "
                "(every CLI command and the dashboard read the same ones).")
 
 
-def endpoint_form() -> None:
+def endpoint_form(client) -> None:
     current = labeling_endpoint() or {}
     with st.form("endpoint_form"):
         base_url = st.text_input("Base URL", value=current.get("base_url", ""), placeholder="http://127.0.0.1:8000/v1",
@@ -49,17 +55,21 @@ def endpoint_form() -> None:
         model = st.text_input("Model name", value=current.get("model", ""), key="endpoint-model")
         api_key = st.text_input("API key", type="password", key="endpoint-key",
                                 help="kept in this browser session's memory only and sent with each labeling job; "
-                                     "empty: the dashboard's MISTUDIO_LABEL_API_KEY or OPENAI_API_KEY")
+                                     "empty: no key, unless the Base URL is the server's own endpoint "
+                                     "(MISTUDIO_LABEL_BASE_URL), which gets the server's key")
         c = st.columns(2)
         saved = c[0].form_submit_button("Use this endpoint", type="primary", key="endpoint-save")
         cleared = c[1].form_submit_button("Forget it", key="endpoint-clear")
     if saved:
-        if not base_url.startswith(("http://", "https://")):
-            st.error(f"{base_url!r} is not an http(s) URL; give the API root, e.g. http://127.0.0.1:8000/v1",
-                     icon=":material/error:")
+        try:
+            client.check_label_endpoint(base_url)
+        except UserError as e:
+            st.error(str(e), icon=":material/error:")
             return
+        # a key typed for another endpoint is not carried over to this one
+        kept = current.get("api_key", "") if current.get("base_url") == base_url.strip() else ""
         st.session_state[ENDPOINT] = {"base_url": base_url.strip(), "model": model.strip() or "default",
-                                      "api_key": api_key or current.get("api_key", "")}
+                                      "api_key": api_key or kept}
         st.success("The Features page's Auto-label now offers this endpoint (method “openai”).",
                    icon=":material/check_circle:")
     if cleared:
@@ -67,7 +77,7 @@ def endpoint_form() -> None:
         st.info("Forgotten.", icon=":material/info:")
     if labeling_endpoint():
         e = labeling_endpoint()
-        st.caption(f"In use: `{e['base_url']}`, model `{e['model']}`, key {'set' if e['api_key'] else 'not set'}.")
+        st.text(f"In use: {e['base_url']}, model {e['model']}, key {'set' if e['api_key'] else 'not set'}.")
 
 
 def page() -> None:
@@ -77,8 +87,9 @@ def page() -> None:
     deployment(client)
     st.subheader("Labeling endpoint")
     st.caption("Any OpenAI-compatible chat-completions server (OpenAI, vLLM, llama.cpp, Ollama) can write feature "
-               "labels. The key is never written to disk or the registry.")
-    endpoint_form()
+               "labels: the model worker POSTs feature contexts to the address given here. The key is never written "
+               "to disk or the registry.")
+    endpoint_form(client)
 
 
 guard(page)

@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from ui.components.client import get_client, guard
+from ui.components.formatting import literal
 from ui.components.tokens import top_token_text
 
 MODES = {"compare": "compare — each feature alone", "blend": "blend — all features together",
@@ -97,7 +98,7 @@ def page() -> None:
         with st.spinner(f"Generating on the model worker (job {job_id})…"):
             job = client.wait(job_id, poll=0.3)
         if job["state"] != "completed":
-            st.error(f"Steering {job['state']}: {job['message']}")
+            st.error(f"Steering {job['state']}: {literal(job['message'])}")
         else:
             st.session_state["steer_last"] = job["result"]
     last = st.session_state.get("steer_last")

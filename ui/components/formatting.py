@@ -1,9 +1,23 @@
-"""Numbers, byte sizes and durations as every page prints them ("–" for a missing value)."""
+"""Numbers, byte sizes and durations as every page prints them ("–" for a missing value), and
+free text made literal for Markdown elements."""
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
+
+_MARKUP = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:&=\"'^])")
+"""ASCII punctuation that Markdown, GitHub's extensions or Streamlit's own (colors, icons,
+LaTeX) give a meaning; CommonMark lets a backslash make any of them literal."""
+
+
+def literal(text: Any) -> str:
+    """Free text from users or models (labels, descriptions, names, file names, NLP summaries, job
+    messages) for an element that renders Markdown (st.markdown, st.caption, st.error, ...):
+    every markup character escaped, so `**x**` shows its asterisks, `![x](url)` fetches nothing
+    and `<b>` is not HTML."""
+    return _MARKUP.sub(r"\\\1", str(text))
 
 
 def fmt_duration(seconds: float | None) -> str:

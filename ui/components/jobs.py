@@ -17,7 +17,7 @@ import streamlit as st
 from actors.client import Client, UserError
 from ui.components.charts import job_charts
 from ui.components.client import guard
-from ui.components.formatting import fmt_duration, fmt_number
+from ui.components.formatting import fmt_duration, fmt_number, literal
 
 # Whose definition a live training number follows (the SAEs page lists the final ones).
 LIVE_HELP = {"FVU": "miStudio's FVU, Σ‖x − x̂‖² / Σ‖x − x̄‖², on the held-out activations (special tokens and "
@@ -100,7 +100,7 @@ def job_card(client, job: dict[str, Any], active: bool) -> None:
     elif job.get("started_at") and job.get("finished_at"):
         bits.append(f"took {fmt_duration((job['finished_at'] - job['started_at']).total_seconds())}")
     if bits:
-        st.caption(" · ".join(bits))
+        st.caption(literal(" · ".join(bits)))  # a job's message may quote names and files users typed
     live = [("loss", "loss", 4), ("fvu", "FVU", 4), ("l0", "L0", 3), ("dead_frac", "dead", None),
             ("features_in_heap", "features with examples", None), ("heap_examples_count", "examples", None)]
     shown = [(label, p[k], d) for k, label, d in live if _num(p.get(k)) is not None]

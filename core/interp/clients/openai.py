@@ -19,6 +19,38 @@ from core.interp.types import EndpointError, EndpointUnreachable, FeatureContext
 
 KEY_ENV = ("MISTUDIO_LABEL_API_KEY", "OPENAI_API_KEY")
 """Environment variables an endpoint's API key is read from, in this order."""
+BASE_URL_ENV = "MISTUDIO_LABEL_BASE_URL"
+"""The one endpoint the environment's key is sent to: a server's key must never reach an
+address a user typed (they bring their own key for that)."""
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _endpoint(url: str) -> tuple[str, str, int | None, str]:
+    """What makes two base URLs the same endpoint: scheme, host, port, API root path."""
+    u = urllib.parse.urlsplit(url.strip())
+    try:
+        port = u.port or _DEFAULT_PORTS.get(u.scheme.lower())
+    except ValueError:  # a malformed port names no endpoint
+        port = -1
+    path = u.path.rstrip("/").removesuffix("/chat/completions").rstrip("/")
+    return u.scheme.lower(), (u.hostname or "").lower(), port, path
+
+
+def environment_key(base_url: str) -> str:
+    """The environment's API key (MISTUDIO_LABEL_API_KEY, else OPENAI_API_KEY) when `base_url`
+    is the endpoint it is bound to (MISTUDIO_LABEL_BASE_URL), else "": no binding, no key."""
+    bound = os.environ.get(BASE_URL_ENV, "").strip()
+    if not bound or _endpoint(bound) != _endpoint(base_url):
+        return ""
+    return next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), "")
+
+
+def check_url(base_url: str) -> None:
+    """A labeling endpoint must be an http(s) URL with a host (no file:, ftp:, ... schemes)."""
+    u = urllib.parse.urlsplit(base_url.strip())
+    if u.scheme.lower() not in ("http", "https") or not u.hostname:
+        raise UserError(f"labeling endpoint {_public_url(base_url)!r} is not an http(s) URL; give one like "
+                        "http://127.0.0.1:8000/v1")
 
 
 def _public_url(url: str) -> str:
@@ -31,22 +63,21 @@ def _public_url(url: str) -> str:
 class OpenAILabeler:
     """Any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp's server,
     Ollama, ...) over plain HTTP(S). `base_url` is the API root (usually ending in /v1) or the
-    full .../chat/completions URL. The API key comes from `api_key` or the environment
-    (MISTUDIO_LABEL_API_KEY, else OPENAI_API_KEY); it is sent only as a Bearer header and never
-    logged, stored, shown in repr or put in an error message."""
+    full .../chat/completions URL. The API key comes from `api_key`, or from the environment
+    (MISTUDIO_LABEL_API_KEY, else OPENAI_API_KEY) only when `base_url` is MISTUDIO_LABEL_BASE_URL;
+    it is sent only as a Bearer header and never logged, stored, shown in repr or put in an
+    error message."""
 
     def __init__(self, base_url: str, model: str = "default", api_key: str | None = None, timeout: float = 60.0,
                  max_tokens: int = 200):
-        if not base_url.startswith(("http://", "https://")):
-            raise UserError(f"labeling endpoint {base_url!r} is not an http(s) URL; give one like "
-                            "http://127.0.0.1:8000/v1")
-        base = base_url.rstrip("/")
+        check_url(base_url)
+        base = base_url.strip().rstrip("/")
         u = urllib.parse.urlsplit(base)
         path = u.path.rstrip("/")  # the query (Azure's ?api-version=...) stays at the end
         path = path if path.endswith("/chat/completions") else path + "/chat/completions"
         self.url = urllib.parse.urlunsplit((u.scheme, u.netloc, path, u.query, ""))
         self.base_url, self.model, self.timeout, self.max_tokens = base, model, timeout, max_tokens
-        self._key = api_key if api_key is not None else next((os.environ[k] for k in KEY_ENV if os.environ.get(k)), "")
+        self._key = api_key if api_key is not None else environment_key(base)
         self._logprobs = True  # asked for in detection until the endpoint refuses them
         self.source = f"openai:{model}"
         self._where = f"labeling endpoint {_public_url(base)}"
@@ -93,7 +124,8 @@ class OpenAILabeler:
             detail = err.get("message", "") if isinstance(err, dict) else str(err)
         except (ValueError, AttributeError):
             pass
-        fix = {401: "check the API key (the api_key argument, MISTUDIO_LABEL_API_KEY or OPENAI_API_KEY)",
+        fix = {401: "check the API key (the api_key argument, or MISTUDIO_LABEL_API_KEY / OPENAI_API_KEY, which "
+                    f"are sent only to {BASE_URL_ENV})",
                403: "check the API key and that it may use this model",
                404: "check the URL (the API root usually ends in /v1) and the model name",
                429: "the endpoint is rate-limiting; label fewer features or try later"}.get(
