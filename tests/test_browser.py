@@ -3,7 +3,8 @@ registry) on a data root holding only a registered model, driven by Playwright i
 Chromium. A new user's whole job, one step per test in file order: every page renders; add a
 dataset on the Datasets page; start a run (extract → train an SAE → discover) on the Jobs page
 and watch its progress change until it completes; open a feature page; run a steering
-comparison. Screenshots of each page go to test-artifacts/browser/.
+comparison; a label holding Markdown shows as typed; a server file outside the allowed roots is
+refused. Screenshots of each page go to test-artifacts/browser/.
 """
 
 from __future__ import annotations
