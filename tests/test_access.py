@@ -151,3 +151,12 @@ def test_free_text_is_made_literal_for_markdown():
     unescaped = re.sub(r"\\.", "", shown)  # what is left outside escapes holds no markup character
     assert not set(unescaped) & set("\\`*_{}[]()<>#+-.!|~$:&=^")
     assert literal("plain words 42") == "plain words 42"
+
+
+def test_code_spans_cannot_be_closed_by_their_text():
+    from ui.components.formatting import code_span
+
+    assert code_span("/data/a.txt") == "`/data/a.txt`"
+    assert code_span("a`b") == "``a`b``"
+    assert code_span("`x``") == "``` `x`` ```"
+    assert code_span("two\nlines") == "`two lines`"

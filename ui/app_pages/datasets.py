@@ -13,7 +13,7 @@ import streamlit as st
 
 from actors.client import Client, UserError
 from ui.components.client import get_client, guard
-from ui.components.formatting import fmt_number, literal
+from ui.components.formatting import code_span, fmt_number, literal
 from ui.components.jobs import progress_panel, submit_job
 from ui.components.tokens import visible_token
 
@@ -43,7 +43,7 @@ def tokenizer_for(client, model_id: str):
         return load_tokenizer(client.local(model["path"]))
     except Exception as e:  # noqa: BLE001 - a missing or unreadable folder: fall back to token ids
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        st.caption(f"Cannot load the tokenizer of `{model_id}` from {literal(model['path'])} ({literal(first)}); "
+        st.caption(f"Cannot load the tokenizer of `{model_id}` from {code_span(model['path'])} ({literal(first)}); "
                    "showing token ids.")
         return None
 
@@ -166,9 +166,9 @@ def stats_section(ds: dict[str, Any]) -> None:
     c[2].metric("Tokens", fmt_number(tokens))
     c[3].metric("Context length", fmt_number(stats.get("context_length", ds["context_length"])))
     c[4].metric("Mean row length", f"{tokens / rows:.1f}" if rows else "–", help="tokens per row")
-    st.caption(f"id `{ds['id']}` · source {literal(ds['source'])} · text column {literal(ds['text_column'])} · "
+    st.caption(f"id `{ds['id']}` · source {code_span(ds['source'])} · text column {code_span(ds['text_column'])} · "
                f"tokenized for `{ds['model_id']}` · rows start with BOS: "
-               f"{'yes' if stats.get('prepend_bos') else 'no'} · {literal(ds['path'])}")
+               f"{'yes' if stats.get('prepend_bos') else 'no'} · {code_span(ds['path'])}")
 
 
 def length_section(ds: dict[str, Any], frame: pd.DataFrame) -> None:

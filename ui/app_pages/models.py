@@ -10,7 +10,7 @@ import streamlit as st
 
 from actors.client import Client, UserError
 from ui.components.client import get_client, guard
-from ui.components.formatting import fmt_number, literal
+from ui.components.formatting import code_span, fmt_number, literal
 from ui.components.jobs import progress_panel, submit_job
 
 SOURCES = {
@@ -153,7 +153,7 @@ def model_details(client, models: list[dict[str, Any]]) -> None:
     c[2].metric("Parameters", fmt_number(m["n_params"]))
     c[3].metric("Vocabulary", fmt_number(m["vocab_size"]))
     c[4].metric("Precision", m["dtype"] if m["quantization"] == "none" else f"{m['quantization']} + {m['dtype']}")
-    st.caption(f"{m['architecture']} · source {literal(m['source'])} · path {literal(m['path'])}")
+    st.caption(f"{literal(m['architecture'])} · source {code_span(m['source'])} · path {code_span(m['path'])}")
     st.markdown(f"**Hook sites** — {m['n_layers'] * len(sites):,} in all: every decoder block's residual stream "
                 "before and after it, and what its attention and MLP add to it")
     hooks = pd.DataFrame([{"layer": layer, **{site: client.hook_name(layer, site) for site in sites}}

@@ -6,6 +6,7 @@ import streamlit as st
 
 from actors.client import UserError
 from ui.components.client import get_client, guard
+from ui.components.formatting import code_span
 from ui.components.forms import LABEL_ENDPOINT as ENDPOINT
 
 
@@ -77,7 +78,8 @@ def endpoint_form(client) -> None:
         st.info("Forgotten.", icon=":material/info:")
     if labeling_endpoint():
         e = labeling_endpoint()
-        st.text(f"In use: {e['base_url']}, model {e['model']}, key {'set' if e['api_key'] else 'not set'}.")
+        st.caption(f"In use: {code_span(e['base_url'])}, model {code_span(e['model'])}, "
+                   f"key {'set' if e['api_key'] else 'not set'}.")
 
 
 def page() -> None:

@@ -20,6 +20,15 @@ def literal(text: Any) -> str:
     return _MARKUP.sub(r"\\\1", str(text))
 
 
+def code_span(text: Any) -> str:
+    """Free text as a Markdown code span (paths, file names, URLs): shown verbatim in monospace,
+    fenced by more backticks than the text holds in a row, so none of it closes the span."""
+    text = " ".join(str(text).split("\n"))
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "–"
