@@ -10,13 +10,14 @@ import os
 import sys
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-if not os.environ.get("MISTUDIO_RAY_ADDRESS"):
+if not os.environ.get("MISTUDIO_RAY_ADDRESS") and not os.environ.get("RAY_ADDRESS"):
     # One machine (the local head, or an in-process Ray): Ray's node address is 127.0.0.1, so its
     # GCS, raylet, workers, agents and client server listen on loopback only. Ray replaces an
     # explicit --node-ip-address=127.0.0.1 by the machine's external address unless it believes
     # it runs single-node (this flag, meant for macOS and Windows); the head and every process
-    # attaching to it must agree, hence here, before ray is imported. A multi-node cluster sets
-    # MISTUDIO_RAY_ADDRESS and keeps Ray's default.
+    # attaching to it must agree, hence here, before ray is imported (a Ray job on the local head
+    # inherits the flag from the raylet). A multi-node cluster is named by MISTUDIO_RAY_ADDRESS,
+    # or by RAY_ADDRESS inside its Ray jobs, and keeps Ray's default.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if "ray" in sys.modules:  # imported before us: the constant is read at import
         from ray._private import ray_constants
