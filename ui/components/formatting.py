@@ -12,12 +12,21 @@ _MARKUP = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:&=\"'^])")
 LaTeX) give a meaning; CommonMark lets a backslash make any of them literal."""
 
 
+_AUTOLINK = re.compile(r"(://|(?<![^\W_])www\.|@)", re.IGNORECASE)
+"""What GitHub's autolinking finds in plain text after parsing (escapes do not stop it):
+"http://...", "www.", "a@b.c"."""
+WORD_JOINER = "\u2060"
+"""Invisible and zero-width: placed inside those, the text reads the same and links nothing."""
+
+
 def literal(text: Any) -> str:
     """Free text from users or models (labels, descriptions, names, file names, NLP summaries, job
     messages) for an element that renders Markdown (st.markdown, st.caption, st.error, ...):
     every markup character escaped, so `**x**` shows its asterisks, `![x](url)` fetches nothing
-    and `<b>` is not HTML."""
-    return _MARKUP.sub(r"\\\1", str(text))
+    and `<b>` is not HTML; a word joiner inside "://", "www." and "@" keeps URLs and addresses
+    from turning into links."""
+    text = _AUTOLINK.sub(lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], str(text))
+    return _MARKUP.sub(r"\\\1", text)
 
 
 def code_span(text: Any) -> str:
