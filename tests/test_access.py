@@ -87,14 +87,22 @@ def test_exports_only_under_exports(settings, tmp_path):
 
 
 # -- mistudio ui --host: closed by default ---------------------------------------------------------
-def run_cli(args: list[str], cwd: Path, **env: str):
+def _run(argv: list[str], cwd: Path, **env: str):
+    """A fresh Python process in `cwd` (also its HOME, so no secrets.toml of the machine's user)."""
     import subprocess
     import sys
 
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MISTUDIO_", "RAY_"))}
     base.update(HOME=str(cwd), PYTHONPATH=str(Path(__file__).resolve().parents[1]), **env)
-    return subprocess.run([sys.executable, "-m", "ui.cli", *args], cwd=cwd, env=base, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env=base, capture_output=True, text=True, timeout=120)
+
+
+def run_cli(args: list[str], cwd: Path, **env: str):
+    return _run(["-m", "ui.cli", *args], cwd, **env)
+
+
+def run_cli_code(code: str, cwd: Path, **env: str):
+    return _run(["-c", code], cwd, **env)
 
 
 def test_ui_beyond_localhost_needs_sign_in(tmp_path):
@@ -107,24 +115,21 @@ def test_ui_beyond_localhost_needs_sign_in(tmp_path):
     assert not (home / "ray_head.json").exists()  # refused before any Ray head started
 
 
-def test_sign_in_configured_by_password_or_oidc(tmp_path, monkeypatch):
-    from ui.cli_demo import check_host
+def test_sign_in_configured_by_password_or_oidc(tmp_path):
+    """Each check in a fresh process: Streamlit keeps the secrets it read for the process's life."""
+    def serves(host: str, **env: str) -> bool:
+        out = run_cli_code(f"from ui.cli_demo import check_host; check_host({host!r})", tmp_path, **env)
+        assert out.returncode == 0 or out.stderr.strip().endswith('see README "Serving a team"'), out.stderr
+        return out.returncode == 0
 
-    monkeypatch.delenv("MISTUDIO_UI_PASSWORD", raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    check_host("localhost")
-    check_host("127.0.0.1")
-    with pytest.raises(UserError, match="refusing to serve the dashboard on 10.0.0.5"):
-        check_host("10.0.0.5")
-    monkeypatch.setenv("MISTUDIO_UI_PASSWORD", "team-password")
-    check_host("10.0.0.5")
-    monkeypatch.delenv("MISTUDIO_UI_PASSWORD")
+    assert serves("localhost") and serves("127.0.0.1") and serves("::1")
+    assert not serves("10.0.0.5") and not serves("0.0.0.0")
+    assert serves("10.0.0.5", MISTUDIO_UI_PASSWORD="team-password")
     (tmp_path / ".streamlit").mkdir()
     (tmp_path / ".streamlit" / "secrets.toml").write_text(
         '[auth]\nredirect_uri = "https://studio.example/oauth2callback"\ncookie_secret = "s"\nclient_id = "c"\n'
         'client_secret = "x"\nserver_metadata_url = "https://idp.example/.well-known/openid-configuration"\n')
-    check_host("0.0.0.0")
+    assert serves("0.0.0.0")
 
 
 def test_no_setting_is_echoed_with_its_password(tmp_path):
