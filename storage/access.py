@@ -16,7 +16,8 @@ from core.errors import UserError
 from storage.settings import Settings
 
 BUILT_IN = ("builtin", "embedded")
-"""Sources that name no file: the built-in corpus and the embedded model."""
+"""Sources that name no file: the built-in corpus and the embedded model (and every corpus of
+core.data's CORPORA)."""
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet", ".csv", ".gguf", ".safetensors", ".zip", ".tar", ".gz", ".tgz",
                  ".json")
 """Endings that make a source a file name, not a Hugging Face id."""
@@ -56,8 +57,10 @@ def source(value: str, settings: Settings) -> str:
     path inside the allowed roots, returned absolute and resolved, so that the worker never
     reads a relative name against its own working folder. A name that exists there counts as
     a path (taken under the first root), so it cannot slip through as a hub id."""
+    from core.data.texts import corpus_name
+
     value = value.strip()
-    if value in BUILT_IN:
+    if value in BUILT_IN or corpus_name(value):
         return value
     path = Path(value).expanduser()
     if (path.is_absolute() or value.startswith((".", "~")) or path.exists() or "\\" in value

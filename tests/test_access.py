@@ -65,6 +65,7 @@ def test_allowed_roots_setting_replaces_the_default(tmp_path):
 def test_source_tells_paths_from_hub_ids(settings, tmp_path, monkeypatch):
     assert access.source("builtin", settings) == "builtin"
     assert access.source("embedded", settings) == "embedded"
+    assert access.source("stdlib-source", settings) == "stdlib-source"
     assert access.source("org/some-dataset", settings) == "org/some-dataset"  # a hub id passes
     assert access.source("notes.txt", settings) == str((settings.home / "imports" / "notes.txt").resolve())
     monkeypatch.chdir(tmp_path)  # the server's working folder never matters: a relative path is taken under imports/
