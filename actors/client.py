@@ -229,12 +229,15 @@ class Client(Catalogue):
             rows = self.registry.feature_page(sae_id, FeatureQuery(live_only=True)).rows
         return feature_documents(rows, sae["features_path"])
 
-    def export_features(self, sae_id: str, fmt: str, out: str, latents: list[int] | None = None) -> str:
-        """Write a Neuronpedia batch folder or a dashboard bundle (.zip); returns the path."""
+    def export_features(self, sae_id: str, fmt: str, out: str, latents: list[int] | None = None,
+                        overwrite: bool = False) -> str:
+        """Write a Neuronpedia batch folder or a dashboard bundle (.zip); returns the path. An
+        existing file or non-empty folder at `out` is replaced only with `overwrite`."""
         from core import export
         from core.hooks import parse_hook_name
+        from core.io import check_new
 
-        out = self._export_path(out)
+        out = str(check_new(self._export_path(out), overwrite))
         if fmt not in ("neuronpedia", "bundle"):
             raise UserError(f"export format {fmt!r} is not one of neuronpedia, bundle")
         sae = self._discovered(sae_id)
@@ -248,16 +251,15 @@ class Client(Catalogue):
             export.write_bundle(docs, out, {"sae": meta})
         return out
 
-    def export_sae(self, sae_id: str, out: str) -> str:
-        """The SAE as a SAELens folder at `out` (what SAELens's own loader reads), written atomically."""
-        from core.io import atomic_dir
+    def export_sae(self, sae_id: str, out: str, overwrite: bool = False) -> str:
+        """The SAE as a SAELens folder at `out` (what SAELens's own loader reads), written
+        atomically; an existing file or non-empty folder there is replaced only with `overwrite`."""
+        from core.io import atomic_dir, check_new
 
-        out = self._export_path(out)
+        out = str(check_new(self._export_path(out), overwrite))
         sae = self.get(SAE, sae_id)
         if sae is None:
             raise UserError(f"no SAE {sae_id!r}; list them with: mistudio saes list")
-        if Path(out).exists():
-            raise UserError(f"{out} already exists; pick a new folder to export into")
         with atomic_dir(out) as tmp:
             for f in Path(self.local(sae["path"])).iterdir():
                 if f.is_file():

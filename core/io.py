@@ -13,6 +13,20 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from core.errors import UserError
+
+
+def check_new(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """`path` for an export: refused (one line, naming the flag) when a file or a non-empty
+    folder is already there, unless the user asked to replace it with `overwrite`. An export
+    never deletes what the user did not name for replacement."""
+    path = Path(path)
+    if overwrite or not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return path
+    what = "a folder with files in it" if path.is_dir() else "a file"
+    raise UserError(f"{path} is already {what}; pick a new name, or pass --overwrite (the dashboard's "
+                    "\"Overwrite\" box) to replace it")
+
 
 def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")

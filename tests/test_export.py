@@ -72,3 +72,17 @@ def test_cli_features_show_label_export(client, analyzed, tmp_path, capsys, monk
               "--latents", str(latent)])
     _, docs = read_bundle(tmp_path / "b.zip")
     assert docs[latent]["explanation"]["name"] == "line starts"
+
+    # Exports never replace what is there unless asked: a folder with a user's file in it, a bundle.
+    mine = tmp_path / "np"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    for out, fmt in ((mine, "neuronpedia"), (tmp_path / "b.zip", "bundle")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["features", "export", "--sae", analyzed, "--format", fmt, "--out", str(out)])
+        assert str(e.value).startswith(f"error: {out} is already a ") and "--overwrite" in str(e.value)
+    assert (mine / "keep.txt").read_text() == "mine" and read_bundle(tmp_path / "b.zip")[1].keys() == {latent}
+    cli.main(["features", "export", "--sae", analyzed, "--format", "neuronpedia", "--out", str(mine), "--overwrite"])
+    assert not (mine / "keep.txt").exists() and any(mine.iterdir())
+    (tmp_path / "empty").mkdir()  # an empty folder is a new one
+    cli.main(["features", "export", "--sae", analyzed, "--format", "neuronpedia", "--out", str(tmp_path / "empty")])

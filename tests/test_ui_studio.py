@@ -133,7 +133,18 @@ def test_saes_page_lists_metrics_and_exports(tiny_run, ui_client, tmp_path):
     at.text_input(key="exp-out").set_value("from-page")  # a name: under the data root's exports/
     at.button(key="exp-go").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert (ui_client.settings.home / "exports" / "from-page" / "sae_weights.safetensors").is_file()
+    exported = ui_client.settings.home / "exports" / "from-page"
+    assert (exported / "sae_weights.safetensors").is_file()
+    (exported / "notes.txt").write_text("mine")  # a second export there is refused, and leaves it be
+    at.button(key="exp-go").click().run()
+    assert any("from-page is already a folder with files in it; pick a new name, or pass --overwrite" in e.value
+               for e in at.error), [e.value for e in at.error]
+    assert (exported / "notes.txt").read_text() == "mine"
+    at.checkbox(key="exp-overwrite").check()
+    at.button(key="exp-go").click().run()
+    assert not at.error, [e.value for e in at.error]
+    assert (exported / "sae_weights.safetensors").is_file() and not (exported / "notes.txt").exists()
+    at.checkbox(key="exp-overwrite").uncheck()
     for outside in (str(tmp_path / "from-page"), "../escaped"):  # the dashboard writes under exports/ only
         at.text_input(key="exp-out").set_value(outside)
         at.button(key="exp-go").click().run()

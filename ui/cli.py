@@ -93,7 +93,7 @@ def cmd_saes(a) -> None:
     c = client()
     submit_flags(c, a)
     if a.action == "export":
-        return print(f"wrote {c.export_sae(a.sae, a.out)}")
+        return print(f"wrote {c.export_sae(a.sae, a.out, a.overwrite)}")
     if a.action == "show":
         return show_sae(c, a.sae)
     sae_table(c)
@@ -125,7 +125,7 @@ def _label_by_hand(c, a) -> None:
 def _export_features(c, a) -> None:
     if not a.out:
         raise UserError("features export needs --out (a folder for neuronpedia, a .zip for bundle)")
-    print(f"wrote {c.export_features(a.sae_id, a.format, a.out, a.latents)}")
+    print(f"wrote {c.export_features(a.sae_id, a.format, a.out, a.latents, a.overwrite)}")
 
 
 def _show_feature(c, a) -> None:
@@ -139,11 +139,11 @@ def cmd_steer(a) -> None:
     if submit_flags(c, a) is not None:
         return
     if a.action == "export":
-        from core.io import atomic_file
+        from core.io import atomic_file, check_new
 
         text = json.dumps(c.experiment(a.experiment)["record"], indent=1)
         if a.out:
-            with atomic_file(Path(a.out)) as tmp:
+            with atomic_file(check_new(a.out, a.overwrite)) as tmp:
                 tmp.write_text(text)
             print(f"wrote {a.out}")
         else:
@@ -234,6 +234,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                           "of SAELens, sparsify, dictionary_learning or Gemma Scope SAEs")
     sa.add_argument("--sae", help="show, export: the SAE id")
     sa.add_argument("--out", help="export: the folder to write (SAELens: cfg.json + sae_weights.safetensors)")
+    sa.add_argument("--overwrite", action="store_true", help="export: replace what is at --out")
     sa.set_defaults(fn=cmd_saes)
 
     di = sub.add_parser("discover", help="find every latent's top activating contexts")
@@ -252,6 +253,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     fe.add_argument("--description", default="")
     fe.add_argument("--format", default="neuronpedia", choices=["neuronpedia", "bundle"])
     fe.add_argument("--out", default=None)
+    fe.add_argument("--overwrite", action="store_true", help="export: replace what is at --out")
     fe.set_defaults(fn=cmd_features)
 
     st = sub.add_parser("steer", help="generate with SAE features added or clamped, beside the unsteered baseline")
@@ -259,6 +261,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     job_flags(st, "steer")
     st.add_argument("--experiment", help="export: the experiment id")
     st.add_argument("--out", default=None, help="export: write here instead of stdout")
+    st.add_argument("--overwrite", action="store_true", help="export: replace the file at --out")
     st.set_defaults(fn=cmd_steer)
 
     tp = sub.add_parser("templates", help="save, list, export and import job forms and prompt sets as JSON")
@@ -267,6 +270,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     tp.add_argument("--kind", default=None, help="job kind (train, discover, ...), steering_prompts or label_prompt")
     tp.add_argument("--from", dest="file", default=None, help="save: a job config file; import: an exported template")
     tp.add_argument("--out", default=None, help="export: write here instead of stdout")
+    tp.add_argument("--overwrite", action="store_true", help="export: replace the file at --out")
     tp.set_defaults(fn=cmd_templates)
 
     j = sub.add_parser("jobs", help="list, watch, show, cancel and retry jobs; pause, resume and finalize training")

@@ -78,9 +78,9 @@ def cmd_templates(a) -> None:
         if a.action == "delete":
             print("deleted" if c.delete_template(a.kind, a.name) else "no such template")
         elif a.action == "export" and a.out:
-            from core.io import atomic_file
+            from core.io import atomic_file, check_new
 
-            with atomic_file(Path(a.out)) as tmp:
+            with atomic_file(check_new(a.out, a.overwrite)) as tmp:
                 tmp.write_text(c.export_template(a.kind, a.name))
             print(f"wrote {a.out}")
         else:

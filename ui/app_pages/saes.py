@@ -88,15 +88,17 @@ def export_panel(client, saes: list[dict]) -> None:
                             help=f"a new folder or file name inside {client.export_folder()}")
         kind = st.radio("As", ["SAELens folder", "Neuronpedia feature JSON", "dashboard bundle"], horizontal=True,
                         key="exp-kind")
+        overwrite = st.checkbox("Overwrite", value=False, key="exp-overwrite",
+                                help="replace a file or folder already there (otherwise the export is refused)")
         go = st.form_submit_button("Export", key="exp-go")
     if go:
         if not out.strip():
             raise UserError("give the folder to write into")
         if kind == "SAELens folder":
-            where = client.export_sae(sae["id"], out.strip())
+            where = client.export_sae(sae["id"], out.strip(), overwrite)
         else:
             where = client.export_features(sae["id"], "neuronpedia" if kind.startswith("Neuronpedia") else "bundle",
-                                           out.strip())
+                                           out.strip(), overwrite=overwrite)
         st.success(f"Wrote `{where}`.", icon=":material/check_circle:")
 
 
