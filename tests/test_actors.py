@@ -222,6 +222,24 @@ def test_quantization_and_special_token_exclusion_reach_the_worker(client, tiny_
         client.submit("add_model", {"source": str(tiny_model_dir), "quantization": "int3"})
 
 
+def test_a_taken_model_id_is_refused_not_replaced(client, tiny_run, tiny_model_dir, tmp_path):
+    """Model ids are slugs of names: another model whose name slugs to a registered id is refused
+    at submit (registering it would replace the row every SAE of the first one points at); the
+    same source again re-registers the same model."""
+    import shutil
+
+    from storage.registry import Model
+
+    before = client.get(Model, "tiny-llama")
+    other = shutil.copytree(tiny_model_dir, tmp_path / "another-model")
+    with pytest.raises(UserError, match=r"the model id 'tiny-llama' is taken by 'tiny-llama' \(from "):
+        client.submit("add_model", {"source": str(other), "name": "Tiny Llama"})
+    assert client.get(Model, "tiny-llama") == before
+    again = client.wait(client.submit("add_model", {"source": str(tiny_model_dir), "name": "tiny-llama"}))
+    assert again["state"] == "completed", again["message"]
+    assert client.get(Model, "tiny-llama")["source"] == before["source"]
+
+
 def test_batch_discovery_goes_past_a_failed_sae(client, tiny_run, tmp_path):
     """Several SAEs in one discover job, one after another: a bad one (d_in 32 on a d_model 64
     model) is recorded with its reason and the next one still runs; progress says which SAE of

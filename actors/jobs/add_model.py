@@ -48,15 +48,31 @@ def check(registry, spec: AddModelSpec) -> None:
     if registry is not None and spec.source != "embedded" and spec.source.endswith(".gguf") \
             and not Path(spec.source).expanduser().exists():
         raise UserError(f"model file {spec.source} does not exist; check the path")
+    if registry is not None:
+        check_free(registry, slug(_name(spec)), spec.source)
+
+
+def check_free(registry, model_id: str, source: str) -> None:
+    """A model id is the slug of its name, so two names can meet: registering another model
+    under a taken id would replace the first (and break every SAE trained on it). The same
+    source again is the same model, re-registered."""
+    taken = registry.get(Model, model_id)
+    if taken is not None and taken["source"] != source:
+        raise UserError(f"the model id {model_id!r} is taken by {taken['name']!r} (from {taken['source']}); "
+                        "register this one under another --name")
+
+
+def _name(spec: AddModelSpec) -> str:
+    if spec.name:
+        return spec.name
+    if spec.source == "embedded":
+        return models.EMBEDDED_MODEL_NAME
+    # a folder or file is named after itself, a hub id stays as written
+    return Path(spec.source).stem if Path(spec.source).exists() else spec.source
 
 
 def plans(job: JobContext, spec: AddModelSpec) -> list[Plan]:
-    if spec.name:
-        name = spec.name
-    elif spec.source == "embedded":
-        name = models.EMBEDDED_MODEL_NAME
-    else:  # a folder or file is named after itself, a hub id stays as written
-        name = Path(spec.source).stem if Path(spec.source).exists() else spec.source
+    name = _name(spec)
     model_id = slug(name)
     out = str(job.artifacts.model(model_id))
     params = AddModelParams(model_id, name, spec.source, out, spec.dtype, spec.quantization, spec.trust_remote_code)
@@ -95,6 +111,7 @@ def run(ctx: RunContext, plan: Plan) -> dict[str, Any]:
 
 def record(job: JobContext, spec: AddModelSpec, plans: list[Plan], results: list[dict]) -> dict[str, Any]:
     p: AddModelParams = plans[0].params
+    check_free(job.registry, p.model_id, spec.source)  # again: another job may have taken it meanwhile
     job.registry.add(Model(id=p.model_id, name=p.name, source=spec.source, **results[0]))
     job.registry.update(Job, job.id, model_id=p.model_id)
     return {"model_id": p.model_id}
