@@ -266,6 +266,14 @@ class Client(Catalogue):
                     shutil.copy2(f, tmp / f.name)
         return str(Path(out).resolve())
 
+    def delete(self, kind: str, object_id: str) -> list[str]:
+        """Delete a model, dataset, activation set or SAE (`kind`: model, dataset, activation,
+        sae) with its files under the data root; refused while an unfinished job uses it or
+        other objects need it (storage.deletion). Returns the paths removed."""
+        from storage import deletion
+
+        return deletion.delete(self.registry, self.settings.home, kind, object_id, self.artifacts.store)
+
     def server_path(self, path: str) -> str:
         """A file or folder on the server that this Client may read: resolved and checked
         against the allowed roots when confined (the dashboard), as given otherwise."""

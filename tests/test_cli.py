@@ -75,6 +75,25 @@ def test_saes_show_names_each_metrics_definition(cli_env, tiny_run, capsys):
     assert str(e.value) == "error: no SAE 'sae-nope'; list them with: mistudio saes list"
 
 
+def test_delete_through_the_cli(cli_env, client, tiny_run, capsys):
+    """A dataset nothing needs goes with its shards; a model that others need is refused in one line."""
+    from pathlib import Path
+
+    job = client.wait(client.submit("add_dataset", {"model_id": "tiny-llama", "source": "builtin", "name": "scratch",
+                                                    "context_length": 32, "max_documents": 2}))
+    assert job["state"] == "completed", job["message"]
+    ds = job["result"]["dataset_id"]
+    path = Path(next(d["path"] for d in client.datasets() if d["id"] == ds))
+    assert path.is_dir()
+    cli.main(["datasets", "delete", ds])
+    assert capsys.readouterr().out.strip() == f"deleted dataset {ds} and {path}"
+    assert not path.exists() and ds not in {d["id"] for d in client.datasets()}
+    with pytest.raises(SystemExit) as e:
+        cli.main(["models", "delete", "tiny-llama"])
+    assert str(e.value).startswith("error: model tiny-llama is needed by dataset ") and "\n" not in str(e.value)
+    assert "tiny-llama" in {m["id"] for m in client.models()}
+
+
 def test_job_history_filters(cli_env, tiny_run, capsys):
     cli.main(["jobs", "list", "--kind", "pipeline", "--model", "tiny-llama", "--since", "2000-01-01"])
     out = capsys.readouterr().out

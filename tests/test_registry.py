@@ -341,3 +341,80 @@ def test_feature_labels_survive_a_new_discovery_and_bulk_updates(registry):
     rows = {f["latent"]: f for f in registry.features("sae-lab")}
     assert rows[1]["n_fired"] == 6 and (rows[1]["label"], rows[1]["label_source"]) == ("cities", "user")
     assert rows[2]["analysis"] == {}, "analysis came from the old examples"
+
+
+# -- deleting objects ------------------------------------------------------------------------------------
+
+
+def _objects(registry, home):
+    """A model (its folder under the data root), a dataset, an activation set and an SAE with
+    features, each with files."""
+    from storage.registry import SAE, Activation, Dataset, Feature
+
+    def folder(name):
+        (home / name).mkdir(parents=True)
+        (home / name / "data.bin").write_bytes(b"x")
+        return str(home / name)
+    registry.add(Model(id="m", name="m", source="embedded", path=folder("models/m"), architecture="llama",
+                       n_layers=2, d_model=4, n_params=10, dtype="float32", vocab_size=9))
+    registry.add(Dataset(id="d", name="d", source="builtin", text_column="text", model_id="m", context_length=8,
+                         path=folder("datasets/d"), documents=1, rows=1, tokens=8))
+    registry.add(Activation(id="a", job_id="j", model_id="m", dataset_id="d", hook_name="blocks.0.hook_resid_post",
+                            path=folder("activations/a"), tokens=8, d_model=4))
+    registry.add(SAE(id="s", name="m/topk", model_id="m", hook_name="blocks.0.hook_resid_post", architecture="topk",
+                     d_in=4, d_sae=8, path=folder("saes/s"), activation_id="a", features_path=folder("features/s"),
+                     features_dataset_id="d"))
+    registry.replace_features("s", [{"latent": 0, "n_fired": 1, "frequency": 0.5, "max_act": 1.0, "mean_act": 1.0}])
+    return SAE, Activation, Dataset, Feature
+
+
+def test_delete_refuses_while_in_use_or_needed_then_removes_rows_and_files(registry, tmp_path):
+    from core.errors import UserError
+    from storage import deletion
+
+    home = tmp_path / "home"
+    SAE, Activation, Dataset, Feature = _objects(registry, home)
+    with pytest.raises(UserError, match=r"^model m is needed by dataset d, activation set a, SAE s; delete those first$"):
+        deletion.delete(registry, home, "model", "m")
+    with pytest.raises(UserError, match=r"^dataset d is needed by activation set a, SAE \(its feature examples\) s"):
+        deletion.delete(registry, home, "dataset", "d")
+    job = registry.create_job("discover", {"sae_id": "s", "dataset_id": "d"})
+    with pytest.raises(UserError, match=rf"^sae s is used by job {job['id']}, not finished; .*jobs cancel"):
+        deletion.delete(registry, home, "sae", "s")
+    assert (home / "saes/s/data.bin").is_file() and registry.get(SAE, "s") is not None  # nothing touched
+    with pytest.raises(UserError, match=r"^no sae 'nope'; list them with: mistudio saes list$"):
+        deletion.delete(registry, home, "sae", "nope")
+
+    registry.set_job_state(job["id"], "completed")
+    assert deletion.delete(registry, home, "activation", "a") == [str(home / "activations/a")]
+    assert registry.get(SAE, "s")["activation_id"] is None  # the SAE stands on its own
+    removed = deletion.delete(registry, home, "sae", "s")
+    assert removed == [str(home / "saes/s"), str(home / "features/s")]
+    assert registry.get(SAE, "s") is None and registry.features("s") == []
+    deletion.delete(registry, home, "dataset", "d")
+    deletion.delete(registry, home, "model", "m")
+    assert sorted(p.name for p in home.rglob("*")) == ["activations", "datasets", "features", "models", "saes"]
+    assert registry.list(Model) == [] and registry.list(Dataset) == []
+
+
+def test_delete_keeps_a_users_own_folder_and_rolls_back_files_when_the_rows_cannot_go(registry, tmp_path,
+                                                                                     monkeypatch):
+    from storage import deletion
+
+    home = tmp_path / "home"
+    SAE, *_ = _objects(registry, home)
+    own = tmp_path / "my-model"
+    own.mkdir()
+    registry.add(Model(id="mine", name="mine", source=str(own), path=str(own), architecture="llama", n_layers=2,
+                       d_model=4, n_params=10, dtype="float32", vocab_size=9))
+    assert deletion.delete(registry, home, "model", "mine") == []  # registered from the user's folder: kept
+    assert own.is_dir() and registry.get(Model, "mine") is None
+
+    def broken(*args):
+        raise RuntimeError("the database went away")
+    monkeypatch.setattr(deletion, "_delete_rows", broken)
+    with pytest.raises(RuntimeError):
+        deletion.delete(registry, home, "sae", "s")
+    assert (home / "saes/s/data.bin").is_file() and (home / "features/s/data.bin").is_file()
+    assert not [p for p in (home / "saes").iterdir() if p.name.startswith(".deleting")]
+    assert registry.get(SAE, "s") is not None

@@ -225,3 +225,30 @@ def test_models_page_bad_source_is_one_line_error(tiny_run, ui_client):
     assert error.value.startswith("/etc is outside the folders the dashboard may read")
     rerun(at.button(key="m-submit").click())
     assert not new_jobs(ui_client, before)
+
+
+def test_delete_panels_confirm_then_delete_or_refuse(tiny_run, ui_client):
+    """Datasets: a dataset nothing needs is deleted only once confirmed; Models: a model others
+    need is refused in one line, and stays."""
+    job = ui_client.wait(ui_client.submit("add_dataset", {"model_id": "tiny-llama", "source": "builtin",
+                                                          "name": "scratch-ui", "context_length": 32,
+                                                          "max_documents": 2}))
+    assert job["state"] == "completed", job["message"]
+    ds = job["result"]["dataset_id"]
+    path = Path(ui_client.local(next(d["path"] for d in ui_client.datasets() if d["id"] == ds)))
+    at = run_page(DATASETS)
+    at.selectbox(key="del-dataset").select(ds)
+    rerun(at.button(key="del-dataset-go").click())
+    assert any("Tick the box to confirm" in w.value for w in at.warning) and path.is_dir()
+    at.checkbox(key="del-dataset-sure").check()
+    rerun(at.button(key="del-dataset-go").click())
+    assert not at.error, texts(at.error)
+    assert f"Deleted {ds}." in texts(at.success) and not path.exists()
+    assert ds not in {d["id"] for d in ui_client.datasets()}
+
+    at = run_page(MODELS)
+    at.selectbox(key="del-model").select("tiny-llama")
+    at.checkbox(key="del-model-sure").check()
+    rerun(at.button(key="del-model-go").click())
+    assert any(e.value.startswith("model tiny-llama is needed by dataset ") for e in at.error), texts(at.error)
+    assert ui_client.get(Model, "tiny-llama") is not None

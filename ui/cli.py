@@ -16,7 +16,7 @@ from typing import Any
 from core.errors import UserError
 from ui.cli_demo import DEMO_DEFAULTS, check_host, cmd_demo, serve
 from ui.cli_jobs import cmd_jobs, cmd_run, cmd_templates
-from ui.cli_output import feature_text, run_job, sae_table, show_dataset, show_sae, table
+from ui.cli_output import delete_object, feature_text, run_job, sae_table, show_dataset, show_sae, table
 
 # -- helpers ---------------------------------------------------------------------------
 def client(start: bool = True):
@@ -43,6 +43,8 @@ def cmd_models(a) -> None:
     if a.action == "estimate":
         return print(estimate(a))
     c = client()
+    if a.action == "delete":
+        return delete_object(c, "model", a.source)
     if a.action == "add":
         print(estimate(a), file=sys.stderr)
     submit_flags(c, a)
@@ -61,6 +63,8 @@ def estimate(a) -> str:
 
 def cmd_datasets(a) -> None:
     c = client()
+    if a.action == "delete":
+        return delete_object(c, "dataset", a.source)
     submit_flags(c, a)
     if a.action == "show":
         return show_dataset(c, a.source)
@@ -69,6 +73,8 @@ def cmd_datasets(a) -> None:
 
 def cmd_extract(a) -> None:
     c = client()
+    if a.action == "delete":
+        return delete_object(c, "activation", a.activation_id)
     submit_flags(c, a)
     rows = [dict(r, mean_norm=r["stats"].get("mean_norm"), median_norm=r["stats"].get("median_norm"),
                  std=r["stats"].get("std")) for r in c.activations()]
@@ -96,6 +102,8 @@ def cmd_saes(a) -> None:
         return print(f"wrote {c.export_sae(a.sae, a.out, a.overwrite)}")
     if a.action == "show":
         return show_sae(c, a.sae)
+    if a.action == "delete":
+        return delete_object(c, "sae", a.sae)
     sae_table(c)
 
 
@@ -204,20 +212,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_stop)
 
     m = sub.add_parser("models", help="register and list models")
-    m.add_argument("action", choices=["add", "list", "estimate"])
+    m.add_argument("action", choices=["add", "list", "estimate", "delete"])
     job_flags(m, "models")
     m.add_argument("--batch-size", type=int, default=8, help="for the estimate: sequences per forward")
     m.add_argument("--context-length", type=int, default=256, help="for the estimate: tokens per sequence")
     m.set_defaults(fn=cmd_models)
 
     ds = sub.add_parser("datasets", help="tokenize and list datasets")
-    ds.add_argument("action", choices=["add", "list", "show"])
+    ds.add_argument("action", choices=["add", "list", "show", "delete"])
     job_flags(ds, "datasets", "add: a built-in corpus ('stdlib-docs' a.k.a. 'builtin', 'stdlib-source'), a "
-                              ".txt/.jsonl/.parquet/.csv file or a Hugging Face dataset id; show: a dataset id")
+                              ".txt/.jsonl/.parquet/.csv file or a Hugging Face dataset id; show, delete: a "
+                              "dataset id")
     ds.set_defaults(fn=cmd_datasets)
 
     e = sub.add_parser("extract", help="extract hooked activations to Parquet")
-    e.add_argument("action", choices=["run", "list"])
+    e.add_argument("action", choices=["run", "list", "delete"])
+    e.add_argument("activation_id", nargs="?", default=None, help="delete: the activation set's id")
     job_flags(e, "extract")
     e.set_defaults(fn=cmd_extract)
 
@@ -229,10 +239,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     sa = sub.add_parser("saes", help="list SAEs, import them from the field's formats, export SAELens folders")
-    sa.add_argument("action", choices=["list", "show", "import", "export"])
+    sa.add_argument("action", choices=["list", "show", "import", "export", "delete"])
     job_flags(sa, "saes", "import: a folder, .zip/.tar.gz archive or Hugging Face repo id (owner/name[/subfolder]) "
                           "of SAELens, sparsify, dictionary_learning or Gemma Scope SAEs")
-    sa.add_argument("--sae", help="show, export: the SAE id")
+    sa.add_argument("--sae", help="show, export, delete: the SAE id")
     sa.add_argument("--out", help="export: the folder to write (SAELens: cfg.json + sae_weights.safetensors)")
     sa.add_argument("--overwrite", action="store_true", help="export: replace what is at --out")
     sa.set_defaults(fn=cmd_saes)
@@ -291,7 +301,8 @@ SAE, JOB = ("sae_id", "--sae"), ("job_id", "job_id")
 REQUIRED = {("discover", "show"): [SAE], ("features", "show"): [SAE], ("features", "label"): [SAE],
             ("features", "export"): [SAE], ("steer", "export"): [("experiment", "--experiment")],
             ("jobs", "watch"): [JOB], ("jobs", "show"): [JOB], ("jobs", "cancel"): [JOB],
-            ("saes", "show"): [("sae", "--sae")]}
+            ("saes", "show"): [("sae", "--sae")], ("saes", "delete"): [("sae", "--sae")],
+            ("extract", "delete"): [("activation_id", "the activation set's id")]}
 """What the actions that submit no job need (a job action's needs come from its spec)."""
 
 

@@ -115,6 +115,12 @@ def sae_table(c) -> None:
           "says what each means.)")
 
 
+def delete_object(c, kind: str, object_id: str) -> None:
+    """Delete a model, dataset, activation set or SAE with its files (refused while in use)."""
+    removed = c.delete(kind, object_id)
+    print(f"deleted {kind} {object_id}" + (f" and {', '.join(removed)}" if removed else ""))
+
+
 def show_sae(c, sae_id: str) -> None:
     """One SAE: what it reads, and every headline metric with the definition it follows."""
     sae = next((s for s in c.saes() if s["id"] == sae_id), None)

@@ -13,6 +13,7 @@ import streamlit as st
 
 from actors.client import Client, UserError
 from ui.components.client import get_client, guard
+from ui.components.deletion import delete_panel
 from ui.components.formatting import code_span, fmt_number, literal
 from ui.components.jobs import progress_panel, submit_job
 from ui.components.tokens import visible_token
@@ -241,6 +242,7 @@ def page() -> None:
     datasets = client.datasets()
     if datasets:
         datasets_table(datasets)
+        guard(lambda: delete_panel(client, "dataset", datasets), name="del-dataset")
     else:
         st.caption("No dataset yet: add one below.")
     st.subheader("Add a dataset")

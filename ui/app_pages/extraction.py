@@ -6,6 +6,7 @@ import streamlit as st
 
 from actors.client import UserError
 from ui.components.client import get_client, guard
+from ui.components.deletion import delete_panel
 from ui.components.formatting import fmt_bytes, fmt_duration, fmt_number
 from ui.components.forms import model_and_dataset
 from ui.components.jobs import progress_panel
@@ -96,6 +97,7 @@ def page() -> None:
     progress_panel(client)
     st.subheader("Extracted activations")
     activations_table(client)
+    guard(lambda: delete_panel(client, "activation", client.activations(), label="hook_name"), name="del-activation")
 
 
 guard(page)

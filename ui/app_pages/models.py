@@ -10,6 +10,7 @@ import streamlit as st
 
 from actors.client import Client, UserError
 from ui.components.client import get_client, guard
+from ui.components.deletion import delete_panel
 from ui.components.formatting import code_span, fmt_number, literal
 from ui.components.jobs import progress_panel, submit_job
 
@@ -168,6 +169,7 @@ def page() -> None:
     models = client.models()
     if models:
         models_table(client, models)
+        guard(lambda: delete_panel(client, "model", models), name="del-model")
     else:
         st.caption("No model yet: register one below (the embedded SmolLM2-135M works offline).")
     st.subheader("Register a model")

@@ -12,6 +12,7 @@ import streamlit as st
 
 from actors.client import UserError
 from ui.components.client import get_client, guard
+from ui.components.deletion import delete_panel
 from ui.components.formatting import fmt_number
 from ui.components.jobs import progress_panel
 
@@ -117,6 +118,7 @@ def page() -> None:
                    "good as the model, 0 = as bad as ablating the site. Imported SAEs have none until they are "
                    "retrained here.")
         definitions_table(definitions)
+        guard(lambda: delete_panel(client, "sae", saes), name="del-sae")
     else:
         st.caption("No SAEs yet: train one on the Training page, or import one below.")
     st.subheader("Import")
