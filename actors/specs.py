@@ -48,8 +48,21 @@ def check_template(kind: str, values: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"unknown key(s) {', '.join(sorted(unknown))} in a {kind} template; allowed: {', '.join(hints)}")
     for name, value in values.items():
         if not _type_ok(value, hints[name]):
-            raise UserError(f"{kind} template key {name!r} should be {_type_name(hints[name])}, got {value!r}")
+            raise UserError(f"{kind} template key {name!r} should be {_type_name(hints[name])}, got {shown(value)}")
+    # The training settings a train job (config) or a pipeline (train) holds: checked as a submit would.
+    settings = {"train": "config", "pipeline": "train"}.get(kind)
+    if settings and isinstance(values.get(settings), dict):
+        from actors.jobs.train import train_config
+
+        train_config(values[settings])
     return values
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value as an error message quotes it: its repr, cut to `limit` characters (a file's value
+    can be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def template_kinds() -> list[str]:
@@ -93,7 +106,7 @@ def parse_spec(kind: str, values: dict[str, Any]):
     hints = typing.get_type_hints(k.spec)
     for name, value in values.items():
         if not _type_ok(value, hints[name]):
-            raise UserError(f"{kind} spec key {name!r} should be {_type_name(hints[name])}, got {value!r}")
+            raise UserError(f"{kind} spec key {name!r} should be {_type_name(hints[name])}, got {shown(value)}")
     try:
         spec = k.spec(**values)
     except TypeError as e:  # a required key is missing
@@ -121,7 +134,7 @@ def check_types(obj, what: str, skip: tuple[str, ...] = ()) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if f.name not in skip and not _type_ok(value, hints[f.name]):
-            raise UserError(f"{what} option {f.name!r} should be {_type_name(hints[f.name])}, got {value!r}")
+            raise UserError(f"{what} option {f.name!r} should be {_type_name(hints[f.name])}, got {shown(value)}")
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -152,6 +165,22 @@ def to_dict(spec) -> dict[str, Any]:
     return dataclasses.asdict(spec)
 
 
+def _no_aliases_loader():
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        """SafeLoader without anchors and aliases: a job file has no use for them, and nested
+        aliases ("billion laughs") expand without limit."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise UserError(f"line {mark.line + 1}: YAML aliases (*name) are not allowed in a job file; "
+                                "write the values out")
+            return super().compose_node(parent, index)
+    return NoAliases
+
+
 def load_job_file(path: str, partial: bool = False,
                   template: tuple[str, dict[str, Any]] | None = None) -> tuple[str, dict[str, Any]]:
     """Read a job config (YAML or JSON: `kind:` plus the spec's fields) and validate it fully.
@@ -166,7 +195,7 @@ def load_job_file(path: str, partial: bool = False,
     if not p.is_file():
         raise UserError(f"job config {path} not found; check the path")
     try:
-        doc = yaml.safe_load(p.read_text())  # JSON is YAML too
+        doc = yaml.load(p.read_text(), Loader=_no_aliases_loader())  # JSON is YAML too
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""

@@ -61,8 +61,12 @@ class GenerationConfig:
     def check(self) -> None:
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
-            raise UserError("use temperature >= 0, 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0")
+        # Written so that NaN fails each test (every comparison with NaN is false).
+        if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.top_k >= 0 and self.repetition_penalty > 0
+                and math.isfinite(self.temperature) and math.isfinite(self.repetition_penalty)):
+            raise UserError(f"use a finite temperature >= 0, 0 < top_p <= 1, top_k >= 0 and a finite "
+                            f"repetition_penalty > 0 (got temperature={self.temperature}, top_p={self.top_p}, "
+                            f"top_k={self.top_k}, repetition_penalty={self.repetition_penalty})")
 
 
 @dataclass

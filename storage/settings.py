@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping
 
+from core.errors import UserError
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -60,14 +62,14 @@ class Settings:
             home=home,
             database_url=url,
             ray_address=env.get("MISTUDIO_RAY_ADDRESS", ""),
-            num_gpus=float(env.get("MISTUDIO_NUM_GPUS") or 0),
-            worker_cpus=int(env.get("MISTUDIO_WORKER_CPUS") or 0),
-            workers=max(1, int(env.get("MISTUDIO_WORKERS") or 1)),
+            num_gpus=_number(env, "MISTUDIO_NUM_GPUS", 0, float),
+            worker_cpus=_number(env, "MISTUDIO_WORKER_CPUS", 0, int),
+            workers=max(1, _number(env, "MISTUDIO_WORKERS", 1, int)),
             worker_gpus=env.get("MISTUDIO_WORKER_GPUS", ""),
             worker_resources=_resources(env.get("MISTUDIO_WORKER_RESOURCES", "")),
-            worker_models=max(1, int(env.get("MISTUDIO_WORKER_MODELS") or 2)),
-            job_retries=int(env.get("MISTUDIO_JOB_RETRIES") or 1),
-            job_stall_s=float(env.get("MISTUDIO_JOB_STALL_S") or 1200),
+            worker_models=max(1, _number(env, "MISTUDIO_WORKER_MODELS", 2, int)),
+            job_retries=_number(env, "MISTUDIO_JOB_RETRIES", 1, int),
+            job_stall_s=_number(env, "MISTUDIO_JOB_STALL_S", 1200, float),
             artifact_root=env.get("MISTUDIO_ARTIFACT_ROOT", "").strip(),
             allowed_roots=env.get("MISTUDIO_ALLOWED_ROOTS", ""),
         )
@@ -93,6 +95,18 @@ class Settings:
             "MISTUDIO_ARTIFACT_ROOT": d["artifact_root"],
             "MISTUDIO_ALLOWED_ROOTS": d["allowed_roots"],
         }
+
+
+def _number(env: Mapping[str, str], name: str, default, kind: type):
+    """A numeric setting, or a one-line error naming it (MISTUDIO_WORKERS=abc)."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise UserError(f"{name}={raw!r} is not {'a whole number' if kind is int else 'a number'}; "
+                        f"fix or unset it (default {default})") from None
 
 
 def _resources(text: str) -> str:

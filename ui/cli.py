@@ -179,6 +179,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     `mistudio --help` loads no engine. One piece: it reads top to bottom as the command list
     of `mistudio --help`, each with the flags that are not a job spec's field."""
     p = argparse.ArgumentParser(prog="mistudio", description="Mechanistic-interpretability studio.")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True)
 
     def job_flags(parser: argparse.ArgumentParser, name: str, positional_help: str = "") -> None:
@@ -324,6 +325,11 @@ def main(argv: list[str] | None = None) -> None:
         a.fn(a)
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
+    except Exception as e:  # noqa: BLE001 - anything else is one line too, the traceback on request
+        if a.debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise SystemExit(f"error: {type(e).__name__}: {first} (mistudio --debug ... shows the traceback)") from None
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ def cmd_jobs(a) -> None:
                 and (since is None or j["created_at"] >= since)]
         return table(rows, ["id", "kind", "state", "step", "model_id", "created_at", "message"])
     if a.action == "cancel":
+        # The Client's cancel is idempotent (two front ends may race); a person asking to cancel a
+        # finished job is told so, with a failing exit status.
+        state = c.job(a.job_id)["state"]
+        if state in c.final_states():
+            raise UserError(f"job {a.job_id} is already {state}; there is nothing to cancel")
         c.cancel(a.job_id)
         print(f"cancel requested for {a.job_id}")
     elif a.action == "priority":

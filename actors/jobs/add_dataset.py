@@ -11,6 +11,7 @@ from actors.jobs import Command, JobContext, Kind, Plan, RunContext, model_ref, 
 from actors.jobs.add_model import EMBEDDED_ID
 from core.data import tokenize_dataset
 from core.data.texts import corpus_name
+from core.errors import UserError
 from storage.registry import Dataset, Job, new_id
 
 @dataclass
@@ -27,7 +28,7 @@ class AddDatasetSpec:
     context_length: int = 256
     """Tokens per row; longer documents are split into several rows."""
     max_documents: int | None = None
-    """Read at most this many documents."""
+    """Read at most this many documents; None or 0 → all of them."""
     prepend_bos: bool = True
     """Start every row with the tokenizer's BOS token, as TransformerLens and SAELens build
     contexts (the model's attention sink then sits on BOS); ignored for a tokenizer without BOS."""
@@ -46,6 +47,10 @@ class AddDatasetParams:
 
 
 def check(registry, spec: AddDatasetSpec) -> None:
+    if spec.max_documents is not None and spec.max_documents < 0:
+        raise UserError(f"max_documents={spec.max_documents} must be 0 (all) or more")
+    if spec.context_length < 2:
+        raise UserError(f"context length {spec.context_length} is too short; use --context-length 2 or more")
     if registry is not None:
         need_model(registry, spec.model_id)
 

@@ -111,6 +111,7 @@ def train_config(values: dict[str, Any]) -> TrainConfig:
     cfg = TrainConfig.from_dict(values)
     specs.check_types(cfg, "training", skip=("sae",))
     specs.check_types(cfg.sae, "training")
+    cfg.check()
     return cfg
 
 

@@ -216,6 +216,7 @@ def tokenize_dataset(tokenizer, source: str, out_dir: Path, text_column: str = "
     (rows start with BOS when `prepend_bos` and the tokenizer defines one)."""
     if context_length < 2:
         raise UserError(f"context length {context_length} is too short; use --context-length 2 or more")
+    max_documents = max_documents or None  # 0 is "all", as everywhere
     name = corpus_name(str(source))
     if name is None:  # a file or hub dataset: read whole (and checked non-empty) first
         texts: Iterable[str] = load_texts(source, text_column=text_column, limit=max_documents)

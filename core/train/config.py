@@ -8,6 +8,7 @@ form and the templates read them from here.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 
@@ -25,6 +26,50 @@ def default_dead_tokens(d_sae: int) -> int:
     counted (at 65k latents a quarter of a 250k-token run left ~25k latents "dead" and AuxK
     busy on them), and a long run does not wait Gao et al.'s fixed 10M tokens at small widths."""
     return DEAD_TOKENS_PER_LATENT * d_sae
+
+
+def check_device(device: str) -> None:
+    """A torch device this machine has ("cpu", "cuda", "cuda:N" with N below the GPU count)."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserError(f"device {device!r}: this machine has no CUDA GPU; use cpu")
+        if d.index is not None and d.index >= count:
+            raise UserError(f"device {device!r}: this machine has {count} GPU(s) (cuda:0-cuda:{count - 1}); pick one")
+    elif d.type != "cpu":
+        raise UserError(f"device {device!r} is not supported for training; use cpu or cuda")
+
+
+def training_bytes(d_in: int, d_sae: int, batch_size: int) -> int:
+    """A floor on what one SAE's training holds, fp32: weights, their gradients and Adam's two
+    moments (4 × (2·d_in·d_sae + d_in + d_sae)), plus the dense [batch × d_sae] pre-activations."""
+    params = 2 * d_in * d_sae + d_in + d_sae
+    return 4 * (4 * params + batch_size * d_sae)
+
+
+def check_fits(d_in: int, d_sae: int, batch_size: int, device: str) -> None:
+    """Refuse, before anything runs, an SAE whose training cannot fit in the device's total memory."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    need = training_bytes(d_in, d_sae, batch_size)
+    if need > total:
+        # The width whose floor is half the memory (room for the rest), in whole 1,024s.
+        fits = max(1024, int((total / 2 - 16 * d_in) // (32 * d_in + 16 + 4 * batch_size)) // 1024 * 1024)
+        raise UserError(f"an SAE of {d_sae:,} latents on d_in={d_in} with batch {batch_size:,} needs at least "
+                        f"{need / 2**30:.1f} GiB to train, more than this machine's {total / 2**30:.1f} GiB on "
+                        f"{device}; use about {fits:,} latents (--d-sae) or fewer, or a smaller batch")
 
 
 @dataclass
@@ -74,7 +119,8 @@ class TrainConfig:
     """Tokens are shuffled within windows of this many batches (activation caches are in
     document order, and consecutive tokens are correlated)."""
     device: str = "cpu"
-    """torch device to train on ("cpu", "cuda", "cuda:1")."""
+    """torch device to train on ("cpu", "cuda", "cuda:1"), checked against the machine that
+    checks the job. A train job on a worker with a GPU trains there whatever this says."""
 
     @property
     def architecture(self) -> str:
@@ -95,7 +141,38 @@ class TrainConfig:
         self.sae.check(d_sae)
         if self.batch_size < 2:
             raise UserError(f"batch_size={self.batch_size} is too small; use at least 2 (FVU needs a batch mean)")
+        self.check()
+        check_fits(d_in, d_sae, self.batch_size, self.device)
         return dataclasses.replace(self, d_sae=d_sae)
+
+    def check(self) -> None:
+        """Numbers that would train nothing, or nonsense, and a device this machine lacks: one-line
+        errors before any work starts (the width is checked by `resolved`, which knows d_in)."""
+        check_device(self.device)
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"lr={self.lr} must be a positive number (e.g. 2e-4), or left out for the width-scaled "
+                            "default")
+        if self.total_tokens is not None and self.total_tokens < 1:
+            raise UserError(f"total_tokens={self.total_tokens} must be at least 1, or left out to train for `epochs`")
+        if self.total_tokens is None and self.epochs < 1:
+            raise UserError(f"epochs={self.epochs} must be at least 1")
+        for name in ("lr_warmup_frac", "lr_decay_frac", "sparsity_warmup_frac"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise UserError(f"{name}={value} must be a fraction of the run, between 0 and 1")
+        if self.lr_warmup_frac + self.lr_decay_frac > 1:
+            raise UserError(f"lr_warmup_frac + lr_decay_frac = {self.lr_warmup_frac + self.lr_decay_frac:g} exceeds "
+                            "the run; make them add up to 1 at most")
+        for name in ("log_every", "sample_tokens", "shuffle_batches"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.dead_tokens is not None and self.dead_tokens < 1:
+            raise UserError(f"dead_tokens={self.dead_tokens} must be at least 1, or left out for 32 × d_sae")
+        if not (self.grad_clip >= 0):
+            raise UserError(f"grad_clip={self.grad_clip} must be 0 (off) or a positive number")
+        if self.outlier_norm_multiple is not None and not (self.outlier_norm_multiple > 0):
+            raise UserError(f"outlier_norm_multiple={self.outlier_norm_multiple} must be positive, or null to turn "
+                            "the norm guard off")
 
     def run_name(self) -> str:
         """How this config's SAEs are told apart in names (e.g. "topk-k32")."""
