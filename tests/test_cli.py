@@ -94,6 +94,13 @@ def test_delete_through_the_cli(cli_env, client, tiny_run, capsys):
     assert "tiny-llama" in {m["id"] for m in client.models()}
 
 
+def test_cancelling_a_finished_job_is_an_error(cli_env, tiny_run):
+    job_id = tiny_run["job"]["id"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["jobs", "cancel", job_id])
+    assert str(e.value) == f"error: job {job_id} is already completed; there is nothing to cancel"
+
+
 def test_job_history_filters(cli_env, tiny_run, capsys):
     cli.main(["jobs", "list", "--kind", "pipeline", "--model", "tiny-llama", "--since", "2000-01-01"])
     out = capsys.readouterr().out
