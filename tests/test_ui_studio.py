@@ -35,7 +35,7 @@ def test_import_an_exported_sae_from_a_zip_gives_the_same_weights(tiny_run, clie
     sae = trained_sae(client)
     folder = Path(client.export_sae(sae["id"], str(tmp_path / "exported")))
     assert {"cfg.json", "sae_weights.safetensors"} <= {p.name for p in folder.iterdir()}
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="is already a folder with files in it; pick a new name, or pass --overwrite"):
         client.export_sae(sae["id"], str(folder))
     archive = tmp_path / "sae.zip"
     with zipfile.ZipFile(archive, "w") as z:

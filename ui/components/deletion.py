@@ -10,6 +10,9 @@ import streamlit as st
 def delete_panel(client, kind: str, rows: list[dict[str, Any]], label: str = "name") -> None:
     """Delete one of `rows` (objects of `kind`: model, dataset, activation, sae) after a
     confirmation; the Client refuses, in one line, while a job uses it or others need it."""
+    done = st.session_state.pop(f"del-{kind}-done", None)
+    if done:  # said after the rerun that redrew the page without the deleted object
+        st.success(done, icon=":material/check_circle:")
     if not rows:
         return
     by_id = {r["id"]: r for r in rows}
@@ -25,4 +28,5 @@ def delete_panel(client, kind: str, rows: list[dict[str, Any]], label: str = "na
                            icon=":material/warning:")
                 return
             client.delete(kind, object_id)
-            st.success(f"Deleted {object_id}.", icon=":material/check_circle:")
+            st.session_state[f"del-{kind}-done"] = f"Deleted {object_id}."
+            st.rerun()  # the rest of the page was drawn from the list that still held it
