@@ -34,9 +34,9 @@ class Client(Catalogue):
         self.settings = settings or Settings.from_env()
         self.confined = confined
         self.artifacts = Artifacts.of(self.settings)  # a bad MISTUDIO_ARTIFACT_ROOT fails before Ray starts
+        self.registry = Registry(self.settings.database_url)  # a corrupt or unreachable one fails before Ray starts
         cluster.connect(self.settings, start=start)
         self.progress_actor, self.manager = cluster.ensure_actors(self.settings)
-        self.registry = Registry(self.settings.database_url)
 
     def local(self, path: str) -> str:
         """An artifact's local path, fetched from the artifact store first if this machine lacks it."""

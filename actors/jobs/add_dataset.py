@@ -11,6 +11,7 @@ from actors.jobs import Command, JobContext, Kind, Plan, RunContext, model_ref, 
 from actors.jobs.add_model import EMBEDDED_ID
 from core.data import tokenize_dataset
 from core.data.texts import corpus_name
+from core.data.texts import check_text_file
 from core.errors import UserError
 from storage.registry import Dataset, Job, new_id
 
@@ -29,6 +30,8 @@ class AddDatasetSpec:
     """Tokens per row; longer documents are split into several rows."""
     max_documents: int | None = None
     """Read at most this many documents; None or 0 → all of them."""
+    encoding: str = "utf-8"
+    """How local text files (.txt/.jsonl/.csv) are decoded, strictly (e.g. latin-1, cp1252)."""
     prepend_bos: bool = True
     """Start every row with the tokenizer's BOS token, as TransformerLens and SAELens build
     contexts (the model's attention sink then sits on BOS); ignored for a tokenizer without BOS."""
@@ -44,6 +47,7 @@ class AddDatasetParams:
     context_length: int
     max_documents: int | None
     prepend_bos: bool = True
+    encoding: str = "utf-8"
 
 
 def check(registry, spec: AddDatasetSpec) -> None:
@@ -51,6 +55,7 @@ def check(registry, spec: AddDatasetSpec) -> None:
         raise UserError(f"max_documents={spec.max_documents} must be 0 (all) or more")
     if spec.context_length < 2:
         raise UserError(f"context length {spec.context_length} is too short; use --context-length 2 or more")
+    check_text_file(spec.source, spec.encoding)
     if registry is not None:
         need_model(registry, spec.model_id)
 
@@ -61,7 +66,7 @@ def plans(job: JobContext, spec: AddDatasetSpec) -> list[Plan]:
     dataset_id = new_id(slug(name))
     out = str(job.artifacts.dataset(dataset_id))
     params = AddDatasetParams(dataset_id, name, spec.source, out, spec.text_column, spec.context_length,
-                              spec.max_documents, spec.prepend_bos)
+                              spec.max_documents, spec.prepend_bos, spec.encoding)
     return [Plan("add_dataset", params, model=model_ref(model), outputs=[out])]
 
 
@@ -69,7 +74,8 @@ def run(ctx: RunContext, plan: Plan) -> dict[str, Any]:
     p: AddDatasetParams = plan.params
     ctx.state("running", f"tokenizing {p.source}")
     stats = tokenize_dataset(ctx.tokenizer(), p.source, Path(p.out_dir), p.text_column, p.context_length,
-                             p.max_documents, progress=ctx.report, prepend_bos=p.prepend_bos)
+                             p.max_documents, progress=ctx.report, prepend_bos=p.prepend_bos,
+                             encoding=p.encoding)
     return stats.to_dict()
 
 

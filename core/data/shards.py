@@ -211,7 +211,8 @@ def read_rows(dataset_dir, row_ids: Iterable[int]) -> dict[int, np.ndarray]:
 
 def tokenize_dataset(tokenizer, source: str, out_dir: Path, text_column: str = "text",
                      context_length: int = 256, max_documents: int | None = None,
-                     progress: Callable[[dict], None] | None = None, prepend_bos: bool = True) -> DatasetStats:
+                     progress: Callable[[dict], None] | None = None, prepend_bos: bool = True,
+                     encoding: str = "utf-8") -> DatasetStats:
     """Load texts from `source` and write them as Parquet token shards under `out_dir`
     (rows start with BOS when `prepend_bos` and the tokenizer defines one)."""
     if context_length < 2:
@@ -219,7 +220,8 @@ def tokenize_dataset(tokenizer, source: str, out_dir: Path, text_column: str = "
     max_documents = max_documents or None  # 0 is "all", as everywhere
     name = corpus_name(str(source))
     if name is None:  # a file or hub dataset: read whole (and checked non-empty) first
-        texts: Iterable[str] = load_texts(source, text_column=text_column, limit=max_documents)
+        texts: Iterable[str] = load_texts(source, text_column=text_column, limit=max_documents,
+                                               encoding=encoding)
         total = None
     else:  # a built-in corpus: streamed
         texts = iter_texts(source, limit=max_documents)

@@ -3,8 +3,10 @@ datasets, read as documents (the built-in corpora as a stream)."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib
+import io
 import itertools
 import json
 import re
@@ -12,6 +14,7 @@ import sysconfig
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import UserError
@@ -136,40 +139,84 @@ def _column_error(column: str, where: str, available: Iterable[str]) -> UserErro
                      f"{', '.join(map(str, available))}; pass --text-column")
 
 
-def _read_txt(path: Path, column: str) -> list[str]:
+def _decode(path: Path, encoding: str) -> str:
+    """A text file's contents, decoded strictly: binary or wrongly-encoded input is a one-line
+    error instead of text full of U+FFFD that tokenizes into nonsense."""
+    try:
+        codec = codecs.lookup(encoding)
+    except LookupError:
+        raise UserError(f"unknown encoding {encoding[:40]!r}; use e.g. utf-8, latin-1 or cp1252") from None
+    return _check_bytes(path, path.read_bytes(), encoding, lambda b: codec.decode(b)[0])
+
+
+def check_text_file(source: str, encoding: str = "utf-8", head: int = 1 << 20) -> None:
+    """At submit: refuse an unknown encoding, and a local text file whose first `head` bytes are
+    binary or not in `encoding`, before a job is queued (the job decodes the whole file again)."""
+
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)()
+    except LookupError:
+        raise UserError(f"unknown encoding {encoding[:40]!r}; use e.g. utf-8, latin-1 or cp1252") from None
+    path = Path(str(source)).expanduser()
+    files = [path] if path.is_file() else sorted(path.iterdir()) if path.is_dir() else []
+    for f in files:
+        if f.suffix.lower() in (".txt", ".jsonl", ".csv"):
+            with f.open("rb") as fh:
+                data = fh.read(head)
+            # final only when the whole file was read: a cut may split a multi-byte character
+            _check_bytes(f, data, encoding, lambda b: decoder.decode(b, final=len(b) < head))
+            decoder.reset()
+
+
+def _check_bytes(path: Path, data: bytes, encoding: str, decode) -> str:
+    if b"\0" in data[:8192] and not encoding.lower().startswith("utf-16"):
+        raise UserError(f"{path.name} looks binary (it holds NUL bytes), not text; give a .txt/.jsonl/.csv "
+                        "text file, or --encoding if it is UTF-16")
+    try:
+        return decode(data)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path.name} is not valid {encoding} (byte {e.start}); pass --encoding "
+                        "(e.g. --encoding latin-1) with the file's encoding") from None
+
+
+def _read_txt(path: Path, column: str, encoding: str = "utf-8") -> list[str]:
     # Documents are separated by blank lines.
-    return re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace"))
+    return re.split(r"\n\s*\n", _decode(path, encoding))
 
 
-def _read_jsonl(path: Path, column: str) -> list[str]:
+def _read_jsonl(path: Path, column: str, encoding: str = "utf-8") -> list[str]:
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path.name} line {lineno} is not valid JSON ({e.msg}); "
-                                "fix the file: one JSON object per line") from e
-            if not isinstance(record, dict) or column not in record:
-                keys = record.keys() if isinstance(record, dict) else []
-                raise _column_error(column, f"{path.name} (line {lineno})", keys)
-            texts.append(record[column])
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends unescaped.
+    for lineno, line in enumerate(_decode(path, encoding).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path.name} line {lineno} is not valid JSON ({e.msg}); "
+                            "fix the file: one JSON object per line") from e
+        if not isinstance(record, dict) or column not in record:
+            keys = record.keys() if isinstance(record, dict) else []
+            raise _column_error(column, f"{path.name} (line {lineno})", keys)
+        texts.append(record[column])
     return texts
 
 
-def _read_parquet(path: Path, column: str) -> list[str]:
-    names = pq.read_schema(path).names
-    if column not in names:
-        raise _column_error(column, path.name, names)
+def _read_parquet(path: Path, column: str, encoding: str = "utf-8") -> list[str]:
+    schema = pq.read_schema(path)
+    if column not in schema.names:
+        raise _column_error(column, path.name, schema.names)
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"column '{column}' of {path.name} holds {kind}, not text; pass --text-column "
+                        f"with a string column ({', '.join(schema.names)})")
     return pq.read_table(path, columns=[column]).column(column).to_pylist()
 
 
-def _read_csv(path: Path, column: str) -> list[str]:
+def _read_csv(path: Path, column: str, encoding: str = "utf-8") -> list[str]:
     # The csv module copes with multi-line quoted fields, which is what text columns hold.
     csv.field_size_limit(1 << 30)
-    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+    with io.StringIO(_decode(path, encoding), newline="") as f:
         reader = csv.DictReader(f)
         if column not in (reader.fieldnames or []):
             raise _column_error(column, path.name, reader.fieldnames or [])
@@ -179,12 +226,12 @@ def _read_csv(path: Path, column: str) -> list[str]:
 _READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet, ".csv": _read_csv}
 
 
-def _read_file(path: Path, column: str) -> list[str]:
+def _read_file(path: Path, column: str, encoding: str = "utf-8") -> list[str]:
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise UserError(f"unsupported file type '{path.suffix}' ({path.name}); "
                         f"use one of: {', '.join(FILE_TYPES)}, or a Hugging Face dataset id")
-    return reader(path, column)
+    return reader(path, column, encoding)
 
 
 def _read_hub(source: str, column: str, split: str, limit: int | None) -> list[str]:
@@ -220,23 +267,24 @@ def iter_texts(source: str, text_column: str = "text", split: str = "train",
 
 
 def load_texts(source: str, text_column: str = "text", split: str = "train",
-               limit: int | None = None) -> list[str]:
+               limit: int | None = None, encoding: str = "utf-8") -> list[str]:
     """Documents from a built-in corpus ("stdlib-docs" a.k.a. "builtin", "stdlib-source"), a
     local file or folder of files, or a Hugging Face dataset id.
 
-    Blank documents are dropped; `limit` keeps the first `limit` documents.
+    Blank documents are dropped; `limit` keeps the first `limit` documents. Local text files
+    are decoded strictly with `encoding`.
     """
     source = str(source)
     path = Path(source).expanduser()
     if corpus_name(source):
         texts: Sequence = list(iter_texts(source, limit=limit))
     elif path.is_file():
-        texts = _read_file(path, text_column)
+        texts = _read_file(path, text_column, encoding)
     elif path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_TYPES)
         if not files:
             raise UserError(f"no {', '.join(FILE_TYPES)} files in folder {path}; put data files there")
-        texts = [t for f in files for t in _read_file(f, text_column)]
+        texts = [t for f in files for t in _read_file(f, text_column, encoding)]
     elif _looks_like_path(source):
         raise UserError(f"data file not found: {source}; check the path")
     else:

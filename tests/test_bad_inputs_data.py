@@ -1,0 +1,90 @@
+"""Bad input by area: text files decoded strictly (--encoding), a non-text Parquet column
+named, and a corrupt or unreachable registry refused before Ray starts (issue 24)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from actors.jobs.add_dataset import AddDatasetSpec, check as check_dataset
+from core.data.texts import check_text_file, load_texts
+from core.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(fn, *args, **kwargs) -> str:
+    with pytest.raises(UserError) as e:
+        fn(*args, **kwargs)
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 500
+    return message
+
+
+# Text input: decoded strictly, with --encoding for other encodings.
+
+def test_latin1_text_needs_its_encoding(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("café olé\n\nsecond".encode("latin-1"))
+    message = one_line_error(load_texts, str(path))
+    assert "latin.txt is not valid utf-8" in message and "--encoding" in message
+    assert load_texts(str(path), encoding="latin-1") == ["café olé", "second"]
+    assert "latin.txt is not valid utf-8" in one_line_error(check_text_file, str(path))
+    check_text_file(str(path), "latin-1")
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv"])
+def test_binary_text_file_is_refused(tmp_path, suffix):
+    path = tmp_path / f"blob{suffix}"
+    path.write_bytes(bytes(range(256)) * 4)
+    assert f"blob{suffix} looks binary" in one_line_error(load_texts, str(path))
+
+
+def test_unknown_encoding_is_refused(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("hello")
+    assert "unknown encoding 'klingon'" in one_line_error(load_texts, str(path), encoding="klingon")
+    assert "unknown encoding" in one_line_error(check_text_file, str(path), "klingon")
+
+
+def test_parquet_column_of_ints_names_the_column_and_type(tmp_path):
+    path = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3], "body": ["a", "b", "c"]}), path)
+    message = one_line_error(load_texts, str(path))
+    assert "column 'text' of ints.parquet holds int64, not text" in message and "body" in message
+    assert load_texts(str(path), text_column="body") == ["a", "b", "c"]
+
+
+def test_dataset_spec_refused_at_submit(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("olé".encode("latin-1"))
+    assert "not valid utf-8" in one_line_error(check_dataset, None, AddDatasetSpec("m", source=str(path)))
+    check_dataset(None, AddDatasetSpec("m", source=str(path), encoding="latin-1"))
+
+
+def run_cli(args, home: Path, **env) -> subprocess.CompletedProcess:
+    environ = dict(os.environ, MISTUDIO_HOME=str(home), PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", **env)
+    return subprocess.run([sys.executable, "-m", "ui.cli", *args], capture_output=True, text=True, env=environ,
+                          cwd=ROOT, timeout=120)
+
+
+def assert_refused(out: subprocess.CompletedProcess, words: str) -> None:
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], out.stderr
+
+
+def test_cli_corrupt_or_unreachable_registry_is_one_line_and_starts_no_ray(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "registry.db").write_bytes(b"not a database" * 400)
+    assert_refused(run_cli(["jobs", "list"], home), "file is not a database")
+    url = "postgresql://u:S3cretPW@127.0.0.1:1/db"  # a closed port
+    out = run_cli(["jobs", "list"], home, MISTUDIO_DATABASE_URL=url)
+    assert_refused(out, "postgresql://u:***@127.0.0.1:1/db")
+    assert "S3cretPW" not in out.stderr + out.stdout
+    assert sorted(p.name for p in home.iterdir()) == ["registry.db"]  # no Ray head recorded
