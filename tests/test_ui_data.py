@@ -106,7 +106,8 @@ def test_add_builtin_dataset_from_form(tiny_run, ui_client):
     (job,) = new_jobs(ui_client, before)
     assert job["kind"] == "add_dataset"
     assert job["spec"] == {"model_id": "tiny-llama", "source": "stdlib-source", "name": "ui-builtin", "text_column": "text",
-                           "context_length": 32, "max_documents": 6, "prepend_bos": True}  # BOS-first by default
+                           "context_length": 32, "max_documents": 6, "prepend_bos": True,  # BOS-first by default
+                           "encoding": "utf-8"}
     assert job["id"] in texts(at.success)
     assert at.progress, "the progress panel shows the new job"
 

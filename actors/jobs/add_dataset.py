@@ -10,8 +10,7 @@ from typing import Any
 from actors.jobs import Command, JobContext, Kind, Plan, RunContext, model_ref, need_model, register, slug
 from actors.jobs.add_model import EMBEDDED_ID
 from core.data import tokenize_dataset
-from core.data.texts import corpus_name
-from core.data.texts import check_text_file
+from core.data.texts import check_text_file, corpus_name
 from core.errors import UserError
 from storage.registry import Dataset, Job, new_id
 

@@ -74,6 +74,7 @@ def _name(spec: AddModelSpec) -> str:
 def plans(job: JobContext, spec: AddModelSpec) -> list[Plan]:
     name = _name(spec)
     model_id = slug(name)
+    check_free(job.registry, model_id, spec.source)  # again as the job starts: one queued beside it may have won
     out = str(job.artifacts.model(model_id))
     params = AddModelParams(model_id, name, spec.source, out, spec.dtype, spec.quantization, spec.trust_remote_code)
     return [Plan("add_model", params, outputs=[out])]

@@ -220,8 +220,7 @@ def tokenize_dataset(tokenizer, source: str, out_dir: Path, text_column: str = "
     max_documents = max_documents or None  # 0 is "all", as everywhere
     name = corpus_name(str(source))
     if name is None:  # a file or hub dataset: read whole (and checked non-empty) first
-        texts: Iterable[str] = load_texts(source, text_column=text_column, limit=max_documents,
-                                               encoding=encoding)
+        texts: Iterable[str] = load_texts(source, text_column=text_column, limit=max_documents, encoding=encoding)
         total = None
     else:  # a built-in corpus: streamed
         texts = iter_texts(source, limit=max_documents)
