@@ -18,6 +18,9 @@ class Metric(NamedTuple):
     convention: str  # OURS or SAELENS
     meaning: str  # one line: the formula and the tokens it is over
 
+    def tooltip(self) -> str:
+        return f"{self.convention}'s definition: {self.meaning}"
+
 
 METRICS: dict[str, Metric] = {
     "l0": Metric("L0", OURS, "mean number of non-zero latents per evaluated token"),

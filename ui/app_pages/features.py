@@ -22,9 +22,8 @@ PAGE_SIZE = 500  # latents per page of the table (the registry serves one page a
 def sae_summary(sae: dict[str, Any], definitions: dict) -> None:
     m = sae.get("metrics") or {}
 
-    def explain(key: str) -> str:  # the tooltip: whose definition, and what it is
-        d = definitions[key]
-        return f"{d.convention}'s definition: {d.meaning}"
+    def explain(key: str) -> str:
+        return definitions[key].tooltip()
     c = st.columns(7)
     c[0].metric("FVU", fmt_number(m.get("fvu"), 4), help=explain("fvu"))
     c[1].metric("L0", fmt_number(m.get("l0"), 3), help=explain("l0"))

@@ -19,11 +19,6 @@ from ui.components.charts import job_charts
 from ui.components.client import guard
 from ui.components.formatting import fmt_duration, fmt_number, literal
 
-# Whose definition a live training number follows (the SAEs page lists the final ones).
-LIVE_HELP = {"FVU": "miStudio's FVU, Σ‖x − x̂‖² / Σ‖x − x̄‖², on the held-out activations (special tokens and "
-                    "norm outliers set aside)",
-             "dead": "miStudio's: share of latents that did not fire for the dead-token window"}
-
 POLL_S = 1.5
 """Seconds between progress polls while a job runs (workers report about once a second)."""
 
@@ -103,12 +98,13 @@ def job_card(client, job: dict[str, Any], active: bool) -> None:
         st.caption(literal(" · ".join(bits)))  # a job's message may quote names and files users typed
     live = [("loss", "loss", 4), ("fvu", "FVU", 4), ("l0", "L0", 3), ("dead_frac", "dead", None),
             ("features_in_heap", "features with examples", None), ("heap_examples_count", "examples", None)]
-    shown = [(label, p[k], d) for k, label, d in live if _num(p.get(k)) is not None]
+    shown = [(k, label, p[k], d) for k, label, d in live if _num(p.get(k)) is not None]
     if shown:
+        definitions = client.metric_definitions()  # whose definition a number follows, in its tooltip
         cols = st.columns(len(shown))
-        for col, (label, v, digits) in zip(cols, shown):
+        for col, (key, label, v, digits) in zip(cols, shown):
             value = f"{v:.1%}" if label == "dead" else fmt_number(v, digits) if digits else fmt_number(v)
-            col.metric(label, value, help=LIVE_HELP.get(label))
+            col.metric(label, value, help=definitions[key].tooltip() if key in definitions else None)
     with st.expander("Charts", expanded=active):
         job_charts(client.history(job["id"]))
 
