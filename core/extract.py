@@ -29,7 +29,7 @@ import torch
 from core.data import TokenBatch, iter_batches, total_tokens
 from core.errors import UserError
 from core.hooks import run_hooked, validate_hooks
-from core.io import atomic_dir
+from core.io import atomic_dir, intact
 from core.progress import Meter
 
 NORM_SAMPLE = 100_000
@@ -239,6 +239,9 @@ def _shards(hook_dir) -> list[Path]:
     return files
 
 
+DAMAGED_ACTIVATIONS = "delete the activation set (mistudio extract delete ID) and extract again"
+
+
 def iter_activations(hook_dir, batch_tokens: int = 4096) -> Iterator[np.ndarray]:
     """Yield float32 [N, d_model] arrays (N ≤ batch_tokens), shard by shard, in token order.
 
@@ -246,11 +249,12 @@ def iter_activations(hook_dir, batch_tokens: int = 4096) -> Iterator[np.ndarray]
     modifying in place (torch.from_numpy of them warns; use torch.tensor or np.array).
     """
     for shard in _shards(hook_dir):
-        pf = pq.ParquetFile(shard)
-        d = pf.schema_arrow.field("act").type.list_size
-        for rb in pf.iter_batches(batch_size=batch_tokens, columns=["act"]):
-            # flatten() respects a slice offset, unlike .values; both are zero-copy.
-            yield rb.column(0).flatten().to_numpy(zero_copy_only=True).reshape(-1, d)
+        with intact(shard, DAMAGED_ACTIVATIONS):
+            pf = pq.ParquetFile(shard)
+            d = pf.schema_arrow.field("act").type.list_size
+            for rb in pf.iter_batches(batch_size=batch_tokens, columns=["act"]):
+                # flatten() respects a slice offset, unlike .values; both are zero-copy.
+                yield rb.column(0).flatten().to_numpy(zero_copy_only=True).reshape(-1, d)
 
 
 def read_hook_stats(hook_dir) -> HookStats:
@@ -263,7 +267,8 @@ def read_hook_stats(hook_dir) -> HookStats:
 
 def count_activations(hook_dir) -> int:
     """Number of token activations stored for one hook (from Parquet metadata, no data read)."""
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in _shards(hook_dir))
+    with intact(hook_dir, DAMAGED_ACTIVATIONS):
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in _shards(hook_dir))
 
 
 def extract_activations(model, tokenizer, dataset_dir: Path, hook_names: list[str], out_dir: Path,

@@ -7,6 +7,7 @@ is atomic on POSIX filesystems (the temp path is on the same filesystem as the t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -26,6 +27,21 @@ def check_new(path: str | os.PathLike, overwrite: bool = False) -> Path:
     what = "a folder with files in it" if path.is_dir() else "a file"
     raise UserError(f"{path} is already {what}; pick a new name, or pass --overwrite (the dashboard's "
                     "\"Overwrite\" box) to replace it")
+
+
+@contextlib.contextmanager
+def intact(path: str | os.PathLike, remedy: str) -> Iterator[None]:
+    """Reads of an artifact under here that meet a damaged file (truncated by an interrupted
+    copy, say: miStudio itself never leaves one) fail in one line naming the artifact and
+    `remedy`, not with pyarrow's or json's traceback."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, json.JSONDecodeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = reason if len(reason) <= 160 else reason[:159] + "…"
+        raise UserError(f"{path} is damaged ({reason}); {remedy}") from None
 
 
 def _tmp_sibling(path: Path) -> Path:

@@ -118,10 +118,18 @@ def _failed(client, kind, spec) -> str:
     return job["message"]
 
 
-def test_bad_model_and_dataset_sources_fail_cleanly(client, tiny_run, tmp_path):
-    msg = _failed(client, "add_model", {"source": str(tmp_path / "nowhere")})
-    assert "model not found" in msg
-    assert not (client.settings.home / "models" / "nowhere").exists()
+def test_bad_model_and_dataset_sources_fail_cleanly(client, tiny_run, tiny_model_dir, tmp_path):
+    # a model source that cannot load is refused at submit, before any worker loads anything
+    with pytest.raises(UserError, match=r"^model not found: .*nowhere; give an existing model folder"):
+        client.submit("add_model", {"source": str(tmp_path / "nowhere")})
+    no_tokenizer = tmp_path / "weights-only"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((tiny_model_dir / name).read_bytes())
+    with pytest.raises(UserError, match=r"weights-only has no tokenizer \(tokenizer.json, .*save_pretrained") as e:
+        client.submit("add_model", {"source": str(no_tokenizer)})
+    assert "\n" not in str(e.value)
+    assert not any((client.settings.home / "models" / name).exists() for name in ("nowhere", "weights-only"))
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n   \n")

@@ -88,3 +88,39 @@ def test_cli_corrupt_or_unreachable_registry_is_one_line_and_starts_no_ray(tmp_p
     assert_refused(out, "postgresql://u:***@127.0.0.1:1/db")
     assert "S3cretPW" not in out.stderr + out.stdout
     assert sorted(p.name for p in home.iterdir()) == ["registry.db"]  # no Ray head recorded
+
+
+# Damaged artifacts (truncated by an interrupted copy): one line naming the file and the fix.
+
+def _truncated(path: Path, table: pa.Table) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def test_truncated_artifacts_are_one_line_naming_the_fix(tmp_path):
+    from core.data.shards import read_rows, row_lengths
+    from core.extract import count_activations, iter_activations
+    from core.features import FeatureQuery
+    from core.features import store
+
+    features = tmp_path / "features"
+    _truncated(features / "features.parquet", pa.table({"latent": [0, 1], "frequency": [0.5, 0.1]}))
+    (features / "discovery.json").write_text('{"hist_edges": [0.1, ')
+    msg = one_line_error(store.feature_page, features, FeatureQuery(limit=5))
+    assert msg.startswith(f"{features} is damaged (") and msg.endswith("; run discovery for this SAE again to rewrite it")
+    assert "discovery for this SAE again" in one_line_error(store.info, features)
+
+    dataset = tmp_path / "dataset"
+    _truncated(dataset / "shard-00000.parquet", pa.table({"input_ids": [[1, 2]], "row_id": [0], "doc_id": [0]}))
+    for read in (lambda: row_lengths(dataset), lambda: read_rows(dataset, [0])):
+        msg = one_line_error(read)
+        assert msg.startswith(f"{dataset / 'shard-00000.parquet'} is damaged (")
+        assert msg.endswith("delete the dataset (mistudio datasets delete ID) and add it again")
+
+    hook = tmp_path / "acts" / "blocks.0.hook_resid_post"
+    act = pa.FixedSizeListArray.from_arrays(pa.array([0.5] * 8, pa.float32()), 4)
+    _truncated(hook / "shard-00000.parquet", pa.table({"act": act}))
+    for read in (lambda: list(iter_activations(hook)), lambda: count_activations(hook)):
+        assert one_line_error(read).endswith("delete the activation set (mistudio extract delete ID) and extract again")

@@ -171,3 +171,24 @@ def test_progress_without_a_terminal_prints_a_line_every_few_seconds(capsys):
     lines = [seg for seg in err.replace("\r", "\n").split("\n") if seg.strip()]
     assert 1 <= len(lines) <= 3, lines
     assert "2000/2000" in lines[-1] or "2.00k/2.00k" in lines[-1], lines[-1]
+
+
+def test_a_damaged_features_file_is_one_line_naming_the_fix(cli_env, client, tiny_run, tmp_path):
+    """A features folder truncated outside miStudio (an interrupted copy of the data root) is
+    reported by the CLI in one line that names the folder and how to rewrite it."""
+    import shutil
+
+    from storage.registry import SAE
+
+    sae = client.get(SAE, tiny_run["job"]["result"]["sae_id"])
+    damaged = shutil.copytree(sae["features_path"], tmp_path / "features")
+    examples = damaged / "examples.parquet"
+    examples.write_bytes(examples.read_bytes()[:200])
+    client.registry.add(SAE(**{**sae, "id": "sae-damaged", "features_path": str(damaged)}))
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["discover", "show", "--sae", "sae-damaged", "--latent", "0"])
+        assert str(e.value).startswith(f"error: {damaged} is damaged (") and "\n" not in str(e.value)
+        assert str(e.value).endswith("; run discovery for this SAE again to rewrite it")
+    finally:
+        client.registry.delete(SAE, "sae-damaged")

@@ -45,9 +45,8 @@ class AddModelParams:
 def check(registry, spec: AddModelSpec) -> None:
     if spec.quantization not in models.QUANTIZATIONS:
         raise UserError(f"quantization {spec.quantization!r} is not one of {', '.join(models.QUANTIZATIONS)}")
-    if registry is not None and spec.source != "embedded" and spec.source.endswith(".gguf") \
-            and not Path(spec.source).expanduser().exists():
-        raise UserError(f"model file {spec.source} does not exist; check the path")
+    if registry is not None and spec.source != "embedded":
+        models.check_source(spec.source)  # a missing path, or a folder without config.json or tokenizer
     if registry is not None:
         check_free(registry, slug(_name(spec)), spec.source)
 

@@ -10,8 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from core.data.shards import shard_files
+from core.data.shards import DAMAGED_DATASET, shard_files
 from core.errors import UserError
+from core.io import intact
 
 
 
@@ -54,14 +55,16 @@ def _pad(rows: list[np.ndarray], row_ids: list[int], pad_token_id: int, doc_ids:
 def _iter_rows(dataset_dir: Path) -> Iterator[tuple[np.ndarray, int, int]]:
     """(tokens, row_id, doc_id) for every row, shard by shard, a record batch at a time."""
     for shard in shard_files(dataset_dir):
-        for rb in pq.ParquetFile(shard).iter_batches(batch_size=1024, columns=["input_ids", "row_id", "doc_id"]):
-            col = rb.column(0)
-            # .offsets index into .values (which ignores any slice offset), so they agree.
-            offsets = col.offsets.to_numpy()
-            values = col.values.to_numpy()
-            docs = rb.column(2).to_numpy()
-            for i, row_id in enumerate(rb.column(1).to_numpy()):
-                yield values[offsets[i]:offsets[i + 1]], int(row_id), int(docs[i])
+        with intact(shard, DAMAGED_DATASET):
+            batches = pq.ParquetFile(shard).iter_batches(batch_size=1024, columns=["input_ids", "row_id", "doc_id"])
+            for rb in batches:
+                col = rb.column(0)
+                # .offsets index into .values (which ignores any slice offset), so they agree.
+                offsets = col.offsets.to_numpy()
+                values = col.values.to_numpy()
+                docs = rb.column(2).to_numpy()
+                for i, row_id in enumerate(rb.column(1).to_numpy()):
+                    yield values[offsets[i]:offsets[i + 1]], int(row_id), int(docs[i])
 
 
 def iter_batches(dataset_dir, batch_size: int, pad_token_id: int, max_rows: int | None = None,

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import UserError
-from core.io import atomic_dir
+from core.io import atomic_dir, intact
 from core.progress import Meter
 from core.data.texts import CORPORA, corpus_name, iter_texts, load_texts
 
@@ -175,6 +175,9 @@ def read_stats(dataset_dir) -> DatasetStats:
     return DatasetStats(**json.loads(path.read_text()))  # older files lack prepend_bos: False
 
 
+DAMAGED_DATASET = "delete the dataset (mistudio datasets delete ID) and add it again"
+
+
 class RowLengths(NamedTuple):
     """Per row of a tokenized dataset, in row_id order."""
     tokens: np.ndarray  # int64: tokens in the row (at most the context length)
@@ -185,9 +188,10 @@ def row_lengths(dataset_dir) -> RowLengths:
     """Every row's length and document, read from the shards' offsets (no token is decoded)."""
     lengths, docs = [], []
     for shard in shard_files(Path(dataset_dir)):
-        for rb in pq.ParquetFile(shard).iter_batches(batch_size=65536, columns=["input_ids", "doc_id"]):
-            lengths.append(np.diff(rb.column(0).offsets.to_numpy()))
-            docs.append(rb.column(1).to_numpy())
+        with intact(shard, DAMAGED_DATASET):
+            for rb in pq.ParquetFile(shard).iter_batches(batch_size=65536, columns=["input_ids", "doc_id"]):
+                lengths.append(np.diff(rb.column(0).offsets.to_numpy()))
+                docs.append(rb.column(1).to_numpy())
     if not lengths:
         raise UserError(f"{dataset_dir} holds no token shards; was the dataset deleted? Add it again.")
     return RowLengths(np.concatenate(lengths).astype(np.int64), np.concatenate(docs).astype(np.int64))
@@ -200,7 +204,8 @@ def read_rows(dataset_dir, row_ids: Iterable[int]) -> dict[int, np.ndarray]:
     for shard in shard_files(Path(dataset_dir)):
         if not wanted:
             break
-        table = pq.read_table(shard, columns=["input_ids", "row_id"], filters=[("row_id", "in", wanted)])
+        with intact(shard, DAMAGED_DATASET):
+            table = pq.read_table(shard, columns=["input_ids", "row_id"], filters=[("row_id", "in", wanted)])
         for ids, rid in zip(table.column("input_ids").to_pylist(), table.column("row_id").to_pylist()):
             out[int(rid)] = np.asarray(ids, dtype=np.int64)
     missing = set(wanted) - set(out)

@@ -10,6 +10,7 @@ the page's rows by latent — so a page never decodes the wide columns of every 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -22,11 +23,22 @@ import pyarrow.parquet as pq
 
 from core.errors import UserError
 from core.features.schema import EXAMPLES_FILE, FEATURES_FILE, INFO_FILE, FeaturePage, FeatureQuery, matches
+from core.io import intact
 
 Folder = str | os.PathLike
 """A features folder (an SAE's `features_path`)."""
 
 
+def _reader(fn):
+    """A public read of a features folder: a damaged file in it is one line naming the fix."""
+    @functools.wraps(fn)
+    def read(features_dir: Folder, *args, **kwargs):
+        with intact(features_dir, "run discovery for this SAE again to rewrite it"):
+            return fn(features_dir, *args, **kwargs)
+    return read
+
+
+@_reader
 def info(features_dir: Folder) -> dict[str, Any]:
     """discovery.json: the config, token counts and histogram edges ({} when the folder has none)."""
     path = Path(features_dir) / INFO_FILE
@@ -36,11 +48,13 @@ def info(features_dir: Folder) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the feature table
 
 
+@_reader
 def feature_rows(features_dir: Folder, columns: list[str] | None = None) -> list[dict[str, Any]]:
     """Every latent's row (in latent order), e.g. to record them in the registry."""
     return pq.read_table(Path(features_dir) / FEATURES_FILE, columns=columns).to_pylist()
 
 
+@_reader
 def feature_page(features_dir: Folder, query: FeatureQuery = FeatureQuery(),
                  columns: list[str] | None = None) -> FeaturePage:
     """The rows of one page of latents (all columns, or `columns`) and how many pass the filters."""
@@ -89,6 +103,7 @@ def top_features(features_dir: Folder, n: int) -> list[dict]:
     return feature_page(features_dir, FeatureQuery(live_only=True, limit=n)).rows
 
 
+@_reader
 def histograms(features_dir: Folder, latents: Iterable[int]) -> dict[int, list[int]]:
     """Each latent's activation counts in the bins of `info(...)["hist_edges"]`."""
     wanted = [int(i) for i in latents]
@@ -99,6 +114,7 @@ def histograms(features_dir: Folder, latents: Iterable[int]) -> dict[int, list[i
     return dict(zip(t.column("latent").to_pylist(), t.column("hist_counts").to_pylist()))
 
 
+@_reader
 def read_histogram(features_dir: Folder, latent: int) -> tuple[list[float], list[int]]:
     """(bin edges, counts) of one latent's positive activations; counts has one more entry than
     edges (below the first edge, between consecutive edges, above the last)."""
@@ -112,6 +128,7 @@ def read_histogram(features_dir: Folder, latent: int) -> tuple[list[float], list
 # --------------------------------------------------------------------------- examples
 
 
+@_reader
 def read_examples(features_dir: Folder, latent: int, kind: str | None = "top") -> list[dict]:
     """One latent's examples: top rows by rank, then quantile rows from the lowest bin up (kind
     None gives both). The filter lets Parquet skip other latents' row groups."""
@@ -122,6 +139,7 @@ def read_examples(features_dir: Folder, latent: int, kind: str | None = "top") -
     return table.sort_by([("kind", "descending"), ("bin", "ascending"), ("rank", "ascending")]).to_pylist()
 
 
+@_reader
 def examples_by_latent(features_dir: Folder, latents: Iterable[int], kind: str | None = None,
                        columns: list[str] | None = None) -> dict[int, list[dict[str, Any]]]:
     """The examples of several latents in one read (all columns, or `columns` — latent is always
@@ -145,6 +163,7 @@ def examples_by_latent(features_dir: Folder, latents: Iterable[int], kind: str |
     return by
 
 
+@_reader
 def coactive_features(features_dir: Folder, latent: int, n: int = 10) -> list[dict]:
     """Latents that fire at the same tokens as `latent`'s examples (top and quantile): how many
     of its examples each appears in, and its mean activation there; most frequent first."""

@@ -3,11 +3,11 @@ bitsandbytes quantization), what a loaded model is (layers, width), how much mem
 take, and the cache a worker keeps them in."""
 
 from core.models.cache import ModelCache
-from core.models.loading import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, ModelInfo, convert_gguf, d_model,
+from core.models.loading import (EMBEDDED_MODEL_NAME, QUANTIZATIONS, ModelInfo, check_source, convert_gguf, d_model,
                                  embedded_gguf_path, find_layers, gguf_architecture, load_model, model_info,
                                  n_layers, quantization_of)
 from core.models.memory import MemoryEstimate, estimate_memory
 
-__all__ = ["ModelCache", "EMBEDDED_MODEL_NAME", "QUANTIZATIONS", "ModelInfo", "convert_gguf", "d_model",
+__all__ = ["ModelCache", "EMBEDDED_MODEL_NAME", "QUANTIZATIONS", "ModelInfo", "check_source", "convert_gguf", "d_model",
            "embedded_gguf_path", "find_layers", "gguf_architecture", "load_model", "model_info", "n_layers",
            "quantization_of", "MemoryEstimate", "estimate_memory"]

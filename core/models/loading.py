@@ -112,6 +112,16 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     return Path(out_dir)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+"""A model folder needs one of these: every job tokenizes with the model's own tokenizer."""
+
+
+def check_source(source: str) -> None:
+    """Refuse a model source that cannot load (no such path, a folder without config.json or
+    tokenizer, a file that is not .gguf) at submit; a hub id is checked when it is fetched."""
+    _resolve(source)
+
+
 def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or source.endswith(".gguf") or source in (".", "..")
 
@@ -126,6 +136,9 @@ def _resolve(source: str | Path) -> tuple[str, Path | str]:
         if not (path / "config.json").is_file():
             raise UserError(f"{path} has no config.json, so it is not a Hugging Face model folder; "
                             "point at the folder that holds config.json and the weights")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+                            "into it (tokenizer.save_pretrained(folder)) and add it again")
         return "folder", path
     if path.exists():
         raise UserError(f"{text} is a file but not a .gguf model; give a model folder (with config.json), "
