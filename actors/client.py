@@ -32,6 +32,7 @@ class Client(Catalogue):
         files are read only under the allowed roots and exports written only under the data
         root's exports/ folder (storage.access). The CLI's Client reads and writes any path."""
         self.settings = settings or Settings.from_env()
+        self.settings.check_home()  # a read-only data root fails before Ray or the registry starts there
         self.confined = confined
         self.artifacts = Artifacts.of(self.settings)  # a bad MISTUDIO_ARTIFACT_ROOT fails before Ray starts
         self.registry = Registry(self.settings.database_url)  # a corrupt or unreachable one fails before Ray starts

@@ -74,6 +74,18 @@ class Settings:
             allowed_roots=env.get("MISTUDIO_ALLOWED_ROOTS", ""),
         )
 
+    def check_home(self) -> None:
+        """The data root exists (made if missing) and can be written: a read-only one is refused
+        in one line before anything (a Ray head, a registry) starts there."""
+        probe = self.home / f".write-check-{os.getpid()}"
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"the data root {self.home} is not writable ({e.strerror}); set MISTUDIO_HOME "
+                            "to a folder you can write, or make this one writable") from None
+
     @property
     def cpus_per_worker(self) -> int:
         return self.worker_cpus or (os.cpu_count() or 1)

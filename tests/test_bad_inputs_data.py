@@ -124,3 +124,38 @@ def test_truncated_artifacts_are_one_line_naming_the_fix(tmp_path):
     _truncated(hook / "shard-00000.parquet", pa.table({"act": act}))
     for read in (lambda: list(iter_activations(hook)), lambda: count_activations(hook)):
         assert one_line_error(read).endswith("delete the activation set (mistudio extract delete ID) and extract again")
+
+
+@pytest.fixture
+def read_only_home(tmp_path):
+    """A data root the CLI's user cannot write: a read-only bind mount (root ignores file modes),
+    or mode 0555 for a user who is not root."""
+    home = tmp_path / "home"
+    home.mkdir()
+    mounted = os.geteuid() == 0
+    if mounted:
+        out = subprocess.run(["mount", "-o", "bind,ro", str(home), str(home)], capture_output=True, text=True)
+        assert out.returncode == 0, f"root here cannot make a read-only bind mount: {out.stderr}"
+    else:
+        home.chmod(0o555)
+    try:
+        yield home
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(home)], check=True)
+        else:
+            home.chmod(0o755)
+
+
+def test_a_read_only_data_root_is_one_line_and_starts_nothing(read_only_home):
+    import psutil
+
+    def ray_heads() -> set[int]:
+        return {p.pid for p in psutil.process_iter(["cmdline"]) if "gcs_server" in " ".join(p.info["cmdline"] or [])}
+
+    before = ray_heads()
+    out = run_cli(["models", "list"], read_only_home)
+    assert_refused(out, f"the data root {read_only_home} is not writable (")
+    assert out.stderr.strip().endswith("set MISTUDIO_HOME to a folder you can write, or make this one writable")
+    assert list(read_only_home.iterdir()) == []  # no registry, no ray_head.json
+    assert ray_heads() <= before  # no Ray head was started
