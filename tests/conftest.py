@@ -136,3 +136,11 @@ def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
     while not predicate():
         assert time.monotonic() < end, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+def plain(markdown: str) -> str:
+    """What a reader sees of text the dashboard escaped with ui.components.formatting.literal
+    (backslash escapes and word joiners removed)."""
+    import re
+
+    return re.sub(r"\\(.)", r"\1", markdown).replace("\u2060", "")

@@ -15,6 +15,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from ui.components.formatting import literal
+from tests.conftest import plain
 
 UI = Path(__file__).resolve().parents[1] / "ui"
 APP, JOBS, FEATURES = str(UI / "app.py"), str(UI / "app_pages" / "jobs.py"), str(UI / "app_pages" / "features.py")
@@ -132,7 +133,7 @@ def test_bad_input_shows_one_line_error(tiny_run, ui_client):
     fill_small_run(at, tiny_run["dataset_id"], k=100_000)  # wider than the SAE (64 × 2)
     at.button(key="submit").click().run()
     assert not at.exception
-    errors = [e.value for e in at.error]
+    errors = [plain(e.value) for e in at.error]
     assert len(errors) == 1 and "k=100000 must be between 1 and the SAE width 128" in errors[0], errors
     assert "\n" not in errors[0]
 
@@ -310,7 +311,8 @@ def test_page_errors_are_readable(monkeypatch, ui_client):
     monkeypatch.setattr(Client, "jobs", boom)
     at = run_page(JOBS)
     assert not at.exception
-    assert any("RuntimeError: registry unavailable" in e.value and "second line" not in e.value for e in at.error)
+    shown = [plain(e.value) for e in at.error]
+    assert any("RuntimeError: registry unavailable" in e and "second line" not in e for e in shown), shown
 
 
 # -- the app ---------------------------------------------------------------------------------
@@ -341,7 +343,7 @@ def test_a_password_keeps_the_app_closed_until_signed_in(tiny_run, ui_client, mo
     assert [t.value for t in at.title] == ["miStudio"]  # the sign-in form, no page
     at.text_input(key="password").set_value("wrong")
     at.button[0].click().run()
-    assert any("Wrong password" in e.value for e in at.error) and [t.value for t in at.title] == ["miStudio"]
+    assert any("Wrong password" in plain(e.value) for e in at.error) and [t.value for t in at.title] == ["miStudio"]
     at.text_input(key="password").set_value("open sesame")
     at.button[0].click().run()
     assert not at.exception and at.title[0].value == "Jobs"
@@ -451,3 +453,15 @@ def test_an_oidc_provider_keeps_the_app_closed_until_signed_in(tiny_run, ui_clie
     assert not at.exception
     assert [t.value for t in at.title] == ["miStudio"]
     assert [b.label for b in at.button] == ["Sign in"]
+
+
+def test_dashboard_errors_are_one_capped_line_of_literal_text():
+    """An error quotes what a user typed: the page shows its first line, cut to a bounded
+    length, with Markdown shown as text (an image link fetches nothing)."""
+    from core.errors import UserError
+    from ui.components.formatting import ERROR_CHARS, error_line
+
+    shown = error_line(UserError("bad ![x](http://evil.example/x.png) " + "y" * 5000 + "\nsecond line"))
+    assert "\n" not in shown and "second" not in shown and "![x](" not in shown
+    assert len(plain(shown)) == ERROR_CHARS and plain(shown).endswith("y…")
+    assert plain(shown).startswith("bad ![x](http://evil.example/x.png) yyy")

@@ -12,6 +12,7 @@ from pathlib import Path
 from streamlit.testing.v1 import AppTest
 
 from storage.registry import Dataset, Model
+from tests.conftest import plain
 
 PAGES = Path(__file__).resolve().parents[1] / "ui" / "app_pages"
 DATASETS, MODELS = str(PAGES / "datasets.py"), str(PAGES / "models.py")
@@ -148,7 +149,7 @@ def test_add_dataset_bad_path_is_one_line_error(tiny_run, ui_client):
     at.text_input(key="ds-path").input("no-such-dir/texts.jsonl")  # relative: under the first allowed root
     rerun(at.button(key="ds-submit").click())
     (error,) = at.error
-    assert "data file not found: no-such-dir/texts.jsonl" in error.value and "\n" not in error.value
+    assert "data file not found: no-such-dir/texts.jsonl" in plain(error.value) and "\n" not in plain(error.value)
     assert not new_jobs(ui_client, before)
 
 
@@ -164,8 +165,9 @@ def test_add_dataset_outside_the_allowed_roots_is_refused(tiny_run, ui_client, t
         at.text_input(key="ds-path").input(path)
         rerun(at.button(key="ds-submit").click())
         (error,) = at.error
-        assert error.value.startswith(f"{path} is outside the folders the dashboard may read"), error.value
-        assert "MISTUDIO_ALLOWED_ROOTS" in error.value and "\n" not in error.value
+        shown = plain(error.value)
+        assert shown.startswith(f"{path} is outside the folders the dashboard may read"), shown
+        assert "MISTUDIO_ALLOWED_ROOTS" in shown and "\n" not in shown
         assert not new_jobs(ui_client, before)
 
 
@@ -215,15 +217,16 @@ def test_models_page_bad_source_is_one_line_error(tiny_run, ui_client):
     rerun(at.radio(key="m-source-kind").set_value("folder"))
     rerun(at.text_input(key="m-source-folder").input("no-such-model"))
     (error,) = at.error
-    assert error.value.startswith("model not found: /") and "no-such-model" in error.value and "\n" not in error.value
+    shown = plain(error.value)
+    assert shown.startswith("model not found: /") and "no-such-model" in shown and "\n" not in shown
     before = {j["id"] for j in ui_client.jobs()}
     rerun(at.button(key="m-submit").click())
-    assert [e.value for e in at.error][-1] == "no-such-model does not exist on the server; check the path"
+    assert [plain(e.value) for e in at.error][-1] == "no-such-model does not exist on the server; check the path"
     assert not new_jobs(ui_client, before)
     # a folder outside the allowed roots: refused before its config is read for the estimate
     rerun(at.text_input(key="m-source-folder").input("/etc"))
     (error,) = at.error
-    assert error.value.startswith("/etc is outside the folders the dashboard may read")
+    assert plain(error.value).startswith("/etc is outside the folders the dashboard may read")
     rerun(at.button(key="m-submit").click())
     assert not new_jobs(ui_client, before)
 
@@ -251,5 +254,5 @@ def test_delete_panels_confirm_then_delete_or_refuse(tiny_run, ui_client):
     at.selectbox(key="del-model").select("tiny-llama")
     at.checkbox(key="del-model-sure").check()
     rerun(at.button(key="del-model-go").click())
-    assert any(e.value.startswith("model tiny-llama is needed by dataset ") for e in at.error), texts(at.error)
+    assert any(plain(e.value).startswith("model tiny-llama is needed by dataset ") for e in at.error), texts(at.error)
     assert ui_client.get(Model, "tiny-llama") is not None

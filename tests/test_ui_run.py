@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 from core.errors import UserError
 from storage.artifacts import Artifacts
 from storage.registry import SAE
-from tests.conftest import wait_for
+from tests.conftest import wait_for, plain
 
 PAGES = Path(__file__).resolve().parents[1] / "ui" / "app_pages"
 EXTRACTION, TRAINING = str(PAGES / "extraction.py"), str(PAGES / "training.py")
@@ -58,7 +58,7 @@ def test_extraction_without_hooks_says_so(tiny_run, ui_client):
     at.multiselect(key="x-sites").set_value([]).run()
     before = {j["id"] for j in ui_client.jobs()}
     at.button(key="x-submit").click().run()
-    assert any("at least one layer and one hook site" in e.value for e in at.error)
+    assert any("at least one layer and one hook site" in plain(e.value) for e in at.error)
     assert not new_jobs(ui_client, before)
 
 
@@ -110,7 +110,7 @@ def test_training_without_a_source_says_what_to_pick(tiny_run, ui_client):
     at = run_page(TRAINING)
     at.multiselect(key="t-activations").set_value([]).run()
     at.button(key="t-submit").click().run()
-    assert any("pick what to train on" in e.value for e in at.error)
+    assert any("pick what to train on" in plain(e.value) for e in at.error)
 
 
 def test_pause_resume_and_finalize_a_training(tiny_run, ui_client):

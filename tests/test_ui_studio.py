@@ -15,6 +15,7 @@ from core.errors import UserError
 from core.formats import open_source
 from core.formats.saelens import load_saelens
 from storage.registry import SAE
+from tests.conftest import plain
 
 PAGES = Path(__file__).resolve().parents[1] / "ui" / "app_pages"
 SAES, TEMPLATES, SETTINGS = (str(PAGES / f"{p}.py") for p in ("saes", "templates", "settings"))
@@ -137,8 +138,8 @@ def test_saes_page_lists_metrics_and_exports(tiny_run, ui_client, tmp_path):
     assert (exported / "sae_weights.safetensors").is_file()
     (exported / "notes.txt").write_text("mine")  # a second export there is refused, and leaves it be
     at.button(key="exp-go").click().run()
-    assert any("from-page is already a folder with files in it; pick a new name, or pass --overwrite" in e.value
-               for e in at.error), [e.value for e in at.error]
+    assert any("from-page is already a folder with files in it; pick a new name, or pass --overwrite" in plain(e.value)
+               for e in at.error), [plain(e.value) for e in at.error]
     assert (exported / "notes.txt").read_text() == "mine"
     at.checkbox(key="exp-overwrite").check()
     at.button(key="exp-go").click().run()
@@ -148,15 +149,16 @@ def test_saes_page_lists_metrics_and_exports(tiny_run, ui_client, tmp_path):
     for outside in (str(tmp_path / "from-page"), "../escaped"):  # the dashboard writes under exports/ only
         at.text_input(key="exp-out").set_value(outside)
         at.button(key="exp-go").click().run()
-        assert any(e.value.startswith(f"{outside} is not inside ") for e in at.error), [e.value for e in at.error]
+        shown = [plain(e.value) for e in at.error]
+        assert any(e.startswith(f"{outside} is not inside ") for e in shown), shown
     assert not (tmp_path / "from-page").exists() and not (ui_client.settings.home / "escaped").exists()
     at.text_input(key="imp-source").set_value("")
     at.button(key="imp-submit").click().run()
-    assert any("give a source" in e.value for e in at.error)
+    assert any("give a source" in plain(e.value) for e in at.error)
     before = {j["id"] for j in ui_client.jobs()}
     at.text_input(key="imp-source").set_value("/etc")
     at.button(key="imp-submit").click().run()
-    assert any(e.value.startswith("/etc is outside the folders the dashboard may read") for e in at.error)
+    assert any(plain(e.value).startswith("/etc is outside the folders the dashboard may read") for e in at.error)
     assert {j["id"] for j in ui_client.jobs()} == before
 
 
@@ -172,7 +174,7 @@ def test_templates_page_creates_edits_refuses_and_imports(tiny_run, ui_client):
     at.selectbox(key="tpl-pick").select("steering_prompts / weather").run()
     at.text_area(key="tpl-text-steering_prompts-weather").set_value('{"prompts": []}')
     at.button(key="tpl-save-steering_prompts-weather").click().run()
-    assert any("at least one non-empty prompt" in e.value for e in at.error)
+    assert any("at least one non-empty prompt" in plain(e.value) for e in at.error)
     assert ui_client.template("steering_prompts", "weather")["values"]["prompts"]
     at.text_area(key="tpl-text-steering_prompts-weather").set_value('{"prompts": ["Rain is"]}')
     at.button(key="tpl-save-steering_prompts-weather").click().run()
@@ -182,7 +184,7 @@ def test_templates_page_creates_edits_refuses_and_imports(tiny_run, ui_client):
     at.text_input(key="tpl-new-name").set_value("bad")
     at.text_area(key="tpl-new-values-train").set_value('{"epochz": 2}')
     at.button(key="tpl-create").click().run()
-    assert any("unknown key(s) epochz" in e.value for e in at.error)
+    assert any("unknown key(s) epochz" in plain(e.value) for e in at.error)
     # export → delete → import round trip, through the client the page uses
     exported = ui_client.export_template("steering_prompts", "weather")
     at.selectbox(key="tpl-pick").select("steering_prompts / weather").run()
@@ -201,7 +203,7 @@ def test_settings_page_shows_the_deployment_and_keeps_the_key_in_the_session(tin
     assert shown["MISTUDIO_JOB_STALL_S"] == "1200" and shown["MISTUDIO_ARTIFACT_ROOT"] == "none (the data root alone)"
     at.text_input(key="endpoint-url").set_value("ftp://nowhere")
     at.button(key="endpoint-save").click().run()
-    assert any("not an http(s) URL" in e.value for e in at.error)
+    assert any("not an http(s) URL" in plain(e.value) for e in at.error)
     at.text_input(key="endpoint-url").set_value("http://127.0.0.1:9/v1")
     at.text_input(key="endpoint-model").set_value("tiny")
     at.text_input(key="endpoint-key").set_value("sk-secret")

@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from actors.client import Client, UserError
-from ui.components.client import get_client, guard
+from ui.components.client import get_client, guard, show_error
 from ui.components.deletion import delete_panel
 from ui.components.formatting import code_span, fmt_number, literal
 from ui.components.jobs import progress_panel, submit_job
@@ -149,7 +149,7 @@ def add_form(client) -> None:
         elif kind == "hub" and not source.strip():
             raise UserError("enter a Hugging Face dataset id, e.g. org/name")
     except UserError as e:
-        st.error(str(e), icon=":material/error:")
+        show_error(e)
         return
     submit_job(client, "add_dataset", {"model_id": model_id, "source": source.strip(), "name": name.strip(),
                                        "text_column": text_column.strip() or "text",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from actors.client import UserError
-from ui.components.client import get_client, guard
+from ui.components.client import get_client, guard, show_error
 from ui.components.deletion import delete_panel
 from ui.components.formatting import fmt_bytes, fmt_duration, fmt_number
 from ui.components.forms import model_and_dataset
@@ -71,7 +71,7 @@ def extract_form(client) -> None:
                 "site": site, "batch_size": int(batch_size), "max_tokens": int(max_tokens) or None,
                 "exclude_special_tokens": bool(exclude)}))
     except UserError as e:
-        st.error(str(e), icon=":material/error:")
+        show_error(e)
         return
     st.success(f"Submitted {', '.join(f'`{i}`' for i in ids)}; progress is below.", icon=":material/check_circle:")
 

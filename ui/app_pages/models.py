@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from actors.client import Client, UserError
-from ui.components.client import get_client, guard
+from ui.components.client import get_client, guard, show_error
 from ui.components.deletion import delete_panel
 from ui.components.formatting import code_span, fmt_number, literal
 from ui.components.jobs import progress_panel, submit_job
@@ -98,12 +98,12 @@ def memory_estimate(client, kind: str, source: str, dtype: str, quantization: st
         try:
             source = client.server_path(source)
         except UserError as e:
-            st.error(str(e), icon=":material/error:")
+            show_error(e)
             return
     est, error = estimate("embedded" if kind == "embedded" else source, dtype, quantization, int(batch_size),
                           int(context_length), trust_remote_code)
     if est is None:
-        st.error(error, icon=":material/error:")
+        show_error(error)
         return
     m = st.columns(4)
     m[0].metric("Weights", fmt_size(est["weights_bytes"]), help="parameters and buffers at this precision")
@@ -136,7 +136,7 @@ def register_form(client) -> None:
     try:
         source = check_source(client, kind, source)
     except UserError as e:
-        st.error(str(e), icon=":material/error:")
+        show_error(e)
         return
     submit_job(client, "add_model", {"source": source, "name": name.strip(), "dtype": dtype,
                                      "quantization": quantization, "trust_remote_code": trust_remote_code})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from actors.client import UserError
-from ui.components.client import get_client, guard
+from ui.components.client import get_client, guard, show_error
 from ui.components.formatting import code_span
 from ui.components.forms import LABEL_ENDPOINT as ENDPOINT
 
@@ -65,7 +65,7 @@ def endpoint_form(client) -> None:
         try:
             client.check_label_endpoint(base_url)
         except UserError as e:
-            st.error(str(e), icon=":material/error:")
+            show_error(e)
             return
         # a key typed for another endpoint is not carried over to this one
         kept = current.get("api_key", "") if current.get("base_url") == base_url.strip() else ""

@@ -8,7 +8,7 @@ from typing import Any
 import streamlit as st
 
 from actors.client import UserError
-from ui.components.client import get_client, guard
+from ui.components.client import get_client, guard, show_error
 from ui.components.formatting import fmt_number
 from ui.components.jobs import progress_panel
 
@@ -157,7 +157,7 @@ def train_form(client) -> None:
             job_id = client.submit("train", {**source, **spec})
             st.success(f"Submitted train job `{job_id}`; its live charts are below.", icon=":material/check_circle:")
     except UserError as e:
-        st.error(str(e), icon=":material/error:")
+        show_error(e)
 
 
 def checkpoints(client) -> None:
@@ -181,7 +181,7 @@ def checkpoints(client) -> None:
                 new = client.submit("train", {**(job.get("spec") or {}), "resume_job": job["id"]})
                 st.success(f"Submitted `{new}`, resuming `{job['id']}`.", icon=":material/check_circle:")
             except UserError as e:
-                st.error(str(e), icon=":material/error:")
+                show_error(e)
 
 
 def page() -> None:

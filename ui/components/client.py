@@ -13,6 +13,7 @@ from typing import Callable
 import streamlit as st
 
 from actors.client import Client, UserError
+from ui.components.formatting import error_line
 
 log = logging.getLogger("mistudio.ui")
 
@@ -28,6 +29,11 @@ def get_client():
     return Client(confined=True)
 
 
+def show_error(error: BaseException | str) -> None:
+    """A refusal on the page: one line, length-capped, literal text (formatting.error_line)."""
+    st.error(error_line(error), icon=":material/error:")
+
+
 def guard(body: Callable[[], None], name: str = "page") -> None:
     """Run a page (or fragment) body; show failures as a readable error instead of a traceback.
 
@@ -36,10 +42,10 @@ def guard(body: Callable[[], None], name: str = "page") -> None:
     try:
         body()
     except UserError as e:
-        st.error(str(e), icon=":material/error:")
+        show_error(e)
     except Exception as e:  # noqa: BLE001 - st.rerun/st.stop are BaseExceptions and pass through
         log.exception("dashboard page failed")
-        first = (str(e).strip().splitlines() or [""])[0]
+        first = error_line(e)
         st.error(f"Something went wrong: {type(e).__name__}: {first}" if first else
                  f"Something went wrong: {type(e).__name__}", icon=":material/error:")
         st.caption("The full traceback is in the dashboard's log. If the Ray cluster restarted, reconnect.")

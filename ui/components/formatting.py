@@ -29,6 +29,18 @@ def literal(text: Any) -> str:
     return _MARKUP.sub(r"\\\1", text)
 
 
+ERROR_CHARS = 400
+"""The most of an error message the dashboard shows (a message can quote a huge value)."""
+
+
+def error_line(error: BaseException | str) -> str:
+    """An error as the dashboard shows it: its first line, cut to ERROR_CHARS, as literal text
+    (a message quotes paths and values users typed, which must not render as Markdown)."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    text = text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS - 1] + "…"
+    return literal(text)
+
+
 def code_span(text: Any) -> str:
     """Free text as a Markdown code span (paths, file names, URLs): shown verbatim in monospace,
     fenced by more backticks than the text holds in a row, so none of it closes the span."""

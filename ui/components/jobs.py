@@ -16,7 +16,7 @@ import streamlit as st
 
 from actors.client import Client, UserError
 from ui.components.charts import job_charts
-from ui.components.client import guard
+from ui.components.client import guard, show_error
 from ui.components.formatting import fmt_duration, fmt_number, literal
 
 POLL_S = 1.5
@@ -33,7 +33,7 @@ def submit_job(client, kind: str, spec: dict[str, Any]) -> str | None:
     try:
         job_id = client.submit(kind, spec)
     except UserError as e:
-        st.error(str(e), icon=":material/error:")
+        show_error(e)
         return None
     st.success(f"Submitted {kind} job `{job_id}` — it is queued; its progress is below.", icon=":material/check_circle:")
     return job_id
