@@ -213,13 +213,13 @@ class Client(Catalogue):
 
     def examples(self, sae_id: str, latent: int) -> list[dict[str, Any]]:
         """The stored top contexts of one latent, read from Parquet by a filter (not the whole file)."""
-        return features_store.read_examples(self._discovered(sae_id)["features_path"], latent)
+        return features_store.read_examples(self.discovered(sae_id)["features_path"], latent)
 
     def feature_documents(self, sae_id: str, latents: list[int] | None = None) -> list[dict[str, Any]]:
         """Feature-page documents (core.export) of the given latents, else of every live latent."""
         from core.export import feature_documents
 
-        sae = self._discovered(sae_id)
+        sae = self.discovered(sae_id)
         if latents is not None:
             wanted = set(latents)
             rows = self.registry.features(sae_id, latents=wanted)
@@ -241,7 +241,7 @@ class Client(Catalogue):
         out = str(check_new(self._export_path(out), overwrite))
         if fmt not in ("neuronpedia", "bundle"):
             raise UserError(f"export format {fmt!r} is not one of neuronpedia, bundle")
-        sae = self._discovered(sae_id)
+        sae = self.discovered(sae_id)
         docs = self.feature_documents(sae_id, latents)
         if fmt == "neuronpedia":
             layer = parse_hook_name(sae["hook_name"])[0]
@@ -307,9 +307,12 @@ class Client(Catalogue):
     def _export_path(self, out: str) -> str:
         return access.writable(out, self.settings) if self.confined else out
 
-    def _discovered(self, sae_id: str) -> dict[str, Any]:
+    def discovered(self, sae_id: str) -> dict[str, Any]:
+        """The SAE's row once discovery ran (its features folder fetched to this machine)."""
         sae = self.registry.get(SAE, sae_id)
-        if sae is None or not sae.get("features_path"):
+        if sae is None:
+            raise UserError(f"no SAE {sae_id!r}; list them with: mistudio saes list")
+        if not sae.get("features_path"):
             raise UserError(f"SAE {sae_id!r} has no discovered features; run: mistudio discover run --sae {sae_id}")
         self.local(sae["features_path"])
         return sae

@@ -107,12 +107,27 @@ def parse_spec(kind: str, values: dict[str, Any]):
     for name, value in values.items():
         if not _type_ok(value, hints[name]):
             raise UserError(f"{kind} spec key {name!r} should be {_type_name(hints[name])}, got {shown(value)}")
-    try:
-        spec = k.spec(**values)
-    except TypeError as e:  # a required key is missing
-        raise UserError(f"{kind} spec: {e}".replace("__init__() ", "")) from None
+    missing = [name for name, f in fields.items() if name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"this {kind} job needs {', '.join(missing)}")
+    spec = k.spec(**values)
     k.check(None, spec)
     return spec
+
+
+def at_least_one(**values: int | None) -> None:
+    """One-line errors for counts that must be positive (batch sizes, top-k); None is unset."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise UserError(f"{name}={value} must be at least 1")
+
+
+def zero_for_all(**values: int | None) -> None:
+    """One-line errors for limits where 0 (or None) means "all" and a negative number means nothing."""
+    for name, value in values.items():
+        if value is not None and value < 0:
+            raise UserError(f"{name}={value} must be 0 (all) or more")
 
 
 def config(cls, values: dict[str, Any], what: str):

@@ -42,7 +42,7 @@ def test_json_files_work_too(tmp_path):
     ("kind: pipeline\nmodel_id: m\ndataset_id: d\ntrain: {kk: 3}\n", "unknown training option(s) kk"),
     ("model_id: m\n", "has no 'kind'"),
     ("kind: bake\n", "unknown job kind 'bake'"),
-    ("kind: extract\ndataset_id: d\n", "missing 1 required positional argument: 'model_id'"),
+    ("kind: extract\ndataset_id: d\n", "this extract job needs model_id"),
     ("kind: [extract\n", "is not valid YAML/JSON at line"),
     ("- just\n- a list\n", "must be a mapping"),
 ])

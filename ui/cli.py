@@ -114,6 +114,7 @@ def cmd_discover(a) -> None:
         for ex in c.examples(a.sae_id, a.latent):
             print(f"{ex['activation']:8.3f}  {''.join(ex['tokens'])!r}")
     elif a.sae_id:
+        c.discovered(a.sae_id)  # an unknown or undiscovered SAE is an error, not an empty table
         table(c.features(a.sae_id, limit=a.limit), ["latent", "frequency", "max_act", "mean_act", "top_tokens"])
 
 

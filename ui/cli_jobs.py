@@ -19,6 +19,13 @@ def client():
 
 
 def cmd_jobs(a) -> None:
+    from actors import jobs
+    from storage.registry import JOB_STATES
+
+    if a.state and a.state not in JOB_STATES:
+        raise UserError(f"--state {a.state!r} is not a job state; use one of {', '.join(JOB_STATES)}")
+    if a.kind and a.kind not in jobs.names():
+        raise UserError(f"--kind {a.kind!r} is not a job kind; use one of {', '.join(jobs.names())}")
     c = client()
     if a.action == "list":
         try:

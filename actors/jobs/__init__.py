@@ -214,7 +214,7 @@ def need_dataset(registry, dataset_id: str) -> dict[str, Any]:
 
 def need_sae(registry, sae_id: str, tied: bool = False) -> dict[str, Any]:
     """An SAE's row; with `tied`, one whose model is registered (a job runs that model)."""
-    sae = need(registry, SAE, sae_id, "SAE", "list them with: mistudio train list")
+    sae = need(registry, SAE, sae_id, "SAE", "list them with: mistudio saes list")
     if tied and not sae["model_id"]:
         raise UserError(f"SAE {sae_id} is not tied to a registered model; import it with --model")
     return sae

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from actors import specs
 from actors.jobs import Command, JobContext, Kind, Plan, RunContext, model_ref, need_model, register, slug
 from actors.jobs.add_model import EMBEDDED_ID
 from core.data import tokenize_dataset
@@ -50,8 +51,7 @@ class AddDatasetParams:
 
 
 def check(registry, spec: AddDatasetSpec) -> None:
-    if spec.max_documents is not None and spec.max_documents < 0:
-        raise UserError(f"max_documents={spec.max_documents} must be 0 (all) or more")
+    specs.zero_for_all(max_documents=spec.max_documents)
     if spec.context_length < 2:
         raise UserError(f"context length {spec.context_length} is too short; use --context-length 2 or more")
     check_text_file(spec.source, spec.encoding)

@@ -84,6 +84,8 @@ def check(registry, spec: DiscoverSpec) -> None:
     if not spec.all_sae_ids:
         raise UserError("a discover spec needs sae_id or sae_ids")
     discover_config(spec.top_k, spec.config)
+    specs.at_least_one(batch_size=spec.batch_size)
+    specs.zero_for_all(max_tokens=spec.max_tokens)
     if registry is not None:
         for sae_id in spec.all_sae_ids:
             need_sae(registry, sae_id, tied=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors import specs
 from actors.jobs import Command, JobContext, Kind, Plan, RunContext, model_ref, need_dataset, need_model, register
 from actors.jobs.add_model import EMBEDDED_ID
 from core import hooks
@@ -48,6 +49,8 @@ class ExtractParams:
 
 
 def check(registry, spec: ExtractSpec) -> None:
+    specs.at_least_one(batch_size=spec.batch_size)
+    specs.zero_for_all(max_tokens=spec.max_tokens)
     if registry is not None:
         check_sites(registry, spec.model_id, spec.dataset_id, spec.layers, spec.site)
 

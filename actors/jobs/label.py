@@ -159,7 +159,7 @@ def write_user_label(registry, sae_id: str, latent: int, name: str, category: st
 
     if category not in CATEGORIES:
         raise UserError(f"category {category!r} is not one of {', '.join(CATEGORIES)}")
-    sae = need(registry, SAE, sae_id, "SAE", "list them with: mistudio train list")
+    sae = need(registry, SAE, sae_id, "SAE", "list them with: mistudio saes list")
     if not 0 <= latent < sae["d_sae"]:
         raise UserError(f"latent {latent} is out of range: {sae_id} has latents 0-{sae['d_sae'] - 1}")
     name = " ".join(name.split())

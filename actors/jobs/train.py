@@ -123,8 +123,9 @@ def train_variants(spec: TrainSpec) -> list[TrainConfig]:
 def check(registry, spec: TrainSpec) -> None:
     cached, live = bool(spec.activation_ids), bool(spec.model_id or spec.dataset_ids or spec.hook_names)
     if cached == live:
+        which = "got both" if cached else "got neither"
         raise UserError("a train spec needs either activation_ids (cached activations) or model_id + dataset_ids + "
-                        "hook_names (train on the fly), not both")
+                        f"hook_names (train on the fly), not both; {which}")
     if live and not (spec.model_id and spec.dataset_ids and spec.hook_names):
         raise UserError("training on the fly needs model_id, dataset_ids and hook_names")
     if spec.eval_rows is not None and spec.eval_rows < 0:
