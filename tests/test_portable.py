@@ -112,6 +112,32 @@ def test_an_old_registry_with_absolute_paths_is_moved_on_open(db_url, tmp_path):
         again.close()
 
 
+def test_an_old_registry_moves_to_an_artifact_only_the_store_holds(tmp_path):
+    """With an object-store artifact root a node may lack the folder: the store's copy counts."""
+    store = f"file://{tmp_path / 'store'}"
+    old = Settings.from_env({"MISTUDIO_HOME": str(tmp_path / "old"), "MISTUDIO_ARTIFACT_ROOT": store})
+    folder = old.home / "saes" / "sae-x"
+    folder.mkdir(parents=True)
+    (folder / "cfg.json").write_text("{}")
+    Artifacts.of(old).push(folder)
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    legacy = Registry(url)
+    legacy.add(_sae("sae-x", str(folder)))
+    legacy.close()
+
+    env = {"MISTUDIO_HOME": str(tmp_path / "new"), "MISTUDIO_DATABASE_URL": url, "MISTUDIO_ARTIFACT_ROOT": store}
+    new = Settings.from_env(env)
+    artifacts = Artifacts.of(new)
+    reg = Registry.of(new, artifacts)
+    try:
+        assert _raw(reg, "SELECT path FROM saes") == [("saes/sae-x",)]
+        path = reg.get(SAE, "sae-x")["path"]
+        assert path == str(new.home / "saes" / "sae-x") and not Path(path).exists()
+        assert (artifacts.pull(path) / "cfg.json").read_text() == "{}"
+    finally:
+        reg.close()
+
+
 def test_the_registry_of_settings_uses_their_data_root(tmp_path):
     settings = Settings.from_env({"MISTUDIO_HOME": str(tmp_path / "home")})
     reg = Registry.of(settings)
