@@ -149,6 +149,29 @@ def test_the_registry_of_settings_uses_their_data_root(tmp_path):
         reg.close()
 
 
+def test_a_copied_data_root_does_not_take_the_original_head_for_its_own(tmp_path):
+    """The copy carries the original's ray_head.json: that head serves the original's registry,
+    so the copy starts its own head (and `mistudio stop` in the copy leaves the original's alone)."""
+    import socket
+
+    from actors import cluster
+
+    with socket.socket() as head:  # something answering at the recorded address, like a live head
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        original = Settings.from_env({"MISTUDIO_HOME": str(tmp_path / "original")})
+        copy = Settings.from_env({"MISTUDIO_HOME": str(tmp_path / "copy")})
+        record = {"address": f"127.0.0.1:{head.getsockname()[1]}", "dashboard": "", "home": str(original.home)}
+        for settings in (original, copy):
+            settings.home.mkdir()
+            cluster.head_file(settings).write_text(json.dumps(record))
+        assert cluster.recorded_head(original) == record
+        assert cluster.recorded_head(copy) is None
+        del record["home"]  # a record written before heads noted their data root is still taken
+        cluster.head_file(copy).write_text(json.dumps(record))
+        assert cluster.recorded_head(copy) == record
+
+
 # -- a copied data root ------------------------------------------------------------------------------
 
 
