@@ -92,19 +92,30 @@ def moved_here(value: str, row: dict[str, Any], col: PathColumn, home: Path,
 def relocate(conn: Connection, home: Path, exists: Callable[[Path], bool] = Path.exists) -> int:
     """Rewrite the registry's absolute artifact paths that belong to this data root as relative
     ones (see the module docstring); returns how many values changed. Safe to run again and from
-    several processes at once: each update applies only while the value is still the old one."""
-    changed = 0
+    several processes at once: each update applies only while the value is still the old one.
+
+    A path another root's artifact matched (`/old/home/saes/sae-x`) also names that old root, and
+    any other path under it (a model folder registered in place under `/old/home/imports/`) moves
+    too when this root holds the same relative path."""
+    pending, moves, old_roots = [], [], set()
     for col in PATH_COLUMNS:
-        names = {"id", col.column, *col.id_columns, *([col.in_place] if col.in_place else [])}
-        t = table(col.table, *(column(n) for n in sorted(names)))
-        path = t.c[col.column]
-        rows = conn.execute(select(t).where(path.like("/%"))).mappings().all()  # only absolute ones
-        for row in rows:
+        t = _table(col)
+        for row in conn.execute(select(t).where(t.c[col.column].like("/%"))).mappings():  # only absolute ones
             old = row[col.column]
             new = to_stored(old, home)
-            if new == old:
-                new = moved_here(old, row, col, home, exists)
-            if new is not None and new != old:
-                conn.execute(update(t).where(t.c.id == row["id"], path == old).values({col.column: new}))
-                changed += 1
-    return changed
+            if new == old and (new := moved_here(old, row, col, home, exists)) is not None:
+                old_roots.add(PurePath(old).parents[len(PurePath(new).parts) - 1])
+            (pending if new in (None, old) else moves).append((t, col.column, row["id"], old, new))
+    for t, name, key, old, _ in pending:
+        rel = next((PurePath(old).relative_to(r) for r in old_roots if PurePath(old).is_relative_to(r)), None)
+        if rel is not None and rel.parts and exists(home / rel):
+            moves.append((t, name, key, old, rel.as_posix()))
+    for t, name, key, old, new in moves:
+        conn.execute(update(t).where(t.c.id == key, t.c[name] == old).values({name: new}))
+    return len(moves)
+
+
+def _table(col: PathColumn):
+    """The columns of `col`'s table that relocating it reads (no model class: this runs on any revision)."""
+    names = {"id", col.column, *col.id_columns, *([col.in_place] if col.in_place else [])}
+    return table(col.table, *(column(n) for n in sorted(names)))

@@ -16,10 +16,9 @@ import pytest
 from sqlalchemy import text
 
 from storage import Artifacts, Registry, Settings
+from storage.portable import COLUMNS_OF
 from storage.registry import SAE, Activation, Base, Dataset, Job, Model
 from tests.test_registry import db_url, pg_base_url  # noqa: F401 - fixtures, SQLite and PostgreSQL
-
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _model(model_id: str, path: str, source: str = "embedded") -> Model:
@@ -70,12 +69,16 @@ def test_paths_under_the_data_root_are_stored_relative_and_read_back_absolute(db
 def test_an_old_registry_with_absolute_paths_is_moved_on_open(db_url, tmp_path):  # noqa: F811
     """Rows written before paths were relative: this data root's own become relative; another
     root's (the registry copied from /old/home) become relative where this root holds the artifact
-    under the same kind folder and id; the rest (a user's own folder, a missing artifact) stay."""
+    under the same kind folder and id, and so does any other path under that old root which this
+    root holds (a model folder registered in place there); the rest (a user's own folder, a missing
+    artifact) stay."""
     home, old = tmp_path / "home", Path("/old/home")
     legacy = Registry(db_url)  # no data root: paths kept exactly as given, as before
     try:
         legacy.add(_model("m", str(home / "models" / "m")))
         legacy.add(_model("mine", "/data/models/mine", source="/data/models/mine"))  # a user's folder, in place
+        inside = str(old / "imports" / "tiny")  # a user's folder, registered in place inside the old root
+        legacy.add(_model("tiny", inside, source=inside))
         legacy.add(Dataset(id="ds-1", name="ds", source="builtin", text_column="text", model_id="m", context_length=64,
                            path=str(old / "datasets" / "ds-1"), documents=1, rows=1, tokens=10))
         legacy.add(Activation(id="act-1", job_id="extract-1", model_id="m", dataset_id="ds-1",
@@ -83,22 +86,22 @@ def test_an_old_registry_with_absolute_paths_is_moved_on_open(db_url, tmp_path):
                               path=str(old / "activations" / "extract-1" / "blocks.1.hook_resid_post")))
         legacy.add(_sae("sae-x", str(old / "saes" / "sae-x"), str(old / "features" / "sae-x")))
         legacy.add(_sae("sae-gone", str(old / "saes" / "sae-gone")))  # not in the new root
-        legacy.add(_sae("sae-odd", str(old / "saes" / "sae-other")))  # folder of another id
+        legacy.add(_sae("sae-odd", "/elsewhere/saes/sae-other"))  # another id's folder, under no known old root
     finally:
         legacy.close()
     for rel in ("datasets/ds-1", "activations/extract-1/blocks.1.hook_resid_post", "saes/sae-x",
-                "features/sae-x", "saes/sae-other", "models/mine"):
+                "features/sae-x", "saes/sae-other", "models/mine", "imports/tiny"):
         (home / rel).mkdir(parents=True)
 
     reg = Registry(db_url, home)
     try:
-        assert _raw(reg, "SELECT id, path FROM models ORDER BY id") == [("m", "models/m"),
-                                                                        ("mine", "/data/models/mine")]
+        assert _raw(reg, "SELECT id, path FROM models ORDER BY id") == [
+            ("m", "models/m"), ("mine", "/data/models/mine"), ("tiny", "imports/tiny")]
         assert _raw(reg, "SELECT path FROM datasets") == [("datasets/ds-1",)]
         assert _raw(reg, "SELECT path FROM activations") == [("activations/extract-1/blocks.1.hook_resid_post",)]
         assert _raw(reg, "SELECT id, path, features_path FROM saes ORDER BY id") == [
             ("sae-gone", str(old / "saes" / "sae-gone"), None),
-            ("sae-odd", str(old / "saes" / "sae-other"), None),
+            ("sae-odd", "/elsewhere/saes/sae-other", None),
             ("sae-x", "saes/sae-x", "features/sae-x")]
         assert reg.get(SAE, "sae-x")["features_path"] == str(home / "features" / "sae-x")
         assert reg.get(Activation, "act-1")["path"] == str(home / "activations" / "extract-1" /
@@ -250,7 +253,24 @@ def _everything(reg: Registry) -> str:
                            for t in Base.metadata.sorted_tables}, default=str)
 
 
-def test_a_copied_data_root_opens_and_works_on_its_own_copy(tiny_model_dir, tmp_path, one_thread):
+def _as_older_registry(db: Path, root: Path) -> int:
+    """Write the registry's relative paths back as absolute ones under `root`, as miStudio did
+    before paths were relative; returns how many it wrote."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            for t, cols in COLUMNS_OF.items():
+                for c in cols:
+                    conn.execute(f"UPDATE {t} SET {c} = ? || '/' || {c} WHERE {c} NOT LIKE '/%'", (str(root),))
+        return conn.total_changes
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("written", ["relative", "absolute, by an older miStudio"])
+def test_a_copied_data_root_opens_and_works_on_its_own_copy(written, tiny_model_dir, tmp_path, one_thread):
     from core.data import read_rows
     from core.features import store as features_store
     from core.formats.saelens import load_saelens
@@ -269,6 +289,8 @@ def test_a_copied_data_root_opens_and_works_on_its_own_copy(tiny_model_dir, tmp_
     finally:
         studio.close()  # (a SQLite registry is copied closed: its WAL is folded back into registry.db)
 
+    if written != "relative":  # model, dataset, activations, SAE and its features
+        assert _as_older_registry(original / "registry.db", original) == 5
     shutil.copytree(original, copy)
     shutil.rmtree(original)
     studio = Studio(copy)
@@ -285,6 +307,7 @@ def test_a_copied_data_root_opens_and_works_on_its_own_copy(tiny_model_dir, tmp_
         (act,) = studio.registry.list(Activation)
         assert Path(act["path"]).is_relative_to(copy) and Path(act["path"]).is_dir()
         assert studio.registry.get(Model, "tiny-llama")["path"] == str(copy / "imports" / "tiny-llama")
+        assert str(original) not in _everything(studio.registry)  # an older registry's paths were moved on open
 
         # a new write: another dataset, and features discovered again on it, load the copy's model
         ds2 = studio.run("add_dataset", {"model_id": "tiny-llama", "source": "builtin", "context_length": 32,
