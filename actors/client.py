@@ -34,7 +34,8 @@ class Client(Catalogue):
         self.settings = settings or Settings.from_env()
         self.confined = confined
         self.artifacts = Artifacts.of(self.settings)  # a bad MISTUDIO_ARTIFACT_ROOT fails before Ray starts
-        self.registry = Registry.of(self.settings, self.artifacts)  # a corrupt or unreachable one fails before Ray starts
+        # a corrupt or unreachable registry fails before Ray starts
+        self.registry = Registry.of(self.settings, self.artifacts)
         cluster.connect(self.settings, start=start)
         self.progress_actor, self.manager = cluster.ensure_actors(self.settings)
 
