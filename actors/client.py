@@ -35,7 +35,8 @@ class Client(Catalogue):
         self.settings.check_home()  # a read-only data root fails before Ray or the registry starts there
         self.confined = confined
         self.artifacts = Artifacts.of(self.settings)  # a bad MISTUDIO_ARTIFACT_ROOT fails before Ray starts
-        self.registry = Registry(self.settings.database_url)  # a corrupt or unreachable one fails before Ray starts
+        # a corrupt or unreachable registry fails before Ray starts
+        self.registry = Registry.of(self.settings, self.artifacts)
         cluster.connect(self.settings, start=start)
         self.progress_actor, self.manager = cluster.ensure_actors(self.settings)
 

@@ -48,13 +48,22 @@ def head_file(settings: Settings) -> Path:
     return settings.home / "ray_head.json"
 
 
+def _own_record(settings: Settings) -> dict | None:
+    """The head recorded under the data root, unless the record came with a copy of another data
+    root (a backup, a moved folder): that head serves the other root, and this one starts its own
+    (and `mistudio stop` here leaves it alone). Records from before the root was noted are taken."""
+    f = head_file(settings)
+    if not f.exists():
+        return None
+    head = json.loads(f.read_text())
+    return head if head.get("home", str(settings.home)) == str(settings.home) else None
+
+
 def recorded_head(settings: Settings) -> dict | None:
     """The local head recorded under the data root, if it still answers."""
-    f = head_file(settings)
-    if f.exists():
-        head = json.loads(f.read_text())
-        if _answers(head["address"]):
-            return head
+    head = _own_record(settings)
+    if head is not None and _answers(head["address"]):
+        return head
     return None
 
 
@@ -76,7 +85,7 @@ def start_head(settings: Settings) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise UserError(f"could not start a local Ray head: {proc.stderr.strip().splitlines()[-1:]}")
-    head = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
+    head = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "home": str(settings.home)}
     settings.home.mkdir(parents=True, exist_ok=True)
     head_file(settings).write_text(json.dumps(head))
     return head
@@ -133,11 +142,12 @@ def stop_head(settings: Settings) -> bool:
 
     if ray.is_initialized():
         ray.shutdown()
-    f = head_file(settings)
-    if not f.exists():
+    f, head = head_file(settings), _own_record(settings)
+    if head is None:  # none, or another data root's (this one a copy of it): not ours to stop
+        f.unlink(missing_ok=True)
         return False
     # Not recorded_head(): a head that no longer answers (half shut down) must be ended too.
-    port = json.loads(f.read_text())["address"].rpartition(":")[2]
+    port = head["address"].rpartition(":")[2]
     f.unlink()
     mark = re.compile(rf"[:=]{port}(?![0-9])")  # gcs_server_port=P, --gcs-address=HOST:P
     procs = []

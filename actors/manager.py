@@ -53,8 +53,8 @@ class JobManager:
     def __init__(self, settings_env: dict[str, str]):
         self.settings_env = settings_env
         self.settings = Settings.from_env(settings_env)
-        self.registry = Registry(self.settings.database_url)
         self.artifacts = Artifacts.of(self.settings)
+        self.registry = Registry.of(self.settings, self.artifacts)
         self.progress = ray.get_actor("progress", namespace=NAMESPACE)
         self._wake = threading.Event()  # set when a job is queued or reordered
         # one slot per ModelWorker: its actor (started on first use), the job it runs, the models

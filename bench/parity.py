@@ -95,7 +95,7 @@ def _held_out(home: Path, sae_id: str | None):
     from storage import Registry, Settings
     from storage.registry import SAE, Activation, Dataset, Job, Model
 
-    reg = Registry(Settings.from_env({"MISTUDIO_HOME": str(home)}).database_url)
+    reg = Registry.of(Settings.from_env({"MISTUDIO_HOME": str(home)}))
     saes = [s for s in reg.list(SAE) if s["training_job_id"] and sae_id in (None, s["id"])]
     if not saes:
         raise SystemExit(f"no trained SAE {sae_id or ''} in {home}: run `DEMO_SERVE=0 make demo` first")

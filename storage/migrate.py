@@ -12,6 +12,10 @@ from any number of processes at once and a no-op when the schema is already at h
 A registry made by `create_all` before migrations existed (all tables, no `alembic_version`)
 is stamped at the initial revision and then upgraded.
 
+Data that depends on where the registry is opened from is not a revision: artifact paths are
+made relative to the data root by `storage.portable.relocate`, which `Registry(url, home)` runs
+after the upgrade on every open (a registry copied from another data root needs it again).
+
 To write a new migration after changing the models in `storage/registry.py`::
 
     .venv/bin/python -c "from alembic import command; from storage.migrate import alembic_config; \

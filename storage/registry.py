@@ -3,7 +3,9 @@
 SQLAlchemy 2 ORM over SQLite by default (PostgreSQL for a team); the schema is managed by
 Alembic migrations in `storage/migrations/`, applied on start (`storage.migrate`). The JobManager actor is the
 one writer; the dashboard and CLI only read. Large results live as files under the data root
-(`storage.artifacts`); rows hold their paths and summary numbers.
+(`storage.artifacts`); rows hold their paths and summary numbers. Those paths are stored relative
+to the data root and read back absolute under it (`storage.portable`), so a copied data root works
+on its own copy.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from sqlalchemy import (JSON, URL, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event,
                         make_url, select, update)
@@ -22,6 +24,7 @@ from core.errors import UserError
 from core.features.schema import FeaturePage, FeatureQuery
 from storage.feature_pages import feature_page
 from storage.migrate import sqlite_pragmas, upgrade_to_head
+from storage.portable import COLUMNS_OF, relocate, to_absolute, to_stored
 
 JOB_STATES = ("queued", "loading", "running", "saving", "paused", "completed", "failed", "cancelled")
 FINAL_STATES = ("completed", "failed", "cancelled")
@@ -215,9 +218,14 @@ class Registry:
 
     Creating one brings the schema to the newest Alembic migration (`storage.migrate`): safe to
     run from several processes at once, and a no-op when the schema is already at head.
+
+    `home`, the data root: artifact paths under it are written relative and read back absolute
+    under it (`storage.portable`; `Registry.of(settings)` passes it), and absolute paths an older
+    registry holds are made relative on open. Without it (tools, tests of other tables) paths
+    are kept and returned exactly as given.
     """
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, home: str | Path | None = None, exists: Callable[[Path], bool] = Path.exists):
         where = masked_url(url)
         try:
             u = engine_url(url)
@@ -237,12 +245,39 @@ class Registry:
             connect_args = {"connect_timeout": 10} if u.get_backend_name() == "postgresql" and \
                 "connect_timeout" not in u.query else {}
             self.engine = create_engine(u, pool_pre_ping=True, connect_args=connect_args)
+        self.home = Path(home) if home is not None else None
         try:
             upgrade_to_head(self.engine, where)
+            if self.home is not None:
+                with self.engine.begin() as conn:
+                    relocate(conn, self.home, exists)
         except BaseException:
             self.engine.dispose()
             raise
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def of(cls, settings, artifacts=None) -> "Registry":
+        """The deployment's registry, its paths relative to the settings' data root. With an
+        artifact store (`artifacts`), an artifact it holds counts as present when moving paths."""
+        store = getattr(artifacts, "store", None)
+        exists = (lambda p: p.exists() or store.has(p)) if store is not None else Path.exists
+        return cls(settings.database_url, settings.home, exists)
+
+    def _stored(self, table: type[Base], values: dict[str, Any]) -> dict[str, Any]:
+        """`values` with the table's artifact paths as the registry keeps them (relative)."""
+        if self.home is None:
+            return values
+        return {k: to_stored(v, self.home) if k in COLUMNS_OF.get(table.__tablename__, ()) else v
+                for k, v in values.items()}
+
+    def _read(self, row: Base) -> dict[str, Any]:
+        """A row as a dict, its artifact paths absolute under this process's data root."""
+        d = row.to_dict()
+        if self.home is not None:
+            for k in COLUMNS_OF.get(row.__tablename__, ()):
+                d[k] = to_absolute(d[k], self.home)
+        return d
 
     def close(self) -> None:
         """Close the pooled connections (the registry can be used again; it reconnects)."""
@@ -253,31 +288,34 @@ class Registry:
 
     # -- generic -----------------------------------------------------------------
     def add(self, row: Base) -> dict[str, Any]:
+        paths = {k: getattr(row, k) for k in COLUMNS_OF.get(row.__tablename__, ())}
+        for k, v in self._stored(type(row), paths).items():
+            setattr(row, k, v)
         with self.session() as s, s.begin():
             merged = s.merge(row)
             s.flush()  # fills column defaults (timestamps) before we read them back
-            return merged.to_dict()
+            return self._read(merged)
 
     def get(self, table: type[Base], key: Any) -> dict[str, Any] | None:
         with self.session() as s:
             row = s.get(table, key)
-            return row.to_dict() if row else None
+            return self._read(row) if row else None
 
     def list(self, table: type[Base], order_by=None, **where: Any) -> list[dict[str, Any]]:
         with self.session() as s:
-            q = select(table).filter_by(**where)
+            q = select(table).filter_by(**self._stored(table, where))
             if order_by is not None:
                 q = q.order_by(order_by)
-            return [r.to_dict() for r in s.scalars(q)]
+            return [self._read(r) for r in s.scalars(q)]
 
     def update(self, table: type[Base], key: Any, **values: Any) -> dict[str, Any]:
         with self.session() as s, s.begin():
             row = s.get(table, key)
             if row is None:
                 raise KeyError(f"{table.__tablename__} {key!r} not found")
-            for k, v in values.items():
+            for k, v in self._stored(table, values).items():
                 setattr(row, k, v)
-            return row.to_dict()
+            return self._read(row)
 
     # -- jobs --------------------------------------------------------------------
     def create_job(self, kind: str, spec: dict[str, Any], priority: int = 0, **refs: Any) -> dict[str, Any]:

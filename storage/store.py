@@ -13,7 +13,8 @@ still reads and writes artifacts under MISTUDIO_HOME exactly as without a store.
   or holds an older copy (its token differs), the files are downloaded into a temporary sibling
   and renamed into place.
 
-The registry records artifact paths under MISTUDIO_HOME, so every node uses the same path for it.
+The registry records artifact paths relative to MISTUDIO_HOME (storage.portable): that relative
+path is also the artifact's key under the store's prefix.
 """
 
 from __future__ import annotations
