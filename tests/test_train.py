@@ -382,11 +382,12 @@ def dataclasses_replace(cfg, **kw):
 # --------------------------------------------------------------------------- checkpoints and resume
 
 
-def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adam", "signum"])
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path, optimizer):
     from core.train import CheckpointConfig, checkpoints
     x = synthetic(n=6_000)
     cfg = TrainConfig.from_dict(dict(architecture="topk", expansion_factor=4, k=4, batch_size=256, epochs=3, lr=1e-2,
-                      sample_tokens=1024, log_every=3))
+                      sample_tokens=1024, log_every=3, optimizer=optimizer))
     full = train_sae(source(x, chunk=500), D_IN, cfg, holdout_tokens=500)
 
     ck = CheckpointConfig(tmp_path / "ck", every_steps=5, keep=2)
@@ -508,3 +509,40 @@ def test_training_on_the_fly_leaves_special_tokens_out_by_id(tiny_llama, tiny_to
                                                   max_tokens=400, exclude_token_ids=[special])(0))
     assert kept == real - expected
     assert special_positions([ds], 400, [special]) == expected and special_positions([ds], 400, []) == 0
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def test_signum_learns_and_returns_the_schedule_free_average():
+    """sparsify's recipe: sign-SGD under a schedule-free wrapper at its width-scaled default lr,
+    no warm-up or decay (the logged lr is constant); the SAE returned is the running average,
+    which reconstructs better than the last stepped weights."""
+    from core.train import default_lr
+
+    x = synthetic()
+    cfg = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=256, epochs=4, optimizer="signum",
+                      log_every=10, sample_tokens=4096)
+    result = train_sae(source(x), D_IN, cfg)
+    assert result.final["fvu"] < 0.1, result.final["fvu"]
+    assert {h["lr"] for h in result.history} == {default_lr(4 * D_IN, "signum")}
+
+
+def test_averaged_swaps_in_the_running_average_and_back():
+    from core.train.optim import averaged, make_optimizer
+
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = make_optimizer("signum", [w], lr=0.1)
+    for _ in range(5):
+        w.grad = -torch.ones(4)  # always the same direction: the stepped weights run ahead of the average
+        opt.step()
+    stepped = w.detach().clone()
+    with averaged(opt):
+        inside = w.detach().clone()
+    assert torch.equal(w.detach(), stepped)
+    assert (inside < stepped).all() and (inside > 0).all()
+
+
+def test_an_unknown_optimizer_is_refused():
+    with pytest.raises(UserError, match=r"^optimizer 'lion' is not one of adam, signum$"):
+        TrainConfig(optimizer="lion").resolved(D_IN)

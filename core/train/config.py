@@ -15,6 +15,7 @@ from typing import Any, Mapping, NamedTuple
 from core.errors import UserError
 from core.fields import FieldInfo, describe
 from core.sae import SAE, SAETypeConfig, registry
+from core.train.optim import OPTIMIZERS
 
 DEAD_TOKENS_PER_LATENT = 32
 
@@ -82,8 +83,13 @@ class TrainConfig:
     """d_sae = expansion_factor × d_in, unless `d_sae` is given."""
     d_sae: int | None = None
     """Number of latents; None → expansion_factor × d_in (set once by `resolved`)."""
+    optimizer: str = "adam"
+    """`adam`: Adam with linear lr warm-up and decay (lr_warmup_frac, lr_decay_frac). `signum`:
+    sign-SGD under a schedule-free wrapper (momentum 0.95), sparsify's current default: a
+    constant lr, no warm-up or decay, and the SAE saved is the wrapper's running average."""
     lr: float | None = None
-    """Adam learning rate; None → 2e-4 / √(d_sae / 2^14), sparsify's width-scaled default."""
+    """Learning rate; None → the optimizer's width-scaled default, sparsify's: 2e-4 / √(d_sae /
+    2^14) for adam, 5e-3 / √(d_sae / 2^14) for signum."""
     batch_size: int = 4096
     """Tokens per optimizer step."""
     total_tokens: int | None = None
@@ -149,6 +155,8 @@ class TrainConfig:
         """Numbers that would train nothing, or nonsense, and a device this machine lacks: one-line
         errors before any work starts (the width is checked by `resolved`, which knows d_in)."""
         check_device(self.device)
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"lr={self.lr} must be a positive number (e.g. 2e-4), or left out for the width-scaled "
                             "default")

@@ -1,7 +1,8 @@
 """One SAE being trained: its model, optimizer, shuffle buffer, schedule and bookkeeping.
 
 The type's loss lives in `core/sae/`; this module owns what every type shares: the outlier
-filter and activation scale, Adam with linear lr warmup and a final linear decay to 0, the
+filter and activation scale, the optimizer (core.train.optim: Adam with linear lr warm-up and a
+final linear decay to 0, or schedule-free sign-SGD at a constant rate), the
 sparsity-coefficient warmup (for types with a penalty), decoder rows kept unit-norm (the
 gradient component parallel to each row is removed before the step, rows renormalised after
 it, rather than SAELens's norm-weighted penalty, so feature activations are comparable across
@@ -20,7 +21,9 @@ from core.progress import check_cancel as _check_cancel, rate
 from core.errors import UserError
 from core.sae import StepContext, registry
 from core.evals.reconstruction import evaluate
+from core.train import optim
 from core.train.config import RunSpec, TrainResult, default_dead_tokens
+from core.train.optim import default_lr
 
 
 class Stats(NamedTuple):
@@ -50,9 +53,9 @@ class RunState:
         self.sae.initialise(self.stats.sample * self.stats.scale)
         self.sae.to(self.device)
         self.params = list(self.sae.parameters())
-        self.base_lr = cfg.lr if cfg.lr is not None else default_lr(d_sae)
-        # fused: 6× faster step on CPU
-        self.opt = torch.optim.Adam(self.params, lr=self.base_lr, betas=(0.9, 0.999), fused=True)
+        self.base_lr = cfg.lr if cfg.lr is not None else default_lr(d_sae, cfg.optimizer)
+        self.opt = optim.make_optimizer(cfg.optimizer, self.params, self.base_lr)
+        self.scheduled = optim.scheduled(cfg.optimizer)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.since_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
         self.parts: list[torch.Tensor] = []  # tokens waiting to be shuffled into batches
@@ -111,9 +114,11 @@ class RunState:
 
     def _step(self, xb: torch.Tensor) -> None:
         cfg, sae = self.cfg, self.sae
-        self.lr = self.base_lr * lr_factor(self.step, self.total_steps, cfg.lr_warmup_frac, cfg.lr_decay_frac)
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr
+        self.lr = self.base_lr
+        if self.scheduled:
+            self.lr *= lr_factor(self.step, self.total_steps, cfg.lr_warmup_frac, cfg.lr_decay_frac)
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr
         warm = max(1.0, cfg.sparsity_warmup_frac * self.total_steps)
         x = xb.to(self.device, non_blocking=True) * self.stats.scale
         ctx = StepContext(self.since_fired >= self.dead_tokens,
@@ -165,7 +170,8 @@ class RunState:
                             "raise --outlier-norm-multiple or check the activations")
         if self.window["steps"]:
             self._log()
-        folded = self.sae.folded(self.stats.scale)
+        with optim.averaged(self.opt):  # a schedule-free run's result is its running average
+            folded = self.sae.folded(self.stats.scale)
         split, eval_x = "training sample", self.stats.sample
         if held is not None and len(held):
             norms = held.norm(dim=1)
@@ -222,11 +228,6 @@ def lr_factor(step: int, total_steps: int, warmup_frac: float, decay_frac: float
     if decay_len and step >= total_steps - decay_len:
         return max(0.0, (total_steps - step) / decay_len)
     return 1.0
-
-
-def default_lr(d_sae: int) -> float:
-    """sparsify's width-scaled default: 2e-4 at 16k latents, ∝ 1/√d_sae."""
-    return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
 

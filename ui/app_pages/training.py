@@ -12,7 +12,9 @@ from ui.components.client import get_client, guard, show_error
 from ui.components.formatting import fmt_number
 from ui.components.jobs import progress_panel
 
-SCHEDULE = ("expansion_factor", "batch_size", "epochs")
+SCHEDULE = ("expansion_factor", "batch_size", "epochs", "optimizer")
+OPTIMIZERS = {"adam": "adam — Adam, lr warm-up then decay (SAELens's and older sparsify's recipe)",
+              "signum": "signum — schedule-free sign-SGD, constant lr (sparsify's current default)"}
 # The form's fields beside the SAE type's own (which come with their defaults and help from the
 # type's config dataclass, through the Client). Comments, not docstrings: Streamlit's magic prints them.
 
@@ -131,6 +133,7 @@ def train_form(client) -> None:
         if width:
             values["d_sae"] = width
         values |= type_fields(_types(client)[arch])
+        optimizer = st.selectbox("Optimizer", OPTIMIZERS, key="t-optimizer", format_func=OPTIMIZERS.get)
         c = st.columns(3)
         st.session_state.setdefault("t-checkpoint_every", 0)
         st.session_state.setdefault("t-keep_checkpoints", 2)
@@ -141,8 +144,8 @@ def train_form(client) -> None:
         submitted = c[0].form_submit_button("Start training", type="primary", icon=":material/play_arrow:",
                                             key="t-submit")
         saved = c[1].form_submit_button("Save template", icon=":material/save:", key="t-save")
-    spec = {"config": {"architecture": arch, **{k: int(v) if isinstance(v, int) else float(v)
-                                                for k, v in values.items()}},
+    spec = {"config": {"architecture": arch, "optimizer": optimizer,
+                       **{k: int(v) if isinstance(v, int) else float(v) for k, v in values.items()}},
             "checkpoint_every": int(every), "keep_checkpoints": int(keep)}
     try:
         if saved:

@@ -1,0 +1,119 @@
+"""Which optimizer trains the best SAE per token (issue 22, deliverable 1, first part).
+
+SmolLM2-135M `blocks.15.hook_resid_post` over the start of the `stdlib-source` corpus (BOS-first
+rows of 256 tokens, special tokens left out as the studio's extraction does), tokens over 10×
+the median norm dropped; the first `--holdout` tokens are held out, the rest shuffled once.
+Every contender trains a TopK SAE (k 32, batch 4096, AuxK on, studio defaults otherwise) on the
+same tokens in the same order and is scored on the held-out tokens: FVU, L0 and the fraction of
+latents dead at the end of training. Contenders: Adam at its default (2e-4 / √(n / 2^14)) with
+linear warm-up and decay, Adam at 5× that, and `signum` (sign-SGD under the schedulefree
+wrapper, 5e-3 / √(n / 2^14), no schedule) — sparsify's current default.
+
+    .venv/bin/python -m bench.recipe --d-sae 16384 --tokens 250000
+
+The fixture (tokenizing and extracting ≈ 330k tokens) is built once under
+$MISTUDIO_BENCH_CACHE/recipe; a 16k-latent run of 250k tokens takes about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import _common as C
+
+K, BATCH = 32, 4096
+CONTENDERS = {"adam": {"optimizer": "adam"}, "adam ×5 lr": {"optimizer": "adam", "lr_multiple": 5.0},
+              "signum": {"optimizer": "signum"}}
+
+
+def activations(tokens: int) -> Path:
+    """≥ `tokens` cached activations of the hook over stdlib-source (built once)."""
+    out = C.CACHE / "recipe" / f"acts-{tokens}"
+    hook = out / C.HOOK
+    if (hook / "stats.json").is_file():
+        return hook
+    from core.data import special_token_ids, tokenize_dataset
+    from core.extract import extract_activations
+
+    model, tok = C.load(torch.get_num_threads())
+    ds = C.CACHE / "recipe" / "ds"
+    if not (ds / "stats.json").is_file():
+        print(f"[recipe] tokenizing the start of stdlib-source into {ds}", flush=True)
+        tokenize_dataset(tok, "stdlib-source", ds, context_length=256, max_documents=400)
+    print(f"[recipe] extracting {tokens} tokens of {C.HOOK} (a few minutes on 2 cores)", flush=True)
+    extract_activations(model, tok, ds, [C.HOOK], out, max_tokens=tokens, exclude_token_ids=special_token_ids(tok))
+    return hook
+
+
+def load(tokens: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
+    from core.extract import iter_activations
+
+    x = np.concatenate([np.array(a) for a in iter_activations(activations(tokens + holdout))])
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    x = x[np.isfinite(norms) & (norms <= 10 * np.median(norms))]
+    held, rest = x[:holdout], x[holdout:]
+    return held, np.ascontiguousarray(rest[np.random.default_rng(0).permutation(len(rest))])
+
+
+def run(name: str, held: np.ndarray, train: np.ndarray, d_sae: int, tokens: int) -> dict:
+    from core.evals.reconstruction import evaluate
+    from core.sae import TopKConfig
+    from core.train import TrainConfig, default_lr, train_sae
+
+    opts = dict(CONTENDERS[name])
+    lr = default_lr(d_sae, opts["optimizer"]) * opts.pop("lr_multiple", 1.0)
+    cfg = TrainConfig(sae=TopKConfig(k=K), d_sae=d_sae, batch_size=BATCH, total_tokens=tokens, lr=lr, **opts)
+    data = np.concatenate([held[:BATCH], train])  # held-out tokens are never trained on: fed as the lead slice
+
+    def chunks():
+        for i in range(0, len(data), BATCH):
+            yield data[i:i + BATCH]
+
+    t0 = time.perf_counter()
+    res = train_sae(chunks, held.shape[1], cfg, holdout_tokens=BATCH)
+    wall = time.perf_counter() - t0
+    scores = evaluate(res.sae, torch.from_numpy(held))
+    return {"fvu": scores["fvu"], "l0": scores["l0"], "dead": res.final["dead_frac"], "wall": wall,
+            "tokens": res.final["tokens"], "lr": lr}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d-sae", type=int, default=16384)
+    ap.add_argument("--tokens", type=int, default=250_000, help="training tokens per contender")
+    ap.add_argument("--holdout", type=int, default=32_768)
+    ap.add_argument("--only", default="", help="comma-separated contenders (default: all)")
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CONTENDERS)
+    held, train = load(args.tokens, args.holdout)
+    print(f"[recipe] {len(held)} held-out and {len(train)} training tokens; {args.d_sae} latents, k {K}, "
+          f"{args.tokens} tokens each; load {C.load_avg()}", flush=True)
+    rows = []
+    for name in names:
+        out = run(name, held, train, args.d_sae, args.tokens)
+        rows.append((name, out))
+        print(f"  {name:10s} lr {out['lr']:.2e}: held-out FVU {out['fvu']:.4f}, L0 {out['l0']:.1f}, "
+              f"dead {out['dead']:.2%}, {out['tokens'] / out['wall']:,.0f} tok/s", flush=True)
+    if args.no_record:
+        return
+    m = C.machine()
+    lines = [f"\n### Recipe: optimizer at equal tokens — {dt.date.today()}, {m['cpu']}, {m['nproc']} cores, "
+             f"torch {m['torch']}\n",
+             f"`{C.command_line()}` — {args.d_sae:,} latents, TopK k {K}, batch {BATCH}, {args.tokens:,} training "
+             f"tokens, {len(held):,} held-out tokens of SmolLM2 `{C.HOOK}` over stdlib-source; load {C.load_avg()}.\n",
+             "| optimizer | lr | held-out FVU | L0 | dead | tok/s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {o['lr']:.2e} | {o['fvu']:.4f} | {o['l0']:.1f} | {o['dead']:.2%} | "
+              f"{o['tokens'] / o['wall']:,.0f} |" for n, o in rows]
+    with open(C.RESULTS, "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
