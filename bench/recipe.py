@@ -61,14 +61,23 @@ def load(tokens: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
     return held, np.ascontiguousarray(rest[np.random.default_rng(0).permutation(len(rest))])
 
 
-def run(name: str, held: np.ndarray, train: np.ndarray, d_sae: int, tokens: int) -> dict:
+def sae_config(arch: str):
+    """The type's defaults, k 32 for the TopK family."""
+    import dataclasses
+
+    from core.sae import registry
+
+    cfg = registry.config_for(arch)
+    return dataclasses.replace(cfg, k=K) if hasattr(cfg, "k") else cfg
+
+
+def run(name: str, held: np.ndarray, train: np.ndarray, d_sae: int, tokens: int, arch: str = "topk") -> dict:
     from core.evals.reconstruction import evaluate
-    from core.sae import TopKConfig
     from core.train import TrainConfig, default_lr, train_sae
 
     opts = dict(CONTENDERS[name])
     lr = default_lr(d_sae, opts["optimizer"]) * opts.pop("lr_multiple", 1.0)
-    cfg = TrainConfig(sae=TopKConfig(k=K), d_sae=d_sae, batch_size=BATCH, total_tokens=tokens, lr=lr, **opts)
+    cfg = TrainConfig(sae=sae_config(arch), d_sae=d_sae, batch_size=BATCH, total_tokens=tokens, lr=lr, **opts)
     data = np.concatenate([held[:BATCH], train])  # held-out tokens are never trained on: fed as the lead slice
 
     def chunks():
@@ -89,6 +98,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=250_000, help="training tokens per contender")
     ap.add_argument("--holdout", type=int, default=32_768)
     ap.add_argument("--only", default="", help="comma-separated contenders (default: all)")
+    ap.add_argument("--architectures", default="topk", help="comma-separated SAE types (default: topk)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CONTENDERS)
@@ -96,19 +106,21 @@ def main(argv=None) -> None:
     print(f"[recipe] {len(held)} held-out and {len(train)} training tokens; {args.d_sae} latents, k {K}, "
           f"{args.tokens} tokens each; load {C.load_avg()}", flush=True)
     rows = []
-    for name in names:
-        out = run(name, held, train, args.d_sae, args.tokens)
-        rows.append((name, out))
-        print(f"  {name:10s} lr {out['lr']:.2e}: held-out FVU {out['fvu']:.4f}, L0 {out['l0']:.1f}, "
-              f"dead {out['dead']:.2%}, {out['tokens'] / out['wall']:,.0f} tok/s", flush=True)
+    for arch in args.architectures.split(","):
+        for name in names:
+            out = run(name, held, train, args.d_sae, args.tokens, arch)
+            rows.append((f"{arch}: {name}", out))
+                print(f"  {arch:9s} {name:10s} lr {out['lr']:.2e}: held-out FVU {out['fvu']:.4f}, L0 {out['l0']:.1f}, "
+                  f"dead {out['dead']:.2%}, {out['tokens'] / out['wall']:,.0f} tok/s", flush=True)
     if args.no_record:
         return
     m = C.machine()
     lines = [f"\n### Recipe: optimizer at equal tokens — {dt.date.today()}, {m['cpu']}, {m['nproc']} cores, "
              f"torch {m['torch']}\n",
-             f"`{C.command_line()}` — {args.d_sae:,} latents, TopK k {K}, batch {BATCH}, {args.tokens:,} training "
-             f"tokens, {len(held):,} held-out tokens of SmolLM2 `{C.HOOK}` over stdlib-source; load {C.load_avg()}.\n",
-             "| optimizer | lr | held-out FVU | L0 | dead | tok/s |", "|---|---|---|---|---|---|"]
+             f"`{C.command_line()}` — {args.d_sae:,} latents, k {K} where the type has one, batch {BATCH}, "
+             f"{args.tokens:,} training tokens ({args.tokens / len(train):.1f} passes over {len(train):,}), "
+             f"{len(held):,} held-out tokens of SmolLM2 `{C.HOOK}` over stdlib-source; load {C.load_avg()}.\n",
+             "| SAE type: optimizer | lr | held-out FVU | L0 | dead | tok/s |", "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {o['lr']:.2e} | {o['fvu']:.4f} | {o['l0']:.1f} | {o['dead']:.2%} | "
               f"{o['tokens'] / o['wall']:,.0f} |" for n, o in rows]
     with open(C.RESULTS, "a") as f:
