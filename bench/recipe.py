@@ -97,12 +97,14 @@ def main(argv=None) -> None:
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--tokens", type=int, default=250_000, help="training tokens per contender")
     ap.add_argument("--holdout", type=int, default=32_768)
+    ap.add_argument("--data-tokens", type=int, default=250_000,
+                    help="distinct training tokens cached (a longer run cycles through them)")
     ap.add_argument("--only", default="", help="comma-separated contenders (default: all)")
     ap.add_argument("--architectures", default="topk", help="comma-separated SAE types (default: topk)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CONTENDERS)
-    held, train = load(args.tokens, args.holdout)
+    held, train = load(args.data_tokens, args.holdout)
     print(f"[recipe] {len(held)} held-out and {len(train)} training tokens; {args.d_sae} latents, k {K}, "
           f"{args.tokens} tokens each; load {C.load_avg()}", flush=True)
     rows = []
@@ -110,7 +112,7 @@ def main(argv=None) -> None:
         for name in names:
             out = run(name, held, train, args.d_sae, args.tokens, arch)
             rows.append((f"{arch}: {name}", out))
-                print(f"  {arch:9s} {name:10s} lr {out['lr']:.2e}: held-out FVU {out['fvu']:.4f}, L0 {out['l0']:.1f}, "
+            print(f"  {arch:9s} {name:10s} lr {out['lr']:.2e}: held-out FVU {out['fvu']:.4f}, L0 {out['l0']:.1f}, "
                   f"dead {out['dead']:.2%}, {out['tokens'] / out['wall']:,.0f} tok/s", flush=True)
     if args.no_record:
         return
