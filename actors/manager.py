@@ -393,6 +393,6 @@ def _stale(error: BaseException) -> str | None:
 
 
 def _fatal(error: BaseException) -> bool:
-    """The worker died under a plan: the whole job goes the worker-death way (a batch of items
-    does not go on to the next one)."""
-    return isinstance(error, ray.exceptions.ActorDiedError)
+    """The worker died under a plan (the whole job goes the worker-death way), or the run lost
+    its job: a batch of items does not go on to the next one."""
+    return isinstance(error, ray.exceptions.ActorDiedError) or _stale(error) is not None
