@@ -109,9 +109,9 @@ def start_head(settings: Settings) -> dict:
     extra = [f"--{flag}={_free_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "ray-client-server-port",
         "metrics-export-port", "runtime-env-agent-port")]
-    cmd = [ray_exe, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--temp-dir={ray_root(settings)}",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           *extra, f"--num-cpus={os.cpu_count() or 1}", "--disable-usage-stats"]
+    cmd = [ray_exe, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+           f"--temp-dir={ray_root(settings)}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", *extra, f"--num-cpus={os.cpu_count() or 1}", "--disable-usage-stats"]
     # `ray start` inherits RAY_AUTH_MODE from actors/__init__.py. The head and its clients authenticate with the token in ~/.ray/auth_token; make one once.
     subprocess.run([ray_exe, "get-auth-token", "--generate"], capture_output=True, check=False)
     protect_token()
