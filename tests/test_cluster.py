@@ -251,12 +251,18 @@ def test_local_head_listens_on_loopback_only(tmp_path):
 
 
 def root_processes(home: Path) -> list[psutil.Process]:
-    """The processes that point at this data root's Ray sessions (their command line, or for the
-    agents, which rename themselves, their open files), with their children."""
+    """The processes that point at this data root's Ray sessions: by their command line, or (the
+    agents and actor workers rename themselves) by the files they hold open."""
     from actors import cluster
     from storage import Settings
 
-    return cluster.head_processes(Settings.from_env({"MISTUDIO_HOME": str(home)}))
+    root = str(cluster.ray_root(Settings.from_env({"MISTUDIO_HOME": str(home)})))
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if root in " ".join(p.info["cmdline"] or []) or any(f.path.startswith(root) for f in p.open_files()):
+                found.append(p)
+    return found
 
 
 def _health(port: int) -> bool:
