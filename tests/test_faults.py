@@ -114,7 +114,7 @@ def test_a_run_whose_job_was_taken_over_records_nothing_and_a_retry_records_it_o
     failed ("interrupted"), which gives it a new attempt. The old run trains on, and its record
     (the SAE row, the job's completion) is refused when it gets there; a retry registers
     exactly one SAE."""
-    from storage.fencing import claim
+    from storage.fencing import StaleAttempt, claim
 
     spec = train_spec(client)
     spec["config"] = {**spec["config"], "epochs": 60}
@@ -123,6 +123,8 @@ def test_a_run_whose_job_was_taken_over_records_nothing_and_a_retry_records_it_o
     taken = claim(client.registry, job_id, "failed", only_from=("loading", "running"),
                   message="interrupted: the job manager restarted")
     assert taken is not None, "the job ended before it could be taken over; give it more epochs"
+    with pytest.raises(StaleAttempt):  # what the old run's worker gets at its next state change
+        ray.get(client.manager.set_state.remote(job_id, "running"))
     retry = client.retry(job_id)  # queued behind the old run, which holds the one worker
     done = client.wait(retry, timeout=600)
     assert done["state"] == "completed", done["message"]
