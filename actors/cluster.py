@@ -4,11 +4,18 @@
 MISTUDIO_RAY_ADDRESS, or the local head whose address is recorded under the data root —
 starting that head (`ray start --head` on free ports) when none answers. The special address
 "local" starts a private in-process Ray instead (tests and notebooks).
+
+Every local head of a data root keeps its sessions under one Ray temp dir of its own
+(`ray_root`), so `stop_head` finds every process of every head started there — also those a
+killed head left behind (its autoscaler, log monitor, dashboard and agents outlive it) — and the
+dashboard `mistudio ui` serves (`dashboard_file`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -17,8 +24,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import psutil
 import ray
 
 from actors.manager import JobManager
@@ -59,6 +68,39 @@ def _own_record(settings: Settings) -> dict | None:
     return head if head.get("home", str(settings.home)) == str(settings.home) else None
 
 
+def dashboard_file(settings: Settings) -> Path:
+    """The `mistudio ui` process serving this data root's dashboard (pid and start time)."""
+    return settings.home / "dashboard.json"
+
+
+def ray_root(settings: Settings) -> Path:
+    """Ray's temp dir for this data root's local heads: one per data root, and short, because
+    Ray's socket paths under it must stay within 107 bytes."""
+    digest = hashlib.sha1(str(settings.home.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"mistudio-ray-{digest}"
+
+
+@contextlib.contextmanager
+def head_lock(settings: Settings):
+    """One process at a time looks for the local head and starts it when none answers (the
+    dashboard's supervisor and a CLI call after a head died would otherwise start two)."""
+    try:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        f = open(settings.home / ".ray_head.lock", "a")
+    except OSError as e:
+        raise UserError(f"cannot write under the data root {settings.home} ({e.strerror}); "
+                        "set MISTUDIO_HOME to a folder you can write") from None
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def ensure_head(settings: Settings, start: bool = True) -> dict | None:
+    """The local head recorded under the data root, started when none answers (and `start`)."""
+    with head_lock(settings):
+        return recorded_head(settings) or (start_head(settings) if start else None)
+
+
 def recorded_head(settings: Settings) -> dict | None:
     """The local head recorded under the data root, if it still answers."""
     head = _own_record(settings)
@@ -77,8 +119,8 @@ def start_head(settings: Settings) -> dict:
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "ray-client-server-port",
         "metrics-export-port", "runtime-env-agent-port")]
     cmd = [ray_exe, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           *extra, f"--num-cpus={os.cpu_count() or 1}", "--disable-usage-stats"]
+           f"--temp-dir={ray_root(settings)}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", *extra, f"--num-cpus={os.cpu_count() or 1}", "--disable-usage-stats"]
     # `ray start` inherits RAY_AUTH_MODE from actors/__init__.py. The head and its clients authenticate with the token in ~/.ray/auth_token; make one once.
     subprocess.run([ray_exe, "get-auth-token", "--generate"], capture_output=True, check=False)
     protect_token()
@@ -109,7 +151,7 @@ def connect(settings: Settings, start: bool = True) -> None:
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
         else:
             if not address:
-                head = recorded_head(settings) or (start_head(settings) if start else None)
+                head = ensure_head(settings, start)
                 if head is None:
                     raise UserError("no miStudio Ray cluster is running; start one with: mistudio demo (or mistudio ui)")
                 address = head["address"]
@@ -133,31 +175,61 @@ def ensure_actors(settings: Settings):
 
 
 def stop_head(settings: Settings) -> bool:
-    """Stop the local head recorded under the data root, and only it.
+    """Stop the dashboard `mistudio ui` serves for this data root, and every process of the local
+    heads started for it (the recorded one and any a killed head left behind), and only those.
 
-    `ray stop` would kill every Ray on the machine; instead end the processes whose command
-    line names this head's GCS address (gcs_server, raylet, dashboard, workers).
+    `ray stop` would kill every Ray on the machine; instead end the processes that name this
+    data root's Ray temp dir in their command line or their open files (gcs_server, raylet,
+    autoscaler, log monitor, dashboard, the agents, which rename themselves), or the recorded
+    head's GCS port, with all their children (actor workers).
     """
-    import psutil
-
     if ray.is_initialized():
         ray.shutdown()
     f, head = head_file(settings), _own_record(settings)
-    if head is None:  # none, or another data root's (this one a copy of it): not ours to stop
-        f.unlink(missing_ok=True)
-        return False
-    # Not recorded_head(): a head that no longer answers (half shut down) must be ended too.
-    port = head["address"].rpartition(":")[2]
-    f.unlink()
-    mark = re.compile(rf"[:=]{port}(?![0-9])")  # gcs_server_port=P, --gcs-address=HOST:P
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        if mark.search(" ".join(p.info["cmdline"] or [])) and p.pid != os.getpid():
-            with contextlib.suppress(psutil.NoSuchProcess):  # it may exit on its own meanwhile
-                p.terminate()
-                procs.append(p)
+    # Not recorded_head(): a head that no longer answers (half shut down) must be ended too. A
+    # record that came with a copy of another data root names that root's head: not ours to stop.
+    port = head["address"].rpartition(":")[2] if head is not None else None
+    f.unlink(missing_ok=True)  # first: the dashboard's supervisor takes this for "stopped", not "died"
+    procs = _dashboard_processes(settings) + head_processes(settings, port)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):  # it may exit on its own meanwhile
+            p.terminate()
     _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:  # gcs_server can linger in shutdown after SIGTERM
+    for p in alive:  # gcs_server and the autoscaler can linger after SIGTERM
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    dashboard_file(settings).unlink(missing_ok=True)
     return bool(procs)
+
+
+def head_processes(settings: Settings, port: str | None = None) -> list[psutil.Process]:
+    """Every running process of this data root's local heads (see stop_head), children included."""
+    root = str(ray_root(settings))
+    mark = re.compile(rf"[:=]{port}(?![0-9])") if port else None  # gcs_server_port=P, --gcs-address=HOST:P
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if p.pid == os.getpid():
+            continue
+        line = " ".join(p.info["cmdline"] or [])
+        with contextlib.suppress(psutil.Error):
+            if root in line or (mark and mark.search(line)) or \
+                    (line.startswith("ray::") and any(o.path.startswith(root) for o in p.open_files())):
+                found[p.pid] = p
+    for p in list(found.values()):
+        with contextlib.suppress(psutil.Error):
+            found.update({c.pid: c for c in p.children(recursive=True) if c.pid != os.getpid()})
+    return list(found.values())
+
+
+def _dashboard_processes(settings: Settings) -> list[psutil.Process]:
+    """The `mistudio ui` process recorded for this data root and its Streamlit server."""
+    f = dashboard_file(settings)
+    try:
+        rec = json.loads(f.read_text())
+        proc = psutil.Process(rec["pid"])
+        if abs(proc.create_time() - rec["started"]) > 1:  # the pid was reused by another process
+            return []
+        return [proc, *proc.children(recursive=True)]
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return []

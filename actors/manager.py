@@ -5,6 +5,11 @@ shows 0% at once; a dispatcher thread hands jobs to free ModelWorkers, highest p
 and runs each as its kind says (plans → a worker runs each → record), recording each state
 change (`queued → loading → running → saving → completed | failed | cancelled`). A watchdog
 stops hung workers; a job whose worker died is retried. No kind is named here.
+
+Every write a run makes goes through a FencedRegistry holding the run's attempt token
+(storage.fencing): the token changes whenever the job starts, is requeued, cancelled or marked
+interrupted by a restarted manager, so the run of a manager or worker that lost the job (its
+Ray head died and a new head took over) is refused its next write and just stops.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from core.errors import Cancelled, Paused, UserError
 from core.io import sweep_tmp
 from core.train import checkpoints
 from storage import Artifacts, Registry, Settings
+from storage.fencing import FencedRegistry, StaleAttempt, claim
 from storage.registry import Job, Template
 
 def disk_full_message(e: OSError, home, job_id: str) -> str:
@@ -65,12 +71,13 @@ class JobManager:
         self._secrets: dict[str, dict[str, str]] = {}
         self._attempts: dict[str, int] = {}  # job → retries used after worker deaths
         self._outputs: dict[str, set[str]] = {}  # job → paths its steps write (swept if a worker dies)
+        self._runs: dict[str, FencedRegistry] = {}  # job → the registry as its current run here writes it
         # Queued jobs simply wait in the registry for this manager; ones a previous manager had
         # started are not followed any more: say so instead of leaving them "running" forever.
         for job in self.registry.active_jobs():
-            if job["state"] != "queued":
-                self.registry.set_job_state(job["id"], "failed", message="interrupted: the job manager restarted; "
-                                            f"retry it with: mistudio jobs retry {job['id']}")
+            if job["state"] != "queued":  # a new attempt: the old run's writes are refused from now on
+                claim(self.registry, job["id"], "failed", only_from=(job["state"],),
+                      message=f"interrupted: the job manager restarted; retry it with: mistudio jobs retry {job['id']}")
                 self.progress.cancel.remote(job["id"])  # a worker still running it stops at its next batch
         threading.Thread(target=self._dispatch, daemon=True, name="dispatcher").start()
         if self.settings.job_stall_s > 0:
@@ -101,11 +108,16 @@ class JobManager:
         return job
 
     def set_state(self, job_id: str, state: str, message: str = "") -> None:
+        """A state change from the job's run (or its worker); StaleAttempt when no run of this
+        manager owns the job any more (the worker's step then stops)."""
+        run = self._runs.get(job_id)
+        if run is None:
+            raise StaleAttempt(f"job {job_id} is not run by this job manager")
         slot = self._slot_of.get(job_id)
         if slot is not None:  # a worker saying "loading" or "running" is alive and not stuck
             slot.since, slot.running = time.time(), state == "running"
         values = {"message": message} if message else {}
-        self.registry.set_job_state(job_id, state, **values)
+        run.set_job_state(job_id, state, **values)
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         job = self.registry.get(Job, job_id)
@@ -114,9 +126,11 @@ class JobManager:
         ray.get(self.progress.cancel.remote(job_id))
         if job["state"] == "queued":  # never started: cancelled at once
             self._forget(job_id, "cancelled")
-            return self.registry.set_job_state(job_id, "cancelled", message="cancelled before it started")
+            return claim(self.registry, job_id, "cancelled", only_from=("queued",),
+                         message="cancelled before it started") or self.registry.get(Job, job_id)
         if job["state"] == "paused":  # nothing runs: its checkpoint stays on disk
-            return self.registry.set_job_state(job_id, "cancelled", message="cancelled while paused")
+            return claim(self.registry, job_id, "cancelled", only_from=("paused",),
+                         message="cancelled while paused") or self.registry.get(Job, job_id)
         return job
 
     def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:
@@ -194,35 +208,54 @@ class JobManager:
                         break
                     job = queued[0]
                     slot = next((s for s in free if job.get("model_id") in s.models), free[0])
-                    started = self.registry.set_job_state(job["id"], "loading", message=f"starting on {slot.name}")
-                    if started["state"] != "loading":  # cancelled in the meantime
+                    # a fresh attempt: this run alone may write the job from now on
+                    started = claim(self.registry, job["id"], "loading", only_from=("queued",),
+                                    message=f"starting on {slot.name}")
+                    if started is None:  # cancelled (or started elsewhere) in the meantime
                         continue
                     slot.job, slot.running = job["id"], False
                     self._slot_of[job["id"]] = slot
+                    self._runs[job["id"]] = FencedRegistry(self.registry, job["id"], started["attempt"])
                 threading.Thread(target=self._run_on, args=(job, slot), daemon=True, name=job["id"]).start()
 
     def _run_on(self, job: dict[str, Any], slot: "_Slot") -> None:
+        run = self._runs[job["id"]]
         try:
-            self._run(job)
+            self._run(job, run)
+        except Exception as e:  # noqa: BLE001 - only a refused write is expected here
+            if _stale(e) is None:
+                raise
+            # the job was taken over (a restarted manager, a new Ray head): nothing more to write
+            print(f"job {job['id']}: this run stops here: {_stale(e)}", flush=True)
+            self._forget(job["id"], "failed")
         finally:
             with self._lock:
                 slot.job = None
                 if job.get("model_id"):
                     slot.models.add(job["model_id"])
                 self._slot_of.pop(job["id"], None)
+                if self._runs.get(job["id"]) is run:  # (not a later run of the job, requeued meanwhile)
+                    del self._runs[job["id"]]
             self._wake.set()
 
-    def _run(self, job: dict[str, Any]) -> None:
+    def _run(self, job: dict[str, Any], run: FencedRegistry) -> None:
+        """Run a job and record how it ended, every write fenced by `run` (its attempt); the
+        result rows and the completion are one transaction."""
         job_id, kind = job["id"], jobs.get(job["kind"])
         spec = specs.parse_spec(kind.name, job["spec"])
-        context = jobs.JobContext(job_id, self.registry, self.artifacts, call=lambda plan: self._call(job_id, plan),
+        context = jobs.JobContext(job_id, run, self.artifacts, call=lambda plan: self._call(job_id, plan, run),
                                   state=lambda state, message="": self.set_state(job_id, state, message),
                                   secrets=self._secrets.get(job_id, {}), has_checkpoint=self._has_checkpoint,
-                                  fatal=_fatal)
+                                  fatal=_fatal, recording=run.atomic)
+        # a job that completed with something to say (a batch with failures) keeps it as its message
+        finish = lambda result: claim(run, job_id, "completed", message=result.get("note", "completed"),  # noqa: E731
+                                      result=result)
         try:
-            result = jobs.execute(context, kind, spec)
+            jobs.execute(context, kind, spec, finish=finish)
         except Exception as e:  # noqa: BLE001 - every failure must land in the job record
             cause = getattr(e, "cause", None) or e
+            if _stale(e) is not None:
+                raise
             if isinstance(cause, Cancelled):
                 state, message = "cancelled", "cancelled by request"
             elif isinstance(cause, Paused):
@@ -238,7 +271,7 @@ class JobManager:
                 slot.actor, slot.models, slot.stalled = None, set(), ""  # the next step starts a fresh one
                 for path in self._outputs.pop(job_id, ()):  # what the dead worker was writing
                     sweep_tmp(path)
-                if self._requeue_after_worker_death(job, reason):
+                if self._requeue_after_worker_death(job, reason, run):
                     return
                 state, message = "failed", f"{reason} and no retries are left; retry it with: " \
                                            f"mistudio jobs retry {job_id}"
@@ -246,12 +279,10 @@ class JobManager:
                 state, message = "failed", f"{type(cause).__name__}: {cause}"
                 traceback.print_exc()
             self._forget(job_id, state)
-            self.registry.set_job_state(job_id, state, message=message.splitlines()[0] if message else state)
+            claim(run, job_id, state, message=message.splitlines()[0] if message else state)
             self._report_where_it_stopped(job_id, state, message)
             return
         self._forget(job_id, "completed")
-        # a job that completed with something to say (a batch with failures) keeps it as its message
-        self.registry.set_job_state(job_id, "completed", message=result.get("note", "completed"), result=result)
         self.progress.report.remote(job_id, {"phase": "completed", "fraction": 1.0, "message": "completed"})
 
     def _forget(self, job_id: str, state: str) -> None:
@@ -267,17 +298,21 @@ class JobManager:
         keep = {k: last[k] for k in ("fraction", "done", "total", "unit", "step") if k in last}
         self.progress.report.remote(job_id, {**keep, "phase": phase, "message": message})
 
-    def _requeue(self, job: dict[str, Any], message: str, resume: bool) -> dict[str, Any]:
-        """Queue a job again under its own id; with `resume`, a training continues from its own
-        newest checkpoint (exactly as if it had never stopped)."""
+    def _requeue(self, job: dict[str, Any], message: str, resume: bool, registry: Registry | None = None
+                 ) -> dict[str, Any]:
+        """Queue a job again under its own id (a new attempt); with `resume`, a training
+        continues from its own newest checkpoint (exactly as if it had never stopped).
+        `registry`: the run's fenced registry when a run requeues its own job."""
+        registry = registry or self.registry
         if resume:
-            self.registry.update(Job, job["id"], spec=jobs.get(job["kind"]).resume(job["spec"], job["id"]))
-        job = self.registry.set_job_state(job["id"], "queued", message=message)
+            registry.update(Job, job["id"], spec=jobs.get(job["kind"]).resume(job["spec"], job["id"]))
+        job = claim(registry, job["id"], "queued", only_from=("paused",), message=message) or \
+            registry.get(Job, job["id"])
         self._report_where_it_stopped(job["id"], "queued", message)
         self._wake.set()
         return job
 
-    def _requeue_after_worker_death(self, job: dict[str, Any], reason: str) -> bool:
+    def _requeue_after_worker_death(self, job: dict[str, Any], reason: str, run: FencedRegistry) -> bool:
         """Ray reported the worker dead (its health checks, within seconds) or the watchdog
         killed a hung one: queue the job again while retries are left. A training continues from
         its newest checkpoint, anything else starts over (outputs are written atomically and the
@@ -290,7 +325,7 @@ class JobManager:
         self._attempts[job_id] = attempt
         resumed = jobs.get(job["kind"]).resume is not None and self._has_checkpoint(job_id)
         self._requeue(job, f"{reason}; retry {attempt} of {self.settings.job_retries} on a fresh worker"
-                      + (", from the newest checkpoint" if resumed else ""), resume=resumed)
+                      + (", from the newest checkpoint" if resumed else ""), resume=resumed, registry=run)
         return True
 
     def _has_checkpoint(self, job_id: str) -> bool:
@@ -317,7 +352,7 @@ class JobManager:
                         slot.stalled = f"the model worker sent no progress for {stall:g} s and was stopped as hung"
                         ray.kill(slot.actor, no_restart=True)
 
-    def _call(self, job_id: str, plan: jobs.Plan) -> Any:
+    def _call(self, job_id: str, plan: jobs.Plan, run: FencedRegistry) -> Any:
         """Run one plan on the job's worker (started, or restarted if it died while idle)."""
         slot = self._slot_of[job_id]
         if slot.actor is not None:
@@ -329,7 +364,7 @@ class JobManager:
             slot.actor = self._start_worker(slot)
         slot.since = time.time()
         self._outputs.setdefault(job_id, set()).update(plan.outputs + plan.scratch)
-        self.registry.update(Job, job_id, step=plan.kind)
+        run.update(Job, job_id, step=plan.kind)
         return ray.get(slot.actor.run.remote(job_id, plan))
 
     def _start_worker(self, slot: "_Slot"):
@@ -347,7 +382,17 @@ class JobManager:
                                    num_cpus=self.settings.cpus_per_worker, **options).remote(env)
 
 
+def _stale(error: BaseException) -> str | None:
+    """The message of the StaleAttempt behind `error` (raised here, or by this manager's
+    set_state under a worker's step and carried back by Ray), else None."""
+    for _ in range(4):
+        if isinstance(error, StaleAttempt):
+            return str(error).splitlines()[0]
+        error = getattr(error, "cause", None)
+    return None
+
+
 def _fatal(error: BaseException) -> bool:
-    """The worker died under a plan: the whole job goes the worker-death way (a batch of items
-    does not go on to the next one)."""
-    return isinstance(error, ray.exceptions.ActorDiedError)
+    """The worker died under a plan (the whole job goes the worker-death way), or the run lost
+    its job: a batch of items does not go on to the next one."""
+    return isinstance(error, ray.exceptions.ActorDiedError) or _stale(error) is not None

@@ -105,6 +105,9 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+    attempt: Mapped[str] = mapped_column(String(32), default="", server_default="")
+    """The run that owns the job now (storage.fencing): a fresh token whenever a run starts or
+    the job changes hands; a run's writes are refused once the job carries another."""
 
 
 class Activation(Base):

@@ -47,6 +47,7 @@ def test_processes_share_one_local_head(tmp_path, tiny_model_dir):
     assert not (tmp_path / "home" / "ray_head.json").exists()
     left = [p for p in psutil.process_iter(["cmdline"]) if f"gcs_server_port={port}" in " ".join(p.info["cmdline"] or [])]
     assert not left
+    assert not root_processes(tmp_path / "home")  # nor its autoscaler, log monitor, dashboard, agents
 
 
 def test_ray_job_submit_runs_a_job_file(tmp_path, tiny_model_dir):
@@ -246,4 +247,80 @@ def test_local_head_listens_on_loopback_only(tmp_path):
         assert out.returncode != 0 and "S3cretPW" not in out.stdout + out.stderr, out.stderr
         assert "postgresql://mistudio:***@127.0.0.1:9/x" in out.stderr and out.stderr.count("\n") == 1, out.stderr
     finally:
+        subprocess.run([sys.executable, "-m", "ui.cli", "stop"], env=env, capture_output=True, text=True)
+
+
+def root_processes(home: Path) -> list[psutil.Process]:
+    """The processes that point at this data root's Ray sessions: by their command line, or (the
+    agents and actor workers rename themselves) by the files they hold open."""
+    from actors import cluster
+    from storage import Settings
+
+    root = str(cluster.ray_root(Settings.from_env({"MISTUDIO_HOME": str(home)})))
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if root in " ".join(p.info["cmdline"] or []) or any(f.path.startswith(root) for f in p.open_files()):
+                found.append(p)
+    return found
+
+
+def _health(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+            return r.read().strip() == b"ok"
+    except OSError:
+        return False
+
+
+def test_the_dashboard_outlives_a_killed_head_and_stop_leaves_no_process_behind(tmp_path):
+    """`mistudio ui` restarts the dashboard on a fresh head when the head is killed (gcs_server
+    and raylet, as a crash would); `mistudio stop` then ends the dashboard, the new head and
+    what the killed one left behind (autoscaler, log monitor, dashboard, agents)."""
+    from actors.cluster import _free_port
+    from tests.conftest import wait_for
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MISTUDIO_", "RAY_"))}
+    env.update(MISTUDIO_HOME=str(home), MISTUDIO_WORKER_CPUS="1")
+    port = _free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "ui.cli", "ui", "--port", str(port)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _health(port), timeout=240, what="the dashboard")
+        first = json.loads((home / "ray_head.json").read_text())["address"]
+        (server,) = psutil.Process(ui.pid).children()
+        gcs_port = first.rpartition(":")[2]
+        gcs = [p for p in psutil.process_iter(["cmdline"]) if f"gcs_server_port={gcs_port}" in " ".join(p.info["cmdline"] or [])]
+        session = next(a for a in gcs[0].info["cmdline"] if "session_" in a).split("session_")[1].split("/")[0]
+        raylet = [p for p in psutil.process_iter(["name", "cmdline"])
+                  if p.info["name"] == "raylet" and f"session_{session}" in " ".join(p.info["cmdline"] or [])]
+        for p in gcs + raylet:
+            p.kill()
+
+        def restarted() -> bool:
+            head = json.loads((home / "ray_head.json").read_text())["address"]
+            servers = psutil.Process(ui.pid).children()
+            return head != first and [s.pid for s in servers] != [server.pid] and len(servers) == 1 and _health(port)
+
+        wait_for(restarted, timeout=240, what="the dashboard on a new head")
+        assert ui.poll() is None
+        assert not server.is_running()
+        run_py("from actors.client import Client\nprint(Client(start=False).jobs())\n", env)  # the new head serves
+        # what the killed head left running (its autoscaler and log monitor name its session)
+        killed = [p for p in root_processes(home) if f"session_{session}" in " ".join(p.cmdline())]
+        assert killed
+
+        stopped = subprocess.run([sys.executable, "-m", "ui.cli", "stop"], env=env, capture_output=True, text=True)
+        assert "stopped the local Ray head" in stopped.stdout, stopped.stderr
+        assert ui.wait(timeout=30) is not None
+        left = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in root_processes(home) if p.is_running()]
+        assert not left, left
+        assert not any(p.is_running() for p in killed)
+        assert not (home / "dashboard.json").exists()
+    finally:
+        if ui.poll() is None:
+            ui.kill()
         subprocess.run([sys.executable, "-m", "ui.cli", "stop"], env=env, capture_output=True, text=True)

@@ -109,6 +109,32 @@ def test_two_clients_cancelling_one_job(client, tiny_run):
     assert client.cancel(job_id)["state"] == "cancelled"  # a third cancel changes nothing
 
 
+def test_a_run_whose_job_was_taken_over_records_nothing_and_a_retry_records_it_once(client, tiny_run):
+    """What a new Ray head's job manager does to a job the old head was running: mark it
+    failed ("interrupted"), which gives it a new attempt. The old run trains on, and its record
+    (the SAE row, the job's completion) is refused when it gets there; a retry registers
+    exactly one SAE."""
+    from storage.fencing import StaleAttempt, claim
+
+    spec = train_spec(client)
+    spec["config"] = {**spec["config"], "epochs": 60}
+    job_id = client.submit("train", spec)
+    wait_for(lambda: progressed(client, job_id), what="training progress")
+    taken = claim(client.registry, job_id, "failed", only_from=("loading", "running"),
+                  message="interrupted: the job manager restarted")
+    assert taken is not None, "the job ended before it could be taken over; give it more epochs"
+    with pytest.raises(StaleAttempt):  # what the old run's worker gets at its next state change
+        ray.get(client.manager.set_state.remote(job_id, "running"))
+    retry = client.retry(job_id)  # queued behind the old run, which holds the one worker
+    done = client.wait(retry, timeout=600)
+    assert done["state"] == "completed", done["message"]
+    old = client.job(job_id)
+    assert (old["state"], old["message"], old["result"], old["sae_id"]) == \
+        ("failed", "interrupted: the job manager restarted", {}, None)
+    assert not [s for s in client.saes() if s["training_job_id"] == job_id]
+    assert [s["id"] for s in client.saes() if s["training_job_id"] == retry] == [done["result"]["sae_id"]]
+
+
 def test_a_restarted_dashboard_or_cli_sees_a_running_jobs_progress_at_its_first_poll(client, tiny_run):
     """A new process (a restarted UI or CLI) reads the registry and the ProgressActor: the job
     it never submitted shows its live numbers on the first call."""

@@ -4,7 +4,6 @@ discovery, analysis and labels, a summary printed, then the dashboard served."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -105,6 +104,9 @@ def serve(port: int, host: str = "localhost") -> None:
     app = Path(__file__).with_name("app.py")
     shown = f"[{host}]" if ":" in host else host
     print(f"serving the dashboard on http://{shown}:{port} (Ctrl-C to stop)")
-    subprocess.run([sys.executable, "-m", "streamlit", "run", str(app), "--server.address", host,
-                    "--server.port", str(port), "--server.headless", "true",
-                    "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"], check=False)
+    from ui.supervise import supervise  # (imports Ray: not for `mistudio --help`)
+
+    # supervised: restarted on a new head when the Ray head dies (ui/supervise.py)
+    supervise([sys.executable, "-m", "streamlit", "run", str(app), "--server.address", host,
+               "--server.port", str(port), "--server.headless", "true",
+               "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"])

@@ -11,6 +11,7 @@ kind that returns several plans (shards) needs no change elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -101,6 +102,8 @@ class JobContext:
     fatal: Callable[[BaseException], bool] = lambda error: True
     """Whether an error from `call` ends the job at once (a cancel, the worker's death) rather
     than one item of a batch."""
+    recording: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    """A block whose registry writes are one transaction (storage.fencing: all land or none)."""
 
 
 @dataclass(frozen=True)
@@ -225,12 +228,24 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "item"
 
 
-def execute(job: JobContext, kind: Kind, spec) -> dict[str, Any]:
-    """Run a job: its kind's own `execute`, or plans → run each on the worker → record."""
+def execute(job: JobContext, kind: Kind, spec, finish: Callable[[dict[str, Any]], Any] | None = None
+            ) -> dict[str, Any]:
+    """Run a job: its kind's own `execute`, or plans → run each on the worker → record.
+
+    `finish(result)` (the manager's "completed") is written in the same transaction as
+    `record`'s rows: a run that loses its job between the two leaves neither behind."""
     if kind.execute is not None:
-        return kind.execute(job, spec)
+        result = kind.execute(job, spec)
+        if finish is not None:
+            finish(result)
+        return result
     plans = kind.plans(job, spec)
-    return kind.record(job, spec, plans, [job.call(plan) for plan in plans])
+    results = [job.call(plan) for plan in plans]
+    with job.recording():
+        result = kind.record(job, spec, plans, results)
+        if finish is not None:
+            finish(result)
+    return result
 
 
 # Each file registers its kind when imported; this order is the order kinds are listed in.
