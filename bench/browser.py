@@ -43,7 +43,7 @@ from bench._common import CACHE, append_result, load_avg, median, model_dir, ok,
 WIDTHS = (4608, 65536)
 D_IN = 576
 TOKENS = 1_000_000
-ROOT_VERSION = "1"  # bump when the synthetic root changes, so cached roots are rebuilt
+ROOT_VERSION = "2"  # bump when the synthetic root changes, so cached roots are rebuilt
 HISTORY = {4608: 400, 65536: 5000}
 SEARCH = "ing"
 TARGET = 1.5
@@ -102,7 +102,7 @@ def synthetic_discovered(d_sae: int, vocab: int, seed: int = 0):
     n_fired = np.round(frequency * TOKENS).astype(np.int64)
     max_act = rng.lognormal(1.0, 0.6, d_sae).astype(np.float32) * (n_fired > 0)
     mean_act = (max_act * rng.uniform(0.2, 0.5, d_sae)).astype(np.float32)
-    pool = rng.choice(vocab, 8000, replace=False)
+    pool = rng.choice(vocab, min(vocab, 8000), replace=False)
     weights = 1.0 / (np.arange(len(pool)) + 10.0)
     pool = rng.choice(pool, 200_000, p=weights / weights.sum())  # Zipf-like token frequencies
     preferred = pool[rng.integers(0, len(pool), (d_sae, 3))]
