@@ -212,6 +212,25 @@ def test_features_page_asks_the_client_for_one_page_at_a_time(tiny_run, ui_clien
     assert (calls[-1]["offset"], calls[-1]["order_by"]) == (0, "max_act")
 
 
+def test_picking_a_latent_reuses_the_page_shown(tiny_run, ui_client, monkeypatch):
+    """A rerun that keeps the filters (picking a latent) does not ask the registry for the page
+    again; new filters do."""
+    from actors.client import Client
+
+    sae_id = tiny_run["job"]["result"]["sae_id"]
+    real, calls = Client.feature_page, []
+    monkeypatch.setattr(Client, "feature_page", lambda self, sae, **q: calls.append(q) or real(self, sae, **q))
+    at = run_page(FEATURES)
+    at.selectbox(key="sae").select(sae_id).run()
+    asked = len(calls)
+    other = int(at.dataframe[0].value["latent"].iloc[-1])
+    at.selectbox(key="latent").select(other).run()
+    assert not at.exception and at.selectbox(key="latent").value == other
+    assert len(calls) == asked
+    at.selectbox(key="order_by").select("max_act").run()
+    assert len(calls) == asked + 1 and calls[-1]["order_by"] == "max_act"
+
+
 MARKDOWN_LABEL = "**bold** ![x](http://example.invalid/x.png)"
 
 
