@@ -187,9 +187,11 @@ class Client(Catalogue):
         return self.registry.get(table, key)
 
     def features(self, sae_id: str, order_by: str = "frequency", limit: int | None = None,
-                 min_frequency: float = 0.0, offset: int = 0) -> list[dict[str, Any]]:
+                 min_frequency: float = 0.0, offset: int = 0, latents: list[int] | None = None) -> list[dict[str, Any]]:
+        """An SAE's feature rows (all of them unless `limit` or `latents`: a listing shows a page,
+        see `feature_page`)."""
         return self.registry.features(sae_id, order_by=order_by, limit=limit, min_frequency=min_frequency,
-                                      offset=offset)
+                                      offset=offset, latents=latents)
 
     def feature_page(self, sae_id: str, offset: int = 0, limit: int | None = None, order_by: str = "frequency",
                      min_frequency: float = 0.0, live_only: bool = False, min_max_act: float = 0.0,

@@ -212,6 +212,25 @@ def test_features_page_asks_the_client_for_one_page_at_a_time(tiny_run, ui_clien
     assert (calls[-1]["offset"], calls[-1]["order_by"]) == (0, "max_act")
 
 
+def test_picking_a_latent_reuses_the_page_shown(tiny_run, ui_client, monkeypatch):
+    """A rerun that keeps the filters (picking a latent) does not ask the registry for the page
+    again; new filters do."""
+    from actors.client import Client
+
+    sae_id = tiny_run["job"]["result"]["sae_id"]
+    real, calls = Client.feature_page, []
+    monkeypatch.setattr(Client, "feature_page", lambda self, sae, **q: calls.append(q) or real(self, sae, **q))
+    at = run_page(FEATURES)
+    at.selectbox(key="sae").select(sae_id).run()
+    asked = len(calls)
+    other = int(at.dataframe[0].value["latent"].iloc[-1])
+    at.selectbox(key="latent").select(other).run()
+    assert not at.exception and at.selectbox(key="latent").value == other
+    assert len(calls) == asked
+    at.selectbox(key="order_by").select("max_act").run()
+    assert len(calls) == asked + 1 and calls[-1]["order_by"] == "max_act"
+
+
 MARKDOWN_LABEL = "**bold** ![x](http://example.invalid/x.png)"
 
 
@@ -292,6 +311,29 @@ def test_steering_page_compares_with_the_baseline(tiny_run, ui_client):
     assert len(at.code) >= 4  # two prompts × (baseline, steered)
     exp = ui_client.experiments(sae_id)[0]
     assert exp["mode"] == "compare" and any(exp["id"] in c.value for c in at.caption)
+
+
+def test_steering_picker_asks_for_one_page_of_latents(tiny_run, ui_client, monkeypatch):
+    """The Steering page offers a page of latents matching its search, and reads the chosen
+    ones by number: never every latent of the SAE."""
+    from actors.client import Client
+
+    sae_id = tiny_run["job"]["result"]["sae_id"]
+    latent = [f for f in ui_client.features(sae_id) if f["n_fired"] > 0][-1]["latent"]
+    pages, reads = [], []
+    real_page, real_features = Client.feature_page, Client.features
+    monkeypatch.setattr(Client, "feature_page", lambda self, sae, **q: pages.append(q) or real_page(self, sae, **q))
+    monkeypatch.setattr(Client, "features", lambda self, sae, **q: reads.append(q) or real_features(self, sae, **q))
+    at = run_page(STEERING)
+    at.selectbox(key="steer_sae").select(sae_id).run()
+    assert (pages[-1]["limit"], pages[-1]["live_only"], pages[-1]["search"]) == (200, True, "")
+    at.text_input(key="steer_search").input(str(latent)).run()
+    assert pages[-1]["search"] == str(latent)
+    assert any(o.startswith(f"{latent} · ") for o in at.multiselect(key="steer_latents").options)
+    at.multiselect(key="steer_latents").select(latent).run()
+    at.text_input(key="steer_search").input("").run()  # the chosen latent stays chosen off the search's page
+    assert not at.exception and at.multiselect(key="steer_latents").value == [latent]
+    assert all(q.get("latents") for q in reads), reads  # features are read by number only
 
 
 def test_features_page_before_any_discovery_says_how(monkeypatch, ui_client):

@@ -38,6 +38,9 @@ TOP_TOKENS = 5  # max-token strings listed per feature
 STRING_COLUMNS = ["kind", "tokens.list.element", "top_tokens.list.element"]
 """Columns written dictionary-encoded (repetitive strings); numbers are written plain, which is
 faster and, for float activations, no larger."""
+FEATURE_ROW_GROUP = 2048
+"""Latents per row group of features.parquet: one latent's histogram (or any wide column) is read
+from its row group alone, not decoded for every latent of a 65k-latent SAE."""
 FILTER_COLUMNS = ["latent", "kind", "bin"]
 """Columns with row-group statistics: what readers filter on (by latent, then kind)."""
 OUTLIER_LATENTS = 10  # strongest latents listed per outlier token

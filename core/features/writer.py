@@ -18,8 +18,8 @@ from core.errors import UserError
 from core.io import atomic_dir
 from core.features.accumulator import Discovered
 from core.features.config import DiscoverConfig, DiscoverySummary
-from core.features.schema import (EXAMPLES_FILE, FEATURES_FILE, FILTER_COLUMNS, HIST_EDGES, INFO_FILE, OUTLIERS_FILE,
-                                  STRING_COLUMNS, TOP_TOKENS)
+from core.features.schema import (EXAMPLES_FILE, FEATURE_ROW_GROUP, FEATURES_FILE, FILTER_COLUMNS, HIST_EDGES,
+                                  INFO_FILE, OUTLIERS_FILE, STRING_COLUMNS, TOP_TOKENS)
 from core.features.tables import Table
 
 def _list_array(values: np.ndarray | pa.Array, lengths: np.ndarray, type_: pa.DataType) -> pa.Array:
@@ -131,7 +131,8 @@ def _write_tables(folder: Path, found: Discovered, decode_tokens, cfg: DiscoverC
     lookup = _decoder(np.concatenate([rows["win_tokens"][valid], out_ids]), decode_tokens)
 
     features = _features_table(found, n_fired, frequency, rare, t, lookup, cfg)
-    pq.write_table(features, folder / FEATURES_FILE, use_dictionary=STRING_COLUMNS, write_statistics=FILTER_COLUMNS)
+    pq.write_table(features, folder / FEATURES_FILE, row_group_size=FEATURE_ROW_GROUP, use_dictionary=STRING_COLUMNS,
+                   write_statistics=FILTER_COLUMNS)
     examples = _examples_table(rows, kind, bin_, rank, valid, lookup, cfg)
     per_latent = max(1, len(examples) // max(1, len(np.unique(rows["latent"]))))
     pq.write_table(examples, folder / EXAMPLES_FILE, row_group_size=max(1, cfg.row_group_latents * per_latent),

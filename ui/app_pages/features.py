@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import time
 from typing import Any
 
 import altair as alt
@@ -17,6 +18,7 @@ from ui.components.tokens import token_html, top_token_text
 
 SORTS = {"frequency": "frequency", "max_act": "max activation", "mean_act": "mean activation"}
 PAGE_SIZE = 500  # latents per page of the table (the registry serves one page at a time)
+PAGE_TTL_S = 30.0  # how long a rerun may reuse the page shown (labels written by a running job show after it)
 
 
 def sae_summary(sae: dict[str, Any], definitions: dict) -> None:
@@ -48,6 +50,19 @@ def sae_summary(sae: dict[str, Any], definitions: dict) -> None:
                                        "dead_frac": "dead fraction"}, columns=3)
 
 
+def cached_page(client, sae_id: str, number: int, filters: dict[str, Any]):
+    """Page `number` of the latents under `filters`. A rerun that keeps them (picking a latent,
+    opening an expander) reuses the page it already has for PAGE_TTL_S seconds instead of asking
+    the registry again — a search over 65k latents costs a scan; a saved label starts afresh."""
+    key = (sae_id, number, tuple(sorted(filters.items())), st.session_state.get("_labels_saved", 0))
+    hit = st.session_state.get("_page_cache")
+    if hit is not None and hit[0] == key and time.monotonic() - hit[1] < PAGE_TTL_S:
+        return hit[2]
+    page = client.feature_page(sae_id, offset=(number - 1) * PAGE_SIZE, limit=PAGE_SIZE, **filters)
+    st.session_state["_page_cache"] = (key, time.monotonic(), page)  # one page, never every latent
+    return page
+
+
 def features_table(client, sae: dict[str, Any]) -> tuple[pd.DataFrame, dict[int, dict[str, Any]]]:
     c = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
     query = c[0].text_input("Search tokens and labels", key="search", placeholder="a token or label, e.g. def or (  — or a latent number")
@@ -67,11 +82,11 @@ def features_table(client, sae: dict[str, Any]) -> tuple[pd.DataFrame, dict[int,
         st.session_state["_page_filters"] = (sae["id"], filters)
         st.session_state["page"] = 1
     number = int(st.session_state.get("page", 1))
-    page = client.feature_page(sae["id"], offset=(number - 1) * PAGE_SIZE, limit=PAGE_SIZE, **filters)
+    page = cached_page(client, sae["id"], number, filters)
     pages = max(1, -(-page.total // PAGE_SIZE))
     if number > pages:  # fewer latents match than when the page was picked (e.g. a label changed)
         number = st.session_state["page"] = pages
-        page = client.feature_page(sae["id"], offset=(number - 1) * PAGE_SIZE, limit=PAGE_SIZE, **filters)
+        page = cached_page(client, sae["id"], number, filters)
     if pages > 1:
         c[2].number_input(f"Page (of {pages})", min_value=1, max_value=pages, step=1, key="page",
                           help=f"{PAGE_SIZE} latents per page")
@@ -217,6 +232,7 @@ def label_editor(client, sae: dict[str, Any], doc: dict[str, Any]) -> None:
             description = st.text_area("Description", value=ex["description"], key=f"label_description-{latent}")
             if st.form_submit_button("Save label"):
                 client.set_label(sae["id"], latent, name, category, description)
+                st.session_state["_labels_saved"] = st.session_state.get("_labels_saved", 0) + 1
                 st.success(f"Saved the label of latent {latent}.")
                 st.rerun()
 

@@ -81,7 +81,9 @@ def export_panel(client, saes: list[dict]) -> None:
     st.caption(f"`{sae['hook_name']}` · {sae['architecture']} · d_in {sae['d_in']} → d_sae {fmt_number(sae['d_sae'])}"
                f" · stored at `{sae['path']}`")
     c = st.columns(2)
-    c[0].download_button("Download SAELens folder (.zip)", zipped(client.local(sae["path"])), file_name=f"{sae['id']}.zip",
+    # the zip is built when the button is pressed, not on every rerun (a 65k-latent SAE's weights are ~300 MB)
+    c[0].download_button("Download SAELens folder (.zip)", lambda: zipped(client.local(sae["path"])),
+                         file_name=f"{sae['id']}.zip",
                          mime="application/zip", key="exp-zip", icon=":material/download:",
                          help="cfg.json + sae_weights.safetensors: SAELens's SAE.load_from_disk reads it")
     with c[1].form("export_form"):

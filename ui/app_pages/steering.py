@@ -12,6 +12,7 @@ from ui.components.client import get_client, guard
 from ui.components.formatting import literal
 from ui.components.tokens import top_token_text
 
+STEER_OPTIONS = 200  # latents offered by the picker at once (a search finds the others)
 MODES = {"compare": "compare — each feature alone", "blend": "blend — all features together",
          "sweep": "sweep — one feature at several strengths"}
 
@@ -20,11 +21,23 @@ def _feature_label(f: dict[str, Any]) -> str:
     return f"{f['latent']} · {f['label'] or top_token_text(f['top_tokens'], 4)}"
 
 
+def feature_options(client, sae: dict[str, Any], query: str) -> dict[int, dict[str, Any]]:
+    """The picker's options: the latents already chosen, then one page of live latents matching
+    `query` (most frequent first) — never every latent of a wide SAE."""
+    chosen = [int(i) for i in st.session_state.get("steer_latents") or []]
+    by = {f["latent"]: f for f in client.features(sae["id"], latents=chosen)} if chosen else {}
+    by = {i: by[i] for i in chosen if i in by}
+    page = client.feature_page(sae["id"], limit=STEER_OPTIONS, live_only=True, search=query)
+    return by | {f["latent"]: f for f in page.rows if f["latent"] not in by}
+
+
 def steering_form(client, sae: dict[str, Any]) -> dict[str, Any] | None:
-    feats = [f for f in client.features(sae["id"]) if f["n_fired"] > 0]
-    by = {f["latent"]: f for f in feats}
+    query = st.text_input("Find features", key="steer_search",
+                          placeholder="a token, a label or a latent number (else the most frequent are listed)")
+    by = feature_options(client, sae, query.strip())
     chosen = st.multiselect("Features", list(by), key="steer_latents", format_func=lambda i: _feature_label(by[i]),
-                            max_selections=8, help="live latents, most frequent first; search by label or token")
+                            max_selections=8, help=f"the first {STEER_OPTIONS} live latents matching the search, most "
+                                                   "frequent first; type to narrow the list")
     mode = st.radio("Mode", list(MODES), format_func=MODES.get, key="steer_mode", horizontal=True)
     features, strengths = [], []
     for latent in chosen:

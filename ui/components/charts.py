@@ -10,6 +10,18 @@ import streamlit as st
 
 TRAIN_METRICS = {"loss": "loss", "fvu": "FVU", "l0": "L0", "dead_frac": "dead fraction"}
 DISCOVER_METRICS = {"features_in_heap": "features with examples", "heap_examples_count": "examples collected"}
+MAX_POINTS = 400
+"""Points drawn per line at most: a long run's thousands of log steps are thinned to this many, so
+a chart costs the same to send and draw whatever the run's length."""
+
+
+def thin(df: pd.DataFrame, max_points: int = MAX_POINTS) -> pd.DataFrame:
+    """At most `max_points` rows of `df`, evenly spaced, always keeping the first and last."""
+    n = len(df)
+    if n <= max_points:
+        return df
+    picks = sorted({round(i * (n - 1) / (max_points - 1)) for i in range(max_points)})
+    return df.iloc[picks]
 
 
 def line_charts(df: pd.DataFrame, x: str, x_title: str, metrics: dict[str, str], columns: int = 2,
@@ -22,6 +34,10 @@ def line_charts(df: pd.DataFrame, x: str, x_title: str, metrics: dict[str, str],
     for i, (col, title) in enumerate(present):
         keep = [x, col] + ([color] if color and color in df.columns else [])
         data = df[keep].dropna(subset=[x, col])
+        if color and color in data.columns:  # thin each coloured line on its own, so none vanishes
+            data = pd.concat([thin(g) for _, g in data.groupby(color, sort=False)]) if len(data) else data
+        else:
+            data = thin(data)
         enc = {
             "x": alt.X(f"{x}:Q", title=x_title),
             "y": alt.Y(f"{col}:Q", title=title, scale=alt.Scale(zero=False)),
