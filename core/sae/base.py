@@ -120,6 +120,25 @@ class StepContext(NamedTuple):
     scratch: dict | None = None
     """Reusable buffers shared by the runs of one training (their steps run one at a time);
     None: allocate afresh."""
+    chunk_tokens: int = 0
+    """Tokens per block of encoder pre-activations in the sparse (TopK family) steps; 0: as
+    many as fit in `PRE_CHUNK_BYTES`. The result does not depend on it (to float rounding)."""
+
+
+PRE_CHUNK_BYTES = 128 * 2**20
+"""Most bytes of fp32 encoder pre-activations a sparse (TopK family) step holds at once.
+
+The step never needs the dense [batch × d_sae] pre-activations as a whole, only each token's
+chosen latents, so it computes them a block of tokens at a time into one reused buffer: at
+batch 4096 that is the whole batch up to 8,192 latents (one block: the small path is
+unchanged) and 512 tokens a block at 65,536 latents, where the whole matrix would be 1 GiB
+(bench/RESULTS.md, "memory at width")."""
+
+
+def chunk_rows(n: int, d_sae: int, chunk_tokens: int = 0) -> int:
+    """Tokens per pre-activation block for a batch of n tokens and d_sae latents."""
+    rows = chunk_tokens if chunk_tokens > 0 else PRE_CHUNK_BYTES // (4 * max(d_sae, 1))
+    return max(1, min(n, rows))
 
 
 class StepOut(NamedTuple):
