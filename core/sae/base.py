@@ -141,6 +141,14 @@ def chunk_rows(n: int, d_sae: int, chunk_tokens: int = 0) -> int:
     return max(1, min(n, rows))
 
 
+def sparse_step_bytes(d_in: int, d_sae: int, batch: int, pairs_per_token: int) -> int:
+    """Peak bytes of a sparse (TopK family) step: one block of pre-activations and one of its
+    dead latents' columns (AuxK), plus ~48 bytes per chosen (token, latent) pair (value, index,
+    grouping by latent, gradient) for the `pairs_per_token` the type picks and AuxK's d_in/2."""
+    block = 4 * chunk_rows(batch, d_sae) * d_sae
+    return 2 * block + 48 * batch * (pairs_per_token + d_in // 2)
+
+
 class StepOut(NamedTuple):
     loss: torch.Tensor
     """What the optimizer minimises (with autograd)."""
@@ -176,6 +184,10 @@ class SAE(nn.Module):
     inference: ClassVar[bool] = True
     """Whether cfg.json may name this type (BatchTopK trains only and is saved as JumpReLU)."""
     TENSOR_NAMES: ClassVar[tuple[str, ...]] = ("W_enc", "W_dec", "b_enc", "b_dec")
+    STEP_DENSE_COPIES: ClassVar[float] = 5.0
+    """How many fp32 [batch × d_sae] tensors the type's training step holds at its peak, for
+    `step_bytes` (dense types: pre-activations, activations, masks, their gradients; measured
+    3.8 for standard and 4.8 for JumpReLU at 16,384 latents, bench/RESULTS.md)."""
 
     def __init__(self, d_in: int, d_sae: int, type_config: SAETypeConfig | None = None,
                  apply_b_dec_to_input: bool = True):
@@ -235,6 +247,12 @@ class SAE(nn.Module):
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOut:
         """Forward and loss on one batch of scaled activations; the caller runs backward."""
         raise NotImplementedError
+
+    @classmethod
+    def step_bytes(cls, type_config: SAETypeConfig, d_in: int, d_sae: int, batch: int) -> int:
+        """Peak bytes of one training step's own tensors (beyond the weights, their gradients
+        and the optimizer's state), before any runs: what `TrainConfig` checks a width against."""
+        return int(cls.STEP_DENSE_COPIES * 4 * batch * d_sae)
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from dataclasses import dataclass
 
-from core.sae.base import SAE, StepContext, StepOut, reconstruction_terms
+from core.sae.base import SAE, StepContext, StepOut, reconstruction_terms, sparse_step_bytes
 from core.sae.jumprelu import JumpReLUSAE
 from core.sae.registry import register
 from core.sae.topk import AuxPicker, TopKConfig, _ByLatent, _GatherDecode, _GatherPre, _joined, pre_blocks
@@ -50,6 +50,10 @@ class BatchTopKSAE(SAE):
         keep = min(self.k * max(acts.numel() // self.d_sae, 1), flat.numel())
         values, indices = flat.topk(keep, sorted=False)
         return torch.zeros_like(flat).scatter_(0, indices, values).reshape(acts.shape)
+
+    @classmethod
+    def step_bytes(cls, type_config: BatchTopKConfig, d_in: int, d_sae: int, batch: int) -> int:
+        return sparse_step_bytes(d_in, d_sae, batch, ROW_CANDIDATES * type_config.k)
 
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOut:
         """The batch's k·N largest ReLU pre-activations as (token, latent) pairs, picked a block

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import UserError
-from core.sae.base import SAE, SAETypeConfig, StepContext, StepOut, chunk_rows, reconstruction_terms
+from core.sae.base import (SAE, SAETypeConfig, StepContext, StepOut, chunk_rows, reconstruction_terms,
+                           sparse_step_bytes)
 from core.sae.registry import register
 
 # `_ByLatent.dots` builds a CSR pattern; torch warns once per process that CSR is in beta.
@@ -81,6 +82,10 @@ class TopKSAE(SAE):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         values, indices = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+    @classmethod
+    def step_bytes(cls, type_config: TopKConfig, d_in: int, d_sae: int, batch: int) -> int:
+        return sparse_step_bytes(d_in, d_sae, batch, type_config.k)
 
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOut:
         x_c = x - self.b_dec
