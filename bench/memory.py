@@ -134,6 +134,8 @@ def widths(a: argparse.Namespace) -> None:
     before_tree = Path(tempfile.mkdtemp(prefix="mistudio-before-"))
     archive = subprocess.run(["git", "archive", a.before], cwd=C.REPO, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(before_tree)], input=archive, check=True)
+    for script in ("memory.py", "_common.py"):  # this tree's harness drives the earlier tree's code
+        (before_tree / "bench" / script).write_text((C.REPO / "bench" / script).read_text())
     rev = subprocess.run(["git", "rev-parse", "--short", a.before], cwd=C.REPO, capture_output=True, text=True,
                          check=True).stdout.strip()
     # The fixtures in a child: a parent that loaded the model would lend its peak to every child.

@@ -49,9 +49,10 @@ def check_device(device: str) -> None:
 OPTIMIZER_STATES = {"adam": 2}
 """fp32 tensors of optimizer state per parameter (Adam: its two moments)."""
 
-RUNTIME_BYTES = 320 * 2**20
-"""The training process before any SAE: Python, torch and the training modules (measured
-0.26-0.30 GiB peak RSS on CPU)."""
+RUNTIME_BYTES = 800 * 2**20
+"""A training job's own memory beside the SAE and its batches: Python, torch, pyarrow and the
+activation reader's buffers (a 64-latent job peaks at 845 MiB RSS on CPU, of which 295 MiB are
+the imports; bench/RESULTS.md, "memory at width")."""
 
 
 def training_bytes(d_in: int, d_sae: int, batch_size: int, sae: SAETypeConfig | None = None,
