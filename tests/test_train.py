@@ -608,3 +608,42 @@ def test_training_on_the_fly_leaves_special_tokens_out_by_id(tiny_llama, tiny_to
                                                   max_tokens=400, exclude_token_ids=[special])(0))
     assert kept == real - expected
     assert special_positions([ds], 400, [special]) == expected and special_positions([ds], 400, []) == 0
+
+
+# --------------------------------------------------------------------------- memory at width
+
+
+def test_the_memory_prediction_has_no_dense_batch_term_for_the_topk_family():
+    """The TopK family's step holds one block of pre-activations whatever the batch, so its
+    prediction barely moves with the batch; a dense type's grows by its [batch × d_sae] tensors."""
+    from core.sae import registry
+    from core.sae.base import PRE_CHUNK_BYTES
+    from core.train.config import training_bytes
+
+    d_in, d_sae = 576, 65_536
+    for arch in ("topk", "batchtopk"):
+        sae = registry.config_for(arch)
+        grow = training_bytes(d_in, d_sae, 8192, sae) - training_bytes(d_in, d_sae, 4096, sae)
+        assert grow < 4096 * d_sae * 4 / 4  # the batches and pairs: a quarter of one dense [4096 × d_sae] tensor
+        weights = 4 * 2 * d_in * d_sae
+        # weights, gradients, Adam's two moments, one gradient-sized temporary: 4.5 × the weights
+        assert 4.5 * weights < training_bytes(d_in, d_sae, 4096, sae) < 4.5 * weights + 2 * PRE_CHUNK_BYTES + 2**30
+    standard = registry.config_for("standard")
+    grow = training_bytes(d_in, d_sae, 8192, standard) - training_bytes(d_in, d_sae, 4096, standard)
+    assert grow > 4 * 4096 * d_sae * 4
+
+
+def test_a_batch_that_cannot_fit_is_refused_naming_a_batch_that_fits():
+    """A dense type whose [batch × d_sae] tensors outgrow the machine is refused in one line that
+    names a batch (and a width) that fit; the batch it names is accepted."""
+    import psutil
+
+    total, d_sae = psutil.virtual_memory().total, 16_384
+    batch = 2 * total // (4 * 4 * d_sae)  # the standard step's four dense tensors alone: twice the memory
+    with pytest.raises(UserError) as e:
+        TrainConfig.from_dict(dict(architecture="standard", d_sae=d_sae, batch_size=batch)).resolved(576)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"an SAE of 16,384 latents on d_in=576 with batch {batch:,} needs")
+    fits = int(msg.split(", or batch ")[1].split(" or smaller")[0].replace(",", ""))
+    assert 2 <= fits < batch
+    TrainConfig.from_dict(dict(architecture="standard", d_sae=d_sae, batch_size=fits)).resolved(576)
