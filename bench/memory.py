@@ -19,6 +19,15 @@ rusage `os.wait4` returns for that child).
 
 Target: peak RSS at 10× within 15% of 1×, for extraction and for training.
 
+`--widths 4608,65536[,...]` measures instead peak RSS and steady tokens/s of one TopK training
+job per width (d_in 576, k 32, batch 4096, AuxK active, `--steps` steps then the held-out
+evaluation), this tree against an earlier commit (`--before`, default HEAD) run from a
+`git archive` of it, the two alternating in every round (`--reps`), beside the memory
+`core.train.config.training_bytes` predicts. Target (training-at-width issue): peak RSS at
+or below sparsify's (3.8 GB at 65,664 latents), the step no slower.
+
+    .venv/bin/python -m bench.memory --widths 4608,65536 --before ac778d5 --reps 3
+
 Sizes: default N = 5,000 and M = 50,000 tokens (about 5–10 minutes on 2 loaded cores);
 --quick halves them; --full uses the whole corpus (N ≈ 143k, hours on 2 cores).
 
@@ -101,7 +110,7 @@ def child(kind: str, src: str, out: str, tokens: int, threads: int) -> None:
 
 
 def width_child(spec: str, steps: int, threads: int) -> list:
-    """One TopK training job at a width (`spec` = "d_sae[,arch]"), AuxK active, on the cached
+    """One TopK training job at a width (`spec` = "d_sae[:arch]"), AuxK active, on the cached
     activations streamed from Parquet: `steps` steps of batch 4096 then the held-out evaluation.
     Returns the seconds of each step (the progress callback's clock after every step)."""
     import torch
@@ -111,7 +120,7 @@ def width_child(spec: str, steps: int, threads: int) -> list:
     from core.sae import registry
     from core.train import TrainConfig, train_sae
 
-    d_sae, _, arch = spec.partition(",")
+    d_sae, _, arch = spec.partition(":")
     sae = registry.config_for(arch or "topk", {"k": WIDTH_K} if arch in ("", "topk", "batchtopk") else {})
     # dead_tokens = one batch: every latent idle in the last step counts as dead, so AuxK is
     # active on every step after the first (a short run's worst case, as in the issue's measurement).
@@ -166,7 +175,7 @@ def width_table(specs, trees, got, a) -> str:
     before, after = list(trees)
     rows = []
     for spec in specs:
-        d_sae, _, arch = spec.partition(",")
+        d_sae, _, arch = spec.partition(":")
         b, f = got[(spec, before)], got[(spec, after)]
         pb, pf = C.median([x["peak_mib"] for x in b]), C.median([x["peak_mib"] for x in f])
         tb, tf = C.median([x["tok_s"] for x in b]), C.median([x["tok_s"] for x in f])
@@ -273,7 +282,7 @@ def main(argv=None) -> None:
     ap.add_argument("--train-tokens", type=int, help="training cache tokens at 1× (overrides the size flags)")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     ap.add_argument("--widths", help="instead: peak RSS and tokens/s of one TopK job per width "
-                    "(comma-separated d_sae, each optionally ,arch), this tree vs --before")
+                    "(comma-separated d_sae, each optionally :arch), this tree vs --before")
     ap.add_argument("--before", default="HEAD", help="the commit --widths compares against (default HEAD)")
     ap.add_argument("--steps", type=int, default=6, help="training steps per --widths job (default 6)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
