@@ -112,7 +112,8 @@ def child(kind: str, src: str, out: str, tokens: int, threads: int) -> None:
 def width_child(spec: str, steps: int, threads: int) -> list:
     """One TopK training job at a width (`spec` = "d_sae[:arch]"), AuxK active, on the cached
     activations streamed from Parquet: `steps` steps of batch 4096 then the held-out evaluation.
-    Returns the seconds of each step (the progress callback's clock after every step)."""
+    Returns [wall seconds, CPU seconds] of each step (clocks read by the progress callback
+    after every step; CPU time is what the step costs whatever else loads the machine)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -127,10 +128,10 @@ def width_child(spec: str, steps: int, threads: int) -> list:
     cfg = TrainConfig(sae=sae, d_sae=int(d_sae), batch_size=WIDTH_BATCH, total_tokens=steps * WIDTH_BATCH,
                       dead_tokens=WIDTH_BATCH, log_every=1, lr_warmup_frac=0.0)
     acts = C.acts_dir(threads)
-    clock: list[float] = []
-    train_sae(lambda: iter_activations(acts), 576, cfg, progress=lambda d: clock.append(time.perf_counter()),
-              holdout_tokens=WIDTH_BATCH)
-    return [b - a for a, b in zip(clock, clock[1:])][:steps]
+    clock: list[tuple[float, float]] = []
+    train_sae(lambda: iter_activations(acts), 576, cfg, holdout_tokens=WIDTH_BATCH,
+              progress=lambda d: clock.append((time.perf_counter(), time.process_time())))
+    return [[b[0] - a[0], b[1] - a[1]] for a, b in zip(clock, clock[1:])][:steps]
 
 
 WIDTH_K, WIDTH_BATCH = 32, 4096
@@ -157,10 +158,11 @@ def widths(a: argparse.Namespace) -> None:
             for name, tree in (trees.items() if r % 2 == 0 else reversed(trees.items())):
                 res = run_child("width", spec, "", a.steps, a.threads, cwd=tree)
                 steady = res["trace"][1:]  # the first step pages in buffers and optimizer state
-                res["tok_s"] = WIDTH_BATCH / C.median(steady) if steady else float("nan")
+                res["tok_s"] = WIDTH_BATCH / C.median([w for w, _ in steady]) if steady else float("nan")
+                res["cpu_s"] = C.median([c for _, c in steady]) if steady else float("nan")
                 got.setdefault((spec, name), []).append(res)
                 print(f"    round {r + 1} {spec:>14} {name:>16}: peak {res['peak_mib']:,.0f} MiB, "
-                      f"{res['tok_s']:,.0f} tok/s", flush=True)
+                      f"{res['tok_s']:,.0f} tok/s, {res['cpu_s']:.2f} CPU s/step", flush=True)
     body = width_table(specs, trees, got, a)
     print(body)
     if not a.no_record:
@@ -179,19 +181,24 @@ def width_table(specs, trees, got, a) -> str:
         b, f = got[(spec, before)], got[(spec, after)]
         pb, pf = C.median([x["peak_mib"] for x in b]), C.median([x["peak_mib"] for x in f])
         tb, tf = C.median([x["tok_s"] for x in b]), C.median([x["tok_s"] for x in f])
+        cb, cf = C.median([x["cpu_s"] for x in b]), C.median([x["cpu_s"] for x in f])
         sae = registry.config_for(arch or "topk", {"k": WIDTH_K} if arch in ("", "topk", "batchtopk") else {})
         pred = training_bytes(576, int(d_sae), WIDTH_BATCH, sae) / 2**20
         rows.append([f"{int(d_sae):,}", arch or "topk", f"{pb:,.0f}", f"{pf:,.0f}", f"{pf / pb:.2f}×",
-                     f"{pred:,.0f}", f"{tb:,.0f}", f"{tf:,.0f}", f"{tf / tb:.2f}×"])
+                     f"{pred:,.0f}", f"{tb:,.0f}", f"{tf:,.0f}", f"{tf / tb:.2f}×", f"{cb:.2f}", f"{cf:.2f}",
+                     f"{cb / cf:.2f}×"])
     return (f"One training job per case in a fresh subprocess (`train_sae` streaming the cached SmolLM2 "
             f"blocks.15.hook_resid_post activations from Parquet): d_in 576, k {WIDTH_K}, batch {WIDTH_BATCH}, "
             f"{a.steps} steps, dead window one batch (AuxK active from the second step on), then the evaluation on "
             f"{WIDTH_BATCH} held-out tokens. Peak = the job's ru_maxrss; tok/s = batch / median step time from the "
-            f"second step on. {a.reps} rounds, the two trees alternating within each round; medians. "
+            f"second step on; CPU s/step = the process's CPU time per step (what a step costs however loaded the "
+            f"shared machine is; speed after / before = CPU before / CPU after). {a.reps} rounds, the two trees "
+            "alternating within each round; medians. "
             f"`before` is `git archive {a.before}` run from a temp folder; predicted = "
             "`core.train.config.training_bytes` of this tree.\n\n"
             + C.table(["latents", "type", "peak MiB before", "peak MiB after", "after / before", "predicted MiB",
-                       "tok/s before", "tok/s after", "after / before"], rows))
+                       "tok/s before", "tok/s after", "after / before", "CPU s/step before", "CPU s/step after",
+                       "speed after / before (CPU)"], rows))
 
 
 # --------------------------------------------------------------------------- parent side

@@ -347,7 +347,7 @@ def test_the_sparse_step_holds_one_block_of_pre_activations():
 
     assert chunk_rows(4096, 4608) == 4096  # one block: the small path is the old one
     assert chunk_rows(4096, 65_536) * 65_536 * 4 <= PRE_CHUNK_BYTES
-    assert chunk_rows(4096, 65_536) == 512 and chunk_rows(4096, 131_072) == 256
+    assert chunk_rows(4096, 16_384) == 4096 and chunk_rows(4096, 65_536) < 4096
     assert chunk_rows(10, 10**9) == 1 and chunk_rows(4096, 48, chunk_tokens=5) == 5
     torch.manual_seed(0)
     sae = TopKSAE(8, 48, TopKConfig(k=4, auxk_alpha=0.5))

@@ -125,14 +125,16 @@ class StepContext(NamedTuple):
     many as fit in `PRE_CHUNK_BYTES`. The result does not depend on it (to float rounding)."""
 
 
-PRE_CHUNK_BYTES = 128 * 2**20
+PRE_CHUNK_BYTES = 256 * 2**20
 """Most bytes of fp32 encoder pre-activations a sparse (TopK family) step holds at once.
 
 The step never needs the dense [batch × d_sae] pre-activations as a whole, only each token's
 chosen latents, so it computes them a block of tokens at a time into one reused buffer: at
-batch 4096 that is the whole batch up to 8,192 latents (one block: the small path is
-unchanged) and 512 tokens a block at 65,536 latents, where the whole matrix would be 1 GiB
-(bench/RESULTS.md, "memory at width")."""
+batch 4096 that is the whole batch up to 16,384 latents (one block: the step as before), 1,024
+tokens a block at 65,536 latents, where the whole matrix would be 1 GiB, and 512 at 131,072.
+Smaller blocks cost the encoder matmul CPU time: 3% more at 1,024 rows, 7% at 512, nothing
+at 2,048 (CPU seconds of [rows × 576] @ [576 × 65,536] over 4,096 rows, 2 threads;
+bench/RESULTS.md, "memory at width")."""
 
 
 def chunk_rows(n: int, d_sae: int, chunk_tokens: int = 0) -> int:

@@ -20,7 +20,7 @@ computed a block of tokens at a time into one reused buffer of at most `PRE_CHUN
 block giving its tokens' top k and AuxK's dead-latent picks before the next is computed. The
 backward already touched only the chosen pairs, so nothing else needs the whole matrix. At
 65,536 latents a training job's peak went from 7.1 to 2.6 GB (bench/RESULTS.md, "memory at
-width"); up to 8,192 latents at batch 4096 the batch is one block, the step as before.
+width"); up to 16,384 latents at batch 4096 the batch is one block, the step as before.
 """
 
 from __future__ import annotations
@@ -127,8 +127,7 @@ def pre_blocks(sae: SAE, x_in: torch.Tensor, ctx: StepContext):
     caller takes what it needs from a block before asking for the next. Call under no_grad.
 
     So the dense [batch × d_sae] matrix is never alive at once: 1 GiB at batch 4096 × 65,536
-    latents, against 128 MiB for a block. The blocks' matmul keeps its speed down to a few
-    hundred tokens (bench/RESULTS.md, "memory at width").
+    latents, against 256 MiB for a block (`PRE_CHUNK_BYTES`).
     """
     rows = chunk_rows(len(x_in), sae.d_sae, ctx.chunk_tokens)
     for s in range(0, len(x_in), rows):
