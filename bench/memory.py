@@ -19,6 +19,15 @@ rusage `os.wait4` returns for that child).
 
 Target: peak RSS at 10× within 15% of 1×, for extraction and for training.
 
+`--widths 4608,65536[,...]` measures instead peak RSS and steady tokens/s of one TopK training
+job per width (d_in 576, k 32, batch 4096, AuxK active, `--steps` steps then the held-out
+evaluation), this tree against an earlier commit (`--before`, default HEAD) run from a
+`git archive` of it, the two alternating in every round (`--reps`), beside the memory
+`core.train.config.training_bytes` predicts. Target (training-at-width issue): peak RSS at
+or below sparsify's (3.8 GB at 65,664 latents), the step no slower.
+
+    .venv/bin/python -m bench.memory --widths 4608,65536 --before ac778d5 --reps 3
+
 Sizes: default N = 5,000 and M = 50,000 tokens (about 5–10 minutes on 2 loaded cores);
 --quick halves them; --full uses the whole corpus (N ≈ 143k, hours on 2 cores).
 
@@ -91,11 +100,105 @@ def child(kind: str, src: str, out: str, tokens: int, threads: int) -> None:
             cfg = TrainConfig(sae=TopKConfig(k=32), expansion_factor=8, batch_size=4096, epochs=1)
             meta = {"model_name": "SmolLM2-135M", "hook_name": C.HOOK, "context_size": 256, "dataset_path": src}
             train_on_activations(Path(src), Path(out), cfg, meta)
+    elif kind == "width":
+        trace = width_child(src, tokens, threads)
     else:
         raise SystemExit(f"unknown child kind {kind}")
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     print("RESULT " + json.dumps({"peak_mib": peak_kib / 1024, "seconds": time.perf_counter() - t0, "trace": trace}),
           flush=True)
+
+
+def width_child(spec: str, steps: int, threads: int) -> list:
+    """One TopK training job at a width (`spec` = "d_sae[:arch]"), AuxK active, on the cached
+    activations streamed from Parquet: `steps` steps of batch 4096 then the held-out evaluation.
+    Returns [wall seconds, CPU seconds] of each step (clocks read by the progress callback
+    after every step; CPU time is what the step costs whatever else loads the machine)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from core.extract import iter_activations
+    from core.sae import registry
+    from core.train import TrainConfig, train_sae
+
+    d_sae, _, arch = spec.partition(":")
+    sae = registry.config_for(arch or "topk", {"k": WIDTH_K} if arch in ("", "topk", "batchtopk") else {})
+    # dead_tokens = one batch: every latent idle in the last step counts as dead, so AuxK is
+    # active on every step after the first (a short run's worst case, as in the issue's measurement).
+    cfg = TrainConfig(sae=sae, d_sae=int(d_sae), batch_size=WIDTH_BATCH, total_tokens=steps * WIDTH_BATCH,
+                      dead_tokens=WIDTH_BATCH, log_every=1, lr_warmup_frac=0.0)
+    acts = C.acts_dir(threads)
+    clock: list[tuple[float, float]] = []
+    train_sae(lambda: iter_activations(acts), 576, cfg, holdout_tokens=WIDTH_BATCH,
+              progress=lambda d: clock.append((time.perf_counter(), time.process_time())))
+    return [[b[0] - a[0], b[1] - a[1]] for a, b in zip(clock, clock[1:])][:steps]
+
+
+WIDTH_K, WIDTH_BATCH = 32, 4096
+
+
+def widths(a: argparse.Namespace) -> None:
+    """Peak RSS and steady tokens/s per width, this tree against an earlier commit (`--before`),
+    each job a fresh subprocess, the two trees alternating within every round."""
+    load_before = C.load_avg()
+    before_tree = Path(tempfile.mkdtemp(prefix="mistudio-before-"))
+    archive = subprocess.run(["git", "archive", a.before], cwd=C.REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(before_tree)], input=archive, check=True)
+    for script in ("memory.py", "_common.py"):  # this tree's harness drives the earlier tree's code
+        (before_tree / "bench" / script).write_text((C.REPO / "bench" / script).read_text())
+    rev = subprocess.run(["git", "rev-parse", "--short", a.before], cwd=C.REPO, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    # The fixtures in a child: a parent that loaded the model would lend its peak to every child.
+    subprocess.run([sys.executable, "-c", "from bench import _common as C; C.acts_dir()"], cwd=C.REPO, check=True)
+    trees = {f"before ({rev})": before_tree, "after": C.REPO}
+    specs = [w.strip() for w in a.widths.split(",")]
+    got: dict[tuple[str, str], list[dict]] = {}
+    for r in range(a.reps):
+        for spec in specs:
+            for name, tree in (trees.items() if r % 2 == 0 else reversed(trees.items())):
+                res = run_child("width", spec, "", a.steps, a.threads, cwd=tree)
+                steady = res["trace"][1:]  # the first step pages in buffers and optimizer state
+                res["tok_s"] = WIDTH_BATCH / C.median([w for w, _ in steady]) if steady else float("nan")
+                res["cpu_s"] = C.median([c for _, c in steady]) if steady else float("nan")
+                got.setdefault((spec, name), []).append(res)
+                print(f"    round {r + 1} {spec:>14} {name:>16}: peak {res['peak_mib']:,.0f} MiB, "
+                      f"{res['tok_s']:,.0f} tok/s, {res['cpu_s']:.2f} CPU s/step", flush=True)
+    body = width_table(specs, trees, got, a)
+    print(body)
+    if not a.no_record:
+        C.append_result("bench/memory.py --widths — peak RSS and tokens/s of one training job per width, "
+                        "before and after", body, load_before=load_before)
+
+
+def width_table(specs, trees, got, a) -> str:
+    from core.sae import registry
+    from core.train.config import training_bytes
+
+    before, after = list(trees)
+    rows = []
+    for spec in specs:
+        d_sae, _, arch = spec.partition(":")
+        b, f = got[(spec, before)], got[(spec, after)]
+        pb, pf = C.median([x["peak_mib"] for x in b]), C.median([x["peak_mib"] for x in f])
+        tb, tf = C.median([x["tok_s"] for x in b]), C.median([x["tok_s"] for x in f])
+        cb, cf = C.median([x["cpu_s"] for x in b]), C.median([x["cpu_s"] for x in f])
+        sae = registry.config_for(arch or "topk", {"k": WIDTH_K} if arch in ("", "topk", "batchtopk") else {})
+        pred = training_bytes(576, int(d_sae), WIDTH_BATCH, sae) / 2**20
+        rows.append([f"{int(d_sae):,}", arch or "topk", f"{pb:,.0f}", f"{pf:,.0f}", f"{pf / pb:.2f}×",
+                     f"{pred:,.0f}", f"{tb:,.0f}", f"{tf:,.0f}", f"{tf / tb:.2f}×", f"{cb:.2f}", f"{cf:.2f}",
+                     f"{cb / cf:.2f}×"])
+    return (f"One training job per case in a fresh subprocess (`train_sae` streaming the cached SmolLM2 "
+            f"blocks.15.hook_resid_post activations from Parquet): d_in 576, k {WIDTH_K}, batch {WIDTH_BATCH}, "
+            f"{a.steps} steps, dead window one batch (AuxK active from the second step on), then the evaluation on "
+            f"{WIDTH_BATCH} held-out tokens. Peak = the job's ru_maxrss; tok/s = batch / median step time from the "
+            f"second step on; CPU s/step = the process's CPU time per step (what a step costs however loaded the "
+            f"shared machine is; speed after / before = CPU before / CPU after). {a.reps} rounds, the two trees "
+            "alternating within each round; medians. "
+            f"`before` is `git archive {a.before}` run from a temp folder; predicted = "
+            "`core.train.config.training_bytes` of this tree.\n\n"
+            + C.table(["latents", "type", "peak MiB before", "peak MiB after", "after / before", "predicted MiB",
+                       "tok/s before", "tok/s after", "after / before", "CPU s/step before", "CPU s/step after",
+                       "speed after / before (CPU)"], rows))
 
 
 # --------------------------------------------------------------------------- parent side
@@ -106,11 +209,13 @@ def prepare(train_tokens: int) -> None:
                    cwd=C.REPO, check=True)
 
 
-def run_child(kind: str, src="", out="", tokens: int = 0, threads: int = 2) -> dict:
+def run_child(kind: str, src="", out="", tokens: int = 0, threads: int = 2, cwd: Path = C.REPO) -> dict:
+    """Run `bench.memory --child` in a fresh process (from the tree at `cwd`; its own code is imported)."""
     cmd = [sys.executable, "-m", "bench.memory", "--child", kind, "--src", str(src), "--out", str(out),
            "--tokens", str(tokens), "--threads", str(threads)]
+    env = os.environ | {"PYTHONPATH": str(cwd)}
     with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
-        proc = subprocess.Popen(cmd, cwd=C.REPO, stdout=out_f, stderr=err_f, text=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out_f, stderr=err_f, text=True, env=env)
         # wait4 reaps this child and returns its own rusage: a cross-check of its self-report.
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -183,6 +288,10 @@ def main(argv=None) -> None:
     ap.add_argument("--extract-tokens", type=int, help="extraction tokens at 1× (overrides the size flags)")
     ap.add_argument("--train-tokens", type=int, help="training cache tokens at 1× (overrides the size flags)")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--widths", help="instead: peak RSS and tokens/s of one TopK job per width "
+                    "(comma-separated d_sae, each optionally :arch), this tree vs --before")
+    ap.add_argument("--before", default="HEAD", help="the commit --widths compares against (default HEAD)")
+    ap.add_argument("--steps", type=int, default=6, help="training steps per --widths job (default 6)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--src", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -190,6 +299,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.child:
         return child(args.child, args.src, args.out, args.tokens, args.threads)
+    if args.widths:
+        return widths(args)
 
     load_before = C.load_avg()
     n_ext = 2_500 if args.quick else (None if args.full else 5_000)

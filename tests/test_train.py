@@ -258,6 +258,106 @@ def test_reused_pre_activation_buffer_gives_the_same_step():
     assert scratch["pre"].numel() == 40 * 48
 
 
+def _step_in_blocks(sae, x, dead, chunk_tokens, scratch=None):
+    """Loss, FVU, L0, fired latents, gradients (and BatchTopK's threshold) of one step whose
+    pre-activations are computed `chunk_tokens` tokens at a time (0: the default blocks)."""
+    for p in sae.parameters():
+        p.grad = None
+    if hasattr(sae, "global_threshold"):
+        sae.global_threshold.fill_(-1.0)
+    out = sae.training_step(x, StepContext(dead, 0.0, amp=False, scratch=scratch, chunk_tokens=chunk_tokens))
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    threshold = sae.global_threshold.clone() if hasattr(sae, "global_threshold") else None
+    return out, grads, threshold
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+@pytest.mark.parametrize("dead_every", [0, 3])
+def test_step_in_token_blocks_equals_the_step_in_one_block(arch, apply_b_dec_to_input, dead_every):
+    """Computing the pre-activations (and picking TopK's, BatchTopK's over the whole batch, and
+    AuxK's dead latents) a few tokens at a time gives the one-block step's loss, metrics,
+    fired latents and gradients; blocks of 1 and 7 tokens, a last block shorter than the rest."""
+    from core.sae import BatchTopKConfig, BatchTopKSAE
+
+    torch.manual_seed(2)
+    d, m, n = 8, 40, 45
+    if arch == "topk":
+        sae = TopKSAE(d, m, TopKConfig(k=3, auxk_alpha=0.5), apply_b_dec_to_input=apply_b_dec_to_input)
+    else:
+        sae = BatchTopKSAE(d, m, BatchTopKConfig(k=3, auxk_alpha=0.5), apply_b_dec_to_input=apply_b_dec_to_input)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    x = torch.randn(n, d) * 2
+    dead = torch.zeros(m, dtype=torch.bool)
+    if dead_every:
+        dead[::dead_every] = True
+    whole, whole_grads, whole_threshold = _step_in_blocks(sae, x, dead, n)
+    for rows in (1, 7):
+        out, grads, threshold = _step_in_blocks(sae, x, dead, rows, scratch={})
+        for a, b in zip(whole[:4], out[:4]):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(whole.fired, out.fired)
+        for name, g in whole_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=f"{name}, {rows} tokens a block")
+        if threshold is not None:
+            torch.testing.assert_close(threshold, whole_threshold, rtol=1e-6, atol=1e-6)
+
+
+def test_batchtopk_looks_again_at_tokens_that_hold_more_than_their_candidates(monkeypatch):
+    """With one candidate per k (a token's first guess of k latents) many tokens hold more of
+    the batch's top k·N; they are computed again and the step still equals the dense formula."""
+    from core.sae import BatchTopKConfig, BatchTopKSAE
+    from core.sae import batchtopk
+    from core.sae.topk import AuxPicker
+
+    monkeypatch.setattr(batchtopk, "ROW_CANDIDATES", 1)
+    torch.manual_seed(3)
+    d, m, k = 8, 40, 3
+    sae = BatchTopKSAE(d, m, BatchTopKConfig(k=k, auxk_alpha=0.5))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    x = torch.randn(30, d) * 2
+    x[:5] *= 4  # a few loud tokens take many of the batch's latents
+    dead = torch.zeros(m, dtype=torch.bool)
+    dead[1::4] = True
+    ctx = StepContext(dead, 0.0, amp=False, chunk_tokens=7)
+    with torch.no_grad():
+        _, tokens, _ = batchtopk.batch_topk_pairs(sae, x - sae.b_dec, ctx, AuxPicker(sae, ctx))
+    assert int(torch.bincount(tokens).max()) > k  # some token holds more than its k candidates
+    out = sae.training_step(x, ctx)
+    out.loss.backward()
+    sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    for p in sae.parameters():
+        p.grad = None
+    sae.global_threshold.fill_(-1.0)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    x_hat = sae.activation(pre) @ sae.W_dec + sae.b_dec
+    _assert_matches_dense(sae, out, sparse, x, pre, x_hat, dead, alpha=0.5)
+
+
+def test_the_sparse_step_holds_one_block_of_pre_activations():
+    """The dense [batch × d_sae] pre-activations are never held: the reused buffer is one block
+    of `chunk_rows` tokens (the whole batch while it fits in PRE_CHUNK_BYTES, so small SAEs
+    keep their one-block step)."""
+    from core.sae.base import PRE_CHUNK_BYTES, chunk_rows
+
+    assert chunk_rows(4096, 4608) == 4096  # one block: the small path is the old one
+    assert chunk_rows(4096, 65_536) * 65_536 * 4 <= PRE_CHUNK_BYTES
+    assert chunk_rows(4096, 16_384) == 4096 and chunk_rows(4096, 65_536) < 4096
+    assert chunk_rows(10, 10**9) == 1 and chunk_rows(4096, 48, chunk_tokens=5) == 5
+    torch.manual_seed(0)
+    sae = TopKSAE(8, 48, TopKConfig(k=4, auxk_alpha=0.5))
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[::2] = True
+    scratch: dict = {}
+    sae.training_step(torch.randn(40, 8), StepContext(dead, 0.0, amp=False, scratch=scratch, chunk_tokens=6))
+    assert scratch["pre"].numel() == 6 * 48 and scratch["aux"].numel() == 6 * 24
+
+
 def test_bf16_autocast_path_runs_and_stays_close():
     """The CUDA path autocasts the encoder matmuls to bf16; exercise that logic on CPU."""
     torch.manual_seed(0)
@@ -546,3 +646,42 @@ def test_averaged_swaps_in_the_running_average_and_back():
 def test_an_unknown_optimizer_is_refused():
     with pytest.raises(UserError, match=r"^optimizer 'lion' is not one of adam, signum$"):
         TrainConfig(optimizer="lion").resolved(D_IN)
+
+
+# --------------------------------------------------------------------------- memory at width
+
+
+def test_the_memory_prediction_has_no_dense_batch_term_for_the_topk_family():
+    """The TopK family's step holds one block of pre-activations whatever the batch, so its
+    prediction barely moves with the batch; a dense type's grows by its [batch × d_sae] tensors."""
+    from core.sae import registry
+    from core.sae.base import PRE_CHUNK_BYTES
+    from core.train.config import training_bytes
+
+    d_in, d_sae = 576, 65_536
+    for arch in ("topk", "batchtopk"):
+        sae = registry.config_for(arch)
+        grow = training_bytes(d_in, d_sae, 8192, sae) - training_bytes(d_in, d_sae, 4096, sae)
+        assert grow < 4096 * d_sae * 4 / 4  # the batches and pairs: a quarter of one dense [4096 × d_sae] tensor
+        weights = 4 * 2 * d_in * d_sae
+        # weights, gradients, Adam's two moments, one gradient-sized temporary: 4.5 × the weights
+        assert 4.5 * weights < training_bytes(d_in, d_sae, 4096, sae) < 4.5 * weights + 3 * PRE_CHUNK_BYTES + 2**30
+    standard = registry.config_for("standard")
+    grow = training_bytes(d_in, d_sae, 8192, standard) - training_bytes(d_in, d_sae, 4096, standard)
+    assert grow > 4 * 4096 * d_sae * 4
+
+
+def test_a_batch_that_cannot_fit_is_refused_naming_a_batch_that_fits():
+    """A dense type whose [batch × d_sae] tensors outgrow the machine is refused in one line that
+    names a batch (and a width) that fit; the batch it names is accepted."""
+    import psutil
+
+    total, d_sae = psutil.virtual_memory().total, 16_384
+    batch = 2 * total // (4 * 4 * d_sae)  # the standard step's four dense tensors alone: twice the memory
+    with pytest.raises(UserError) as e:
+        TrainConfig.from_dict(dict(architecture="standard", d_sae=d_sae, batch_size=batch)).resolved(576)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"an SAE of 16,384 latents on d_in=576 with batch {batch:,} needs")
+    fits = int(msg.split(", or batch ")[1].split(" or smaller")[0].replace(",", ""))
+    assert 2 <= fits < batch
+    TrainConfig.from_dict(dict(architecture="standard", d_sae=d_sae, batch_size=fits)).resolved(576)

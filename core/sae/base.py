@@ -120,6 +120,37 @@ class StepContext(NamedTuple):
     scratch: dict | None = None
     """Reusable buffers shared by the runs of one training (their steps run one at a time);
     None: allocate afresh."""
+    chunk_tokens: int = 0
+    """Tokens per block of encoder pre-activations in the sparse (TopK family) steps; 0: as
+    many as fit in `PRE_CHUNK_BYTES`. The result does not depend on it (to float rounding)."""
+
+
+PRE_CHUNK_BYTES = 256 * 2**20
+"""Most bytes of fp32 encoder pre-activations a sparse (TopK family) step holds at once.
+
+The step never needs the dense [batch × d_sae] pre-activations as a whole, only each token's
+chosen latents, so it computes them a block of tokens at a time into one reused buffer: at
+batch 4096 that is the whole batch up to 16,384 latents (one block: the step as before), 1,024
+tokens a block at 65,536 latents, where the whole matrix would be 1 GiB, and 512 at 131,072.
+Smaller blocks cost the encoder matmul CPU time: 3% more at 1,024 rows, 7% at 512, nothing
+at 2,048 (CPU seconds of [rows × 576] @ [576 × 65,536] over 4,096 rows, 2 threads;
+bench/RESULTS.md, "memory at width")."""
+
+
+def chunk_rows(n: int, d_sae: int, chunk_tokens: int = 0) -> int:
+    """Tokens per pre-activation block for a batch of n tokens and d_sae latents."""
+    rows = chunk_tokens if chunk_tokens > 0 else PRE_CHUNK_BYTES // (4 * max(d_sae, 1))
+    return max(1, min(n, rows))
+
+
+def sparse_step_bytes(d_in: int, d_sae: int, batch: int, pairs_per_token: int) -> int:
+    """Peak bytes of a sparse (TopK family) step: three blocks of `chunk_rows` tokens × d_sae
+    (the step's pre-activations and AuxK's copy of their dead columns with its mask; at the end
+    the evaluation's pre-activations, dense activations and mask, whichever is more), plus ~48
+    bytes per chosen (token, latent) pair (value, index, grouping by latent, gradient) for the
+    `pairs_per_token` the type picks and AuxK's d_in/2."""
+    block = 4 * chunk_rows(batch, d_sae) * d_sae
+    return 3 * block + 48 * batch * (pairs_per_token + d_in // 2)
 
 
 class StepOut(NamedTuple):
@@ -157,6 +188,10 @@ class SAE(nn.Module):
     inference: ClassVar[bool] = True
     """Whether cfg.json may name this type (BatchTopK trains only and is saved as JumpReLU)."""
     TENSOR_NAMES: ClassVar[tuple[str, ...]] = ("W_enc", "W_dec", "b_enc", "b_dec")
+    STEP_DENSE_COPIES: ClassVar[float] = 5.0
+    """How many fp32 [batch × d_sae] tensors the type's training step holds at its peak, for
+    `step_bytes` (dense types: pre-activations, activations, masks, their gradients; measured
+    3.8 for standard and 4.8 for JumpReLU at 16,384 latents, bench/RESULTS.md)."""
 
     def __init__(self, d_in: int, d_sae: int, type_config: SAETypeConfig | None = None,
                  apply_b_dec_to_input: bool = True):
@@ -216,6 +251,12 @@ class SAE(nn.Module):
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOut:
         """Forward and loss on one batch of scaled activations; the caller runs backward."""
         raise NotImplementedError
+
+    @classmethod
+    def step_bytes(cls, type_config: SAETypeConfig, d_in: int, d_sae: int, batch: int) -> int:
+        """Peak bytes of one training step's own tensors (beyond the weights, their gradients
+        and the optimizer's state), before any runs: what `TrainConfig` checks a width against."""
+        return int(cls.STEP_DENSE_COPIES * 4 * batch * d_sae)
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -13,13 +13,17 @@ import torch
 
 from dataclasses import dataclass
 
-from core.sae.base import SAE, StepContext, StepOut, reconstruction_terms
+from core.sae.base import SAE, StepContext, StepOut, reconstruction_terms, sparse_step_bytes
 from core.sae.jumprelu import JumpReLUSAE
 from core.sae.registry import register
-from core.sae.topk import TopKConfig, auxk_loss
+from core.sae.topk import AuxPicker, TopKConfig, _ByLatent, _GatherDecode, _GatherPre, _joined, pre_blocks
 
 THRESHOLD_MOMENTUM = 0.99
 """θ ← m·θ + (1 − m)·(smallest kept activation in this batch)."""
+
+ROW_CANDIDATES = 4
+"""Each token's top ROW_CANDIDATES·k pre-activations are the first candidates for the batch's
+top k·N (`batch_topk_pairs`); tokens that may hold more are looked at again."""
 
 
 @dataclass
@@ -47,22 +51,35 @@ class BatchTopKSAE(SAE):
         values, indices = flat.topk(keep, sorted=False)
         return torch.zeros_like(flat).scatter_(0, indices, values).reshape(acts.shape)
 
+    @classmethod
+    def step_bytes(cls, type_config: BatchTopKConfig, d_in: int, d_sae: int, batch: int) -> int:
+        return sparse_step_bytes(d_in, d_sae, batch, ROW_CANDIDATES * type_config.k)
+
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOut:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
-            pre = self.pre_acts(x)
-        z = self.activation(pre.float())
-        self._update_threshold(z)
-        x_hat = z @ self.W_dec + self.b_dec
+        """The batch's k·N largest ReLU pre-activations as (token, latent) pairs, picked a block
+        of tokens at a time (`batch_topk_pairs`), with the sparse encoder and decoder of TopK:
+        the same loss and gradients as the dense formula without a dense [N × d_sae] tensor."""
+        x_c = x - self.b_dec if self.apply_b_dec_to_input else x
+        b_dec_in = self.b_dec if self.apply_b_dec_to_input else None
+        aux = AuxPicker(self, ctx)
+        values, tokens, latents = batch_topk_pairs(self, x_c, ctx, aux)
+        by_latent = _ByLatent(latents, self.d_sae, tokens)
+        acts = _GatherPre.apply(x_c.detach(), b_dec_in, self.W_enc, self.b_enc, by_latent, values).relu()
+        self._update_threshold(acts.detach())
+        offsets = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        offsets[1:] = torch.bincount(tokens, minlength=len(x)).cumsum(0)[:-1]
+        x_hat = _GatherDecode.apply(latents, acts, self.W_dec, by_latent, offsets) + self.b_dec
         sq_err, total_var = reconstruction_terms(x, x_hat)
         fvu = sq_err / total_var
-        x_c = x - self.b_dec if self.apply_b_dec_to_input else x
-        loss = fvu + auxk_loss(self, x_c, pre, (x - x_hat).detach(), ctx, self.type_config.auxk_alpha) / total_var
-        live = z > 0
-        return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum(1).float().mean(), live.any(0))
+        loss = fvu + aux.loss(x_c, (x - x_hat).detach(), b_dec_in) / total_var
+        live = acts.detach() > 0
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+        fired[latents[live]] = True
+        return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum().float() / len(x), fired)
 
     @torch.no_grad()
-    def _update_threshold(self, z: torch.Tensor) -> None:
-        kept = z[z > 0]
+    def _update_threshold(self, acts: torch.Tensor) -> None:
+        kept = acts[acts > 0]
         if not kept.numel():
             return
         smallest = kept.min()
@@ -76,3 +93,64 @@ class BatchTopKSAE(SAE):
             getattr(out, name).copy_(getattr(self, name))
         out.threshold.fill_(max(float(self.global_threshold), 0.0))
         return out
+
+
+@torch.no_grad()
+def batch_topk_pairs(sae: BatchTopKSAE, x_in: torch.Tensor, ctx: StepContext,
+                     aux: AuxPicker) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The positive entries among the k·N largest ReLU pre-activations of the batch, exactly
+    (up to ties), as fp32 values, tokens and latents, sorted by token; AuxK picks its dead
+    latents from the same blocks.
+
+    A flat top-k·N over the dense [N × d_sae] matrix needs that matrix (1 GiB at 4096 × 65,536)
+    and is slow (one thread: 30 s at that size, measured). Instead each block of tokens gives
+    its tokens' top m = ROW_CANDIDATES·k, and τ, the k·N-th largest of those candidates, is a
+    lower bound on the batch's true cut. A token whose m-th candidate is below τ has nothing
+    else above the cut; the few tokens whose m-th candidate reaches τ are computed again and
+    give every entry ≥ τ. The batch's top k·N is then among the candidates.
+    """
+    n, d = len(x_in), sae.d_sae
+    keep = min(sae.k * max(n, 1), n * d)
+    m = min(d, ROW_CANDIDATES * sae.k)
+    vs, ls = [], []
+    for pre in pre_blocks(sae, x_in, ctx):
+        aux.add(pre)
+        v, i = pre.topk(m, dim=1, sorted=False)
+        vs.append(v.float().relu_())
+        ls.append(i)
+    values, latents = _joined(vs), _joined(ls)
+    tokens = torch.arange(n, device=x_in.device).unsqueeze(1).expand(n, m)
+    if m < d:  # tokens left out latents: find the ones that may hold more of the top k·N
+        tau = values.reshape(-1).topk(min(keep, values.numel()), sorted=False).values.min()
+        floor = values.min(1).values
+        again = ((floor >= tau) & (floor > 0)).nonzero().squeeze(1)
+        if len(again):
+            rest = torch.ones(n, dtype=torch.bool, device=x_in.device)
+            rest[again] = False
+            extra = _entries_at_least(sae, x_in[again], ctx, tau)
+            values, tokens, latents = (torch.cat([values[rest].reshape(-1), extra[0]]),
+                                       torch.cat([tokens[rest].reshape(-1), again[extra[1]]]),
+                                       torch.cat([latents[rest].reshape(-1), extra[2]]))
+    values, tokens, latents = values.reshape(-1), tokens.reshape(-1), latents.reshape(-1)
+    if len(values) > keep:
+        values, top = values.topk(keep, sorted=False)
+        tokens, latents = tokens[top], latents[top]
+    positive = values > 0
+    values, tokens, latents = values[positive], tokens[positive], latents[positive]
+    order = torch.argsort(tokens, stable=True)
+    return values[order], tokens[order], latents[order]
+
+
+def _entries_at_least(sae: BatchTopKSAE, x_in: torch.Tensor, ctx: StepContext,
+                      tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, row, latent) of every positive pre-activation ≥ τ of these tokens."""
+    vs, rows, ls = [], [], []
+    start = 0
+    for pre in pre_blocks(sae, x_in, ctx):
+        pre = pre.float()
+        r, l = ((pre >= tau) & (pre > 0)).nonzero(as_tuple=True)
+        vs.append(pre[r, l])
+        rows.append(r + start)
+        ls.append(l)
+        start += len(pre)
+    return _joined(vs), _joined(rows), _joined(ls)

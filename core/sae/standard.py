@@ -33,6 +33,7 @@ class StandardConfig(SAETypeConfig):
 @register("standard")
 class StandardSAE(SAE):
     Config = StandardConfig
+    STEP_DENSE_COPIES = 4.0  # measured 3.8 at 16,384 latents, batch 4096 (bench/RESULTS.md)
 
     def initialise(self, x: torch.Tensor) -> None:
         super().initialise(x)

@@ -14,6 +14,13 @@ machine (bench/RESULTS.md, 2026-12-02). Then, on a slower 2-core machine (0.2 s 
 encoder matmul alone): 0.48 s → 0.35 s per step (medians, side by side) by reusing the
 pre-activation buffer (`_buffer`), computing both weight gradients as `embedding_bag` sums
 over tokens grouped by latent and the activations' gradient as one sampled matmul (`_ByLatent`).
+
+Memory: the dense [N × d_sae] pre-activations are never alive at once (`pre_blocks`): they are
+computed a block of tokens at a time into one reused buffer of at most `PRE_CHUNK_BYTES`, each
+block giving its tokens' top k and AuxK's dead-latent picks before the next is computed. The
+backward already touched only the chosen pairs, so nothing else needs the whole matrix. At
+65,536 latents a training job's peak went from 7.1 to 2.6 GB (bench/RESULTS.md, "memory at
+width"); up to 16,384 latents at batch 4096 the batch is one block, the step as before.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import UserError
-from core.sae.base import SAE, SAETypeConfig, StepContext, StepOut, reconstruction_terms
+from core.sae.base import (SAE, SAETypeConfig, StepContext, StepOut, chunk_rows, reconstruction_terms,
+                           sparse_step_bytes)
 from core.sae.registry import register
 
 # `_ByLatent.dots` builds a CSR pattern; torch warns once per process that CSR is in beta.
@@ -82,28 +90,55 @@ class TopKSAE(SAE):
         values, indices = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
+    @classmethod
+    def step_bytes(cls, type_config: TopKConfig, d_in: int, d_sae: int, batch: int) -> int:
+        return sparse_step_bytes(d_in, d_sae, batch, type_config.k)
+
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOut:
         x_c = x - self.b_dec
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
-            pre = torch.addmm(self.b_enc, x_c.detach(), self.W_enc, out=_buffer(ctx, "pre", x, self.d_sae))
-        top_v, top_i = pre.topk(self.k, dim=1, sorted=False)
+        aux = AuxPicker(self, ctx)
+        top_v, top_i = [], []
+        with torch.no_grad():
+            for pre in pre_blocks(self, x_c, ctx):
+                aux.add(pre)
+                v, i = pre.topk(self.k, dim=1, sorted=False)
+                top_v.append(v)
+                top_i.append(i)
+        top_v, top_i = _joined(top_v), _joined(top_i)
         by_latent = _ByLatent(top_i, self.d_sae)
         acts = _GatherPre.apply(x_c.detach(), self.b_dec, self.W_enc, self.b_enc, by_latent, top_v.float()).relu()
         x_hat = _GatherDecode.apply(top_i, acts, self.W_dec, by_latent) + self.b_dec
         sq_err, total_var = reconstruction_terms(x, x_hat)
         fvu = sq_err / total_var
-        aux = auxk_loss(self, x_c, pre, (x - x_hat).detach(), ctx, self.type_config.auxk_alpha)
-        del pre
-        loss = fvu + aux / total_var
+        loss = fvu + aux.loss(x_c, (x - x_hat).detach(), self.b_dec if self.apply_b_dec_to_input else None) / total_var
         live = acts > 0
         fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
         fired[top_i[live]] = True
         return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum(1).float().mean(), fired)
 
 
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def pre_blocks(sae: SAE, x_in: torch.Tensor, ctx: StepContext):
+    """The encoder pre-activations x_in @ W_enc + b_enc of the batch, [rows, d_sae] blocks of
+    consecutive tokens in order (`chunk_rows`), each computed into the same reused buffer: the
+    caller takes what it needs from a block before asking for the next. Call under no_grad.
+
+    So the dense [batch × d_sae] matrix is never alive at once: 1 GiB at batch 4096 × 65,536
+    latents, against 256 MiB for a block (`PRE_CHUNK_BYTES`).
+    """
+    rows = chunk_rows(len(x_in), sae.d_sae, ctx.chunk_tokens)
+    for s in range(0, len(x_in), rows):
+        xb = x_in[s: s + rows].detach()
+        with torch.autocast(x_in.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
+            yield torch.addmm(sae.b_enc, xb, sae.W_enc, out=_buffer(ctx, "pre", xb, sae.d_sae))
+
+
 def _buffer(ctx: StepContext, key: str, x: torch.Tensor, cols: int) -> torch.Tensor | None:
-    """A reused [N, cols] fp32 buffer named `key` on CPU (None elsewhere): the dense
-    pre-activations, or the dead latents' columns of them for AuxK.
+    """A reused [N, cols] fp32 buffer named `key` on CPU (None elsewhere): a block of the
+    pre-activations, or the dead latents' columns of one for AuxK.
 
     glibc hands out allocations this large (> 32 MB) as fresh mmapped pages, so a new buffer
     per step is page-faulted in anew: 30-50 ms of a 400 ms step at batch 4096 × 4608 latents,
@@ -126,13 +161,19 @@ class _ByLatent:
     both; each sum is one `embedding_bag` over the tokens, one bag per latent. Measured on 2
     CPU cores at batch 4096, k 32, 4608 latents: 7 ms per product, vs 20 ms as a CSR matmul
     and 28 ms as a COO one (which sorts its own copy).
+
+    `indices` is [N, k] (k latents per token), or flat [P] with `tokens` [P] naming each
+    pair's token (BatchTopK: tokens keep different numbers of latents).
     """
 
-    def __init__(self, indices: torch.Tensor, d_sae: int):
+    def __init__(self, indices: torch.Tensor, d_sae: int, tokens: torch.Tensor | None = None):
         self.shape = indices.shape
         self.flat = indices.reshape(-1)
         self.order = torch.argsort(self.flat, stable=True)
-        self.tokens = torch.div(self.order, indices.shape[1], rounding_mode="floor")  # ascending per latent
+        if tokens is None:
+            self.tokens = torch.div(self.order, indices.shape[1], rounding_mode="floor")  # ascending per latent
+        else:
+            self.tokens = tokens[self.order]
         self.crow = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
         self.crow[1:] = torch.bincount(self.flat, minlength=d_sae).cumsum(0)
 
@@ -150,43 +191,67 @@ class _ByLatent:
         return torch.empty_like(by_latent).index_put_((self.order,), by_latent).view(self.shape)
 
 
-def auxk_loss(sae: SAE, x_c: torch.Tensor, pre: torch.Tensor, resid: torch.Tensor, ctx: StepContext,
-              alpha: float) -> torch.Tensor:
+class AuxPicker:
     """AuxK (Gao et al.): the top k_aux = d_in/2 dead latents reconstruct what the live ones
     missed (no bias), scaled down while fewer than k_aux latents are dead, as in sparsify.
-    Returns α·Σ‖aux − resid‖² (0 when nothing is dead).
 
-    `pre` [N, d_sae] holds the step's pre-activations (values only): the dead latents' top
-    k_aux are picked there, not recomputed, and their activations, decode and backward touch
-    only those N·k_aux (token, latent) pairs (`_GatherPre`, `_GatherDecode`). So AuxK costs
-    one copy of the dead columns plus O(N·k_aux·d_in), not a dense product per dead latent:
-    at 65,536 latents with 38% of them dead the step went from 3.5× to ~1.1× the step
-    without AuxK (bench/auxk.py).
+    The dead latents' top k_aux are picked block by block from the step's own pre-activations
+    (`add`, inside the `pre_blocks` loop), not recomputed, and their activations, decode and
+    backward touch only those (token, latent) pairs (`_GatherPre`, `_GatherDecode`). So AuxK
+    costs one copy of each block's dead columns plus O(N·k_aux·d_in), not a dense product per
+    dead latent: at 65,536 latents with 38% of them dead the step went from 3.5× to ~1.1× the
+    step without AuxK (bench/auxk.py).
     """
-    if alpha <= 0:
-        return x_c.new_zeros(())
-    dead = ctx.dead.nonzero().squeeze(1)
-    if not len(dead):
-        return x_c.new_zeros(())
-    k_aux_max = sae.d_in // 2
-    k_aux = max(1, min(k_aux_max, len(dead)))
-    pre = pre.detach()
-    columns = torch.index_select(pre, 1, dead, out=_buffer(ctx, "aux", pre, len(dead)) if pre.dtype == torch.float32
-                                 else None)
-    # Pairs whose pre-activation is ≤ 0 add nothing (ReLU) and get no gradient, so no row needs
-    # more than its positive entries: truly dead latents are mostly negative, and the top-k
-    # then shrinks from k_aux to a handful.
-    weight = alpha * min(len(dead) / max(k_aux_max, 1), 1.0)
-    k_live = min(k_aux, int((columns > 0).sum(1).max()))
-    if not k_live:  # nothing to reconstruct with: the loss is the residual's, with no gradient
-        return weight * resid.pow(2).sum()
-    values, which = columns.topk(k_live, dim=1, sorted=False)
-    indices = dead[which]
-    by_latent = _ByLatent(indices, sae.d_sae)
-    b_dec = sae.b_dec if sae.apply_b_dec_to_input else None  # x_c = x − b_dec: AuxK's gradient reaches b_dec
-    acts = _GatherPre.apply(x_c.detach(), b_dec, sae.W_enc, sae.b_enc, by_latent, values.float()).relu()
-    aux_hat = _GatherDecode.apply(indices, acts, sae.W_dec, by_latent)
-    return weight * (aux_hat - resid).pow(2).sum()
+
+    def __init__(self, sae: SAE, ctx: StepContext):
+        self.sae, self.ctx = sae, ctx
+        alpha = sae.type_config.auxk_alpha
+        self.dead = ctx.dead.nonzero().squeeze(1) if alpha > 0 else ctx.dead.new_zeros(0, dtype=torch.long)
+        self.k_aux_max = sae.d_in // 2
+        self.k_aux = max(1, min(self.k_aux_max, len(self.dead)))
+        self.weight = alpha * min(len(self.dead) / max(self.k_aux_max, 1), 1.0)
+        self.values: list[torch.Tensor] = []
+        self.which: list[torch.Tensor] = []
+
+    def add(self, pre: torch.Tensor) -> None:
+        """Pick this block's top dead latents per token (call under no_grad)."""
+        if not len(self.dead):
+            return
+        columns = torch.index_select(pre, 1, self.dead, out=_buffer(self.ctx, "aux", pre, len(self.dead))
+                                     if pre.dtype == torch.float32 else None)
+        # Pairs whose pre-activation is ≤ 0 add nothing (ReLU) and get no gradient, so no row
+        # needs more than its positive entries: truly dead latents are mostly negative, and the
+        # top-k then shrinks from k_aux to a handful. Asking costs a host sync per block, which
+        # only the CPU, where the top-k's size is what costs, is worth it on.
+        k = min(self.k_aux, int((columns > 0).sum(1).max())) if pre.device.type == "cpu" else self.k_aux
+        values, which = columns.topk(k, dim=1, sorted=False)
+        self.values.append(values)
+        self.which.append(which)
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(values, latent indices), each [N, k] with k the most positive picks of any token;
+        blocks that picked fewer are padded with pairs of value 0 (no activation, no gradient);
+        None when no token has a positive dead pre-activation."""
+        k = max((v.shape[1] for v in self.values), default=0)
+        if not k:
+            return None
+        values = [F.pad(v, (0, k - v.shape[1])) for v in self.values]
+        which = [F.pad(w, (0, k - w.shape[1])) for w in self.which]
+        return _joined(values), self.dead[_joined(which)]
+
+    def loss(self, x_c: torch.Tensor, resid: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
+        """α·Σ‖aux − resid‖² (0 when nothing is dead). `b_dec` is given when x_c = x − b_dec, so
+        AuxK's gradient reaches it."""
+        if not len(self.dead):
+            return x_c.new_zeros(())
+        picked = self.pairs()
+        if picked is None:  # nothing to reconstruct with: the loss is the residual's, with no gradient
+            return self.weight * resid.pow(2).sum()
+        values, indices = picked
+        by_latent = _ByLatent(indices, self.sae.d_sae)
+        acts = _GatherPre.apply(x_c.detach(), b_dec, self.sae.W_enc, self.sae.b_enc, by_latent, values.float()).relu()
+        aux_hat = _GatherDecode.apply(indices, acts, self.sae.W_dec, by_latent)
+        return self.weight * (aux_hat - resid).pow(2).sum()
 
 
 class _GatherPre(torch.autograd.Function):
@@ -221,17 +286,18 @@ class _GatherPre(torch.autograd.Function):
 
 
 class _GatherDecode(torch.autograd.Function):
-    """x̂ = Σ_j acts[:, j] · W_dec[indices[:, j]], with a sparse backward for W_dec.
+    """x̂ = Σ_j acts[:, j] · W_dec[indices[:, j]], with a sparse backward for W_dec; for flat
+    pairs sorted by token, `offsets` [N] says where each token's pairs start.
 
     `embedding_bag`'s own W_dec backward sorts the indices again; the shared `_ByLatent`
     grouping is already sorted.
     """
 
     @staticmethod
-    def forward(ctx, indices, acts, W_dec, by_latent):
+    def forward(ctx, indices, acts, W_dec, by_latent, offsets=None):
         ctx.save_for_backward(acts, W_dec)
         ctx.by_latent = by_latent
-        return F.embedding_bag(indices, W_dec, per_sample_weights=acts, mode="sum")
+        return F.embedding_bag(indices, W_dec, offsets, per_sample_weights=acts, mode="sum")
 
     @staticmethod
     def backward(ctx, grad):
@@ -241,4 +307,4 @@ class _GatherDecode(torch.autograd.Function):
             grad_acts = ctx.by_latent.dots(W_dec.detach(), grad)  # grad_acts[n, j] = grad[n] · W_dec[indices[n, j]]
         if ctx.needs_input_grad[2]:
             grad_W = ctx.by_latent.sum_rows(acts, grad)
-        return None, grad_acts, grad_W, None
+        return None, grad_acts, grad_W, None, None

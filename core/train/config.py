@@ -47,30 +47,76 @@ def check_device(device: str) -> None:
         raise UserError(f"device {device!r} is not supported for training; use cpu or cuda")
 
 
-def training_bytes(d_in: int, d_sae: int, batch_size: int) -> int:
-    """A floor on what one SAE's training holds, fp32: weights, their gradients and Adam's two
-    moments (4 × (2·d_in·d_sae + d_in + d_sae)), plus the dense [batch × d_sae] pre-activations."""
-    params = 2 * d_in * d_sae + d_in + d_sae
-    return 4 * (4 * params + batch_size * d_sae)
+OPTIMIZER_STATES = {"adam": 2, "signum": 2}
+"""fp32 tensors of optimizer state per parameter (Adam: its two moments; signum: the
+schedule-free wrapper's z, and the temporary its swap of the transposed W_enc takes)."""
+
+RUNTIME_BYTES = 800 * 2**20
+"""A training job's own memory beside the SAE and its batches: Python, torch, pyarrow and the
+activation reader's buffers (a 64-latent job peaks at 845 MiB RSS on CPU, of which 295 MiB are
+the imports; bench/RESULTS.md, "memory at width")."""
 
 
-def check_fits(d_in: int, d_sae: int, batch_size: int, device: str) -> None:
-    """Refuse, before anything runs, an SAE whose training cannot fit in the device's total memory."""
+def training_bytes(d_in: int, d_sae: int, batch_size: int, sae: SAETypeConfig | None = None,
+                   optimizer: str = "adam", shuffle_batches: int = 4, sample_tokens: int = 16384) -> int:
+    """Peak memory of training one SAE, predicted from its width, batch and optimizer (fp32):
+    the weights, their gradients and the optimizer's state, one gradient-sized temporary (the
+    decoder-gradient projection, AuxK's second gradient before it is added), the step's own
+    tensors (`SAE.step_bytes`: one block of pre-activations for the TopK family, several dense
+    [batch × d_sae] tensors for the others), the shuffle buffer and sample, and the runtime.
+    Measured against peak RSS per width in bench/RESULTS.md ("memory at width")."""
+    sae = sae if sae is not None else registry.config_for(registry.DEFAULT)
+    weights = 4 * (2 * d_in * d_sae + d_in + d_sae)
+    model = weights * (2 + OPTIMIZER_STATES[optimizer]) + 4 * d_in * d_sae
+    step = registry.get(sae.architecture).step_bytes(sae, d_in, d_sae, batch_size)
+    data = 4 * d_in * ((2 * shuffle_batches + 1) * batch_size + sample_tokens)
+    return model + step + data + RUNTIME_BYTES
+
+
+def device_bytes(device: str) -> int:
+    """Total memory of the device training would run on (RAM for the CPU)."""
     import torch
 
     if torch.device(device).type == "cuda":
-        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    else:
-        import psutil
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    import psutil
 
-        total = psutil.virtual_memory().total
-    need = training_bytes(d_in, d_sae, batch_size)
-    if need > total:
-        # The width whose floor is half the memory (room for the rest), in whole 1,024s.
-        fits = max(1024, int((total / 2 - 16 * d_in) // (32 * d_in + 16 + 4 * batch_size)) // 1024 * 1024)
-        raise UserError(f"an SAE of {d_sae:,} latents on d_in={d_in} with batch {batch_size:,} needs at least "
-                        f"{need / 2**30:.1f} GiB to train, more than this machine's {total / 2**30:.1f} GiB on "
-                        f"{device}; use about {fits:,} latents (--d-sae) or fewer, or a smaller batch")
+    return psutil.virtual_memory().total
+
+
+def _largest(fits, step: int) -> int:
+    """The largest multiple of `step` for which `fits` holds (0 when `step` does not): the
+    predictions grow with width and with batch."""
+    if not fits(step):
+        return 0
+    lo = step
+    while fits(lo * 2):
+        lo *= 2
+    hi = lo * 2  # multiples of step; fits(lo), not fits(hi)
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def check_fits(cfg: "TrainConfig", d_in: int, d_sae: int) -> None:
+    """Refuse, before anything runs, an SAE whose training cannot fit in the device's total
+    memory, naming a width (and, where one exists, a batch) whose prediction fits in half of it
+    (room for the rest of the process and the machine)."""
+    total = device_bytes(cfg.device)
+
+    def need(width: int, batch: int = cfg.batch_size) -> int:
+        return training_bytes(d_in, width, batch, cfg.sae, optimizer=cfg.optimizer,
+                              shuffle_batches=cfg.shuffle_batches, sample_tokens=cfg.sample_tokens)
+
+    if need(d_sae) <= total:
+        return
+    fits = max(1024, _largest(lambda w: need(w) <= total / 2, 1024))
+    batch = _largest(lambda b: need(d_sae, b) <= total / 2, 2)
+    other = f"batch {batch:,} or smaller" if batch >= 2 else "a smaller batch"
+    raise UserError(f"an SAE of {d_sae:,} latents on d_in={d_in} with batch {cfg.batch_size:,} needs at least "
+                    f"{need(d_sae) / 2**30:.1f} GiB to train, more than this machine's {total / 2**30:.1f} GiB on "
+                    f"{cfg.device}; use about {fits:,} latents (--d-sae) or fewer, or {other}")
 
 
 @dataclass
@@ -148,7 +194,7 @@ class TrainConfig:
         if self.batch_size < 2:
             raise UserError(f"batch_size={self.batch_size} is too small; use at least 2 (FVU needs a batch mean)")
         self.check()
-        check_fits(d_in, d_sae, self.batch_size, self.device)
+        check_fits(self, d_in, d_sae)
         return dataclasses.replace(self, d_sae=d_sae)
 
     def check(self) -> None:

@@ -20,6 +20,7 @@ import torch
 from core.progress import check_cancel as _check_cancel, rate
 from core.errors import UserError
 from core.sae import StepContext, registry
+from core.sae.base import chunk_rows
 from core.evals.reconstruction import evaluate
 from core.train import optim
 from core.train.config import RunSpec, TrainResult, default_dead_tokens
@@ -170,13 +171,15 @@ class RunState:
                             "raise --outlier-norm-multiple or check the activations")
         if self.window["steps"]:
             self._log()
+        self.opt.zero_grad(set_to_none=True)  # room for the folded copy: the gradients are spent
         with optim.averaged(self.opt):  # a schedule-free run's result is its running average
             folded = self.sae.folded(self.stats.scale)
         split, eval_x = "training sample", self.stats.sample
         if held is not None and len(held):
             norms = held.norm(dim=1)
             split, eval_x = "held-out", held[norms <= self.stats.threshold]
-        final = evaluate(folded, eval_x, self.cfg.batch_size) | {
+        # Evaluated in blocks no larger than the step's, so the dense encode stays within them.
+        final = evaluate(folded, eval_x, chunk_rows(self.cfg.batch_size, folded.d_sae)) | {
             "dead_frac": self.dead_frac,
             "dead_tokens": self.dead_tokens,
             "tokens": self.tokens,
