@@ -272,8 +272,9 @@ def test_saelens_evals_reproduce_the_saelens_figures(fitted_llama, bos_slice, tm
     # ablates it too; SAELens's KL also scores each row's last position. (Zero ablation at this
     # hook sends every later position to the uniform distribution either way, so the two CE
     # loss scores against zero coincide here; on SmolLM2 they do not: bench/parity.py.)
-    assert abs(ours["ce_loss_recovered_mean"] - ours["ce_loss_score_mean_ablation"]) > 1e-3
-    assert abs(ours["kl_sae"] - ours["kl_div_with_sae"]) > 1e-3
+    # (a difference is what exceeds the 1e-4 within which the same convention agrees above)
+    assert abs(ours["ce_loss_recovered_mean"] - ours["ce_loss_score_mean_ablation"]) > 1e-4
+    assert abs(ours["kl_sae"] - ours["kl_div_with_sae"]) > 1e-4
 
 
 @pytest.mark.slow
