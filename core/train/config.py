@@ -289,7 +289,8 @@ class TrainResult(NamedTuple):
     """Trained SAE on CPU in inference form (BatchTopK → JumpReLU), scale folded in: it maps raw
     activations to raw reconstructions."""
     history: list[dict]
-    """One entry per log step: step, tokens, loss, mse, fvu, l0, dead_frac, lr (window means)."""
+    """One entry per log step (step, tokens, loss, mse, fvu, l0, dead_frac, lr; window means), at
+    most `core.train.history.HISTORY_ROWS`: a longer run's entries each cover 2, 4, ... log steps."""
     final: dict
     """Evaluation of the returned SAE in raw units on the held-out tokens (or, without a
     held-out slice, on the training sample; `eval_split` says which): mse, fvu, l0, plus

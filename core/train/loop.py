@@ -10,6 +10,7 @@ each run estimates its scale and b_dec from, passes, checkpoints and pause/final
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -74,40 +75,43 @@ def train_saes(source: Source, runs: Sequence[RunSpec], *, progress: Progress | 
     last_ckpt = max(s.step for s in states)
     while not all(s.done for s in states):
         produced, whole_pass = 0, cursor.chunk == 0
-        for chunk in source(cursor.chunk):
-            check_cancel(should_cancel)
-            for hook in hooks:
-                x = _as_tensor(chunk.get(hook), hook, d_ins[hook])
-                seen = cursor.seen.get(hook, 0)
-                cursor.seen[hook] = seen + len(x)
-                x = x[max(0, holdout_tokens - seen):]  # the held-out slice is never trained on
-                produced += len(x)
+        # Closed on every way out (done, pause, cancel, error) rather than when collected: a
+        # prefetching source then stops its producer thread and releases its readers at once.
+        with _closing(source(cursor.chunk)) as chunks:
+            for chunk in chunks:
+                check_cancel(should_cancel)
+                for hook in hooks:
+                    x = _as_tensor(chunk.get(hook), hook, d_ins[hook])
+                    seen = cursor.seen.get(hook, 0)
+                    cursor.seen[hook] = seen + len(x)
+                    x = x[max(0, holdout_tokens - seen):]  # the held-out slice is never trained on
+                    produced += len(x)
+                    for s in states:
+                        if s.spec.hook_name == hook and not s.done:
+                            s.feed(x, progress, states, t0, should_cancel)
+                cursor.chunk += 1
+                busiest = max(s.step for s in states)
+                if checkpoint is not None and checkpoint.every_steps > 0 and busiest - last_ckpt >= checkpoint.every_steps:
+                    save_checkpoint(checkpoint, runs, holdout_tokens, states, cursor)
+                    last_ckpt = busiest
+                request = requested() if requested is not None else ""
+                if request == "pause":
+                    if checkpoint is None:
+                        raise UserError("pausing needs a checkpoint folder to save to; cancel instead")
+                    save_checkpoint(checkpoint, runs, holdout_tokens, states, cursor)
+                    raise Paused(f"paused at step {busiest}; resume to continue from its checkpoint")
+                if request == "finalize":
+                    for s in states:
+                        if not s.done:
+                            s.finish(progress, states, t0, should_cancel)
+                if all(s.done for s in states):
+                    break
+            else:  # the pass ended
+                cursor.next_pass()
                 for s in states:
-                    if s.spec.hook_name == hook and not s.done:
-                        s.feed(x, progress, states, t0, should_cancel)
-            cursor.chunk += 1
-            busiest = max(s.step for s in states)
-            if checkpoint is not None and checkpoint.every_steps > 0 and busiest - last_ckpt >= checkpoint.every_steps:
-                save_checkpoint(checkpoint, runs, holdout_tokens, states, cursor)
-                last_ckpt = busiest
-            request = requested() if requested is not None else ""
-            if request == "pause":
-                if checkpoint is None:
-                    raise UserError("pausing needs a checkpoint folder to save to; cancel instead")
-                save_checkpoint(checkpoint, runs, holdout_tokens, states, cursor)
-                raise Paused(f"paused at step {busiest}; resume to continue from its checkpoint")
-            if request == "finalize":
-                for s in states:
-                    if not s.done:
+                    # Runs counted in epochs stop after their last pass; an empty pass ends everything.
+                    if (whole_pass and produced == 0) or (s.cfg.total_tokens is None and cursor.passes >= s.cfg.epochs):
                         s.finish(progress, states, t0, should_cancel)
-            if all(s.done for s in states):
-                break
-        else:  # the pass ended
-            cursor.next_pass()
-            for s in states:
-                # Runs counted in epochs stop after their last pass; an empty pass ends everything.
-                if (whole_pass and produced == 0) or (s.cfg.total_tokens is None and cursor.passes >= s.cfg.epochs):
-                    s.finish(progress, states, t0, should_cancel)
     return {s.spec.name: s.result(held.get(s.spec.hook_name), progress, states, t0) for s in states}
 
 
@@ -129,6 +133,18 @@ def replayable(make: Callable[[], Iterable[dict[str, np.ndarray]]]) -> Source:
     return source
 
 
+@contextlib.contextmanager
+def _closing(chunks: Iterable[dict[str, np.ndarray]]) -> Iterator[Iterator[dict[str, np.ndarray]]]:
+    """Iterate `chunks`, closing the iterator (a generator's finally blocks run) on the way out."""
+    it = iter(chunks)
+    try:
+        yield it
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
 def _as_tensor(a, hook: str, d_in: int) -> torch.Tensor:
     if a is None:
         raise UserError(f"the activation source yielded a chunk without {hook}; extract that hook first")
@@ -146,19 +162,20 @@ def _prelude(source: Source, hooks: list[str], d_ins: dict[str, int], holdout: i
     held = {h: [] for h in hooks}
     sample = {h: [] for h in hooks}
     got_h, got_s, total = dict.fromkeys(hooks, 0), dict.fromkeys(hooks, 0), dict.fromkeys(hooks, 0)
-    for chunk in source(0):
-        check_cancel(should_cancel)
-        for h in hooks:
-            x = _as_tensor(chunk.get(h), h, d_ins[h])
-            total[h] += len(x)
-            take = x[: max(0, holdout - got_h[h])]
-            held[h].append(take)
-            got_h[h] += len(take)
-            rest = x[len(take):][: max(0, need - got_s[h])]
-            sample[h].append(rest)
-            got_s[h] += len(rest)
-        if not count_all and all(got_s[h] >= need for h in hooks):
-            break
+    with _closing(source(0)) as chunks:
+        for chunk in chunks:
+            check_cancel(should_cancel)
+            for h in hooks:
+                x = _as_tensor(chunk.get(h), h, d_ins[h])
+                total[h] += len(x)
+                take = x[: max(0, holdout - got_h[h])]
+                held[h].append(take)
+                got_h[h] += len(take)
+                rest = x[len(take):][: max(0, need - got_s[h])]
+                sample[h].append(rest)
+                got_s[h] += len(rest)
+            if not count_all and all(got_s[h] >= need for h in hooks):
+                break
     for h in hooks:
         if not got_s[h]:
             where = "after the held-out tokens " if holdout else ""

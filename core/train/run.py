@@ -24,6 +24,7 @@ from core.sae.base import chunk_rows
 from core.evals.reconstruction import evaluate
 from core.train import optim
 from core.train.config import RunSpec, TrainResult, default_dead_tokens
+from core.train.history import History
 from core.train.optim import default_lr
 
 
@@ -65,7 +66,7 @@ class RunState:
         self.final: dict | None = None  # set by result(); shown in progress
         self.finished = False  # the data ran out before the budget (epochs counted with outliers)
         self.lr = 0.0
-        self.history: list[dict] = []
+        self.history = History()  # bounded: merged pairwise past HISTORY_ROWS rows
         self.window = dict.fromkeys(_WINDOW_KEYS, 0.0)
 
     @property
@@ -148,7 +149,7 @@ class RunState:
 
     def _log(self) -> None:
         w, n = self.window, max(self.window["steps"], 1)
-        self.history.append({
+        self.history.add({
             "step": self.step,
             "tokens": self.tokens,
             "loss": w["loss"] / n,
@@ -192,14 +193,14 @@ class RunState:
         }
         self.final = final
         report(progress, states, t0)
-        return TrainResult(folded, self.history, final, self.stats.scale)
+        return TrainResult(folded, self.history.all(), final, self.stats.scale)
 
     # ---- checkpoint state (plain types and tensors only: loadable with weights_only=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "gen": self.gen.get_state(),
                 "since_fired": self.since_fired.cpu(), "buf": self.buffer(), "excluded": self.excluded,
-                "step": self.step, "tokens": self.tokens, "lr": self.lr, "history": self.history,
+                "step": self.step, "tokens": self.tokens, "lr": self.lr, "history": self.history.state_dict(),
                 "window": self.window, "finished": self.finished}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
@@ -209,7 +210,8 @@ class RunState:
         self.since_fired.copy_(d["since_fired"])
         self.parts, self.buffered = [d["buf"]], len(d["buf"])
         self.excluded, self.step, self.tokens, self.lr = d["excluded"], d["step"], d["tokens"], d["lr"]
-        self.history, self.window, self.finished = list(d["history"]), dict(d["window"]), d["finished"]
+        self.history.load_state_dict(d["history"])
+        self.window, self.finished = dict(d["window"]), d["finished"]
 
 
 _WINDOW_KEYS = ("loss", "fvu", "sq_err", "l0", "steps", "tokens")
@@ -268,7 +270,8 @@ def report(on_progress, states: Sequence[RunState], t0: float) -> None:
                          **rate(done, total, t0), "step": states[0].step}
     per_run = {}
     for s in states:
-        m = {k: s.history[-1][k] for k in _METRICS} if s.history else {}
+        last = s.history.last
+        m = {k: last[k] for k in _METRICS} if last else {}
         if s.final is not None:
             m |= {k: s.final[k] for k in ("mse", "fvu", "l0", "dead_frac")}
         per_run[s.spec.name] = m | {"step": s.step, "tokens": s.tokens}

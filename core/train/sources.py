@@ -25,6 +25,7 @@ from core.sae import SAEConfig
 from core.train.checkpoints import CheckpointConfig
 from core.train.config import RunSpec, TrainConfig, TrainResult
 from core.train.loop import Source, replayable, train_saes
+from core.train.prefetch import prefetched
 
 Progress = Callable[[dict], None] | None
 CancelCheck = Callable[[], bool] | None
@@ -53,14 +54,25 @@ def cached_training(hook_dirs: dict[str, list[Path]], runs: list[RunSpec], eval_
     runs = [r._replace(cfg=_with_budget(r.cfg, passes[r.hook_name])) for r in runs]
     return cached_source(hook_dirs, lead_tokens=holdout), runs, holdout
 
+LIVE_PREFETCH = 1
+"""Forward batches the model runs ahead of the trainer when training on the fly (the queue's
+bound; with the batch being made and the one being trained on, 3 batches of activations at most)."""
+
+
 def live_training(model, tokenizer, dataset_dirs: list[Path], runs: list[RunSpec], eval_rows: int,
                   batch_size: int = 8, max_tokens: int | None = None,
-                  exclude_token_ids: Sequence[int] = ()) -> tuple[Source, int]:
-    """Source and held-out tokens for training on the fly (the model runs as the trainer reads)."""
+                  exclude_token_ids: Sequence[int] = (), prefetch: int = LIVE_PREFETCH,
+                  forward_threads: int | None = None) -> tuple[Source, int]:
+    """Source and held-out tokens for training on the fly (the model runs as the trainer reads).
+    With `prefetch` > 0 the forward of the next batches runs in a background thread, at most
+    `prefetch` batches ahead, while the SAEs step on the current one (core.train.prefetch);
+    `forward_threads` sets that thread's torch threads. 0 runs the two one after the other."""
     holdout = row_tokens(dataset_dirs[0], eval_rows, exclude_token_ids)
     hook_names = list(dict.fromkeys(r.hook_name for r in runs))
     source = model_source(model, dataset_dirs, hook_names, tokenizer.pad_token_id, batch_size, max_tokens,
                           lead_tokens=holdout, exclude_token_ids=exclude_token_ids)
+    if prefetch > 0:
+        source = prefetched(source, prefetch, forward_threads)
     return source, holdout
 
 def row_tokens(dataset_dir: Path, rows: int, exclude_token_ids: Sequence[int] = ()) -> int:
