@@ -28,6 +28,25 @@ or below sparsify's (3.8 GB at 65,664 latents), the step no slower.
 
     .venv/bin/python -m bench.memory --widths 4608,65536 --before ac778d5 --reps 3
 
+`--stream` measures instead the unlimited-token data path (issue 23, item 2), two parts:
+
+* passes — peak RSS of training 2M and 20M tokens (`--stream-tokens`, 1× and 10×) from the SAME
+              activation cache (`--cache-tokens`, default 200k tokens of the real SmolLM2
+              activations, so 10 and 100 passes), one fresh subprocess per run through
+              `train_on_activations` (the cached job's path: Parquet → shuffle buffer → TopK
+              steps), a small SAE (d_sae 576 = 1×, k 32, batch 4096: the data path's memory is what is
+              measured), with current RSS sampled along the run. Target: 20M within 15% of 2M.
+* on the fly — tokens/s of SmolLM2 (to blocks.15.hook_resid_post, batches of 8 rows) feeding a
+              TopK SAE per `--fly-widths`, side by side in one process: the forward alone, the SAE
+              steps alone (cached activations), on the fly one after the other (prefetch 0), and
+              on the fly with the forward prefetched in a background thread at torch's default
+              threads and with the cores split (1 forward thread + the rest for the steps).
+              Against the harmonic mean of the two stages' rates (what running them in turn
+              gives) and the slower stage's rate (what perfect overlap gives).
+
+    .venv/bin/python -m bench.memory --stream [--stream-tokens 2000000] [--cache-tokens 200000]
+                                     [--fly-tokens 16384] [--fly-widths 4608,32768] [--reps 1]
+
 Sizes: default N = 5,000 and M = 50,000 tokens (about 5–10 minutes on 2 loaded cores);
 --quick halves them; --full uses the whole corpus (N ≈ 143k, hours on 2 cores).
 
@@ -102,6 +121,10 @@ def child(kind: str, src: str, out: str, tokens: int, threads: int) -> None:
             train_on_activations(Path(src), Path(out), cfg, meta)
     elif kind == "width":
         trace = width_child(src, tokens, threads)
+    elif kind in ("stream", "stream-base"):
+        trace = stream_child(kind, src, out, tokens, threads)
+    elif kind == "fly":
+        trace = fly_child(src, tokens, threads)
     else:
         raise SystemExit(f"unknown child kind {kind}")
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -201,6 +224,186 @@ def width_table(specs, trees, got, a) -> str:
                        "speed after / before (CPU)"], rows))
 
 
+# --------------------------------------------------------------------------- --stream
+
+STREAM_D_SAE, STREAM_K, STREAM_BATCH = 64, 8, 4096
+
+
+def _rss_mib() -> float:
+    """This process's current resident set (VmRSS), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def stream_child(kind: str, src: str, out: str, tokens: int, threads: int) -> list:
+    """Train `tokens` tokens from the cache at `src` (as many passes as that takes) through
+    `train_on_activations`; returns [tokens, current RSS MiB, peak RSS MiB] at ~40 points."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from core.sae import TopKConfig
+    from core.train import TrainConfig
+    from core.train.sources import train_on_activations
+
+    if kind == "stream-base":
+        return []
+    cfg = TrainConfig(sae=TopKConfig(k=STREAM_K), d_sae=STREAM_D_SAE, batch_size=STREAM_BATCH, total_tokens=tokens)
+    meta = {"model_name": "SmolLM2-135M", "hook_name": C.HOOK, "context_size": 256, "dataset_path": src}
+    trace, every = [], max(1, tokens // 40)
+
+    def progress(d):
+        if d["done"] >= len(trace) * every:
+            trace.append([d["done"], _rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])
+
+    result, _ = train_on_activations(Path(src), Path(out), cfg, meta, progress=progress)
+    trace.append([result.final["tokens"], _rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  len(result.history)])
+    return trace
+
+
+def fly_child(widths: str, tokens: int, threads: int) -> dict:
+    """Tokens/s of the forward alone, the SAE steps alone and training on the fly with and
+    without prefetch, per SAE width (comma-separated in `widths`). `threads` = the cores to use."""
+    import torch
+
+    from core.data import special_token_ids
+    from core.extract import iter_activations
+    from core.sae import TopKConfig
+    from core.train import RunSpec, TrainConfig, replayable, train_saes
+    from core.train.sources import live_training, model_source
+
+    model, tok = C.load(threads)
+    ds, acts = C.dataset_dir(tok), C.acts_dir(threads)
+    excluded = special_token_ids(tok)
+    out: dict = {"forward": {}, "widths": {}}
+
+    def forward_rate(n_threads: int) -> float:
+        torch.set_num_threads(n_threads)
+        src = model_source(model, [ds], [C.HOOK], tok.pad_token_id, 8, exclude_token_ids=excluded)
+        t0, n = time.perf_counter(), 0
+        for chunk in src(0):
+            n += len(chunk[C.HOOK])
+            if n >= tokens:
+                break
+        return n / (time.perf_counter() - t0)
+
+    def steady(run) -> float:
+        """Tokens/s between the loop's first progress call and the last step's."""
+        marks: list[tuple[float, int]] = []
+        run(lambda d: marks.append((time.perf_counter(), d["done"])))
+        first = marks[0]  # the loop's start (after the prelude)
+        last = next(m for m in marks if m[1] == marks[-1][1])  # the last step (not the evaluation after it)
+        return (last[1] - first[1]) / (last[0] - first[0])
+
+    for n_threads in (threads, 1):
+        out["forward"][n_threads] = forward_rate(n_threads)
+    for w in [int(x) for x in widths.split(",")]:
+        cfg = TrainConfig(sae=TopKConfig(k=32), d_sae=w, batch_size=2048, total_tokens=tokens, sample_tokens=2048,
+                          log_every=1)
+        runs = [RunSpec("sae", C.HOOK, 576, cfg)]
+        res = out["widths"][w] = {}
+        for n_threads in (threads, max(1, threads - 1)):
+            torch.set_num_threads(n_threads)
+            cached = replayable(lambda: ({C.HOOK: a} for a in iter_activations(acts, 2048)))
+            res[f"sae {n_threads}t"] = steady(lambda p: train_saes(cached, runs, progress=p))
+        for name, prefetch, fwd_threads, main_threads in (
+                ("fly in turn", 0, None, threads), ("fly prefetch", 1, None, threads),
+                ("fly prefetch split", 1, 1, max(1, threads - 1))):
+            torch.set_num_threads(main_threads)
+            source, holdout = live_training(model, tok, [ds], runs, eval_rows=0, batch_size=8,
+                                            exclude_token_ids=excluded, prefetch=prefetch,
+                                            forward_threads=fwd_threads)
+            res[name] = steady(lambda p: train_saes(source, runs, progress=p))
+        torch.set_num_threads(threads)
+        print(f"    d_sae {w:,}: " + ", ".join(f"{k} {v:,.0f}" for k, v in res.items()), flush=True)
+    return out
+
+
+def stream(a: argparse.Namespace) -> None:
+    """Peak RSS of a 1× and 10× token run from one cache; tokens/s on the fly vs cached."""
+    load_before = C.load_avg()
+    parts = []
+    if "passes" in a.parts:
+        parts.append(stream_passes(a))
+    if "fly" in a.parts:
+        parts.append(stream_fly(a))
+    body = "\n\n".join(parts)
+    print(body)
+    if not a.no_record:
+        C.append_result("bench/memory.py --stream — tokens without limit: peak RSS of a 1× vs 10× token run from "
+                        "one cache; on the fly vs cached tokens/s", body, load_before=load_before)
+
+
+def stream_passes(a: argparse.Namespace) -> str:
+    n1, n10 = a.stream_tokens, 10 * a.stream_tokens
+    subprocess.run([sys.executable, "-c", f"from bench import memory as M; M.activation_cache({a.cache_tokens})"],
+                   cwd=C.REPO, check=True)  # the fixtures in a child, as prepare() does
+    cache = activation_cache(a.cache_tokens)
+    import shutil
+
+    runs_dir = MEM / "stream-runs"
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    runs_dir.mkdir(parents=True)
+    got: dict[str, list[dict]] = {}
+    for r in range(a.reps):
+        got.setdefault("baseline", []).append(run_child("stream-base", cache, "", 0, a.threads))
+        for n in ((n1, n10) if r % 2 == 0 else (n10, n1)):
+            res = run_child("stream", cache, runs_dir / f"sae-{n}", n, a.threads)
+            got.setdefault(n, []).append(res)
+            shutil.rmtree(runs_dir / f"sae-{n}", ignore_errors=True)
+    peak = {k: C.median([x["peak_mib"] for x in v]) for k, v in got.items()}
+    ratio = peak[n10] / peak[n1]
+    rows = []
+    for n in (n1, n10):
+        tr = got[n][0]["trace"]
+        mid = [t[1] for t in tr if t[0] >= 0.2 * n]
+        rows.append([f"{n:,}", f"{n / a.cache_tokens:,.0f}", C.spread(x["peak_mib"] for x in got[n]),
+                     f"{min(mid):,.0f}–{max(mid):,.0f}", tr[-1][3], f"{C.median([x['seconds'] for x in got[n]]):,.0f}",
+                     f"{n / C.median([x['seconds'] for x in got[n]]):,.0f}"])
+    print(f"\ntraining peak RSS {n10:,} / {n1:,} tokens = {ratio:.3f} (target ≤ 1.15)", flush=True)
+    return "\n".join([
+        f"**Passes.** Training from one {a.cache_tokens:,}-token cache of real SmolLM2 {C.HOOK} activations "
+        f"(core.extract's Parquet layout) for {n1:,} and {n10:,} tokens: `train_on_activations`, TopK d_sae "
+        f"{STREAM_D_SAE}, k {STREAM_K}, batch {STREAM_BATCH} (small, so the data path's memory is what is measured), "
+        f"total_tokens set (as many passes as that takes), {a.threads} torch threads; one fresh subprocess per run, "
+        f"{a.reps} run(s) each; peak = ru_maxrss; RSS along the run = current VmRSS sampled from 20% of the run to "
+        "its end; history rows = the training curve kept (at most core.train.history.HISTORY_ROWS). Baseline "
+        f"process (imports only): {peak['baseline']:,.0f} MiB.\n",
+        C.table(["tokens", "passes", "peak RSS MiB", "RSS MiB along the run", "history rows", "seconds", "tokens/s"],
+                rows), "",
+        C.table(["measure", "value", "target", "status"],
+                [[f"peak RSS {n10:,} / {n1:,} tokens", f"{ratio:.3f}", "≤ 1.15", C.ok(ratio <= 1.15)]])])
+
+
+def stream_fly(a: argparse.Namespace) -> str:
+    fly = run_child("fly", a.fly_widths, "", a.fly_tokens, a.threads)["trace"]
+    fwd = {int(k): v for k, v in fly["forward"].items()}
+    fly_rows = []
+    for w, res in fly["widths"].items():
+        F, S = fwd[a.threads], res[f"sae {a.threads}t"]
+        harmonic, slower = 1 / (1 / F + 1 / S), min(F, S)
+        for name in ("fly in turn", "fly prefetch", "fly prefetch split"):
+            v = res[name]
+            fly_rows.append([f"{int(w):,}", name, f"{v:,.0f}", f"{v / harmonic:.2f}×", f"{v / slower:.2f}×",
+                             f"{v / res['fly in turn']:.2f}×"])
+        fly_rows.insert(len(fly_rows) - 3, [f"{int(w):,}", "stages alone", f"forward {F:,.0f} ({fwd[1]:,.0f} on 1 "
+                        f"thread); SAE {S:,.0f} ({res[f'sae {max(1, a.threads - 1)}t']:,.0f} on "
+                        f"{max(1, a.threads - 1)})", f"harmonic {harmonic:,.0f}", f"slower {slower:,.0f}", ""])
+    return "\n".join([
+        f"**On the fly.** SmolLM2 to {C.HOOK}, batches of 8 rows of the builtin corpus (special tokens left out), "
+        f"feeding one TopK SAE (k 32, batch 2048); steady tokens/s over {a.fly_tokens:,} trained tokens (from the "
+        "training loop's start to its last step). `stages alone`: the forward alone and the SAE steps alone on cached "
+        f"activations, at {a.threads} threads (and fewer); `fly in turn` = prefetch 0 (forward, then steps); "
+        f"`fly prefetch` = the forward one batch ahead in a background thread, both stages at torch's "
+        f"{a.threads} threads; `fly prefetch split` = the forward thread at 1 torch thread and the steps at "
+        f"{max(1, a.threads - 1)}. Ratios against the harmonic mean of the two stages (running them in turn) and "
+        "the slower stage (perfect overlap), and against `fly in turn`.\n",
+        C.table(["d_sae", "case", "tokens/s", "/ harmonic", "/ slower", "/ in turn"], fly_rows),
+    ])
+
+
 # --------------------------------------------------------------------------- parent side
 
 
@@ -292,6 +495,13 @@ def main(argv=None) -> None:
                     "(comma-separated d_sae, each optionally :arch), this tree vs --before")
     ap.add_argument("--before", default="HEAD", help="the commit --widths compares against (default HEAD)")
     ap.add_argument("--steps", type=int, default=6, help="training steps per --widths job (default 6)")
+    ap.add_argument("--stream", action="store_true", help="instead: peak RSS of a 1× vs 10× token run from one "
+                    "cache (many passes), and tokens/s of training on the fly vs cached")
+    ap.add_argument("--stream-tokens", type=int, default=2_000_000, help="--stream: tokens of the 1× run")
+    ap.add_argument("--cache-tokens", type=int, default=200_000, help="--stream: tokens in the activation cache")
+    ap.add_argument("--fly-tokens", type=int, default=16_384, help="--stream: tokens trained per on-the-fly case")
+    ap.add_argument("--parts", default="passes,fly", help="--stream: which parts (passes, fly)")
+    ap.add_argument("--fly-widths", default="4608,32768", help="--stream: SAE widths of the on-the-fly cases")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--src", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -301,6 +511,8 @@ def main(argv=None) -> None:
         return child(args.child, args.src, args.out, args.tokens, args.threads)
     if args.widths:
         return widths(args)
+    if args.stream:
+        return stream(args)
 
     load_before = C.load_avg()
     n_ext = 2_500 if args.quick else (None if args.full else 5_000)
