@@ -75,7 +75,8 @@ def plans(job: JobContext, spec: ExtractSpec) -> list[Plan]:
     params = ExtractParams(model["id"], dataset["id"], dataset["path"],
                            [hooks.hook_name(layer, spec.site) for layer in spec.layers], out, spec.batch_size,
                            spec.max_tokens, spec.exclude_special_tokens)
-    return [Plan("extract", params, model=model_ref(model), inputs=[dataset["path"]], outputs=[out])]
+    return [Plan("extract", params, model=model_ref(model), inputs=[dataset["path"]], outputs=[out],
+                 owned=True)]
 
 
 def run(ctx: RunContext, plan: Plan) -> dict[str, Any]:
