@@ -263,6 +263,10 @@ class SAE(nn.Module):
         """Re-impose constraints after an optimizer step: unit-norm decoder rows."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
+    def calibrate(self, x: torch.Tensor, batch_size: int) -> None:
+        """Re-estimate, from the weights as they will be saved, what inference needs besides
+        them (`x`: scaled training tokens). Nothing, for most types."""
+
     def to_inference(self) -> "SAE":
         """The module to save and apply; BatchTopK turns into JumpReLU here."""
         return self

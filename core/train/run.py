@@ -173,6 +173,7 @@ class RunState:
             self._log()
         self.opt.zero_grad(set_to_none=True)  # room for the folded copy: the gradients are spent
         with optim.averaged(self.opt):  # a schedule-free run's result is its running average
+            self.sae.calibrate(self.stats.sample * self.stats.scale, self.cfg.batch_size)
             folded = self.sae.folded(self.stats.scale)
         split, eval_x = "training sample", self.stats.sample
         if held is not None and len(held):
