@@ -166,6 +166,13 @@ class StepOut(NamedTuple):
     """bool [d_sae]: latents that fired in this batch."""
 
 
+def fired_latents(latents: torch.Tensor, live: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """bool [d_sae]: the latents of (latent, live) pairs that fired, by a scatter (indexing with
+    the `live` mask would make a GPU wait for the host on every step)."""
+    hit = torch.zeros(d_sae, dtype=torch.uint8, device=latents.device)
+    return hit.scatter_reduce_(0, latents.reshape(-1), live.reshape(-1).to(torch.uint8), "amax").bool()
+
+
 def reconstruction_terms(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ‖x − x̂‖², Σ‖x − x̄‖²) over a batch; the FVU's numerator and denominator."""
     total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)

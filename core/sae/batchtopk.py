@@ -14,7 +14,7 @@ import torch
 
 from dataclasses import dataclass
 
-from core.sae.base import SAE, StepContext, StepOut, reconstruction_terms, sparse_step_bytes
+from core.sae.base import SAE, StepContext, StepOut, fired_latents, reconstruction_terms, sparse_step_bytes
 from core.sae.jumprelu import JumpReLUSAE
 from core.sae.registry import register
 from core.sae.topk import AuxPicker, TopKConfig, _ByLatent, _GatherDecode, _GatherPre, _joined, pre_blocks
@@ -74,9 +74,8 @@ class BatchTopKSAE(SAE):
         fvu = sq_err / total_var
         loss = fvu + aux.loss(x_c, (x - x_hat).detach(), b_dec_in) / total_var
         live = acts.detach() > 0
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[latents[live]] = True
-        return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum().float() / len(x), fired)
+        return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum().float() / len(x),
+                       fired_latents(latents, live, self.d_sae))
 
     @torch.no_grad()
     def _update_threshold(self, acts: torch.Tensor) -> None:

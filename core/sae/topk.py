@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import UserError
-from core.sae.base import (SAE, SAETypeConfig, StepContext, StepOut, chunk_rows, reconstruction_terms,
-                           sparse_step_bytes)
+from core.sae.base import (SAE, SAETypeConfig, StepContext, StepOut, chunk_rows, fired_latents,
+                           reconstruction_terms, sparse_step_bytes)
 from core.sae.registry import register
 
 # `_ByLatent.dots` builds a CSR pattern; torch warns once per process that CSR is in beta.
@@ -112,9 +112,8 @@ class TopKSAE(SAE):
         fvu = sq_err / total_var
         loss = fvu + aux.loss(x_c, (x - x_hat).detach(), self.b_dec if self.apply_b_dec_to_input else None) / total_var
         live = acts > 0
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[top_i[live]] = True
-        return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum(1).float().mean(), fired)
+        return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum(1).float().mean(),
+                       fired_latents(top_i, live, self.d_sae))
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
