@@ -55,7 +55,7 @@ class _Lookup(torch.nn.Module):
         self.values, self.indices = values, indices
         self.W_dec = torch.nn.Parameter(torch.zeros(d_sae, 1))
 
-    def encode_topk(self, x):
+    def encode_topk(self, x, out=None):
         i = x[:, 0].long()
         return self.values[i], self.indices[i]
 

@@ -524,3 +524,19 @@ def test_discovery_leaves_special_tokens_out_by_id(tiny_llama, tiny_tokenizer, t
     plain = discover_features(tiny_llama, tiny_tokenizer, tmp_path / "sae", ds, tmp_path / "g", cfg, batch_size=4,
                               max_tokens=300)
     assert (plain.excluded_special, plain.tokens) == (0, real)
+
+
+def test_encoding_in_blocks_gives_the_same_files(tmp_path, monkeypatch):
+    """A TopK SAE's batch encoded a block of tokens at a time into one reused buffer (as at 65k
+    latents) gives the files of one call over the whole batch, bit for bit."""
+    import core.features.batch as batch_mod
+
+    sae = make_sae()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(1, 30, (4, 40), generator=g), torch.ones(4, 40, dtype=torch.long),
+                torch.arange(4) + 4 * i, torch.randn(4, 40, D_IN, generator=g)) for i in range(3)]
+    whole = discover(sae, iter(batches), tmp_path / "whole", decode, CFG)
+    monkeypatch.setattr(batch_mod, "ENCODE_BLOCK_BYTES", 4 * D_SAE * 50)  # blocks of 50, 50, 60 tokens
+    blocks = discover(sae, iter(batches), tmp_path / "blocks", decode, CFG)
+    for name in ("features", "examples"):
+        assert pq.read_table(blocks.paths[name]).equals(pq.read_table(whole.paths[name])), name

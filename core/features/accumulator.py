@@ -83,6 +83,7 @@ class Accumulator:
         self.max_act = torch.zeros(d_sae, device=device)
         self.threshold = cfg.max_norm
         self.outliers: list[dict] = []
+        self.scratch: dict = {}  # buffers reused from batch to batch (the encoder's pre-activations)
         self.tokens = self.seen = self.n_batches = 0
 
     def key_state(self) -> torch.Tensor:
@@ -99,7 +100,7 @@ class Accumulator:
             return 0
         # rows without padding (the usual case) are a view, not a copy
         x = (acts.reshape(-1, acts.shape[-1]) if bool(mask.all()) else acts[b_idx, t_idx]).float()
-        acts_z = Acts(self.sae, x)
+        acts_z = Acts(self.sae, x, self.scratch)
         norms = x.norm(dim=1)
         if self.threshold is None:
             multiple = self.cfg.outlier_norm_multiple
@@ -125,7 +126,7 @@ class Accumulator:
         if cfg.n_coactive:
             co_i, co_v = per_token_top(tok, lat, val, n, self.m)
         else:
-            co_i, co_v = torch.full((n, 1), -1, device=device), torch.zeros((n, 1), device=device)
+            co_i, co_v = torch.full((n, 1), -1, dtype=torch.int32, device=device), torch.zeros((n, 1), device=device)
         view = BatchView(acts_z, *tokens, co_i, co_v)
         win = (cfg.window_before, cfg.window_after)
         if cfg.one_per_document:

@@ -13,19 +13,33 @@ from core.errors import UserError
 from core.features.config import Batch
 from core.features.schema import OUTLIER_LATENTS
 
+ENCODE_BLOCK_BYTES = 64 * 2**20
+"""Most bytes of a TopK SAE's dense pre-activations discovery holds at once: a batch is encoded
+a block of tokens at a time (256 tokens at 65,536 latents) into one reused buffer, so the
+[tokens × d_sae] matrix never lives whole (512 MiB for a batch of 2,048 tokens at 65,536
+latents, page-faulted in anew for every batch)."""
+
+
+MIN_BLOCK_ROWS = 16
+"""Fewest tokens in an encoding block. The BLAS gives each token the same numbers whatever the
+block's row count from 16 rows up (checked bit for bit with torch's CPU BLAS, 1 and 2 threads), but a
+matrix-vector product for a single row rounds differently; so no block is smaller."""
+
+
 class Acts:
     """A batch's latent activations: a dense z [n, d_sae], or a TopK SAE's own (values,
     indices) [n, k] — read as they are, so no pass over an [n, d_sae] matrix is needed. The
     indices are sorted within each token, so `keys` (token · d_sae + latent) ascend and a
     (token, latent) lookup is a binary search."""
 
-    def __init__(self, sae, x: torch.Tensor):
+    def __init__(self, sae, x: torch.Tensor, scratch: dict | None = None):
+        """`scratch`: a dict that keeps the reused pre-activation buffer between batches."""
         self.d_sae = int(sae.W_dec.shape[0])
         self.z = self.values = self.indices = self.keys = None
         if not hasattr(sae, "encode_topk"):
             self.z = sae.encode(x).float()
             return
-        values, indices = sae.encode_topk(x)
+        values, indices = encode_topk_blocks(sae, x, self.d_sae, scratch)
         self.indices, order = indices.sort(dim=1)
         self.values = values.float().gather(1, order)
         self.keys = (torch.arange(len(x), device=x.device)[:, None] * self.d_sae + self.indices).reshape(-1)
@@ -61,6 +75,34 @@ class Acts:
         return torch.where(self.keys[i] == q, self.values.view(-1)[i], 0.0)
 
 
+def encode_topk_blocks(sae, x: torch.Tensor, d_sae: int, scratch: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sae.encode_topk(x)`, a block of `ENCODE_BLOCK_BYTES` at a time; on the CPU into the one
+    buffer kept in `scratch` (CUDA's caching allocator already reuses memory). Each token's
+    numbers are those of one call over the whole batch."""
+    rows = max(MIN_BLOCK_ROWS, min(len(x), ENCODE_BLOCK_BYTES // (4 * d_sae)))
+    if rows == len(x) and scratch is None:
+        return sae.encode_topk(x)
+    buf = None
+    if scratch is not None and x.device.type == "cpu" and x.dim() == 2:
+        dtype = sae.W_dec.dtype
+        buf = scratch.get("pre")
+        if buf is None or buf.numel() < (rows + MIN_BLOCK_ROWS) * d_sae or buf.dtype != dtype:
+            buf = scratch["pre"] = torch.empty((rows + MIN_BLOCK_ROWS) * d_sae, dtype=dtype)
+    parts = [sae.encode_topk(xb) if buf is None else sae.encode_topk(xb, out=buf[:len(xb) * d_sae].view(len(xb), d_sae))
+             for xb in _blocks(x, rows)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
+
+
+def _blocks(x: torch.Tensor, rows: int) -> list[torch.Tensor]:
+    """x in blocks of `rows` rows, a short remainder (< MIN_BLOCK_ROWS) joined to the block before."""
+    starts = list(range(0, len(x), rows))
+    if len(starts) > 1 and len(x) - starts[-1] < MIN_BLOCK_ROWS:
+        starts.pop()
+    return [x[a:b] for a, b in zip(starts, [*starts[1:], len(x)])]
+
+
 class BatchView(NamedTuple):
     """One batch's non-pad tokens and what a candidate gathers from them."""
 
@@ -87,8 +129,8 @@ def gather(view: BatchView, latents: torch.Tensor, flat: torch.Tensor, before: i
     src = view.pos_map.view(-1)[at]  # token index of each window position, -1 on padding
     valid = in_row & (src >= 0)
     win_acts = torch.where(valid, view.acts.at(src.clamp_min(0), latents[..., None].expand_as(src)), 0.0)
-    return {"value": win_acts[..., before], "row_id": view.row_ids[b], "pos": t,  # the window's centre is the token
-            "doc": view.doc_ids[b], "win_tokens": torch.where(valid, view.input_ids.reshape(-1)[at], -1),
+    return {"value": win_acts[..., before], "row_id": view.row_ids[b], "pos": t.int(),  # the window's centre is the token
+            "doc": view.doc_ids[b], "win_tokens": torch.where(valid, view.input_ids.reshape(-1)[at], -1).int(),
             "win_acts": win_acts, "co_lat": view.co_i[flat], "co_val": view.co_v[flat]}
 
 

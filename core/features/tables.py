@@ -24,12 +24,24 @@ ranks by, -inf where empty), value (the activation), row_id, pos, doc, win_token
 outside the row or on padding), win_acts [.., W] (0 there), co_lat / co_val [.., n_coactive+1]."""
 
 
+SLOT_BYTES_FIXED = 4 + 4 + 8 + 4 + 8
+"""Bytes of a slot's key, value, row_id, pos and doc; each window position adds 8 (token id and
+activation) and each co-active latent 8 (latent and activation)."""
+
+
+def slot_bytes(w: int, m: int) -> int:
+    """Bytes one table slot holds, for windows of `w` positions and `m` co-active latents."""
+    return SLOT_BYTES_FIXED + 8 * w + 8 * m
+
+
 def empty_table(d_sae: int, k: int, w: int, m: int, device: torch.device) -> Table:
-    long = lambda *shape: torch.full((d_sae, k, *shape), -1, dtype=torch.long, device=device)
+    # Token ids, positions and latent ids fit int32 (vocabularies, rows and widths < 2**31):
+    # at 65,536 latents x 70 slots that halves the biggest fields of the tables.
+    full = lambda dtype, *shape: torch.full((d_sae, k, *shape), -1, dtype=dtype, device=device)
     return {"key": torch.full((d_sae, k), -torch.inf, device=device), "value": torch.zeros((d_sae, k), device=device),
-            "row_id": long(), "pos": long(), "doc": long(), "win_tokens": long(w),
-            "win_acts": torch.zeros((d_sae, k, w), device=device), "co_lat": long(m),
-            "co_val": torch.zeros((d_sae, k, m), device=device)}
+            "row_id": full(torch.long), "pos": full(torch.int32), "doc": full(torch.long),
+            "win_tokens": full(torch.int32, w), "win_acts": torch.zeros((d_sae, k, w), device=device),
+            "co_lat": full(torch.int32, m), "co_val": torch.zeros((d_sae, k, m), device=device)}
 
 
 
@@ -97,7 +109,7 @@ def contenders(table_key: torch.Tensor, lat: torch.Tensor, key: torch.Tensor, c:
 def per_token_top(tok: torch.Tensor, lat: torch.Tensor, val: torch.Tensor, n: int, m: int):
     """Each token's m strongest firing latents and their activations ([n, m]; -1 / 0 where fewer)."""
     keys, entry = segment_top(tok, val, n, m)
-    return torch.where(entry >= 0, lat[entry.clamp_min(0)], -1), torch.where(entry >= 0, keys, 0.0)
+    return torch.where(entry >= 0, lat[entry.clamp_min(0)], -1).int(), torch.where(entry >= 0, keys, 0.0)
 
 
 
