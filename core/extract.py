@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from core.data import TokenBatch, iter_batches, total_tokens
+from core.data import TokenBatch, iter_batches, read_stats, total_tokens
 from core.errors import UserError
-from core.hooks import run_hooked, validate_hooks
+from core.hooks import parse_hook_name, run_hooked, validate_hooks
 from core.io import atomic_dir, intact
 from core.progress import Meter
 
@@ -310,8 +310,14 @@ def extract_activations(model, tokenizer, dataset_dir: Path, hook_names: list[st
                         progress: Callable[[dict], None] | None = None,
                         should_cancel: Callable[[], bool] | None = None,
                         exclude_token_ids: Sequence[int] = ()) -> dict[str, HookStats]:
-    """Run the hooked forward over a tokenized dataset and stream activations to Parquet."""
+    """Run the hooked forward over a tokenized dataset and stream activations to Parquet.
+    On a GPU the rows per forward are chosen from its free memory (at least `batch_size`)."""
+    from core.models.memory import gpu_batch_size
+
     validate_hooks(model, hook_names)
+    deepest = max(parse_hook_name(n)[0] for n in hook_names)
+    per_token = 8 * model.config.hidden_size * len(hook_names)  # each site's float32 copy, on device and pinned
+    batch_size = gpu_batch_size(model, batch_size, read_stats(dataset_dir).context_length, deepest, per_token)
     batches = iter_batches(dataset_dir, batch_size, tokenizer.pad_token_id, max_tokens=max_tokens)
     return extract(model, batches, hook_names, out_dir, progress=progress, should_cancel=should_cancel,
                            total_tokens=total_tokens(dataset_dir, max_tokens), exclude_token_ids=exclude_token_ids)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from core.errors import UserError
-from core.features.batch import Acts, BatchView, as_tensors, best_per_row, gather, outlier_rows
+from core.features.batch import Acts, BatchView, as_tensors, best_per_row, gather, outlier_rows, token_index
 from core.features.config import Batch, DiscoverConfig
 from core.features.schema import HIST_EDGES
 from core.features.tables import (Table, by_key, contenders, empty_table, merge_documents, merge_tables, merge_winners,
@@ -95,11 +95,11 @@ class Accumulator:
         """Score one batch; returns its non-pad token count (0: nothing to score)."""
         input_ids, mask, row_ids, acts, doc_ids = as_tensors(batch, self.device)
         self.n_batches += 1
-        b_idx, t_idx = mask.nonzero(as_tuple=True)
+        b_idx, t_idx, pos_map, whole = token_index(batch[1], self.device)
         if len(b_idx) == 0:
             return 0
         # rows without padding (the usual case) are a view, not a copy
-        x = (acts.reshape(-1, acts.shape[-1]) if bool(mask.all()) else acts[b_idx, t_idx]).float()
+        x = (acts.reshape(-1, acts.shape[-1]) if whole else acts[b_idx, t_idx]).float()
         acts_z = Acts(self.sae, x, self.scratch)
         norms = x.norm(dim=1)
         if self.threshold is None:
@@ -107,12 +107,10 @@ class Accumulator:
             self.threshold = float(norms.median()) * multiple if multiple else float("inf")
         ok = norms <= self.threshold  # NaN norms compare False: non-finite tokens are excluded too
         self.seen += len(x)
-        if not bool(ok.all()):
-            self.outliers.append(outlier_rows(acts_z.rows(~ok), ~ok, norms, b_idx, t_idx, input_ids, row_ids))
         cand = ok.nonzero().squeeze(1)
+        if len(cand) < len(x):
+            self.outliers.append(outlier_rows(acts_z.rows(~ok), ~ok, norms, b_idx, t_idx, input_ids, row_ids))
         if len(cand):
-            pos_map = torch.full(mask.shape, -1, dtype=torch.long, device=self.device)
-            pos_map[b_idx, t_idx] = torch.arange(len(b_idx), device=self.device)
             self._score(acts_z, cand, (b_idx, t_idx, pos_map, input_ids, row_ids, doc_ids))
         return len(b_idx)
 

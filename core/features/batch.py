@@ -151,15 +151,23 @@ def best_per_row(view: BatchView, cand: torch.Tensor, c: int) -> tuple:
 
 
 
+def to_device(x, device: torch.device) -> torch.Tensor:
+    """x as a tensor on `device`; host tensors go to a GPU through pinned memory without waiting."""
+    x = torch.as_tensor(x)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def as_tensors(batch: Batch, device) -> tuple:
     if len(batch) not in (4, 5):
         raise UserError("a discovery batch is (input_ids, attention_mask, row_ids, acts[, doc_ids])")
     input_ids, mask, row_ids, acts = batch[:4]
-    input_ids = torch.as_tensor(input_ids, device=device).long()
-    mask = torch.as_tensor(mask, device=device).bool()
-    row_ids = torch.as_tensor(row_ids, device=device).long()
-    acts = torch.as_tensor(acts, device=device)
-    doc_ids = torch.as_tensor(batch[4], device=device).long() if len(batch) == 5 and batch[4] is not None else row_ids
+    input_ids = to_device(input_ids, device).long()
+    mask = to_device(mask, device).bool()
+    row_ids = to_device(row_ids, device).long()
+    acts = to_device(acts, device)
+    doc_ids = to_device(batch[4], device).long() if len(batch) == 5 and batch[4] is not None else row_ids
     if acts.shape[:2] != mask.shape or input_ids.shape != mask.shape or row_ids.shape != mask.shape[:1] \
             or doc_ids.shape != row_ids.shape:
         raise UserError(
@@ -168,6 +176,20 @@ def as_tensors(batch: Batch, device) -> tuple:
         )
     return input_ids, mask, row_ids, acts, doc_ids
 
+
+
+def token_index(mask, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """A batch's non-pad tokens from its [B, T] mask: batch row and position of each (b_idx, t_idx),
+    pos_map ([B, T] token index, -1 on padding) and whether no position is padding. Worked out
+    on the host, where the data loader made the mask, and sent to `device` without waiting: on a
+    GPU these data-dependent shapes cost no host-device sync."""
+    m = torch.as_tensor(mask).bool().cpu()
+    b_idx, t_idx = m.nonzero(as_tuple=True)
+    pos_map = torch.full(m.shape, -1, dtype=torch.long)
+    pos_map[b_idx, t_idx] = torch.arange(len(b_idx))
+    if device.type == "cuda":
+        b_idx, t_idx, pos_map = (t.pin_memory().to(device, non_blocking=True) for t in (b_idx, t_idx, pos_map))
+    return b_idx, t_idx, pos_map, bool(m.all())
 
 
 def outlier_rows(zo, out, norms, b_idx, t_idx, input_ids, row_ids) -> dict:

@@ -74,12 +74,14 @@ def by_key(table: Table) -> Table:
     return {f: v.gather(1, order if v.dim() == 2 else order[..., None].expand_as(v)) for f, v in table.items()}
 
 
-def segment_top(seg: torch.Tensor, key: torch.Tensor, n_seg: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_top(seg: torch.Tensor, key: torch.Tensor, n_seg: int, c: int,
+                nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """For entries grouped by `seg` (e.g. latent), each group's `c` largest keys: keys [n_seg, c]
     (-inf where a group has fewer) and entry indices (-1 there). One stable sort, no loop: the
     bits of a non-negative float32 order like the float, so (group, key descending) packs into
-    one int64."""
-    if key.dtype == torch.float32 and (len(key) == 0 or bool(key.min() >= 0)):
+    one int64. `nonnegative`: the caller knows every key is >= 0 (saves checking, a host-device
+    sync on a GPU)."""
+    if key.dtype == torch.float32 and (nonnegative or len(key) == 0 or bool(key.min() >= 0)):
         packed = seg.long() * 2**32 + (2**31 - 1 - key.view(torch.int32).long())
         order = torch.argsort(packed, stable=True)
     else:
@@ -99,16 +101,18 @@ def segment_top(seg: torch.Tensor, key: torch.Tensor, n_seg: int, c: int) -> tup
 def contenders(table_key: torch.Tensor, lat: torch.Tensor, key: torch.Tensor, c: int):
     """`segment_top` by latent of the entries that beat their latent's lowest key in the table
     (-inf while it has a free slot): once the table holds high values few do, so little is
-    sorted. Entry indices point into `lat` / `key`."""
+    sorted. Entry indices point into `lat` / `key`; keys are >= 0 (activations of firing pairs,
+    or the reservoir's uniform numbers)."""
     floor = table_key.min(dim=1).values
     hot = (key > floor[lat]).nonzero().squeeze(1)
-    keys, entry = segment_top(lat[hot], key[hot], len(table_key), c)
+    keys, entry = segment_top(lat[hot], key[hot], len(table_key), c, nonnegative=True)
     return keys, torch.cat([hot, hot.new_full((1,), -1)])[entry]  # entry -1 (an empty slot) reads the -1
 
 
 def per_token_top(tok: torch.Tensor, lat: torch.Tensor, val: torch.Tensor, n: int, m: int):
-    """Each token's m strongest firing latents and their activations ([n, m]; -1 / 0 where fewer)."""
-    keys, entry = segment_top(tok, val, n, m)
+    """Each token's m strongest firing latents and their activations ([n, m]; -1 / 0 where fewer);
+    `val` holds firing activations (> 0)."""
+    keys, entry = segment_top(tok, val, n, m, nonnegative=True)
     return torch.where(entry >= 0, lat[entry.clamp_min(0)], -1).int(), torch.where(entry >= 0, keys, 0.0)
 
 
