@@ -556,3 +556,22 @@ def test_writing_in_blocks_of_latents_gives_the_same_files(tmp_path, monkeypatch
         assert pq.read_table(blocks.paths[name]).equals(pq.read_table(one.paths[name])), name
     assert pq.ParquetFile(blocks.paths["examples"]).num_row_groups >= 4
     assert blocks._replace(paths={}) == one._replace(paths={})
+
+
+@pytest.mark.parametrize("cfg", [CFG, DiscoverConfig(), DiscoverConfig(n_quantiles=0, n_coactive=0, top_k=3)])
+def test_state_bytes_is_what_the_accumulator_holds(cfg):
+    """The documented memory bound (a function of width, top-k, reservoir and window) is the
+    bytes the running state allocates, and batches add nothing to it."""
+    from core.features.accumulator import state_bytes
+
+    acc = Accumulator(make_sae(), cfg)
+
+    def held():
+        tables = [acc.top, *([acc.sample] if acc.sample is not None else [])]
+        tensors = [v for t in tables for v in t.values()] + [acc.hist, acc.n_fired, acc.sum_act, acc.max_act]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    assert held() == state_bytes(D_SAE, cfg)
+    for b in make_batches():
+        acc.update(b)
+    assert held() == state_bytes(D_SAE, cfg)

@@ -19,6 +19,16 @@ state of one pass over the whole stream, with two precise caveats:
   to rounding (the written mean is float32).
 Both halves must use the same outlier cut: pass `max_norm` (jobs pass training's cut) rather
 than a cut measured on each half's first batch.
+
+Memory is bounded whatever the token count (`state_bytes` gives the figure). The state is
+allocated once, at the start: with S = top_k + n_quantiles·quantile_examples slots per latent,
+W = window_before + 1 + window_after and M = n_coactive + 1, the tables hold
+d_sae · S · (28 + 8·W + 8·M) bytes, and the histogram and counts d_sae · (8·(len(HIST_EDGES)+1) + 20).
+The defaults (S 70, W 13, M 9: 204 bytes a slot) give ≈ 14.9 KB a latent: 69 MB at 4,608
+latents, 0.97 GB at 65,536. On top, per batch: one block of a TopK SAE's pre-activations
+(`batch.ENCODE_BLOCK_BYTES`, 64 MiB; a dense SAE's whole [tokens, d_sae] z instead) and
+O(tokens · k) for its firing pairs; while writing, one block of `writer.WRITE_LATENTS` latents'
+rows. Only the outlier list grows with the data (a few numbers per excluded token).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from core.features.batch import Acts, BatchView, as_tensors, best_per_row, gathe
 from core.features.config import Batch, DiscoverConfig
 from core.features.schema import HIST_EDGES
 from core.features.tables import (Table, by_key, contenders, empty_table, merge_documents, merge_tables, merge_winners,
-                                  per_token_top)
+                                  per_token_top, slot_bytes)
 
 
 class Discovered(NamedTuple):
@@ -56,6 +66,14 @@ class Discovered(NamedTuple):
     """Non-pad token positions, outliers included."""
     outliers: list[dict]
     """Per batch with outliers, the excluded tokens and their strongest latents (numpy arrays)."""
+
+
+def state_bytes(d_sae: int, cfg: DiscoverConfig) -> int:
+    """Bytes of an accumulator's running state for `d_sae` latents (see the module docstring)."""
+    w = cfg.window_before + 1 + cfg.window_after
+    m = min(cfg.n_coactive + 1, d_sae) if cfg.n_coactive else 1
+    slots = cfg.top_k + cfg.reservoir
+    return d_sae * slots * slot_bytes(w, m) + d_sae * (8 * (len(HIST_EDGES) + 1) + 8 + 8 + 4)
 
 
 class Accumulator:

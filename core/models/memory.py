@@ -153,15 +153,15 @@ MAX_GPU_ROWS = 512
 
 
 def gpu_batch_size(model, batch_size: int, context_length: int, deepest_layer: int | None,
-                   bytes_per_token: int = 0) -> int:
+                   bytes_per_token: int = 0, free_bytes: int | None = None) -> int:
     """Rows per forward: on the CPU `batch_size`; on a CUDA device as many rows of
     `context_length` tokens as fit in GPU_MEMORY_FRACTION of its free memory
-    (torch.cuda.mem_get_info) by the forward's activation estimate plus `bytes_per_token` of the
-    caller's own, at least `batch_size` and at most MAX_GPU_ROWS."""
+    (torch.cuda.mem_get_info, or `free_bytes` when given) by the forward's activation estimate
+    plus `bytes_per_token` of the caller's own, at least `batch_size` and at most MAX_GPU_ROWS."""
     device = next(model.parameters()).device
-    if device.type != "cuda":
+    if device.type != "cuda" and free_bytes is None:
         return batch_size
-    free, _ = torch.cuda.mem_get_info(device)
+    free = free_bytes if free_bytes is not None else torch.cuda.mem_get_info(device)[0]
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     e = next(model.parameters()).element_size()
     eager = getattr(model.config, "_attn_implementation", "") == "eager"
