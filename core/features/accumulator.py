@@ -150,13 +150,13 @@ class Accumulator:
             every = torch.arange(self.d_sae, device=device)[:, None].expand_as(flat)
             self.top = merge_documents(self.top, {"key": keys, **gather(view, every, flat, *win)}, cfg.top_k)
         else:
-            keys, entry = contenders(self.top["key"], lat, val, cfg.top_k)
-            self.top = merge_winners(self.top, keys, tok[entry.clamp_min(0)], view, *win)
+            rows, keys, entry = contenders(self.top["key"], lat, val, cfg.top_k)
+            self.top = merge_winners(self.top, rows, keys, tok[entry.clamp_min(0)], view, *win)
         if self.sample is not None:
             # uniform random keys on firing pairs: the reservoir keeps the top-S keys
             rand = torch.rand(val.shape, generator=self.gen, device=device)
-            rk, entry = contenders(self.sample["key"], lat, rand, cfg.reservoir)
-            self.sample = merge_winners(self.sample, rk, tok[entry.clamp_min(0)], view, *win)
+            rows, rk, entry = contenders(self.sample["key"], lat, rand, cfg.reservoir)
+            self.sample = merge_winners(self.sample, rows, rk, tok[entry.clamp_min(0)], view, *win)
         self.n_fired += torch.bincount(lat, minlength=self.d_sae)
         self.sum_act.index_add_(0, lat, val.double())
         self.max_act = self.max_act.scatter_reduce(0, lat, val, "amax")

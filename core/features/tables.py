@@ -45,26 +45,28 @@ def empty_table(d_sae: int, k: int, w: int, m: int, device: torch.device) -> Tab
 
 
 
-def merge_winners(table: Table, keys: torch.Tensor, flat: torch.Tensor, view: BatchView, before: int,
-                   after: int) -> Table:
-    """Merge candidates given by keys and token indices ([d_sae, c]) into the table in place:
-    each winner takes the slot of an entry it evicts, and windows are gathered only for winners —
-    once the table holds high values, few candidates win and nothing else moves. Slots are not
-    kept in key order (`by_key` sorts them once, at the end)."""
+def merge_winners(table: Table, rows: torch.Tensor, keys: torch.Tensor, flat: torch.Tensor, view: BatchView,
+                  before: int, after: int) -> Table:
+    """Merge candidates given by keys and token indices ([len(rows), c]) of the latents `rows`
+    into the table in place: each winner takes the slot of an entry it evicts, and windows are
+    gathered only for winners — once the table holds high values, few candidates win and nothing
+    else moves. Only the latents with candidates are read, so a batch costs O(its contenders),
+    not O(d_sae). Slots are not kept in key order (`by_key` sorts them once, at the end)."""
     k_old = table["key"].shape[1]
-    new_keys, sel = torch.cat([table["key"], keys], 1).topk(k_old, dim=1)
+    new_keys, sel = torch.cat([table["key"][rows], keys], 1).topk(k_old, dim=1)
     won = (sel >= k_old) & (new_keys > -torch.inf)  # an empty candidate never displaces anything
     kept = torch.zeros((len(sel), k_old + 1), dtype=torch.bool, device=sel.device)
     kept.scatter_(1, sel.clamp(max=k_old), True)
     evicted = ~kept[:, :k_old]
     # pair each latent's winners with as many of its evicted slots, in order
     free = evicted & (evicted.cumsum(1) <= won.sum(1, keepdim=True))
-    lat, j = won.nonzero(as_tuple=True)
+    i, j = won.nonzero(as_tuple=True)
     slot = free.nonzero(as_tuple=True)[1]
-    tok = flat[lat, sel[lat, j] - k_old]
+    lat = rows[i]
+    tok = flat[i, sel[i, j] - k_old]
     for f, v in gather(view, lat, tok, before, after).items():
         table[f][lat, slot] = v
-    table["key"][lat, slot] = new_keys[lat, j]
+    table["key"][lat, slot] = new_keys[i, j]
     return table
 
 
@@ -101,12 +103,18 @@ def segment_top(seg: torch.Tensor, key: torch.Tensor, n_seg: int, c: int,
 def contenders(table_key: torch.Tensor, lat: torch.Tensor, key: torch.Tensor, c: int):
     """`segment_top` by latent of the entries that beat their latent's lowest key in the table
     (-inf while it has a free slot): once the table holds high values few do, so little is
-    sorted. Entry indices point into `lat` / `key`; keys are >= 0 (activations of firing pairs,
-    or the reservoir's uniform numbers)."""
+    sorted. Returns the latents with a contender (ascending), their keys [n, c] and entry
+    indices into `lat` / `key` (-1 where fewer); keys are >= 0 (activations of firing pairs, or
+    the reservoir's uniform numbers)."""
     floor = table_key.min(dim=1).values
     hot = (key > floor[lat]).nonzero().squeeze(1)
-    keys, entry = segment_top(lat[hot], key[hot], len(table_key), c, nonnegative=True)
-    return keys, torch.cat([hot, hot.new_full((1,), -1)])[entry]  # entry -1 (an empty slot) reads the -1
+    lat_hot = lat[hot]
+    has = torch.zeros(len(table_key), dtype=torch.bool, device=lat.device)
+    has[lat_hot] = True
+    rows = has.nonzero().squeeze(1)
+    local = (has.cumsum(0) - 1)[lat_hot]  # each contender's latent as an index into rows (no sort)
+    keys, entry = segment_top(local, key[hot], len(rows), c, nonnegative=True)
+    return rows, keys, torch.cat([hot, hot.new_full((1,), -1)])[entry]  # entry -1 (an empty slot) reads the -1
 
 
 def per_token_top(tok: torch.Tensor, lat: torch.Tensor, val: torch.Tensor, n: int, m: int):
