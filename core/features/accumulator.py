@@ -146,7 +146,7 @@ class Accumulator:
         view = BatchView(acts_z, *tokens, co_i, co_v)
         win = (cfg.window_before, cfg.window_after)
         if cfg.one_per_document:
-            keys, flat = best_per_row(view, cand, cfg.top_k)
+            keys, flat = best_per_row(view, tok, lat, val, cfg.top_k)
             every = torch.arange(self.d_sae, device=device)[:, None].expand_as(flat)
             self.top = merge_documents(self.top, {"key": keys, **gather(view, every, flat, *win)}, cfg.top_k)
         else:

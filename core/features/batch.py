@@ -135,20 +135,23 @@ def gather(view: BatchView, latents: torch.Tensor, flat: torch.Tensor, before: i
 
 
 
-def best_per_row(view: BatchView, cand: torch.Tensor, c: int) -> tuple:
-    """Each latent's best `c` rows of the batch, one token each (its best): keys, flat."""
-    # Rows of one document (here or in the table) are merged in `merge_documents`.
-    B, T = view.pos_map.shape
-    d_sae = view.acts.d_sae
-    dense = torch.full((B * T, d_sae), -torch.inf, device=cand.device)
-    dense[view.b_idx[cand] * T + view.t_idx[cand]] = view.acts.rows(cand)
-    row_max, row_arg = dense.view(B, T, -1).max(dim=1)  # [B, d_sae]
-    keys, rows = row_max.topk(min(c, B), dim=0)  # [c, d_sae]
-    latent = torch.arange(d_sae, device=cand.device)
-    flat = view.pos_map[rows, row_arg[rows, latent]]  # -1 where the row had no candidate
-    keys = torch.where(flat >= 0, keys, -torch.inf)
-    return keys.T, flat.clamp_min(0).T
+def best_per_row(view: BatchView, tok: torch.Tensor, lat: torch.Tensor, val: torch.Tensor, c: int) -> tuple:
+    """Each latent's best `c` rows of the batch, one token each (its best), from the firing
+    (token, latent, activation) pairs: keys [d_sae, c] (-inf where fewer) and token indices.
+    Sparse — O(pairs), no [tokens, d_sae] matrix; rows of one document (here or in the table)
+    are merged in `merge_documents`."""
+    from core.features.tables import segment_top
 
+    d_sae = view.acts.d_sae
+    group = view.b_idx[tok] * d_sae + lat  # (row, latent)
+    present = torch.zeros(view.pos_map.shape[0] * d_sae, dtype=torch.bool, device=tok.device)  # B · d_sae bools
+    present[group] = True
+    groups = present.nonzero().squeeze(1)
+    local = (present.cumsum(0) - 1)[group]  # each pair's (row, latent) as an index into groups
+    best, entry = segment_top(local, val, len(groups), 1, nonnegative=True)  # each row's best token
+    keys, pick = segment_top(groups % d_sae, best[:, 0], d_sae, c, nonnegative=True)
+    flat = torch.where(pick >= 0, tok[entry[pick.clamp_min(0), 0]], 0)
+    return keys, flat
 
 
 def to_device(x, device: torch.device) -> torch.Tensor:
