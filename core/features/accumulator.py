@@ -26,7 +26,7 @@ W = window_before + 1 + window_after and M = n_coactive + 1, the tables hold
 d_sae · S · (28 + 8·W + 8·M) bytes, and the histogram and counts d_sae · (8·(len(HIST_EDGES)+1) + 20).
 The defaults (S 70, W 13, M 9: 204 bytes a slot) give ≈ 14.9 KB a latent: 69 MB at 4,608
 latents, 0.97 GB at 65,536. On top, per batch: one block of a TopK SAE's pre-activations
-(`batch.ENCODE_BLOCK_BYTES`, 64 MiB; a dense SAE's whole [tokens, d_sae] z instead) and
+(`batch.ENCODE_BLOCK_BYTES`, 128 MiB; a dense SAE's whole [tokens, d_sae] z instead) and
 O(tokens · k) for its firing pairs; while writing, one block of `writer.WRITE_LATENTS` latents'
 rows. Only the outlier list grows with the data (a few numbers per excluded token).
 """
