@@ -15,9 +15,9 @@ from core.features.schema import OUTLIER_LATENTS
 
 ENCODE_BLOCK_BYTES = 128 * 2**20
 """Most bytes of a TopK SAE's dense pre-activations discovery holds at once: a batch is encoded
-a block of tokens at a time (512 tokens at 65,536 latents; smaller blocks cost the matmul CPU time) into one reused buffer, so the
-[tokens × d_sae] matrix never lives whole (512 MiB for a batch of 2,048 tokens at 65,536
-latents, page-faulted in anew for every batch)."""
+a block of tokens at a time (512 tokens at 65,536 latents; much smaller blocks cost the matmul
+CPU time) into one reused buffer, so the [tokens × d_sae] matrix never lives whole (512 MiB for
+a batch of 2,048 tokens at 65,536 latents, page-faulted in anew for every batch)."""
 
 
 MIN_BLOCK_ROWS = 16
