@@ -232,12 +232,15 @@ class SAE(nn.Module):
         geometric median (types with a penalty also start their encoder bias sparse)."""
         self.b_dec.copy_(geometric_median(x))
 
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder pre-activations [..., d_sae]."""
+    def pre_acts(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder pre-activations [..., d_sae]; of a 2-D x into `out` ([len(x), d_sae], the same
+        numbers) when given, so a caller can reuse one buffer."""
         x = x.to(self.W_enc.dtype)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        if out is None:
+            return x @ self.W_enc + self.b_enc
+        return torch.matmul(x, self.W_enc, out=out).add_(self.b_enc)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

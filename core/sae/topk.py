@@ -81,9 +81,10 @@ class TopKSAE(SAE):
     def k(self) -> int:
         return self.type_config.k
 
-    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k kept activations and their latent indices, each [..., k] (values may be 0)."""
-        values, indices = self.pre_acts(x).topk(self.k, dim=-1)
+    def encode_topk(self, x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k kept activations and their latent indices, each [..., k] (values may be 0).
+        `out`: a [len(x), d_sae] buffer for the pre-activations of a 2-D x (see `pre_acts`)."""
+        values, indices = self.pre_acts(x, out).topk(self.k, dim=-1)
         return values.relu(), indices
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
