@@ -180,7 +180,8 @@ def stop_head(settings: Settings) -> bool:
 
     `ray stop` would kill every Ray on the machine; instead end the processes that name this
     data root's Ray temp dir in their command line or their open files (gcs_server, raylet,
-    autoscaler, log monitor, dashboard, the agents, which rename themselves), or the recorded
+    autoscaler, log monitor, dashboard, the agents, which rename themselves, and a killed head's
+    client server, which names only its dead GCS's address), or the recorded
     head's GCS port, with all their children (actor workers).
     """
     if ray.is_initialized():
@@ -214,7 +215,7 @@ def head_processes(settings: Settings, port: str | None = None) -> list[psutil.P
         line = " ".join(p.info["cmdline"] or [])
         with contextlib.suppress(psutil.Error):
             if root in line or (mark and mark.search(line)) or \
-                    (line.startswith("ray::") and any(o.path.startswith(root) for o in p.open_files())):
+                    ("ray" in line and any(o.path.startswith(root) for o in p.open_files())):
                 found[p.pid] = p
     for p in list(found.values()):
         with contextlib.suppress(psutil.Error):

@@ -31,6 +31,7 @@ from core.io import sweep_tmp
 from core.train import checkpoints
 from storage import Artifacts, Registry, Settings
 from storage.fencing import FencedRegistry, StaleAttempt, claim
+from storage.portable import recorded
 from storage.registry import Job, Template
 
 def disk_full_message(e: OSError, home, job_id: str) -> str:
@@ -71,6 +72,7 @@ class JobManager:
         self._secrets: dict[str, dict[str, str]] = {}
         self._attempts: dict[str, int] = {}  # job → retries used after worker deaths
         self._outputs: dict[str, set[str]] = {}  # job → paths its steps write (swept if a worker dies)
+        self._owned: dict[str, set[str]] = {}  # job → outputs under ids it minted (removed if taken over)
         self._runs: dict[str, FencedRegistry] = {}  # job → the registry as its current run here writes it
         # Queued jobs simply wait in the registry for this manager; ones a previous manager had
         # started are not followed any more: say so instead of leaving them "running" forever.
@@ -227,6 +229,7 @@ class JobManager:
                 raise
             # the job was taken over (a restarted manager, a new Ray head): nothing more to write
             print(f"job {job['id']}: this run stops here: {_stale(e)}", flush=True)
+            self._remove_unrecorded(job["id"])
             self._forget(job["id"], "failed")
         finally:
             with self._lock:
@@ -285,9 +288,20 @@ class JobManager:
         self._forget(job_id, "completed")
         self.progress.report.remote(job_id, {"phase": "completed", "fraction": 1.0, "message": "completed"})
 
+    def _remove_unrecorded(self, job_id: str) -> None:
+        """A run that was taken over wrote folders under ids it minted itself (a new SAE, dataset
+        or activation set) which no record will ever name: remove them rather than leave orphans
+        beside what the run that took over records. A folder some row names stays."""
+        with self.registry.engine.connect() as conn:
+            for path in self._owned.pop(job_id, ()):
+                if not recorded(conn, path, self.settings.home):
+                    self.artifacts.remove(path)
+                    sweep_tmp(path)
+
     def _forget(self, job_id: str, state: str) -> None:
         """Drop what this actor kept for a job that will not run again (a paused one will)."""
         self._outputs.pop(job_id, None)
+        self._owned.pop(job_id, None)
         if state != "paused":
             self._secrets.pop(job_id, None)
             self._attempts.pop(job_id, None)
@@ -364,6 +378,8 @@ class JobManager:
             slot.actor = self._start_worker(slot)
         slot.since = time.time()
         self._outputs.setdefault(job_id, set()).update(plan.outputs + plan.scratch)
+        if plan.owned:
+            self._owned.setdefault(job_id, set()).update(plan.outputs)
         run.update(Job, job_id, step=plan.kind)
         return ray.get(slot.actor.run.remote(job_id, plan))
 

@@ -116,13 +116,6 @@ def parse_spec(kind: str, values: dict[str, Any]):
     return spec
 
 
-def at_least_one(**values: int | None) -> None:
-    """One-line errors for counts that must be positive (batch sizes, top-k); None is unset."""
-    for name, value in values.items():
-        if value is not None and value < 1:
-            raise UserError(f"{name}={value} must be at least 1")
-
-
 def zero_for_all(**values: int | None) -> None:
     """One-line errors for limits where 0 (or None) means "all" and a negative number means nothing."""
     for name, value in values.items():

@@ -13,9 +13,12 @@ discovery vs extraction.
     a ReLU or JumpReLU SAE.
 (b) whole discovery — `core.features.discover_features` (forward to layer 15 + encode +
     bookkeeping with the defaults + writes) vs `core.extract.extract_activations` (forward
-    + Parquet writes) on the same model, layer and tokens, alternated. Target: ≥ 0.8×.
+    + Parquet writes) on the same model, layer and tokens, at each width of --d-sae (a TopK SAE
+    with random weights built here, default 4,608 and 65,536 latents), each run in its own
+    process so its peak RSS is its own, alternated. Target: ≥ 0.8× extraction tokens/s.
 
-    .venv/bin/python -m bench.discovery [--tokens N] [--reps R] [--threads T] [--no-record]
+    .venv/bin/python -m bench.discovery [--tokens N] [--whole-tokens N] [--d-sae 4608,65536] [--dataset DIR]
+                                        [--reps R] [--threads T] [--no-bookkeeping] [--no-record]
 """
 
 from __future__ import annotations
@@ -55,12 +58,12 @@ class _Lookup(torch.nn.Module):
         self.values, self.indices = values, indices
         self.W_dec = torch.nn.Parameter(torch.zeros(d_sae, 1))
 
-    def encode_topk(self, x):
+    def encode_topk(self, x, out=None):
         i = x[:, 0].long()
         return self.values[i], self.indices[i]
 
 
-def sae_activations(n_tokens: int, k: int = K):
+def sae_activations(n_tokens: int, k: int = K, d_sae: int = D_SAE):
     """(z [n, d_sae], the TopK SAE) from cached activations."""
     from core.extract import iter_activations
     from core.sae import build_sae
@@ -68,10 +71,10 @@ def sae_activations(n_tokens: int, k: int = K):
     x = np.concatenate(list(iter_activations(C.acts_dir(), 4096)))[:n_tokens]
     x = torch.from_numpy(x).float()
     torch.manual_seed(0)
-    sae = build_sae("topk", x.shape[1], D_SAE, k=k)
+    sae = build_sae("topk", x.shape[1], d_sae, k=k)
     with torch.no_grad():
         sae.b_dec.copy_(x.mean(0))
-        return sae.encode(x), sae
+        return (sae.encode(x) if d_sae == D_SAE else None), sae
 
 
 def batches_of(z: torch.Tensor, rows: int = 16, seq: int = 256, sparse: bool = False):
@@ -165,51 +168,114 @@ def bench_bookkeeping(n_tokens: int, reps: int, tmp: Path, k: int = K, sparse: b
     return {"tokens": n, "nnz": nnz, "latents": latents, "times": times}
 
 
-def bench_whole(n_tokens: int, reps: int, tmp: Path) -> dict:
+def _rss_mb() -> float:
+    """Resident set size of this process now, MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _child(a) -> None:
+    """One contender in its own process (so its peak RSS is its own): prints a JSON line."""
+    import json
+    import resource
+
+    from core.data import special_token_ids
     from core.extract import extract_activations
     from core.features import DiscoverConfig, discover_features
+
+    torch.set_num_threads(a.threads)
+    model, tok = C.load(a.threads)
+    ds = Path(a.dataset) if a.dataset else C.dataset_dir(tok)
+    loaded = _rss_mb()
+    t0 = time.perf_counter()
+    if a.child == "extract":
+        st = extract_activations(model, tok, ds, [C.HOOK], Path(a.out), batch_size=8, max_tokens=a.whole_tokens,
+                                 exclude_token_ids=special_token_ids(tok))
+        tokens = st[C.HOOK].tokens + st[C.HOOK].excluded_special
+    else:
+        s = discover_features(model, tok, Path(a.sae), ds, Path(a.out), DiscoverConfig(), batch_size=8,
+                              max_tokens=a.whole_tokens, exclude_token_ids=special_token_ids(tok))
+        tokens = s.tokens + s.excluded_outliers + s.excluded_special
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"tokens": tokens, "seconds": seconds, "peak_mb": peak, "loaded_mb": loaded}))
+
+
+def _run_child(a, kind: str, out: Path, sae: Path | None = None) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "bench.discovery", "--child", kind, "--out", str(out), "--threads", str(a.threads),
+           "--whole-tokens", str(a.whole_tokens)] + (["--sae", str(sae)] if sae else []) \
+        + (["--dataset", a.dataset] if a.dataset else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=C.REPO)
+    if res.returncode:
+        raise RuntimeError(f"{kind} failed:\n{res.stderr[-3000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bench_whole(a, tmp: Path) -> dict:
+    """(b) extraction and discovery at each width, each run in its own process, alternated."""
     from core.formats.saelens import save_saelens
 
-    model, tok = C.load(torch.get_num_threads())
-    ds = C.dataset_dir(tok)
-    _, sae = sae_activations(4096)
-    sae_dir = tmp / "sae"
-    save_saelens(sae, sae.config(hook_name=C.HOOK, model_name="smollm2"), sae_dir)
-    times = {"extract": [], "discover": []}
-    tokens = {}
-    for r in range(reps):
-        for name in (("extract", "discover") if r % 2 == 0 else ("discover", "extract")):
-            t0 = time.perf_counter()
-            if name == "extract":
-                st = extract_activations(model, tok, ds, [C.HOOK], tmp / f"x{r}", batch_size=8, max_tokens=n_tokens)
-                tokens[name] = st[C.HOOK].tokens
-            else:
-                s = discover_features(model, tok, sae_dir, ds, tmp / f"d{r}", DiscoverConfig(), batch_size=8,
-                                      max_tokens=n_tokens)
-                tokens[name] = s.tokens + s.excluded_outliers
-            times[name].append(time.perf_counter() - t0)
-    return {"tokens": tokens, "times": times}
+    saes = {}
+    for width in a.d_sae:
+        _, sae = sae_activations(4096, d_sae=width)
+        saes[width] = tmp / f"sae-{width}"
+        save_saelens(sae, sae.config(hook_name=C.HOOK, model_name="smollm2"), saes[width])
+        del sae
+    names = ["extract", *[f"discover-{w}" for w in a.d_sae]]
+    runs = {n: [] for n in names}
+    for r in range(a.reps):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            print(f"[bench] rep {r + 1}/{a.reps}: {name}", flush=True)
+            kind, _, width = name.partition("-")
+            runs[name].append(_run_child(a, kind, tmp / f"{name}-{r}", saes[int(width)] if width else None))
+    return runs
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=16384, help="tokens for the bookkeeping comparison")
     p.add_argument("--whole-tokens", type=int, default=8192, help="tokens for discovery vs extraction")
+    p.add_argument("--d-sae", default="4608,65536", help="SAE widths for discovery vs extraction (comma-separated)")
+    p.add_argument("--dataset", default="", help="a tokenized dataset folder for (b) (default: the builtin corpus)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dense-k", type=int, default=128,
                    help="also run (a) with this many active latents per token (a denser SAE); 0 skips")
+    p.add_argument("--no-bookkeeping", action="store_true", help="skip (a)")
     p.add_argument("--no-record", action="store_true")
+    p.add_argument("--child", choices=["extract", "discover"], help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--sae", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.child:
+        return _child(a)
+    a.d_sae = [int(w) for w in a.d_sae.split(",") if w]
     torch.set_num_threads(a.threads)
     before = C.load_avg()
     tmp = Path(tempfile.mkdtemp(prefix="mistudio-bench-disc-"))
     try:
-        bk = bench_bookkeeping(a.tokens, a.reps, tmp)
-        dense = bench_bookkeeping(a.tokens, a.reps, tmp, a.dense_k, sparse=False) if a.dense_k else None
-        wh = bench_whole(a.whole_tokens, a.reps, tmp)
+        bk = dense = None
+        if not a.no_bookkeeping:
+            bk = bench_bookkeeping(a.tokens, a.reps, tmp)
+            dense = bench_bookkeeping(a.tokens, a.reps, tmp, a.dense_k, sparse=False) if a.dense_k else None
+        wh = bench_whole(a, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    body = "\n".join([*(_bookkeeping_lines(a, bk, dense) if bk else []), _whole_lines(a, wh)])
+    print(body)
+    if not a.no_record:
+        C.append_result("discovery: top-k bookkeeping vs heapq, discovery vs extraction at each width", body,
+                        load_before=before, load_after=C.load_avg())
+
+
+def _bookkeeping_lines(a, bk: dict, dense: dict | None) -> list[str]:
     med = {k: C.median(v) for k, v in bk["times"].items()}
     ratio_top = med["heapq"] / med["ours (top-k)"]
     ratio_all = med["heapq"] / med["ours (all defaults)"]
@@ -218,13 +284,11 @@ def main() -> None:
     if dense:
         dmed = {k: C.median(v) for k, v in dense["times"].items()}
         dense_line = (f"With {a.dense_k} active latents per token ({dense['nnz']:,} nonzeros, like a ReLU/JumpReLU "
-                      f"SAE at L0 {a.dense_k}, read by both sides from a dense z): heapq {dmed['heapq']:.2f} s, ours {dmed['ours (top-k)']:.2f} s top-k only "
-                      f"→ **{dmed['heapq'] / dmed['ours (top-k)']:.1f}×**, {dmed['ours (all defaults)']:.2f} s with all "
-                      f"defaults → {dmed['heapq'] / dmed['ours (all defaults)']:.1f}×.")
-    wmed = {k: C.median(v) for k, v in wh["times"].items()}
-    rate = {k: wh["tokens"][k] / wmed[k] for k in wmed}
-    whole = rate["discover"] / rate["extract"]
-    body = "\n".join([
+                      f"SAE at L0 {a.dense_k}, read by both sides from a dense z): heapq {dmed['heapq']:.2f} s, ours "
+                      f"{dmed['ours (top-k)']:.2f} s top-k only → **{dmed['heapq'] / dmed['ours (top-k)']:.1f}×**, "
+                      f"{dmed['ours (all defaults)']:.2f} s with all defaults → "
+                      f"{dmed['heapq'] / dmed['ours (all defaults)']:.1f}×.")
+    return [
         f"(a) Top-k bookkeeping on the same SAE activations: {bk['tokens']:,} tokens × {D_SAE} latents (TopK k={K}, "
         f"random weights, b_dec at the data mean), {bk['nnz']:,} nonzero activations, read by both sides from the "
         f"SAE's (values, indices); top-{TOP_K} per latent; "
@@ -232,16 +296,26 @@ def main() -> None:
         f"includes its Parquet writes. Median of {a.reps}.", "",
         C.table(["contender", "seconds", "tokens/s"], rows), "",
         f"Ratio heapq / ours: **{ratio_top:.1f}×** top-k only ({C.ok(ratio_top >= 10)} ≥ 10×), "
-        f"{ratio_all:.1f}× with quantile samples, histograms and co-active latents on.", "", dense_line, "",
-        f"(b) Whole discovery (forward to layer 15 + encode + bookkeeping with all defaults + writes) vs extraction "
-        f"(forward + writes), SmolLM2 {C.HOOK}, {wh['tokens']['extract']:,} tokens, batch 8, alternated, "
-        f"median of {a.reps}: discovery {rate['discover']:,.0f} tokens/s, extraction {rate['extract']:,.0f} tokens/s "
-        f"→ **{whole:.2f}×** ({C.ok(whole >= 0.8)} ≥ 0.8×).",
-    ])
-    print(body)
-    if not a.no_record:
-        C.append_result("discovery: top-k bookkeeping vs heapq, discovery vs extraction", body,
-                        load_before=before, load_after=C.load_avg())
+        f"{ratio_all:.1f}× with quantile samples, histograms and co-active latents on.", "", dense_line, ""]
+
+
+def _whole_lines(a, runs: dict) -> str:
+    """(b) as a table: tokens/s, the ratio to extraction and peak RSS per contender."""
+    rate = {n: C.median([r["tokens"] / r["seconds"] for r in rs]) for n, rs in runs.items()}
+    rows = []
+    for name, rs in runs.items():
+        peak = C.median([r["peak_mb"] for r in rs])
+        above = C.median([r["peak_mb"] - r["loaded_mb"] for r in rs])
+        ratio = rate[name] / rate["extract"]
+        rows.append([name, f"{rs[0]['tokens']:,}", f"{rate[name]:,.0f}", f"{ratio:.2f}×" + (
+            f" ({C.ok(ratio >= 0.8)} ≥ 0.8×)" if name != "extract" else ""), f"{peak:,.0f}", f"{above:,.0f}"])
+    return "\n".join([
+        f"(b) Whole discovery (forward to layer 15 + encode + bookkeeping with all defaults + writes; TopK k={K}, "
+        f"random weights, b_dec at the data mean) vs extraction (forward + writes), SmolLM2 {C.HOOK}, batch 8, "
+        f"{'dataset ' + a.dataset if a.dataset else 'the builtin corpus'}, special tokens excluded by id; each run in "
+        f"its own process (peak RSS is its own; 'above model' = peak minus RSS once the model is loaded), "
+        f"alternated, median of {a.reps}.", "",
+        C.table(["contender", "tokens", "tokens/s", "× extraction", "peak RSS MB", "above model MB"], rows), ""])
 
 
 if __name__ == "__main__":

@@ -34,10 +34,13 @@ CONTENDERS = {"adam": {"optimizer": "adam"}, "adam ×5 lr": {"optimizer": "adam"
 
 def activations(tokens: int) -> Path:
     """≥ `tokens` cached activations of the hook over stdlib-source (built once)."""
+    built = sorted((int(d.name.split("-")[1]), d / C.HOOK) for d in (C.CACHE / "recipe").glob("acts-*")
+                   if (d / C.HOOK / "stats.json").is_file()) if (C.CACHE / "recipe").is_dir() else []
+    hook = next((h for n, h in built if n >= tokens), None)  # a larger cache serves: its start is the same
+    if hook is not None:
+        return hook
     out = C.CACHE / "recipe" / f"acts-{tokens}"
     hook = out / C.HOOK
-    if (hook / "stats.json").is_file():
-        return hook
     from core.data import special_token_ids, tokenize_dataset
     from core.extract import extract_activations
 
@@ -57,7 +60,7 @@ def load(tokens: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
     x = np.concatenate([np.array(a) for a in iter_activations(activations(tokens + holdout))])
     norms = np.linalg.norm(x.astype(np.float64), axis=1)
     x = x[np.isfinite(norms) & (norms <= 10 * np.median(norms))]
-    held, rest = x[:holdout], x[holdout:]
+    held, rest = x[:holdout], x[holdout:holdout + tokens]
     return held, np.ascontiguousarray(rest[np.random.default_rng(0).permutation(len(rest))])
 
 

@@ -16,6 +16,7 @@ Layout, one folder per hook under the extraction folder:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,9 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from core.data import TokenBatch, iter_batches, total_tokens
+from core.data import TokenBatch, iter_batches, read_stats, total_tokens
 from core.errors import UserError
-from core.hooks import run_hooked, validate_hooks
+from core.hooks import parse_hook_name, run_hooked, validate_hooks
 from core.io import atomic_dir, intact
 from core.progress import Meter
 
@@ -190,11 +191,17 @@ def extract(model, batches: Iterable[TokenBatch], hook_names: list[str], out_dir
     meter = Meter(progress, "extract", total=total_tokens, should_cancel=should_cancel, what="extraction")
     with atomic_dir(out_dir) as tmp:
         writers = {name: _ActivationWriter(tmp / name, shard_tokens) for name in names}
-        for batch in batches:
-            meter.check()
-            kept, dropped = _extract_batch(model, batch, names, writers, stats, excluded_ids)
-            written, excluded = written + kept, excluded + dropped
-            meter.add(kept + dropped)
+        pending: list[tuple[TokenBatch, _Staged]] = []
+        for batch in itertools.chain(batches, [None]):
+            if batch is not None:
+                meter.check()
+                pending.append((batch, _Staged(_forward(model, batch, names))))
+            # On a GPU a batch is written once the next one's forward is queued, so the host's
+            # work overlaps the device's; on the CPU at once.
+            while pending and (batch is None or len(pending) == 2 or pending[0][1].event is None):
+                kept, dropped = _write_batch(*pending.pop(0), writers, stats, excluded_ids)
+                written, excluded = written + kept, excluded + dropped
+                meter.add(kept + dropped)
         if written == 0:
             if excluded:
                 raise UserError(f"no tokens to extract: all {excluded} tokens are excluded special tokens; "
@@ -208,24 +215,51 @@ def extract(model, batches: Iterable[TokenBatch], hook_names: list[str], out_dir
     return results
 
 
-def _extract_batch(model, batch: TokenBatch, names: list[str], writers, stats,
-                   excluded_ids: torch.Tensor) -> tuple[int, int]:
-    """Hook one batch, keep the real tokens that are not excluded, hand them to the writers.
-    Returns (tokens written, real tokens excluded)."""
+def _forward(model, batch: TokenBatch, names: list[str]) -> dict[str, torch.Tensor]:
+    """The hooked activations of one batch, on the model's device."""
+    device = next(model.parameters()).device
+    ids, mask = batch.input_ids, batch.attention_mask
+    if device.type == "cuda":
+        ids, mask = (t.pin_memory().to(device, non_blocking=True) for t in (ids, mask))
     try:
-        acts = run_hooked(model, batch.input_ids, batch.attention_mask, names)
+        return run_hooked(model, ids, mask, names)
     except IndexError as e:  # a learned position table (GPT-2's wpe) shorter than the rows
         raise UserError(f"the model failed on rows of {batch.input_ids.shape[1]} tokens ({e}); its position "
                         "table is probably shorter: re-tokenize the dataset with a smaller context length") from e
+
+
+class _Staged:
+    """Activations on their way to host memory: on CUDA non-blocking copies into pinned buffers
+    and the event that marks them done (no sync until they are read); elsewhere the tensors."""
+
+    def __init__(self, acts: dict[str, torch.Tensor]):
+        self.event = None
+        if any(a.device.type == "cuda" for a in acts.values()):
+            acts = {k: torch.empty(a.shape, dtype=a.dtype, pin_memory=True).copy_(a, non_blocking=True)
+                    for k, a in acts.items()}
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.acts = acts
+
+    def get(self) -> dict[str, torch.Tensor]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.acts
+
+
+
+def _write_batch(batch: TokenBatch, staged: _Staged, writers, stats, excluded_ids: torch.Tensor) -> tuple[int, int]:
+    """Keep a batch's real tokens that are not excluded and hand them to the writers (all on the
+    host). Returns (tokens written, real tokens excluded)."""
+    acts = staged.get()
     real = batch.attention_mask.bool()
     mask = real & ~torch.isin(batch.input_ids, excluded_ids)
     b, t = mask.shape
     row_ids = batch.row_ids.view(b, 1).expand(b, t)[mask].numpy()
     pos = torch.arange(t, dtype=torch.int32).view(1, t).expand(b, t)[mask].numpy()
     token_ids = batch.input_ids[mask].to(torch.int32).numpy()
-    for name in names:
-        # Mask on the model's device, then move only the real tokens.
-        kept = acts[name][mask.to(acts[name].device)].cpu().numpy()
+    for name, a in acts.items():
+        kept = a[mask].numpy()
         stats[name].update(kept)
         writers[name].add(kept, row_ids, pos, token_ids)
     n = int(mask.sum())
@@ -276,8 +310,14 @@ def extract_activations(model, tokenizer, dataset_dir: Path, hook_names: list[st
                         progress: Callable[[dict], None] | None = None,
                         should_cancel: Callable[[], bool] | None = None,
                         exclude_token_ids: Sequence[int] = ()) -> dict[str, HookStats]:
-    """Run the hooked forward over a tokenized dataset and stream activations to Parquet."""
+    """Run the hooked forward over a tokenized dataset and stream activations to Parquet.
+    On a GPU the rows per forward are chosen from its free memory (at least `batch_size`)."""
+    from core.models.memory import gpu_batch_size
+
     validate_hooks(model, hook_names)
+    deepest = max(parse_hook_name(n)[0] for n in hook_names)
+    per_token = 8 * model.config.hidden_size * len(hook_names)  # each site's float32 copy, on device and pinned
+    batch_size = gpu_batch_size(model, batch_size, read_stats(dataset_dir).context_length, deepest, per_token)
     batches = iter_batches(dataset_dir, batch_size, tokenizer.pad_token_id, max_tokens=max_tokens)
     return extract(model, batches, hook_names, out_dir, progress=progress, should_cancel=should_cancel,
                            total_tokens=total_tokens(dataset_dir, max_tokens), exclude_token_ids=exclude_token_ids)

@@ -156,9 +156,10 @@ def connect(engine: Engine, where: str) -> Connection:
     except DBAPIError as e:
         lines = str(e.orig if e.orig is not None else e).strip().splitlines()
         reason = lines[0].strip() if lines else type(e.orig).__name__
-        raise UserError(
-            f"cannot reach the registry database at {where} ({reason}); check MISTUDIO_DATABASE_URL "
-            "and that the database server is running and accepts this user") from None
+        fix = "that this user may read and write the database file and its folder" \
+            if engine.dialect.name == "sqlite" else "that the database server is running and accepts this user"
+        raise UserError(f"cannot reach the registry database at {where} ({reason}); check MISTUDIO_DATABASE_URL "
+                        f"and {fix}") from None
 
 
 def upgrade_to_head(engine: Engine, where: str) -> None:

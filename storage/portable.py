@@ -63,6 +63,13 @@ def to_absolute(value: str | None, home: Path) -> str | None:
     return str(home / value)
 
 
+def recorded(conn: Connection, path: str, home: Path) -> bool:
+    """Whether any registry row names the artifact folder `path` (however it was stored)."""
+    values = {path, to_stored(path, home)}
+    return any(conn.execute(select(t.c.id).where(t.c[col.column].in_(values)).limit(1)).first() is not None
+               for col in PATH_COLUMNS for t in [_table(col)])
+
+
 def _under(path: Path, home: Path) -> PurePath | None:
     """`path` relative to `home`, also through symlinks (`home` is resolved in Settings); None outside."""
     for p, h in ((path, home), (path.resolve(), home.resolve())):

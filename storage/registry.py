@@ -10,14 +10,15 @@ on its own copy.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from sqlalchemy import (JSON, URL, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event,
                         make_url, select, update)
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from core.errors import UserError
@@ -216,6 +217,19 @@ def masked_url(url: str) -> str:
         return "<unparsable URL>"
 
 
+@contextlib.contextmanager
+def _writing(where: str, what: str) -> Iterator[None]:
+    """Opening a registry may have to write (a migration, moving old paths): a database this user
+    may only read refuses that in one line instead of the driver's error."""
+    try:
+        yield
+    except DBAPIError as e:
+        lines = str(e.orig if e.orig is not None else e).strip().splitlines()
+        reason = lines[0].strip() if lines else type(e).__name__
+        raise UserError(f"cannot update the registry database at {where} ({reason}); opening it brings {what}: "
+                        "open it once with write access, or point MISTUDIO_DATABASE_URL at a writable copy") from None
+
+
 class Registry:
     """Typed access to the registry database. Cheap to create; one per process.
 
@@ -250,9 +264,11 @@ class Registry:
             self.engine = create_engine(u, pool_pre_ping=True, connect_args=connect_args)
         self.home = Path(home) if home is not None else None
         try:
-            upgrade_to_head(self.engine, where)
+            with _writing(where, "its schema to the newest revision"):
+                upgrade_to_head(self.engine, where)
             if self.home is not None:
-                with self.engine.begin() as conn:
+                with _writing(where, "its older absolute artifact paths to ones relative to the data root"), \
+                        self.engine.begin() as conn:
                     relocate(conn, self.home, exists)
         except BaseException:
             self.engine.dispose()

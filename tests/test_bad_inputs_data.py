@@ -1,6 +1,7 @@
 """Bad input by area: text files decoded strictly (--encoding), a non-text Parquet column
 named, and a corrupt or unreachable registry refused before Ray starts (issue 24)."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from actors.jobs.add_dataset import AddDatasetSpec, check as check_dataset
 from core.data.texts import check_text_file, load_texts
 from core.errors import UserError
+from tests.test_registry import pg_base_url  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,25 +128,105 @@ def test_truncated_artifacts_are_one_line_naming_the_fix(tmp_path):
         assert one_line_error(read).endswith("delete the activation set (mistudio extract delete ID) and extract again")
 
 
-@pytest.fixture
-def read_only_home(tmp_path):
-    """A data root the CLI's user cannot write: a read-only bind mount (root ignores file modes),
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder` made unwritable for this user: a read-only bind mount (root ignores file modes),
     or mode 0555 for a user who is not root."""
-    home = tmp_path / "home"
-    home.mkdir()
     mounted = os.geteuid() == 0
     if mounted:
-        out = subprocess.run(["mount", "-o", "bind,ro", str(home), str(home)], capture_output=True, text=True)
+        out = subprocess.run(["mount", "-o", "bind,ro", str(folder), str(folder)], capture_output=True, text=True)
         assert out.returncode == 0, f"root here cannot make a read-only bind mount: {out.stderr}"
     else:
-        home.chmod(0o555)
+        folder.chmod(0o555)
     try:
-        yield home
+        yield folder
     finally:
         if mounted:
-            subprocess.run(["umount", str(home)], check=True)
+            subprocess.run(["umount", str(folder)], check=True)
         else:
-            home.chmod(0o755)
+            folder.chmod(0o755)
+
+
+@pytest.fixture
+def read_only_home(tmp_path):
+    """A data root the CLI's user cannot write."""
+    home = tmp_path / "home"
+    home.mkdir()
+    with read_only(home):
+        yield home
+
+
+def _older_registry(url: str, home: Path) -> None:
+    """A registry as older miStudio wrote it: one SAE whose path under `home` is stored absolute."""
+    from storage import Registry
+    from storage.registry import SAE
+
+    (home / "saes" / "sae-1").mkdir(parents=True)
+    legacy = Registry(url)  # no data root: the path is stored as given
+    legacy.add(SAE(id="sae-1", name="sae-1", model_id="m", hook_name="blocks.1.hook_resid_post",
+                   architecture="topk", d_in=64, d_sae=256, path=str(home / "saes" / "sae-1")))
+    legacy.close()
+
+
+def _stored_paths(url: str) -> list[str]:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [r[0] for r in conn.execute(sqlalchemy.text("SELECT path FROM saes"))]
+    finally:
+        engine.dispose()
+
+
+def test_a_sqlite_registry_in_a_read_only_folder_is_one_line(tmp_path):
+    """SQLite (in WAL mode) cannot open a database whose folder it may not write: one line that
+    names the file and what to check, not a database server."""
+    from storage import Registry
+
+    home, db = tmp_path / "home", tmp_path / "db"
+    db.mkdir()
+    url = f"sqlite:///{db / 'registry.db'}"
+    _older_registry(url, home)
+    with read_only(db):
+        message = one_line_error(lambda: Registry(url, home))
+    assert message == (f"cannot reach the registry database at {url} (unable to open database file); check "
+                       "MISTUDIO_DATABASE_URL and that this user may read and write the database file and its folder")
+
+
+def test_a_read_only_registry_that_needs_its_paths_moved_is_one_line(pg_base_url, tmp_path):  # noqa: F811
+    """An older registry (absolute artifact paths) opened by a PostgreSQL user who may only read
+    it: opening must rewrite the paths, which that user cannot; one line says so and how to fix
+    it, and nothing was changed."""
+    import uuid
+
+    from sqlalchemy import create_engine, make_url, text
+
+    from storage import Registry
+
+    schema, role = f"mistudio_test_{uuid.uuid4().hex[:12]}", f"mistudio_ro_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(pg_base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = make_url(pg_base_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        _older_registry(url.render_as_string(hide_password=False), tmp_path / "home")
+        with admin.connect() as c:
+            c.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+            c.execute(text(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"'))
+            c.execute(text(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"'))
+        reader = url.set(username=role, password=None).render_as_string(hide_password=False)
+        message = one_line_error(lambda: Registry(reader, tmp_path / "home"))
+        assert message.startswith(f"cannot update the registry database at {reader} (permission denied"), message
+        assert message.endswith("opening it brings its older absolute artifact paths to ones relative to the data "
+                                "root: open it once with write access, or point MISTUDIO_DATABASE_URL at a "
+                                "writable copy"), message
+        assert _stored_paths(reader) == [str(tmp_path / "home" / "saes" / "sae-1")]  # nothing half-changed
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            c.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        admin.dispose()
 
 
 def test_a_read_only_data_root_is_one_line_and_starts_nothing(read_only_home):

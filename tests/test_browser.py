@@ -147,7 +147,7 @@ def test_start_a_run_and_watch_it_train_an_sae(page):
     page.screenshot(path=str(ARTIFACTS / "jobs-running.png"), full_page=True)
     assert len(seen) > 1, f"the progress bar never moved: {seen}"
     _open(page, "SAEs")
-    page.get_by_text("blocks.1.hook_resid_post").first.wait_for()
+    page.get_by_text("blocks.1.hook_resid_post").filter(visible=True).first.wait_for()
     _no_error(page)
 
 

@@ -324,3 +324,73 @@ def test_the_dashboard_outlives_a_killed_head_and_stop_leaves_no_process_behind(
         if ui.poll() is None:
             ui.kill()
         subprocess.run([sys.executable, "-m", "ui.cli", "stop"], env=env, capture_output=True, text=True)
+
+
+def _session_of(gcs_port: str) -> tuple[list[psutil.Process], str]:
+    """The gcs_server listening on `gcs_port`, and its Ray session's name."""
+    gcs = [p for p in psutil.process_iter(["cmdline"]) if f"gcs_server_port={gcs_port}" in " ".join(p.info["cmdline"] or [])]
+    session = next(a for a in gcs[0].info["cmdline"] if "session_" in a).split("session_")[1].split("/")[0]
+    return gcs, session
+
+
+def test_a_head_killed_mid_training_leaves_one_result_from_a_retry_and_none_from_the_old_run(tmp_path, tiny_model_dir):
+    """The whole story of a crashed head, end to end on real heads: the GCS of the head running
+    a training job is killed while its raylet, job manager and model worker live on (their GCS
+    reconnect window is set long; the worker is paused meanwhile so the run cannot finish
+    first). The next client starts a new head, whose manager marks the job interrupted (a new
+    attempt); the old run, resumed, trains to its end and its final record is refused (its log
+    says so), so the job holds no SAE; a retry holds exactly one, with one SAE folder on disk
+    and no temporary file; `mistudio stop` ends both heads."""
+    from actors import cluster
+    from storage import Settings
+    from tests.conftest import wait_for
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MISTUDIO_", "RAY_"))}
+    env.update(MISTUDIO_HOME=str(home), MISTUDIO_WORKER_CPUS="1")
+    old_env = {**env, "RAY_gcs_rpc_server_reconnect_timeout_s": "600"}
+    try:
+        job_id = run_py(
+            "from actors.client import Client\nfrom tests.conftest import wait_for\n"
+            "c = Client()\n"
+            f"assert c.wait(c.submit('add_model', {{'source': {str(tiny_model_dir)!r}, 'name': 'tiny'}}), timeout=200)['state'] == 'completed'\n"
+            "ds = c.wait(c.submit('add_dataset', {'model_id': 'tiny', 'source': 'builtin', 'context_length': 64, 'max_documents': 40}))\n"
+            "act = c.wait(c.submit('extract', {'model_id': 'tiny', 'dataset_id': ds['result']['dataset_id'], 'layers': [1], 'max_tokens': 3000}))\n"
+            "assert act['state'] == 'completed', act['message']\n"
+            "job = c.submit('train', {'activation_ids': [c.activations()[0]['id']], 'eval_rows': 2, 'checkpoint_every': 50,\n"
+            "    'config': {'expansion_factor': 2, 'k': 4, 'batch_size': 64, 'epochs': 150, 'log_every': 10}})\n"
+            "wait_for(lambda: (c.progress(job) or {}).get('done', 0) > 0, what='training progress')\n"
+            "assert c.job(job)['state'] == 'running', 'the job ended before the head could be killed; give it more epochs'\n"
+            "print(job)\n", old_env).strip().splitlines()[-1]
+        old_gcs, old_session = _session_of(json.loads((home / "ray_head.json").read_text())["address"].rpartition(":")[2])
+        (worker,) = [p for p in root_processes(home) if p.cmdline()[0].startswith("ray::ModelWorker")]
+        worker.suspend()
+        for p in old_gcs:
+            p.kill()
+
+        # a new client finds the head gone and starts another; its manager takes the job over
+        state = run_py("from actors.client import Client\n"
+                       f"j = Client().job({job_id!r})\nprint(j['state'], '|', j['message'])\n", env).strip()
+        assert state.startswith("failed | interrupted: the job manager restarted"), state
+        worker.resume()
+        logs = cluster.ray_root(Settings.from_env({"MISTUDIO_HOME": str(home)})) / f"session_{old_session}" / "logs"
+
+        def refused() -> bool:
+            return any(f"job {job_id}: this run stops here" in f.read_text(errors="replace") for f in logs.glob("*.out"))
+
+        wait_for(refused, timeout=300, what="the old run's refused record")
+        retried = run_py(
+            "from actors.client import Client\n"
+            f"c = Client()\nold = c.job({job_id!r})\nassert old['state'] == 'failed' and old['sae_id'] is None, old\n"
+            f"assert not [s for s in c.saes() if s['training_job_id'] == {job_id!r}]\n"
+            f"done = c.wait(c.retry({job_id!r}), timeout=600)\nassert done['state'] == 'completed', done['message']\n"
+            "print(len(c.saes()), done['result']['sae_id'])\n", env).split()
+        assert retried[0] == "1", retried
+        folders = [p.parent for p in (home / "saes").rglob("cfg.json")]
+        assert len(folders) == 1 and retried[1] in str(folders[0]), folders
+        assert not list(home.rglob(".tmp-*"))
+    finally:
+        stopped = subprocess.run([sys.executable, "-m", "ui.cli", "stop"], env=env, capture_output=True, text=True)
+    assert "stopped the local Ray head" in stopped.stdout, stopped.stderr
+    left = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in root_processes(home) if p.is_running()]
+    assert not left, left

@@ -218,3 +218,17 @@ def test_shards_stream_in_row_groups_and_keep_every_token_in_order(tmp_path):
     table = pq.read_table(shards)
     assert table.column("row_id").to_pylist() == list(range(n))
     np.testing.assert_array_equal(np.stack(table.column("act").to_numpy(zero_copy_only=False)), acts)
+
+
+def test_rows_per_forward_come_from_free_gpu_memory(tiny_llama):
+    """On the CPU the job's batch size stands; given a GPU's free memory, as many rows as fit in
+    half of it by the forward's estimate (at least the job's, at most MAX_GPU_ROWS)."""
+    from core.models.memory import MAX_GPU_ROWS, _forward_bytes, gpu_batch_size
+
+    assert gpu_batch_size(tiny_llama, 8, 64, 1) == 8
+    per_row = _forward_bytes(tiny_llama.config, 4, 1, 64, 1, False) + 100 * 64
+    assert gpu_batch_size(tiny_llama, 8, 64, 1, 100, free_bytes=2 * 40 * per_row) == 40
+    assert gpu_batch_size(tiny_llama, 8, 64, 1, 100, free_bytes=2 * 40 * per_row - 1) == 39
+    assert gpu_batch_size(tiny_llama, 8, 64, 1, 100, free_bytes=per_row) == 8
+    assert gpu_batch_size(tiny_llama, 8, 64, 1, 100, free_bytes=2**40) == MAX_GPU_ROWS
+    assert gpu_batch_size(tiny_llama, 8, 64, None, 100, free_bytes=2 * 40 * per_row) < 40  # the logits count too

@@ -112,8 +112,8 @@ def test_two_clients_cancelling_one_job(client, tiny_run):
 def test_a_run_whose_job_was_taken_over_records_nothing_and_a_retry_records_it_once(client, tiny_run):
     """What a new Ray head's job manager does to a job the old head was running: mark it
     failed ("interrupted"), which gives it a new attempt. The old run trains on, and its record
-    (the SAE row, the job's completion) is refused when it gets there; a retry registers
-    exactly one SAE."""
+    (the SAE row, the job's completion) is refused when it gets there, and its SAE folder
+    removed; a retry registers exactly one SAE."""
     from storage.fencing import StaleAttempt, claim
 
     spec = train_spec(client)
@@ -133,6 +133,9 @@ def test_a_run_whose_job_was_taken_over_records_nothing_and_a_retry_records_it_o
         ("failed", "interrupted: the job manager restarted", {}, None)
     assert not [s for s in client.saes() if s["training_job_id"] == job_id]
     assert [s["id"] for s in client.saes() if s["training_job_id"] == retry] == [done["result"]["sae_id"]]
+    # the old run's SAE folder went with its refused record (the retry started after, on the one worker)
+    folders = {p.name for p in (Path(client.settings.home) / "saes").iterdir() if not p.name.startswith(".")}
+    assert folders == {s["id"] for s in client.saes()}
 
 
 def test_a_restarted_dashboard_or_cli_sees_a_running_jobs_progress_at_its_first_poll(client, tiny_run):

@@ -414,6 +414,26 @@ def test_batchtopk_threshold_keeps_mean_l0_near_k():
     assert 2 <= result.final["l0"] <= 6
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "signum"])
+def test_batchtopk_threshold_is_set_from_the_saved_weights_so_held_out_l0_is_k(optimizer):
+    """θ's moving average lags the weights (a short run ends with θ from weights long gone) and
+    a schedule-free run saves its averaged weights, not the ones θ followed: θ is estimated once
+    more from the weights saved, so held-out tokens keep k latents on average."""
+    cfg = TrainConfig.from_dict(dict(architecture="batchtopk", expansion_factor=8, k=4, batch_size=256, epochs=1,
+                                     sample_tokens=4096, optimizer=optimizer))
+    result = train_sae(source(synthetic(n=14_000)), D_IN, cfg, holdout_tokens=2_000)
+    assert result.final["l0"] == pytest.approx(4, rel=0.15), result.final
+
+
+def test_a_diverging_run_stops_with_one_line_by_its_next_log_line():
+    """The loss is summed on the device and read once per log line (no host sync per step): a run
+    whose loss stops being finite is stopped there, naming the step and the fix."""
+    cfg = TrainConfig.from_dict(dict(architecture="topk", expansion_factor=2, k=4, batch_size=100, total_tokens=4_000,
+                                     lr=1e38, log_every=5, sample_tokens=500))
+    with pytest.raises(UserError, match=r"^training diverged \(loss is (nan|inf)\) by step 5 of .*; lower --lr"):
+        train_sae(source(synthetic(n=4_000)), D_IN, cfg)
+
+
 def test_sparsity_coefficient_warms_up(monkeypatch):
     seen = []
     from core.sae import StandardSAE

@@ -53,6 +53,9 @@ class Plan:
     scratch: list[str] = field(default_factory=list)
     """Other folders it writes (checkpoints, work folders): swept of temporary files when its
     worker dies mid-write, pushed by the step itself if at all."""
+    owned: bool = False
+    """The outputs are named by ids this job minted (a new SAE, dataset or activation set), so
+    no other run writes them: a run whose record is refused (taken over) removes them."""
 
 
 @dataclass

@@ -66,7 +66,7 @@ def plans(job: JobContext, spec: AddDatasetSpec) -> list[Plan]:
     out = str(job.artifacts.dataset(dataset_id))
     params = AddDatasetParams(dataset_id, name, spec.source, out, spec.text_column, spec.context_length,
                               spec.max_documents, spec.prepend_bos, spec.encoding)
-    return [Plan("add_dataset", params, model=model_ref(model), outputs=[out])]
+    return [Plan("add_dataset", params, model=model_ref(model), outputs=[out], owned=True)]
 
 
 def run(ctx: RunContext, plan: Plan) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from actors.jobs import Command, JobContext, Kind, Plan, RunContext, model_ref, 
 from core.features import DiscoverConfig, discover_features
 from core.features import store as features_store
 from core.features.schema import REGISTRY_COLUMNS
-from core.errors import Cancelled, UserError
+from core.errors import Cancelled, UserError, at_least_one
 from storage.registry import SAE, Dataset, Model
 
 
@@ -63,8 +63,7 @@ class DiscoverParams:
 
 
 def discover_config(top_k: int, values: dict[str, Any] | None = None) -> DiscoverConfig:
-    if top_k < 1:
-        raise UserError(f"top_k={top_k} must be at least 1")
+    at_least_one(top_k=top_k)
     values = dict(values or {})
     if "top_k" in values or "max_norm" in values:
         raise UserError("set top_k as its own field; max_norm comes from the SAE's training run")
@@ -84,7 +83,7 @@ def check(registry, spec: DiscoverSpec) -> None:
     if not spec.all_sae_ids:
         raise UserError("a discover spec needs sae_id or sae_ids")
     discover_config(spec.top_k, spec.config)
-    specs.at_least_one(batch_size=spec.batch_size)
+    at_least_one(batch_size=spec.batch_size)
     specs.zero_for_all(max_tokens=spec.max_tokens)
     if registry is not None:
         for sae_id in spec.all_sae_ids:

@@ -12,7 +12,7 @@ from actors import specs
 from actors.jobs import Command, JobContext, Kind, Plan, RunContext, model_ref, need_dataset, need_model, register
 from actors.jobs.add_model import EMBEDDED_ID
 from core import hooks
-from core.errors import UserError
+from core.errors import UserError, at_least_one
 from core.extract import extract_activations
 from storage.registry import Activation, Dataset, Model, new_id
 
@@ -49,7 +49,7 @@ class ExtractParams:
 
 
 def check(registry, spec: ExtractSpec) -> None:
-    specs.at_least_one(batch_size=spec.batch_size)
+    at_least_one(batch_size=spec.batch_size)
     specs.zero_for_all(max_tokens=spec.max_tokens)
     if registry is not None:
         check_sites(registry, spec.model_id, spec.dataset_id, spec.layers, spec.site)
@@ -75,7 +75,8 @@ def plans(job: JobContext, spec: ExtractSpec) -> list[Plan]:
     params = ExtractParams(model["id"], dataset["id"], dataset["path"],
                            [hooks.hook_name(layer, spec.site) for layer in spec.layers], out, spec.batch_size,
                            spec.max_tokens, spec.exclude_special_tokens)
-    return [Plan("extract", params, model=model_ref(model), inputs=[dataset["path"]], outputs=[out])]
+    return [Plan("extract", params, model=model_ref(model), inputs=[dataset["path"]], outputs=[out],
+                 owned=True)]
 
 
 def run(ctx: RunContext, plan: Plan) -> dict[str, Any]:

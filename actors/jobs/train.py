@@ -205,7 +205,7 @@ def plans(job: JobContext, spec: TrainSpec, pausable: bool = True) -> list[Plan]
                          spec.batch_size, spec.max_tokens, exclude, ck, spec.checkpoint_every,
                          spec.keep_checkpoints, bool(spec.resume_job), pausable, excluded_special)
     reads = params.dataset_paths + [p for dirs in hook_dirs.values() for p in dirs] + ([ck] if params.resume else [])
-    return [Plan("train", params, model=model_ref(model), inputs=reads, outputs=[s.path for s in saes],
+    return [Plan("train", params, model=model_ref(model), inputs=reads, outputs=[s.path for s in saes], owned=True,
                  scratch=[ck])]
 
 

@@ -19,6 +19,16 @@ state of one pass over the whole stream, with two precise caveats:
   to rounding (the written mean is float32).
 Both halves must use the same outlier cut: pass `max_norm` (jobs pass training's cut) rather
 than a cut measured on each half's first batch.
+
+Memory is bounded whatever the token count (`state_bytes` gives the figure). The state is
+allocated once, at the start: with S = top_k + n_quantiles·quantile_examples slots per latent,
+W = window_before + 1 + window_after and M = n_coactive + 1, the tables hold
+d_sae · S · (28 + 8·W + 8·M) bytes, and the histogram and counts d_sae · (8·(len(HIST_EDGES)+1) + 20).
+The defaults (S 70, W 13, M 9: 204 bytes a slot) give ≈ 14.9 KB a latent: 69 MB at 4,608
+latents, 0.97 GB at 65,536. On top, per batch: one block of a TopK SAE's pre-activations
+(`batch.ENCODE_BLOCK_BYTES`, 128 MiB; a dense SAE's whole [tokens, d_sae] z instead) and
+O(tokens · k) for its firing pairs; while writing, one block of `writer.WRITE_LATENTS` latents'
+rows. Only the outlier list grows with the data (a few numbers per excluded token).
 """
 
 from __future__ import annotations
@@ -28,11 +38,11 @@ from typing import NamedTuple
 import torch
 
 from core.errors import UserError
-from core.features.batch import Acts, BatchView, as_tensors, best_per_row, gather, outlier_rows
+from core.features.batch import Acts, BatchView, as_tensors, best_per_row, gather, outlier_rows, token_index
 from core.features.config import Batch, DiscoverConfig
 from core.features.schema import HIST_EDGES
 from core.features.tables import (Table, by_key, contenders, empty_table, merge_documents, merge_tables, merge_winners,
-                                  per_token_top)
+                                  per_token_top, slot_bytes)
 
 
 class Discovered(NamedTuple):
@@ -56,6 +66,14 @@ class Discovered(NamedTuple):
     """Non-pad token positions, outliers included."""
     outliers: list[dict]
     """Per batch with outliers, the excluded tokens and their strongest latents (numpy arrays)."""
+
+
+def state_bytes(d_sae: int, cfg: DiscoverConfig) -> int:
+    """Bytes of an accumulator's running state for `d_sae` latents (see the module docstring)."""
+    w = cfg.window_before + 1 + cfg.window_after
+    m = min(cfg.n_coactive + 1, d_sae) if cfg.n_coactive else 1
+    slots = cfg.top_k + cfg.reservoir
+    return d_sae * slots * slot_bytes(w, m) + d_sae * (8 * (len(HIST_EDGES) + 1) + 8 + 8 + 4)
 
 
 class Accumulator:
@@ -83,6 +101,7 @@ class Accumulator:
         self.max_act = torch.zeros(d_sae, device=device)
         self.threshold = cfg.max_norm
         self.outliers: list[dict] = []
+        self.scratch: dict = {}  # buffers reused from batch to batch (the encoder's pre-activations)
         self.tokens = self.seen = self.n_batches = 0
 
     def key_state(self) -> torch.Tensor:
@@ -94,24 +113,22 @@ class Accumulator:
         """Score one batch; returns its non-pad token count (0: nothing to score)."""
         input_ids, mask, row_ids, acts, doc_ids = as_tensors(batch, self.device)
         self.n_batches += 1
-        b_idx, t_idx = mask.nonzero(as_tuple=True)
+        b_idx, t_idx, pos_map, whole = token_index(batch[1], self.device)
         if len(b_idx) == 0:
             return 0
         # rows without padding (the usual case) are a view, not a copy
-        x = (acts.reshape(-1, acts.shape[-1]) if bool(mask.all()) else acts[b_idx, t_idx]).float()
-        acts_z = Acts(self.sae, x)
+        x = (acts.reshape(-1, acts.shape[-1]) if whole else acts[b_idx, t_idx]).float()
+        acts_z = Acts(self.sae, x, self.scratch)
         norms = x.norm(dim=1)
         if self.threshold is None:
             multiple = self.cfg.outlier_norm_multiple
             self.threshold = float(norms.median()) * multiple if multiple else float("inf")
         ok = norms <= self.threshold  # NaN norms compare False: non-finite tokens are excluded too
         self.seen += len(x)
-        if not bool(ok.all()):
-            self.outliers.append(outlier_rows(acts_z.rows(~ok), ~ok, norms, b_idx, t_idx, input_ids, row_ids))
         cand = ok.nonzero().squeeze(1)
+        if len(cand) < len(x):
+            self.outliers.append(outlier_rows(acts_z.rows(~ok), ~ok, norms, b_idx, t_idx, input_ids, row_ids))
         if len(cand):
-            pos_map = torch.full(mask.shape, -1, dtype=torch.long, device=self.device)
-            pos_map[b_idx, t_idx] = torch.arange(len(b_idx), device=self.device)
             self._score(acts_z, cand, (b_idx, t_idx, pos_map, input_ids, row_ids, doc_ids))
         return len(b_idx)
 
@@ -125,21 +142,21 @@ class Accumulator:
         if cfg.n_coactive:
             co_i, co_v = per_token_top(tok, lat, val, n, self.m)
         else:
-            co_i, co_v = torch.full((n, 1), -1, device=device), torch.zeros((n, 1), device=device)
+            co_i, co_v = torch.full((n, 1), -1, dtype=torch.int32, device=device), torch.zeros((n, 1), device=device)
         view = BatchView(acts_z, *tokens, co_i, co_v)
         win = (cfg.window_before, cfg.window_after)
         if cfg.one_per_document:
-            keys, flat = best_per_row(view, cand, cfg.top_k)
+            keys, flat = best_per_row(view, tok, lat, val, cfg.top_k)
             every = torch.arange(self.d_sae, device=device)[:, None].expand_as(flat)
             self.top = merge_documents(self.top, {"key": keys, **gather(view, every, flat, *win)}, cfg.top_k)
         else:
-            keys, entry = contenders(self.top["key"], lat, val, cfg.top_k)
-            self.top = merge_winners(self.top, keys, tok[entry.clamp_min(0)], view, *win)
+            rows, keys, entry = contenders(self.top["key"], lat, val, cfg.top_k)
+            self.top = merge_winners(self.top, rows, keys, tok[entry.clamp_min(0)], view, *win)
         if self.sample is not None:
             # uniform random keys on firing pairs: the reservoir keeps the top-S keys
             rand = torch.rand(val.shape, generator=self.gen, device=device)
-            rk, entry = contenders(self.sample["key"], lat, rand, cfg.reservoir)
-            self.sample = merge_winners(self.sample, rk, tok[entry.clamp_min(0)], view, *win)
+            rows, rk, entry = contenders(self.sample["key"], lat, rand, cfg.reservoir)
+            self.sample = merge_winners(self.sample, rows, rk, tok[entry.clamp_min(0)], view, *win)
         self.n_fired += torch.bincount(lat, minlength=self.d_sae)
         self.sum_act.index_add_(0, lat, val.double())
         self.max_act = self.max_act.scatter_reduce(0, lat, val, "amax")

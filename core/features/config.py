@@ -16,7 +16,8 @@ Batch = tuple
 class DiscoverConfig:
     """What discovery keeps per latent. The caller picks the batch size: a batch of n non-pad
     tokens is encoded at once into a dense [n, d_sae] fp32 matrix (4096 × 4608 ≈ 75 MB), or for a
-    TopK SAE into its (values, indices) [n, k]."""
+    TopK SAE, 128 MiB of pre-activations at a time, into its (values, indices) [n, k]. The running
+    state's size is fixed by these fields and the width (`accumulator.state_bytes`)."""
 
     top_k: int = 20
     """Examples kept per latent: the exact top activations over every token position."""

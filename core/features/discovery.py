@@ -12,6 +12,7 @@ import torch
 
 from core.errors import UserError
 from core.features.accumulator import Accumulator
+from core.features.batch import to_device
 from core.features.config import Batch, DiscoverConfig, DiscoverySummary
 from core.features.writer import write
 from core.progress import check_cancel, rate
@@ -35,14 +36,29 @@ def discover(
     masked out by token id; discovery.json and the summary record it."""
     acc = Accumulator(sae, cfg)
     t0 = time.perf_counter()
+    last = -float("inf")
+    reported = 0
     for batch in batches:
         check_cancel(should_cancel, "discovery")
-        if acc.update(batch) and progress is not None:
+        # the counts read the whole top table (and sync a GPU): at most every PROGRESS_EVERY_S
+        if acc.update(batch) and progress is not None and time.perf_counter() - last >= PROGRESS_EVERY_S:
             progress(_progress(acc, total_tokens, t0))
+            last, reported = time.perf_counter(), acc.seen
+    if progress is not None and acc.seen > reported:
+        progress(_progress(acc, total_tokens, t0))
     return write(out_dir, acc.finalize(), decode_tokens, cfg, excluded_special() if excluded_special else 0)
 
 
+DISCOVERY_BYTES_PER_TOKEN = 4096
+"""A token's share of discovery's per-batch working set besides its activations (its firing
+pairs, their keys and sort orders, window gathers): an upper bound for k up to ~64."""
+PROGRESS_EVERY_S = 1.0
+"""Seconds between progress reports (the first batch and the last are always reported)."""
+
+
 def _progress(acc: Accumulator, total: int | None, t0: float) -> dict:
+    """The live numbers: tokens done, rate, and `features_in_heap` (latents holding at least one
+    top example) and `heap_examples_count` (top examples held), as the finished summary counts them."""
     held = acc.top["value"] > 0
     return {"phase": "discover", "done": acc.seen, "total": total, "unit": "tokens", **rate(acc.seen, total, t0),
             "batches": acc.n_batches, "features_in_heap": int(held.any(1).sum()),
@@ -59,6 +75,7 @@ def discover_features(model, tokenizer, sae_dir: Path, dataset_dir: Path, out_di
     the statistics (the model still reads them); the summary's `excluded_special` counts them."""
     from core import data, hooks  # the model side of discovery; the rest of this module needs neither
     from core.formats.saelens import load_saelens
+    from core.models.memory import gpu_batch_size
 
     sae, sae_cfg = load_saelens(sae_dir)
     hook_name = sae_cfg.hook_name
@@ -67,14 +84,21 @@ def discover_features(model, tokenizer, sae_dir: Path, dataset_dir: Path, out_di
     if sae_cfg.d_in != d_model:
         raise UserError(f"SAE d_in={sae_cfg.d_in} does not match {hook_name} of this model (d_model={d_model}); "
                         "pick the model the SAE was trained on")
-    sae = sae.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    sae = sae.to(device)
     total = data.total_tokens(dataset_dir, max_tokens)
+    # on a GPU, rows per forward from its free memory: the forward, the hooked copy, and a dense
+    # SAE's [tokens, d_sae] activations (a TopK SAE's are encoded in fixed-size blocks)
+    per_token = 4 * d_model + (0 if hasattr(sae, "encode_topk") else 4 * sae_cfg.d_sae) + DISCOVERY_BYTES_PER_TOKEN
+    batch_size = gpu_batch_size(model, batch_size, data.read_stats(dataset_dir).context_length,
+                                hooks.parse_hook_name(hook_name)[0], per_token)
     excluded = torch.tensor(sorted(set(exclude_token_ids)), dtype=torch.long)
     special = [0]
 
     def hooked_batches():
         for b in data.iter_batches(dataset_dir, batch_size, tokenizer.pad_token_id, max_tokens=max_tokens):
-            acts = hooks.run_hooked(model, b.input_ids, b.attention_mask, [hook_name])[hook_name]
+            ids, mask = to_device(b.input_ids, device), to_device(b.attention_mask, device)
+            acts = hooks.run_hooked(model, ids, mask, [hook_name])[hook_name]
             is_special = torch.isin(b.input_ids, excluded)
             special[0] += int((b.attention_mask.bool() & is_special).sum())
             yield b.input_ids, b.attention_mask * ~is_special, b.row_ids, acts, b.doc_ids

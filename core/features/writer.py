@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from core.errors import UserError
 from core.io import atomic_dir
@@ -117,34 +118,74 @@ def write(out_dir: str | os.PathLike, found: Discovered, decode_tokens: Callable
     )
 
 
+WRITE_LATENTS = 2048
+"""Latents whose examples are turned into Arrow rows and written at once: the write holds one
+such block of rows (a few hundred MB at most), not copies of the whole tables (4.6M example rows
+at 65,536 latents × 70 slots)."""
+
+
 def _write_tables(folder: Path, found: Discovered, decode_tokens, cfg: DiscoverConfig) -> tuple[int, int, int]:
-    """The three Parquet files; returns (latents with top examples, top examples, quantile examples)."""
+    """The three Parquet files; returns (latents with top examples, top examples, quantile examples).
+    examples.parquet is written a block of latents at a time (`WRITE_LATENTS`)."""
     d_sae = found.top["value"].shape[0]
     n_fired = found.n_fired.cpu().numpy()
     frequency = n_fired / found.tokens if found.tokens else np.zeros(d_sae)
     rare = frequency < cfg.min_frequency
-    t, rows, kind, bin_, rank = _example_rows(found.top, found.sample, rare, cfg)
-
-    valid = rows["win_tokens"] >= 0  # trim out-of-row and padding positions (tokens and acts together)
     outliers = found.outliers
     out_ids = np.concatenate([o["token_id"] for o in outliers]) if outliers else np.array([], dtype=np.int64)
-    lookup = _decoder(np.concatenate([rows["win_tokens"][valid], out_ids]), decode_tokens)
+    lookup = _decoder(np.concatenate([_window_ids(found), out_ids]), decode_tokens)
 
-    features = _features_table(found, n_fired, frequency, rare, t, lookup, cfg)
+    step = max(cfg.row_group_latents, WRITE_LATENTS // cfg.row_group_latents * cfg.row_group_latents)
+    top_ids, top_counts, counts = [], [], np.zeros(3, dtype=np.int64)
+    writer = None
+    try:
+        for lo in range(0, d_sae, step):
+            hi = min(lo + step, d_sae)
+            sample = _block(found.sample, lo, hi) if found.sample is not None else None
+            t, rows, kind, bin_, rank = _example_rows(_block(found.top, lo, hi), sample, rare[lo:hi], cfg)
+            ids, n_ids = _top_tokens(t["latent"], t["win_tokens"][:, cfg.window_before], hi - lo)
+            top_ids.append(ids)
+            top_counts.append(n_ids)
+            rows["latent"] = rows["latent"] + lo
+            examples = _examples_table(rows, kind, bin_, rank, rows["win_tokens"] >= 0, lookup, cfg)
+            per_latent = max(1, len(examples) // max(1, len(np.unique(rows["latent"]))))
+            if writer is None:
+                writer = pq.ParquetWriter(folder / EXAMPLES_FILE, examples.schema, use_dictionary=STRING_COLUMNS,
+                                          write_statistics=FILTER_COLUMNS)
+            writer.write_table(examples.cast(writer.schema), row_group_size=max(1, cfg.row_group_latents * per_latent))
+            n_top = int((kind == 0).sum())
+            counts += (len(np.unique(t["latent"])), len(t["latent"]), len(kind) - n_top)
+    finally:
+        if writer is not None:
+            writer.close()
+
+    features = _features_table(found, n_fired, frequency, rare, np.concatenate(top_ids), np.concatenate(top_counts),
+                               lookup)
     pq.write_table(features, folder / FEATURES_FILE, row_group_size=FEATURE_ROW_GROUP, use_dictionary=STRING_COLUMNS,
                    write_statistics=FILTER_COLUMNS)
-    examples = _examples_table(rows, kind, bin_, rank, valid, lookup, cfg)
-    per_latent = max(1, len(examples) // max(1, len(np.unique(rows["latent"]))))
-    pq.write_table(examples, folder / EXAMPLES_FILE, row_group_size=max(1, cfg.row_group_latents * per_latent),
-                   use_dictionary=STRING_COLUMNS, write_statistics=FILTER_COLUMNS)
     pq.write_table(_outliers_table(outliers, out_ids, lookup), folder / OUTLIERS_FILE)
-    n_top = int((kind == 0).sum())
-    return len(np.unique(t["latent"])), int(len(t["latent"])), len(kind) - n_top
+    return int(counts[0]), int(counts[1]), int(counts[2])
+
+
+def _block(table: Table, lo: int, hi: int) -> Table:
+    return {f: v[lo:hi] for f, v in table.items()}
+
+
+def _window_ids(found: Discovered) -> np.ndarray:
+    """Every distinct token id held in a window of the tables (decoded once for the whole write)."""
+    seen = []
+    for table in (found.top, found.sample):
+        if table is not None:
+            for block in table["win_tokens"].split(WRITE_LATENTS):
+                seen.append(torch.unique(block).cpu().numpy())
+    ids = np.unique(np.concatenate(seen)) if seen else np.array([], dtype=np.int64)
+    return ids[ids >= 0]
 
 
 def _example_rows(top: Table, sample: Table | None, rare: np.ndarray, cfg: DiscoverConfig) -> tuple:
     """The held top rows (t), and every example row to write — top then quantile rows of each
-    latent that is not rare — with their kind (0 top, 1 quantile), bin and rank, in file order."""
+    latent that is not rare — with their kind (0 top, 1 quantile), bin and rank, in file order.
+    Latents count from the tables' first row."""
     parts = []
     t = _held_rows(top)
     parts.append((t, np.zeros(len(t["latent"]), np.int8), np.full(len(t["latent"]), -1, np.int16), t["slot"]))
@@ -162,10 +203,9 @@ def _example_rows(top: Table, sample: Table | None, rare: np.ndarray, cfg: Disco
     return t, rows, kind[order], bin_[order], rank[order]
 
 
-def _features_table(found: Discovered, n_fired: np.ndarray, frequency: np.ndarray, rare: np.ndarray, t: dict,
-                    lookup, cfg: DiscoverConfig) -> pa.Table:
+def _features_table(found: Discovered, n_fired: np.ndarray, frequency: np.ndarray, rare: np.ndarray,
+                    top_ids: np.ndarray, top_counts: np.ndarray, lookup) -> pa.Table:
     d_sae = len(n_fired)
-    top_ids, top_counts = _top_tokens(t["latent"], t["win_tokens"][:, cfg.window_before], d_sae)
     fired = np.maximum(n_fired, 1)
     hist = found.hist
     return pa.table({

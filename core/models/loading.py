@@ -119,7 +119,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 def check_source(source: str) -> None:
     """Refuse a model source that cannot load (no such path, a folder without config.json or
     tokenizer, a file that is not .gguf) at submit; a hub id is checked when it is fetched."""
-    _resolve(source)
+    _loadable(source)
+
+
+def _loadable(source: str | Path) -> tuple[str, Path | str]:
+    """`_resolve`, and a folder must also hold a tokenizer: every job tokenizes with the model's own.
+    (Estimating memory needs only config.json, so `_resolve` alone does not ask for one.)"""
+    kind, where = _resolve(source)
+    if kind == "folder" and not any((where / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{where} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+                        "into it (tokenizer.save_pretrained(folder)) and add it again")
+    return kind, where
 
 
 def _looks_like_path(source: str) -> bool:
@@ -136,9 +146,6 @@ def _resolve(source: str | Path) -> tuple[str, Path | str]:
         if not (path / "config.json").is_file():
             raise UserError(f"{path} has no config.json, so it is not a Hugging Face model folder; "
                             "point at the folder that holds config.json and the weights")
-        if not any((path / name).is_file() for name in TOKENIZER_FILES):
-            raise UserError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
-                            "into it (tokenizer.save_pretrained(folder)) and add it again")
         return "folder", path
     if path.exists():
         raise UserError(f"{text} is a file but not a .gguf model; give a model folder (with config.json), "
@@ -211,7 +218,7 @@ def load_model(source: str | Path, *, device: str = "cpu", dtype: str = "float32
     `convert_gguf` to skip that on every load).
     """
     torch_dtype = _check_options(dtype, quantization)
-    kind, where = _resolve(source)
+    kind, where = _loadable(source)
     bnb = _bnb_config(quantization, torch_dtype, device)
     if kind == "gguf" and bnb is not None:
         with tempfile.TemporaryDirectory(prefix="mistudio-gguf-", ignore_cleanup_errors=True) as tmp:

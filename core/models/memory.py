@@ -111,23 +111,13 @@ def estimate_memory(source, *, dtype: str = "float32", quantization: str = "none
 
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     n_layers_ = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
-    d = _first(cfg, "hidden_size", "n_embd", "d_model")
-    heads = _first(cfg, "num_attention_heads", "n_head")
-    kv_heads = _first(cfg, "num_key_value_heads", default=heads)
-    head_dim = _first(cfg, "head_dim", default=d // heads)
-    ffn = _first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * d)
-    vocab = _first(cfg, "vocab_size")
     if deepest_layer is not None and not 0 <= deepest_layer < n_layers_:
         raise UserError(f"layer {deepest_layer} is out of range: the model has {n_layers_} layers "
                         f"(0-{n_layers_ - 1}); pick a layer within it")
     eager = model.config._attn_implementation == "eager"
-    e, tokens = torch_dtype.itemsize, batch_size * context_length
-    attention = tokens * (d + 5 * heads * head_dim + 2 * kv_heads * head_dim) * e
-    if eager:
-        attention += 2 * batch_size * heads * context_length ** 2 * e
-    mlp = tokens * (d + 3 * ffn) * e
-    logits = tokens * vocab * e if deepest_layer is None else 0
-    activations = tokens * d * (e + 4) + attention + mlp + logits + biggest * e
+    e = torch_dtype.itemsize
+    logits = deepest_layer is None
+    activations = _forward_bytes(cfg, e, batch_size, context_length, deepest_layer, eager) + biggest * e
 
     label = _DTYPE_LABELS[torch_dtype] if quantization == "none" else \
         f"{'int8' if quantization == '8bit' else 'NF4'} + {_DTYPE_LABELS[torch_dtype]}"
@@ -136,3 +126,44 @@ def estimate_memory(source, *, dtype: str = "float32", quantization: str = "none
               f"{_human(activations)} (batch {batch_size} × {context_length} tokens, {ran} of {n_layers_} layers"
               f"{', eager attention' if eager else ''}{', logits' if logits else ''})")
     return MemoryEstimate(weights, activations, weights + activations, detail, n_params)
+
+
+def _forward_bytes(cfg, e: int, batch_size: int, context_length: int, deepest_layer: int | None, eager: bool) -> int:
+    """The activation terms of `estimate_memory` (its docstring lists them) for a text config
+    `cfg`, `e` bytes per element."""
+    d = _first(cfg, "hidden_size", "n_embd", "d_model")
+    heads = _first(cfg, "num_attention_heads", "n_head")
+    kv_heads = _first(cfg, "num_key_value_heads", default=heads)
+    head_dim = _first(cfg, "head_dim", default=d // heads)
+    ffn = _first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * d)
+    tokens = batch_size * context_length
+    attention = tokens * (d + 5 * heads * head_dim + 2 * kv_heads * head_dim) * e
+    if eager:
+        attention += 2 * batch_size * heads * context_length ** 2 * e
+    mlp = tokens * (d + 3 * ffn) * e
+    logits = tokens * _first(cfg, "vocab_size") * e if deepest_layer is None else 0
+    return tokens * d * (e + 4) + attention + mlp + logits
+
+
+GPU_MEMORY_FRACTION = 0.5
+"""Share of a GPU's free memory a job's batches may take (the rest: the allocator's slack, other
+work on the card)."""
+MAX_GPU_ROWS = 512
+"""Most rows per forward chosen from free memory (beyond this a GPU is busy already)."""
+
+
+def gpu_batch_size(model, batch_size: int, context_length: int, deepest_layer: int | None,
+                   bytes_per_token: int = 0, free_bytes: int | None = None) -> int:
+    """Rows per forward: on the CPU `batch_size`; on a CUDA device as many rows of
+    `context_length` tokens as fit in GPU_MEMORY_FRACTION of its free memory
+    (torch.cuda.mem_get_info, or `free_bytes` when given) by the forward's activation estimate
+    plus `bytes_per_token` of the caller's own, at least `batch_size` and at most MAX_GPU_ROWS."""
+    device = next(model.parameters()).device
+    if device.type != "cuda" and free_bytes is None:
+        return batch_size
+    free = free_bytes if free_bytes is not None else torch.cuda.mem_get_info(device)[0]
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    e = next(model.parameters()).element_size()
+    eager = getattr(model.config, "_attn_implementation", "") == "eager"
+    per_row = _forward_bytes(cfg, e, 1, context_length, deepest_layer, eager) + bytes_per_token * context_length
+    return max(batch_size, min(MAX_GPU_ROWS, int(free * GPU_MEMORY_FRACTION) // max(per_row, 1)))

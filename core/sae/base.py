@@ -166,6 +166,13 @@ class StepOut(NamedTuple):
     """bool [d_sae]: latents that fired in this batch."""
 
 
+def fired_latents(latents: torch.Tensor, live: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """bool [d_sae]: the latents of (latent, live) pairs that fired, by a scatter (indexing with
+    the `live` mask would make a GPU wait for the host on every step)."""
+    hit = torch.zeros(d_sae, dtype=torch.uint8, device=latents.device)
+    return hit.scatter_reduce_(0, latents.reshape(-1), live.reshape(-1).to(torch.uint8), "amax").bool()
+
+
 def reconstruction_terms(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ‖x − x̂‖², Σ‖x − x̄‖²) over a batch; the FVU's numerator and denominator."""
     total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -225,12 +232,15 @@ class SAE(nn.Module):
         geometric median (types with a penalty also start their encoder bias sparse)."""
         self.b_dec.copy_(geometric_median(x))
 
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder pre-activations [..., d_sae]."""
+    def pre_acts(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder pre-activations [..., d_sae]; of a 2-D x into `out` ([len(x), d_sae], the same
+        numbers) when given, so a caller can reuse one buffer."""
         x = x.to(self.W_enc.dtype)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        if out is None:
+            return x @ self.W_enc + self.b_enc
+        return torch.matmul(x, self.W_enc, out=out).add_(self.b_enc)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -262,6 +272,10 @@ class SAE(nn.Module):
     def after_step(self) -> None:
         """Re-impose constraints after an optimizer step: unit-norm decoder rows."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def calibrate(self, x: torch.Tensor, batch_size: int) -> None:
+        """Re-estimate, from the weights as they will be saved, what inference needs besides
+        them (`x`: scaled training tokens). Nothing, for most types."""
 
     def to_inference(self) -> "SAE":
         """The module to save and apply; BatchTopK turns into JumpReLU here."""

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import UserError
-from core.sae.base import (SAE, SAETypeConfig, StepContext, StepOut, chunk_rows, reconstruction_terms,
-                           sparse_step_bytes)
+from core.sae.base import (SAE, SAETypeConfig, StepContext, StepOut, chunk_rows, fired_latents,
+                           reconstruction_terms, sparse_step_bytes)
 from core.sae.registry import register
 
 # `_ByLatent.dots` builds a CSR pattern; torch warns once per process that CSR is in beta.
@@ -81,9 +81,10 @@ class TopKSAE(SAE):
     def k(self) -> int:
         return self.type_config.k
 
-    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k kept activations and their latent indices, each [..., k] (values may be 0)."""
-        values, indices = self.pre_acts(x).topk(self.k, dim=-1)
+    def encode_topk(self, x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k kept activations and their latent indices, each [..., k] (values may be 0).
+        `out`: a [len(x), d_sae] buffer for the pre-activations of a 2-D x (see `pre_acts`)."""
+        values, indices = self.pre_acts(x, out).topk(self.k, dim=-1)
         return values.relu(), indices
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
@@ -112,9 +113,8 @@ class TopKSAE(SAE):
         fvu = sq_err / total_var
         loss = fvu + aux.loss(x_c, (x - x_hat).detach(), self.b_dec if self.apply_b_dec_to_input else None) / total_var
         live = acts > 0
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[top_i[live]] = True
-        return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum(1).float().mean(), fired)
+        return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum(1).float().mean(),
+                       fired_latents(top_i, live, self.d_sae))
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:

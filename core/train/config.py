@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 
-from core.errors import UserError
+from core.errors import UserError, at_least_one
 from core.fields import FieldInfo, describe
 from core.sae import SAE, SAETypeConfig, registry
 from core.train.optim import OPTIMIZERS
@@ -217,9 +217,7 @@ class TrainConfig:
         if self.lr_warmup_frac + self.lr_decay_frac > 1:
             raise UserError(f"lr_warmup_frac + lr_decay_frac = {self.lr_warmup_frac + self.lr_decay_frac:g} exceeds "
                             "the run; make them add up to 1 at most")
-        for name in ("log_every", "sample_tokens", "shuffle_batches"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name}={getattr(self, name)} must be at least 1")
+        at_least_one(log_every=self.log_every, sample_tokens=self.sample_tokens, shuffle_batches=self.shuffle_batches)
         if self.dead_tokens is not None and self.dead_tokens < 1:
             raise UserError(f"dead_tokens={self.dead_tokens} must be at least 1, or left out for 32 × d_sae")
         if not (self.grad_clip >= 0):

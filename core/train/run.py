@@ -134,21 +134,28 @@ class RunState:
         self.opt.step()
         sae.after_step()
         self.since_fired += len(x)
-        self.since_fired[out.fired] = 0
+        self.since_fired.masked_fill_(out.fired, 0)  # (indexing with the mask would sync a GPU)
         self.step += 1
         self.tokens += len(x)
-        loss = float(out.loss.detach())
-        if not math.isfinite(loss):
-            raise UserError(f"training diverged (loss is {loss}) at step {self.step} of {self.spec.name}; "
-                            "lower --lr or check the activations")
+        # Summed where they are: reading a number back every step would stall a GPU on each one;
+        # they are read (and the loss checked) once per log line and at a checkpoint.
         w = self.window
-        for key, value in (("loss", loss), ("fvu", out.fvu), ("sq_err", out.sq_err), ("l0", out.l0)):
-            w[key] += float(value)
+        for key, value in (("loss", out.loss), ("fvu", out.fvu), ("sq_err", out.sq_err), ("l0", out.l0)):
+            w[key] = w[key] + value.detach().double()
         w["steps"] += 1
         w["tokens"] += len(x)
 
+    def _read_window(self) -> dict[str, float]:
+        """The window's sums as numbers; UserError if the loss stopped being finite in it."""
+        w = {k: float(v) for k, v in self.window.items()}
+        if not math.isfinite(w["loss"]):
+            raise UserError(f"training diverged (loss is {w['loss'] / max(w['steps'], 1)}) by step {self.step} of "
+                            f"{self.spec.name}; lower --lr or check the activations")
+        return w
+
     def _log(self) -> None:
-        w, n = self.window, max(self.window["steps"], 1)
+        w = self._read_window()
+        n = max(w["steps"], 1)
         self.history.add({
             "step": self.step,
             "tokens": self.tokens,
@@ -174,6 +181,7 @@ class RunState:
             self._log()
         self.opt.zero_grad(set_to_none=True)  # room for the folded copy: the gradients are spent
         with optim.averaged(self.opt):  # a schedule-free run's result is its running average
+            self.sae.calibrate(self.stats.sample * self.stats.scale, self.cfg.batch_size)
             folded = self.sae.folded(self.stats.scale)
         split, eval_x = "training sample", self.stats.sample
         if held is not None and len(held):
@@ -201,7 +209,7 @@ class RunState:
         return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "gen": self.gen.get_state(),
                 "since_fired": self.since_fired.cpu(), "buf": self.buffer(), "excluded": self.excluded,
                 "step": self.step, "tokens": self.tokens, "lr": self.lr, "history": self.history.state_dict(),
-                "window": self.window, "finished": self.finished}
+                "window": self._read_window(), "finished": self.finished}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.sae.load_state_dict(d["sae"])

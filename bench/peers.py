@@ -1,0 +1,224 @@
+"""SAE quality at equal tokens, side by side: miStudio, sparsify and SAELens (issue 22).
+
+Every contender trains a TopK SAE (k 32, batch 4096) with its own defaults on the same tokens in
+the same order, in its own process, and is scored by one function on the same held-out tokens:
+FVU = Σ‖x−x̂‖² / Σ‖x−x̄‖² in float64, L0, and the fraction of latents that never fire on the
+held-out tokens ("dead", one definition for all three; each tool's own dead count depends on its
+window). Data: bench.recipe's cache — SmolLM2-135M `blocks.15.hook_resid_post` over the start of
+`stdlib-source`, BOS-first rows of 256 tokens, special tokens and tokens above 10× the median norm
+left out; the first `--holdout` tokens held out, the rest shuffled once and cycled.
+
+- `miStudio`: `core.train.train_sae(TrainConfig(sae=TopKConfig(k=32), d_sae=N, batch_size=4096,
+  total_tokens=T))`, every other setting its default (optimizer, lr, schedule, AuxK, dead window).
+- `miStudio signum`: the same with `optimizer="signum"`.
+- `sparsify`: eai-sparsify 1.3's `SparseCoder` stepped as its `Trainer` steps by default: SignSGD
+  under schedulefree's `ScheduleFreeWrapper` (momentum 0.95) at 5e-3 / √(n / 2^14), no schedule;
+  `b_dec` at the first batch's mean; no AuxK (its `auxk_alpha` defaults to 0); decoder rows set
+  to unit norm before every step with the gradient parallel to them removed; scored at the
+  schedule-free average, which its Trainer saves.
+- `SAELens`: its `SAETrainer` as bench/train.py drives it (its defaults, activation norm scaling,
+  lr decay over the final 20%).
+
+Peers are installed in the bench venv only (never project dependencies):
+
+    python3 -m venv /tmp/bench-venv && /tmp/bench-venv/bin/pip install torch==2.13.0
+    /tmp/bench-venv/bin/pip install -c constraints.txt eai-sparsify==1.3.3 sae-lens -e .
+    /tmp/bench-venv/bin/python -m bench.peers --d-sae 16384 --tokens 250000,1000000
+
+A contender that is not importable is reported as missing, not skipped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import _common as C
+
+K, BATCH = 32, 4096
+CONTENDERS = ("miStudio", "miStudio signum", "sparsify", "SAELens")
+
+
+def fixture(data_tokens: int, holdout: int) -> Path:
+    """held.npy and train.npy (shuffled) from bench.recipe's cache, written once."""
+    out = C.CACHE / "peers" / f"{data_tokens}-{holdout}"
+    if not (out / "train.npy").is_file():
+        from bench.recipe import load
+
+        held, train = load(data_tokens, holdout)
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / "held.npy", held)
+        np.save(out / ".train.npy", train)
+        (out / ".train.npy").rename(out / "train.npy")
+    return out
+
+
+@torch.no_grad()
+def score(held: torch.Tensor, encode, decode) -> dict:
+    """One scoring for every contender, on the held-out tokens in blocks (float64 sums)."""
+    err = var = l0 = 0.0
+    fired = None
+    mean = held.double().mean(0)
+    for block in held.split(4096):
+        z = encode(block)
+        x_hat = decode(z)
+        err += float((block.double() - x_hat.double()).pow(2).sum())
+        var += float((block.double() - mean).pow(2).sum())
+        l0 += float((z > 0).sum())
+        hit = (z > 0).any(0)
+        fired = hit if fired is None else fired | hit
+    return {"fvu": err / var, "l0": l0 / len(held), "dead": float((~fired).float().mean())}
+
+
+def batches(train: np.ndarray, tokens: int):
+    """`tokens` training tokens in batches, cycling through `train`."""
+    for n in range(0, tokens, BATCH):
+        i = n % (len(train) - BATCH + 1)
+        yield torch.from_numpy(np.ascontiguousarray(train[i:i + BATCH]))
+
+
+def run_ours(held: torch.Tensor, train: np.ndarray, d_sae: int, tokens: int, optimizer: str = "adam") -> dict:
+    from core.sae import TopKConfig
+    from core.train import TrainConfig, train_sae
+
+    data = np.concatenate([held[:BATCH].numpy(), train])  # the lead slice is the trainer's own hold-out
+    cfg = TrainConfig(sae=TopKConfig(k=K), d_sae=d_sae, batch_size=BATCH, total_tokens=tokens, optimizer=optimizer)
+    res = train_sae(lambda: (data[i:i + BATCH] for i in range(0, len(data), BATCH)), held.shape[1], cfg,
+                    holdout_tokens=BATCH)
+    sae = res.sae.eval()
+    return score(held, sae.encode, sae.decode)
+
+
+def run_sparsify(held: torch.Tensor, train: np.ndarray, d_sae: int, tokens: int) -> dict:
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.sign_sgd import SignSGD
+
+    torch.manual_seed(0)
+    sae = SparseCoder(held.shape[1], SparseCoderConfig(num_latents=d_sae, k=K), "cpu", dtype=torch.float32)
+    opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (d_sae / 2**14) ** 0.5}]),
+                              momentum=0.95)
+    opt.train()
+    for step, x in enumerate(batches(train, tokens)):
+        if step == 0:
+            sae.b_dec.data = x.mean(0)  # its Trainer centres the pre-activations on the first batch
+        sae.set_decoder_norm_to_unit_norm()  # its Trainer does so before every forward
+        sae(x).fvu.backward()  # auxk_alpha defaults to 0 in its TrainConfig
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+    opt.eval()  # the schedule-free average, as its Trainer saves
+
+    def encode(x):
+        acts, idx, _ = sae.encode(x)
+        return torch.zeros(len(x), d_sae).scatter_(1, idx, acts)
+
+    return score(held, encode, lambda z: z @ sae.W_dec + sae.b_dec)
+
+
+def run_saelens(held: torch.Tensor, train: np.ndarray, d_sae: int, tokens: int) -> dict:
+    import warnings
+
+    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainingSAE, TrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    steps = tokens // BATCH
+    cfg = LanguageModelSAERunnerConfig(
+        sae=TopKTrainingSAEConfig(d_in=held.shape[1], d_sae=d_sae, k=K, normalize_activations="expected_average_only_in"),
+        model_name="SmolLM2-135M (cached activations)", hook_name=C.HOOK, dataset_path="builtin",
+        training_tokens=tokens, train_batch_size_tokens=BATCH, lr_decay_steps=max(1, steps // 5),
+        n_batches_for_norm_estimate=4, logger=LoggingConfig(log_to_wandb=False), checkpoint_path=None,
+        output_path=None, verbose=False, device="cpu", dtype="float32")
+    torch.manual_seed(0)
+    sae = TrainingSAE.from_dict(TrainingSAEConfig.from_dict(cfg.get_training_sae_cfg_dict()).to_dict())
+
+    def provider():
+        while True:
+            yield from batches(train, tokens)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        SAETrainer(cfg=cfg.to_sae_trainer_config(), sae=sae, data_provider=provider()).fit()
+    sae.eval()
+    return score(held, sae.encode, sae.decode)
+
+
+def child(name: str, data: Path, d_sae: int, tokens: int) -> None:
+    """One contender in this process; prints one JSON line (its scores, tokens/s, peak RSS)."""
+    held, train = torch.from_numpy(np.load(data / "held.npy")), np.load(data / "train.npy")
+    fn = {"miStudio": run_ours, "miStudio signum": lambda *a: run_ours(*a, optimizer="signum"),
+          "sparsify": run_sparsify, "SAELens": run_saelens}[name]
+    t0 = time.perf_counter()
+    try:
+        out = fn(held, train, d_sae, tokens)
+    except ImportError as e:
+        out = {"missing": e.name}
+    out.update(wall=time.perf_counter() - t0, peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+    print("PEERS " + json.dumps(out), flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d-sae", type=int, default=16384)
+    ap.add_argument("--tokens", default="250000,1000000", help="comma-separated training budgets")
+    ap.add_argument("--data-tokens", type=int, default=1_000_000, help="distinct training tokens")
+    ap.add_argument("--holdout", type=int, default=32_768)
+    ap.add_argument("--only", default="", help="comma-separated contenders (default: all)")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--data", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args.child, Path(args.data), args.d_sae, int(args.tokens))
+    data = fixture(args.data_tokens, args.holdout)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CONTENDERS)
+    budgets = [int(t) for t in args.tokens.split(",")]
+    print(f"[peers] {args.d_sae:,} latents, k {K}, budgets {budgets}, data {data}; load {C.load_avg()}", flush=True)
+    rows = []
+    for tokens in budgets:
+        for name in names:
+            run = subprocess.run([sys.executable, "-m", "bench.peers", "--child", name, "--data", str(data),
+                                  "--d-sae", str(args.d_sae), "--tokens", str(tokens)],
+                                 capture_output=True, text=True, cwd=C.REPO)
+            line = next((s for s in run.stdout.splitlines() if s.startswith("PEERS ")), None)
+            if line is None:
+                sys.exit(f"[peers] {name} failed:\n{run.stderr[-3000:]}")
+            out = json.loads(line[6:])
+            rows.append((tokens, name, out))
+            if "missing" in out:
+                print(f"  {tokens:>9,} {name:16s} not installed ({out['missing']})", flush=True)
+                continue
+            print(f"  {tokens:>9,} {name:16s} FVU {out['fvu']:.4f}  L0 {out['l0']:5.1f}  dead {out['dead']:6.2%}  "
+                  f"{tokens / out['wall']:8,.0f} tok/s (whole run)  peak {out['peak_gb']:.1f} GB", flush=True)
+    if not args.no_record:
+        record(args, rows)
+
+
+def record(args, rows) -> None:
+    m = C.machine()
+    lines = [f"\n### Peers at equal tokens — {dt.date.today()}, {m['cpu']}, {m['nproc']} cores, torch {m['torch']}\n",
+             f"`{C.command_line()}` — {args.d_sae:,} latents, TopK k {K}, batch {BATCH}, each with its own defaults; "
+             f"{args.data_tokens:,} distinct training tokens, {args.holdout:,} held out; load {C.load_avg()}. "
+             "Dead = never fires on the held-out tokens; tok/s is the whole run (start-up and scoring included), "
+             "on a shared machine.\n",
+             "| tokens | contender | held-out FVU | L0 | dead | tok/s | peak RSS GB |", "|---|---|---|---|---|---|---|"]
+    for tokens, name, o in rows:
+        lines.append(f"| {tokens:,} | {name} | not installed |  |  |  |  |" if "missing" in o else
+                     f"| {tokens:,} | {name} | {o['fvu']:.4f} | {o['l0']:.1f} | {o['dead']:.2%} | "
+                     f"{tokens / o['wall']:,.0f} | {o['peak_gb']:.1f} |")
+    with open(C.RESULTS, "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
