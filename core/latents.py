@@ -40,6 +40,6 @@ def check_latents(latents: Iterable[int], d_sae: int, what: str = "this SAE") ->
     chosen = sorted({int(i) for i in latents})
     bad = [i for i in chosen if not 0 <= i < d_sae]
     if bad:
-        raise UserError(f"latent {bad[0] if bad[0] < 0 else bad[-1]} is out of range: {what} has latents "
+        raise UserError(f"latent {bad[0]} is out of range: {what} has latents "
                         f"0-{d_sae - 1}")
     return chosen
