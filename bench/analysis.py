@@ -10,12 +10,13 @@ Stages, as `analyze_features` reports them: logit effects (W_dec[i] @ W_U for al
 and bottom tokens, decoded), similar features (exact top-n decoder cosines), co-occurrence
 (exact counts over the stored co-active latents of every example), NLP (spaCy over every
 latent's top windows), measured ablation (--ablate latents, two forwards per batch of latents),
-then the registry write of every latent's analysis is timed separately (SQLite).
+then heuristic labels of every analysed latent (`core.interp.label_features`, the label job's
+core) are timed separately.
 
 With --before REV the same stages of REV's `core/analysis.py` (run from `git show`, against
 this tree's readers) are timed at the widths given in --before-widths, side by side.
 
-    .venv/bin/python -m bench.analysis [--widths 4608,65536] [--tokens N] [--ablate 32]
+    .venv/bin/python -m bench.analysis [--widths 4608,65536] [--tokens N] [--ablate 16]
                                        [--before REV] [--before-widths 4608] [--no-record]
 """
 
@@ -87,7 +88,7 @@ class Timer:
         return out
 
 
-def run_after(model, tok, sae_dir: Path, feat_dir: Path, ds: Path, ablate: int) -> dict[str, float]:
+def run_after(model, tok, sae_dir: Path, feat_dir: Path, ds: Path, ablate: int) -> tuple[dict[str, float], dict]:
     from core.analysis import AnalyzeConfig, analyze_features
 
     timer = Timer()
@@ -95,12 +96,26 @@ def run_after(model, tok, sae_dir: Path, feat_dir: Path, ds: Path, ablate: int) 
     times = timer.stages(time.perf_counter())
     times["latents"] = len(out)
     times["ablations"] = sum("mean_delta_loss_at_max" in v.get("ablation", {}) for v in out.values())
-    return times
+    return times, out
+
+
+def time_labels(label_features, feat_dir: Path, analysis: dict) -> float:
+    """Heuristic labels of every analysed latent, as the label job runs them (its registry rows:
+    latent, top tokens, frequency, analysis)."""
+    from core.features import store
+
+    rows = [dict(r, analysis=analysis[r["latent"]]) for r in
+            store.feature_rows(feat_dir, columns=["latent", "top_tokens", "frequency"]) if r["latent"] in analysis]
+    t0 = time.perf_counter()
+    res = label_features(None, rows, feat_dir)
+    assert len(res["labels"]) + len(res["errors"]) == len(rows)
+    return time.perf_counter() - t0
 
 
 def _module(rev: str, path: str, name: str) -> types.ModuleType:
     """`path` as it was at git revision `rev`, imported under `name` (against this tree's imports)."""
-    src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=C.REPO, capture_output=True, text=True, check=True).stdout
+    src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=C.REPO, capture_output=True, text=True,
+                         check=True).stdout
     mod = types.ModuleType(name)
     mod.__file__ = f"{rev}:{path}"
     sys.modules[name] = mod
@@ -156,14 +171,15 @@ def run_before(rev: str, model, tok, sae_dir: Path, feat_dir: Path, ds: Path, ab
     return times
 
 
-STAGES = ["load + live latents", "logit effects", "similar features", "co-occurrence", "NLP", "ablation"]
+STAGES = ["load + live latents", "logit effects", "similar features", "co-occurrence", "NLP", "ablation",
+          "heuristic labels"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--widths", default="4608,65536")
     p.add_argument("--tokens", type=int, default=16384, help="tokens discovered for the fixture")
-    p.add_argument("--ablate", type=int, default=32, help="latents whose ablation is measured (most frequent)")
+    p.add_argument("--ablate", type=int, default=16, help="latents whose ablation is measured (most frequent)")
     p.add_argument("--before", default="", help="also time this git revision's analysis (e.g. c894dda)")
     p.add_argument("--before-widths", default="4608")
     p.add_argument("--threads", type=int, default=2)
@@ -178,7 +194,14 @@ def main() -> None:
         if a.before and str(w) in a.before_widths.split(","):
             results[("before", w)] = run_before(a.before, model, tok, sae_dir, feat_dir, ds, a.ablate)
             print("before", w, results[("before", w)], flush=True)
-        results[("after", w)] = run_after(model, tok, sae_dir, feat_dir, ds, a.ablate)
+        results[("after", w)], analysis = run_after(model, tok, sae_dir, feat_dir, ds, a.ablate)
+        from core.interp.label import label_features
+
+        results[("after", w)]["heuristic labels"] = time_labels(label_features, feat_dir, analysis)
+        if ("before", w) in results:
+            old = _module(a.before, "core/interp/label.py", "_before_label")
+            results[("before", w)]["heuristic labels"] = time_labels(old.label_features, feat_dir, analysis)
+        del analysis
         print("after", w, results[("after", w)], flush=True)
     header = ["stage"] + [f"{'this tree' if who == 'after' else a.before} @ {w:,}" for who, w in results]
     rows = []

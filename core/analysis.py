@@ -121,30 +121,57 @@ def similar_features(sae, latents: Sequence[int] | None = None, n: int = 10, chu
                      should_cancel: CancelCheck = None) -> tuple[list[list[int]], list[list[float]]]:
     """Per latent, the n other latents with the highest decoder cosine similarity, and the
     cosines — exact: every pair is computed, a [chunk, block] tile of W @ W.T at a time (32 MB
-    at the defaults), and each row keeps a running top-n over its tiles."""
+    at the defaults), and each row keeps a running top-n over its tiles.
+
+    Among the asked latents the matrix is symmetric, so each pair is computed once: row block I
+    meets the asked latents from block I on, and a tile's transpose updates the later blocks'
+    rows (after block I, its rows are final). Against the other latents it is one-sided."""
     W = sae.W_dec.detach().float()
     W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
     latents = _check_latents(sae, latents)
     d_sae = W.shape[0]
     n = min(n, d_sae - 1)
-    ids, vals = [], []
-    for start in range(0, len(latents), chunk):
+    asked = torch.tensor(sorted(set(latents)), dtype=torch.long)
+    others = torch.ones(d_sae, dtype=torch.bool)
+    others[asked] = False
+    others = others.nonzero()[:, 0]
+    best = _RunningTop(len(asked), n)
+    for start in range(0, len(asked), chunk):
         check_cancel(should_cancel, "analysis")
-        rows = torch.tensor(latents[start:start + chunk], dtype=torch.long)
-        best_v = torch.full((len(rows), 0), -torch.inf)
-        best_i = torch.zeros((len(rows), 0), dtype=torch.long)
-        for col in range(0, d_sae, block):
-            cos = W[rows] @ W[col:col + block].T  # [rows, block]
-            mine = (rows >= col) & (rows < col + cos.shape[1])
-            cos[mine.nonzero()[:, 0], rows[mine] - col] = -torch.inf  # not itself
-            v, i = cos.topk(min(n, cos.shape[1]), dim=1)
-            best_v, pick = torch.cat([best_v, v], 1).topk(min(n, best_v.shape[1] + v.shape[1]), dim=1)
-            best_i = torch.cat([best_i, i + col], 1).gather(1, pick)
-        ids += best_i.tolist()
-        vals += best_v.tolist()
+        rows = slice(start, min(start + chunk, len(asked)))
+        for col in range(start, len(asked), block):  # asked × asked, from this block on
+            cols = slice(col, min(col + block, len(asked)))
+            cos = W[asked[rows]] @ W[asked[cols]].T
+            own = torch.arange(cols.start, max(cols.start, min(rows.stop, cols.stop)))  # a row is not its own neighbour
+            cos[own - rows.start, own - cols.start] = -torch.inf
+            best.add(rows, cos, asked[cols])
+            later = slice(max(cols.start, rows.stop), cols.stop)  # rows of later blocks: by symmetry
+            if later.start < later.stop:
+                best.add(later, cos[:, later.start - cols.start:].T, asked[rows])
+        for col in range(0, len(others), block):  # asked × the rest
+            ids = others[col:col + block]
+            best.add(rows, W[asked[rows]] @ W[ids].T, ids)
         if progress is not None:
-            progress(min(start + chunk, len(latents)))
-    return ids, vals
+            progress(rows.stop)
+    at = {int(i): j for j, i in enumerate(asked.tolist())}
+    order = torch.tensor([at[i] for i in latents], dtype=torch.long)
+    return best.ids[order].tolist(), best.values[order].tolist()
+
+
+class _RunningTop:
+    """The n largest values seen so far per row, and their column ids."""
+
+    def __init__(self, rows: int, n: int):
+        self.n = n
+        self.values = torch.full((rows, n), -torch.inf)
+        self.ids = torch.full((rows, n), -1, dtype=torch.long)
+
+    def add(self, rows: slice, tile: torch.Tensor, col_ids: torch.Tensor) -> None:
+        v, i = tile.topk(min(self.n, tile.shape[1]), dim=1)
+        v = torch.cat([self.values[rows], v], 1)
+        i = torch.cat([self.ids[rows], col_ids[i]], 1)
+        top, pick = v.topk(self.n, dim=1)
+        self.values[rows], self.ids[rows] = top, i.gather(1, pick)
 
 
 def coactive_counts(features_dir: Path, latents: Sequence[int], n: int = 10, block: int = 4096,
@@ -253,7 +280,8 @@ def nlp_summaries(features_dir: Path, latents: Sequence[int], block: int = 4096,
         chunk = wanted[s:s + block]
         t = store.example_block(features_dir, chunk[0], chunk[-1] + 1, ["latent", "rank", "pos", "tokens", "max_index"],
                                 kind="top")
-        t = t.filter(pc.and_(pc.less(t.column("rank"), per_feature), pc.is_in(t.column("latent"), pa.array(chunk, pa.int32()))))
+        keep = pc.and_(pc.less(t.column("rank"), per_feature), pc.is_in(t.column("latent"), pa.array(chunk, pa.int32())))
+        t = t.filter(keep)
         examples: dict[int, list[dict]] = {i: [] for i in chunk}
         for row in t.sort_by([("latent", "ascending"), ("rank", "ascending")]).to_pylist():
             examples[row["latent"]].append(row)

@@ -188,6 +188,7 @@ def test_blocked_similar_features_equal_the_whole_matrix(latents):
     want = list(range(251)) if latents is None else latents
     ids, vals = similar_features(s, latents, n=6, chunk=7, block=40)
     assert ids == cos[want].topk(6, dim=1).indices.tolist()
+    assert similar_features(s, latents, n=6, chunk=50, block=20)[0] == ids, "tiles narrower than a row block"
     for v, w in zip(vals, cos[want].topk(6, dim=1).values.tolist()):
         assert v == pytest.approx(w, abs=1e-6)
     eff_all = logit_effects(_tiny("llama"), s, want, n=3, chunk=4)
