@@ -10,8 +10,8 @@ Stages, as `analyze_features` reports them: logit effects (W_dec[i] @ W_U for al
 and bottom tokens, decoded), similar features (exact top-n decoder cosines), co-occurrence
 (exact counts over the stored co-active latents of every example), NLP (spaCy over every
 latent's top windows), measured ablation (--ablate latents, two forwards per batch of latents),
-then heuristic labels of every analysed latent (`core.interp.label_features`, the label job's
-core) are timed separately.
+then the job's record step (one bulk UPDATE of a SQLite registry) and heuristic labels of every
+analysed latent (`core.interp.label_features`, the label job's core) are timed.
 
 With --before REV the same stages of REV's `core/analysis.py` (run from `git show`, against
 this tree's readers) are timed at the widths given in --before-widths, side by side.
@@ -99,6 +99,23 @@ def run_after(model, tok, sae_dir: Path, feat_dir: Path, ds: Path, ablate: int) 
     return times, out
 
 
+def time_record(feat_dir: Path, analysis: dict) -> float:
+    """The analyze job's record step: every latent's analysis in one bulk UPDATE of a SQLite
+    registry holding the SAE's feature rows (as discovery's record step writes them)."""
+    from core.features import store
+    from core.features.schema import REGISTRY_COLUMNS
+    from storage.registry import Registry
+
+    with tempfile.TemporaryDirectory(prefix="mistudio-bench-an-") as tmp:
+        reg = Registry(f"sqlite:///{tmp}/registry.db")
+        reg.replace_features("sae", store.feature_rows(feat_dir, columns=REGISTRY_COLUMNS))
+        t0 = time.perf_counter()
+        reg.update_features("sae", [{"latent": int(k), "analysis": v} for k, v in analysis.items()])
+        took = time.perf_counter() - t0
+        reg.close()
+    return took
+
+
 def time_labels(label_features, feat_dir: Path, analysis: dict) -> float:
     """Heuristic labels of every analysed latent, as the label job runs them (its registry rows:
     latent, top tokens, frequency, analysis)."""
@@ -172,7 +189,7 @@ def run_before(rev: str, model, tok, sae_dir: Path, feat_dir: Path, ds: Path, ab
 
 
 STAGES = ["load + live latents", "logit effects", "similar features", "co-occurrence", "NLP", "ablation",
-          "heuristic labels"]
+          "record (registry)", "heuristic labels"]
 
 
 def main() -> None:
@@ -197,6 +214,8 @@ def main() -> None:
         results[("after", w)], analysis = run_after(model, tok, sae_dir, feat_dir, ds, a.ablate)
         from core.interp.label import label_features
 
+        results[("after", w)]["record (registry)"] = time_record(feat_dir, analysis)
+        results[("after", w)]["analysis JSON MB"] = len(json.dumps(analysis)) / 1e6
         results[("after", w)]["heuristic labels"] = time_labels(label_features, feat_dir, analysis)
         if ("before", w) in results:
             old = _module(a.before, "core/interp/label.py", "_before_label")
@@ -210,6 +229,8 @@ def main() -> None:
         rows.append(row)
     rows.append(["**total**"] + [f"**{sum(r.get(s, 0) for s in STAGES):.1f}**" for r in results.values()])
     rows.append(["latents analysed"] + [f"{r['latents']:,}" for r in results.values()])
+    rows.append(["analysis JSON (MB)"] + [f"{r['analysis JSON MB']:.0f}" if "analysis JSON MB" in r else "–"
+                                          for r in results.values()])
     ratio = ""
     for w in widths:
         if ("before", w) in results:
