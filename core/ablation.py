@@ -3,15 +3,14 @@ next-token loss when only that latent's contribution z_i(x)·W_dec[i] is removed
 activation at every position (the SAE's error term and every other latent stay).
 
 Several latents share each forward: every context row carries its own latent, the hook removes
-row r's latent from row r alone, and rows (of any latents) are packed by length into forwards
-of at most `max_tokens` padded positions. Padding never enters an average, and a causal model
+row r's latent from row r alone, and the rows of a group of latents are packed by length into
+forwards of at most `max_tokens` padded positions. Padding never enters an average, and a causal model
 reads a right-padded row exactly as it reads the row alone, so a latent's figures do not depend
 on which others shared its forwards (tests/test_analysis.py pins this against a plain loop).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -81,33 +80,33 @@ def _rows(item: Ablation, d_sae: int) -> list[tuple[torch.Tensor, int]]:
 
 @torch.no_grad()
 def ablation_effects(model, sae, hook_name: str, items: Sequence[Ablation], n_tokens: int = 5, pad_id: int = 0,
-                     max_tokens: int = 2048, progress: Callable[[int], None] | None = None,
+                     max_tokens: int = 2048, group: int = 16, progress: Callable[[int], None] | None = None,
                      should_cancel: Callable[[], bool] | None = None) -> list[AblationEffect | UserError]:
     """The ablation effect of each item's latent, in item order; an item that cannot be measured
     (no context with a token after its position, ...) gets the one-line UserError instead.
-    `max_tokens` bounds one forward's padded positions (its logits are [rows, T, vocab]);
-    `progress(done)` is told how many items are finished after each forward."""
+    Items are measured `group` at a time, their rows sorted by length and packed into forwards of
+    at most `max_tokens` padded positions (its logits are [rows, T, vocab]); so a group's items
+    finish together, the rows held between forwards are one group's, and `progress(done)` (items
+    finished) moves every group."""
     check_model(model, sae, hook_name)
     d_sae = int(sae.W_dec.shape[0])
     out: list[AblationEffect | UserError | None] = [None] * len(items)
-    flat: list[tuple[int, torch.Tensor, int, int]] = []  # (item index, context, position, row of the item)
-    for j, item in enumerate(items):
-        try:
-            flat += [(j, c, p, r) for r, (c, p) in enumerate(_rows(item, d_sae))]
-        except UserError as e:
-            out[j] = e
-    flat.sort(key=lambda r: len(r[1]))  # similar lengths share a forward: little padding
-    per_item: dict[int, list[dict]] = {}
-    left = Counter(r[0] for r in flat)  # rows still to measure per item
-    for batch in _pack(flat, max_tokens):
-        check_cancel(should_cancel, "ablation")
-        for (j, _, _, r), row in zip(batch, _measure(model, sae, hook_name, batch, [items[b[0]].latent for b in batch],
-                                                      pad_id)):
-            per_item.setdefault(j, []).append((r, row))
-            left[j] -= 1
-            if not left[j]:  # every row of item j is measured: in its contexts' order
-                out[j] = _summarise(items[j].latent, [x for _, x in sorted(per_item.pop(j), key=lambda t: t[0])],
-                                    n_tokens)
+    for g in range(0, len(items), max(1, group)):
+        flat: list[tuple[int, torch.Tensor, int, int]] = []  # (item index, context, position, row of the item)
+        for j in range(g, min(g + max(1, group), len(items))):
+            try:
+                flat += [(j, c, p, r) for r, (c, p) in enumerate(_rows(items[j], d_sae))]
+            except UserError as e:
+                out[j] = e
+        flat.sort(key=lambda r: len(r[1]))  # similar lengths share a forward: little padding
+        measured: dict[int, list[tuple[int, dict]]] = {}
+        for batch in _pack(flat, max_tokens):
+            check_cancel(should_cancel, "ablation")
+            rows = _measure(model, sae, hook_name, batch, [items[b[0]].latent for b in batch], pad_id)
+            for (j, _, _, r), row in zip(batch, rows):
+                measured.setdefault(j, []).append((r, row))
+        for j, got in measured.items():  # each item's rows in its contexts' order
+            out[j] = _summarise(items[j].latent, [row for _, row in sorted(got, key=lambda t: t[0])], n_tokens)
         if progress is not None:
             progress(sum(o is not None for o in out))
     return out  # type: ignore[return-value]

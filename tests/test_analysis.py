@@ -265,7 +265,9 @@ def test_ablation_of_several_latents_per_forward_equals_one_at_a_time(tiny_llama
         ctx = [torch.randint(0, 250, (n,)) for n in lengths]
         items.append(Ablation(latent, ctx, [n // 2 for n in lengths]))
     items.insert(1, Ablation(7, [torch.arange(4)], [3]))  # no token after the position
-    together = ablation_effects(tiny_llama, s, HOOK, items, max_tokens=30)
+    seen = []
+    together = ablation_effects(tiny_llama, s, HOOK, items, max_tokens=30, group=3, progress=seen.append)
+    assert seen == [3, 4], "progress moves with each group of latents"
     assert isinstance(together[1], UserError) and "no context has a token after" in str(together[1])
     for item, got in zip(items[:1] + items[2:], together[:1] + together[2:]):
         alone = ablation_effect(tiny_llama, s, HOOK, item.contexts, item.positions, item.latent)
