@@ -134,10 +134,16 @@ def analyze(examples: list[dict], nlp=None) -> NlpSummary:
     return analyze_many({0: examples}, nlp, per_feature=len(examples))[0]
 
 
-def analyze_many(examples: dict[Any, list[dict]], nlp=None, per_feature: int = 10) -> dict[Any, NlpSummary]:
-    """`analyze` for many features at once: one `nlp.pipe` over every window (at most
-    `per_feature` windows each; the dependency parser, which nothing here reads, is skipped)."""
+def analyze_many(examples: dict[Any, list[dict]], nlp=None, per_feature: int = 10,
+                 cache: dict | None = None) -> dict[Any, NlpSummary]:
+    """`analyze` for many features at once: one `nlp.pipe` over the distinct windows (at most
+    `per_feature` windows each; the dependency parser, which nothing here reads, is skipped).
+
+    A token's window is often among the top windows of several latents; it is parsed once, and
+    with `cache` (a dict the caller keeps across calls) once per run: what a window contributes
+    depends only on its text and max-token span, so the counts are those of parsing each."""
     nlp = nlp or load_spacy()
+    cache = {} if cache is None else cache
     windows, special = [], Counter()
     for key, exs in examples.items():
         for e in exs[:per_feature]:
@@ -146,13 +152,59 @@ def analyze_many(examples: dict[Any, list[dict]], nlp=None, per_feature: int = 1
                 special[key] += 1
             elif w is not None:
                 windows.append(w)
-    counts = {key: _Counts() for key in examples}
+    todo: dict[str, list[_Window]] = {}
+    for w in windows:
+        if _seen_key(w) not in cache:
+            todo.setdefault(w.text, []).append(w)
+    if len(cache) + len(todo) > CACHE_WINDOWS:
+        cache.clear()  # bounds memory; only costs re-parsing
     disable = [p for p in ("parser",) if p in nlp.pipe_names]
-    for doc, w in zip(nlp.pipe([w.text for w in windows], batch_size=256, disable=disable), windows):
-        word = _max_word(doc, w.start, w.end)
-        if word is not None:
-            counts[w.key].add(doc, word, w.head_is_fragment)
+    for doc, same in zip(nlp.pipe(list(todo), batch_size=256, disable=disable), todo.values()):
+        for w in same:
+            word = _max_word(doc, w.start, w.end)
+            cache[_seen_key(w)] = None if word is None else _observe(doc, word, w.head_is_fragment)
+    counts = {key: _Counts() for key in examples}
+    for w in windows:
+        seen = cache[_seen_key(w)]
+        if seen is not None:
+            counts[w.key].add(seen)
     return {key: c.summary(special[key]) for key, c in counts.items()}
+
+
+CACHE_WINDOWS = 200_000
+"""Parsed windows remembered across `analyze_many` calls (each a few short strings)."""
+
+
+def _seen_key(w: _Window) -> tuple:
+    return w.text, w.start, w.end, w.head_is_fragment
+
+
+class _Seen(NamedTuple):
+    """What one window's max word contributes to its feature's counts."""
+
+    pos: str
+    ent_type: str
+    ent_text: str | None
+    lemma: str
+    before: list[str]
+    after: list[str]
+
+
+def _observe(doc, word, head_is_fragment: bool) -> _Seen:
+    ent_text = None
+    if word.ent_type_:
+        ent = next((e for e in doc.ents if e.start <= word.i < e.end), None)
+        ent_text = ent.text.strip() if ent is not None else None
+    lemma = (word.lemma_ or word.text).strip() or word.text
+    words = [t for t in doc if not t.is_space]
+    at = sum(1 for t in words if t.i < word.i)
+    # a whitespace max word is not in `words`: its neighbours are the words around the gap
+    before, after = words[:at], words[at + (not word.is_space):]
+    if head_is_fragment and before and before[0].idx == 0 and before[0].text[:1].isalnum():
+        before = before[1:]  # the window cut this word: its tail is not a word of the text
+    return _Seen(word.pos_ or "X", word.ent_type_, ent_text, lemma if word.pos_ == "PROPN" else lemma.lower(),
+                 _ngrams([t.text.lower() for t in before], before=True),
+                 _ngrams([t.text.lower() for t in after], before=False))
 
 
 class _Counts:
@@ -163,24 +215,16 @@ class _Counts:
         self.pos, self.ents, self.ent_texts = Counter(), Counter(), Counter()
         self.lemmas, self.before, self.after = Counter(), Counter(), Counter()
 
-    def add(self, doc, word, head_is_fragment: bool) -> None:
+    def add(self, seen: _Seen) -> None:
         self.n += 1
-        self.pos[word.pos_ or "X"] += 1
-        if word.ent_type_:
-            self.ents[word.ent_type_] += 1
-            ent = next((e for e in doc.ents if e.start <= word.i < e.end), None)
-            if ent is not None:
-                self.ent_texts[ent.text.strip()] += 1
-        lemma = (word.lemma_ or word.text).strip() or word.text
-        self.lemmas[lemma if word.pos_ == "PROPN" else lemma.lower()] += 1
-        words = [t for t in doc if not t.is_space]
-        at = sum(1 for t in words if t.i < word.i)
-        # a whitespace max word is not in `words`: its neighbours are the words around the gap
-        before, after = words[:at], words[at + (not word.is_space):]
-        if head_is_fragment and before and before[0].idx == 0 and before[0].text[:1].isalnum():
-            before = before[1:]  # the window cut this word: its tail is not a word of the text
-        self.before.update(_ngrams([t.text.lower() for t in before], before=True))
-        self.after.update(_ngrams([t.text.lower() for t in after], before=False))
+        self.pos[seen.pos] += 1
+        if seen.ent_type:
+            self.ents[seen.ent_type] += 1
+            if seen.ent_text is not None:
+                self.ent_texts[seen.ent_text] += 1
+        self.lemmas[seen.lemma] += 1
+        self.before.update(seen.before)
+        self.after.update(seen.after)
 
     def summary(self, special: int) -> NlpSummary:
         s = NlpSummary(self.n, dict(self.pos.most_common()), dict(self.ents.most_common()),

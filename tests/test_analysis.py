@@ -171,3 +171,196 @@ def test_analysis_on_smollm2(smollm2_dir):
     ab = ablation_effect(model, s, "blocks.15.hook_resid_post", [ids], [5], latent)
     assert ab.activation[0] > 0 and ab.delta_loss_at_max[0] != 0
     assert abs(ab.delta_loss_at_max[0]) < 20
+
+
+# --------------------------------------------------------------------------- at width: blocked == naive
+
+
+@pytest.mark.parametrize("latents", [None, [250, 3, 77, 199, 0]])
+def test_blocked_similar_features_equal_the_whole_matrix(latents):
+    """Tiles of W @ W.T with a running top-n give the top-n of each whole row (all latents, or a
+    chosen few in their order), with tiles that split rows and columns unevenly."""
+    torch.manual_seed(3)
+    s = build_sae("topk", 64, 251, k=4)
+    W = s.W_dec / s.W_dec.norm(dim=1, keepdim=True)
+    cos = W @ W.T
+    cos.fill_diagonal_(-torch.inf)
+    want = list(range(251)) if latents is None else latents
+    ids, vals = similar_features(s, latents, n=6, chunk=7, block=40)
+    assert ids == cos[want].topk(6, dim=1).indices.tolist()
+    assert similar_features(s, latents, n=6, chunk=50, block=20)[0] == ids, "tiles narrower than a row block"
+    for v, w in zip(vals, cos[want].topk(6, dim=1).values.tolist()):
+        assert v == pytest.approx(w, abs=1e-6)
+    eff_all = logit_effects(_tiny("llama"), s, want, n=3, chunk=4)
+    eff_one = logit_effects(_tiny("llama"), s, want, n=3, chunk=1000)
+    assert eff_all.top_ids == eff_one.top_ids and eff_all.bottom_ids == eff_one.bottom_ids
+
+
+WORDS = [" the", " cat", " sat", " on", " mat", " Paris", " is", " in", " France", ".", " London", " and", " ran",
+         " big", " dog", "\n"]
+
+
+@pytest.fixture(scope="module")
+def discovered(tmp_path_factory):
+    """A features folder from the project's own discovery: a TopK SAE over random activations of
+    rows of English words (so spaCy has words to tag), small row groups."""
+    from core.features import DiscoverConfig, discover
+
+    torch.manual_seed(4)
+    s = build_sae("topk", 8, 40, k=6)
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randint(0, len(WORDS), (4, 24), generator=g), torch.ones(4, 24, dtype=torch.long),
+                torch.arange(4) + 4 * b, torch.randn(4, 24, 8, generator=g)) for b in range(6)]
+    cfg = DiscoverConfig(top_k=12, window_before=4, window_after=3, outlier_norm_multiple=None, row_group_latents=3,
+                         n_coactive=5)
+    out = tmp_path_factory.mktemp("an") / "features"
+    discover(s, iter(batches), out, lambda ids: [WORDS[i] for i in ids], cfg)
+    return out
+
+
+def test_blocked_coactive_counts_equal_the_per_latent_ranking(discovered):
+    """Counting a block of latents at a time in numpy gives each latent's ranking exactly as the
+    per-latent reader (store.coactive_features) ranks it: counts, order, means."""
+    from core.analysis import coactive_counts
+    from core.features.store import coactive_features
+
+    latents = list(range(40))
+    blocked = coactive_counts(discovered, latents, n=7, block=6)
+    assert set(blocked) == {i for i in latents if coactive_features(discovered, i, 7)}
+    for i in latents:
+        want = coactive_features(discovered, i, 7)
+        got = blocked.get(i, [])
+        assert [(c["latent"], c["count"]) for c in got] == [(c["latent"], c["count"]) for c in want]
+        assert [c["mean_act"] for c in got] == pytest.approx([c["mean_act"] for c in want], rel=1e-9)
+    assert sum(c["count"] for c in blocked[5]) > 0
+    some = coactive_counts(discovered, [33, 2, 17], n=7, block=4)
+    assert some == {i: blocked[i] for i in (2, 17, 33) if i in blocked}
+
+
+def test_blocked_nlp_summaries_equal_one_latent_at_a_time(discovered):
+    """NLP over blocks of latents, each shared window parsed once, equals analysing each
+    latent's top windows alone."""
+    from core import nlp
+    from core.analysis import nlp_summaries
+    from core.features.store import read_examples
+
+    latents = [0, 1, 2, 7, 8, 9, 20, 39]
+    blocked = nlp_summaries(discovered, latents, block=3)
+    assert list(blocked) == latents
+    for i in latents:
+        assert blocked[i].to_dict() == nlp.analyze(read_examples(discovered, i, kind="top")[:10]).to_dict()
+    assert any(s.n_examples for s in blocked.values())
+
+
+def test_ablation_of_several_latents_per_forward_equals_one_at_a_time(tiny_llama):
+    """Rows of three latents packed into shared forwards (a small token budget forces several
+    forwards that mix latents) give each latent the figures it gets measured alone; a latent
+    that cannot be measured gets its one-line reason, the others go on."""
+    from core.ablation import Ablation, ablation_effects
+
+    torch.manual_seed(6)
+    s = build_sae("topk", 64, 96, k=12)
+    items = []
+    for latent, lengths in ((5, (9, 14, 6)), (40, (11, 7)), (90, (13, 8, 10, 5))):
+        ctx = [torch.randint(0, 250, (n,)) for n in lengths]
+        items.append(Ablation(latent, ctx, [n // 2 for n in lengths]))
+    items.insert(1, Ablation(7, [torch.arange(4)], [3]))  # no token after the position
+    seen = []
+    together = ablation_effects(tiny_llama, s, HOOK, items, max_tokens=30, group=3, progress=seen.append)
+    assert seen == [3, 4], "progress moves with each group of latents"
+    assert isinstance(together[1], UserError) and "no context has a token after" in str(together[1])
+    for item, got in zip(items[:1] + items[2:], together[:1] + together[2:]):
+        alone = ablation_effect(tiny_llama, s, HOOK, item.contexts, item.positions, item.latent)
+        assert got.latent == item.latent and got.n_contexts == alone.n_contexts
+        assert got.activation == pytest.approx(alone.activation, abs=1e-5)
+        assert got.delta_loss_at_max == pytest.approx(alone.delta_loss_at_max, abs=1e-4)
+        assert got.delta_loss_after == pytest.approx(alone.delta_loss_after, abs=1e-4)
+        assert got.dropped_ids == alone.dropped_ids
+
+
+# --------------------------------------------------------------------------- the latent selection
+
+
+@pytest.mark.parametrize("text, want", [("", []), ("3", [3]), ("0-4, 2,9", [0, 1, 2, 3, 4, 9]), (" 7 ,", [7])])
+def test_latent_selections_parse(text, want):
+    from core.latents import parse_latents
+
+    assert parse_latents(text) == want
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a-3", "latents: 'a-3' is not a number or a range; write e.g. 0-99,512"),
+    ("9-2", "latents: range '9-2' runs backwards; write it low-high, e.g. 2-9"),
+    ("-4", "latents: '-4' is not a number or a range"),
+    ("0-99999999", "selects more than"),
+])
+def test_bad_latent_selections_are_one_line(text, message):
+    from core.latents import parse_latents
+
+    with pytest.raises(UserError, match=message) as e:
+        parse_latents(text)
+    assert "\n" not in str(e.value)
+
+
+def test_analyze_and_label_specs_check_the_selection():
+    from actors.jobs import analyze, label
+    from core.latents import check_latents
+
+    with pytest.raises(UserError, match="latent -2 is out of range: latents are numbered from 0"):
+        analyze.check(None, analyze.AnalyzeSpec("s", latents=[3, -2]))
+    with pytest.raises(UserError, match="latent -1 is out of range"):
+        label.check(None, label.LabelSpec("s", latents=[-1]))
+    with pytest.raises(UserError, match="latent 4608 is out of range: SAE x has latents 0-4607"):
+        check_latents([5, 4608, 9000], 4608, "SAE x")
+    with pytest.raises(UserError, match="block_latents=0"):
+        analyze.check(None, analyze.AnalyzeSpec("s", config={"block_latents": 0}))
+    import argparse
+
+    assert analyze.latents_flag("1-3,8") == [1, 2, 3, 8]
+    with pytest.raises(argparse.ArgumentTypeError, match="runs backwards"):
+        label.latents_flag("5-1")
+
+
+@pytest.mark.slow
+def test_a_latent_selection_through_the_real_model(smollm2_dir, tmp_path):
+    """On SmolLM2 with features discovered by the project's discovery: analysing a selection
+    gives exactly those latents, each stage filled, the chosen ablation equal to measuring it
+    alone; labeling the selection labels those latents only."""
+    from core.analysis import AnalyzeConfig, analyze_features
+    from core.data import special_token_ids, tokenize_dataset
+    from core.features import DiscoverConfig, discover_features
+    from core.features.store import feature_rows, read_examples
+    from core.formats.saelens import save_saelens
+    from core.interp import label_features
+    from core.models import load_model
+
+    model, tok = load_model(smollm2_dir)
+    hook = "blocks.6.hook_resid_post"
+    torch.manual_seed(0)
+    s = build_sae("topk", 576, 512, k=16)
+    save_saelens(s, s.config(hook_name=hook, model_name="smollm2"), tmp_path / "sae")
+    tokenize_dataset(tok, "builtin", tmp_path / "ds", context_length=64, max_documents=40)
+    discover_features(model, tok, tmp_path / "sae", tmp_path / "ds", tmp_path / "features", DiscoverConfig(top_k=6),
+                      max_tokens=400, exclude_token_ids=special_token_ids(tok))
+    rows = {r["latent"]: r for r in feature_rows(tmp_path / "features", ["latent", "n_fired", "top_tokens", "frequency"])}
+    live = sorted((i for i, r in rows.items() if r["n_fired"] > 0), key=lambda i: -rows[i]["n_fired"])
+    chosen = [live[0], live[3], next(i for i in range(512) if rows[i]["n_fired"] == 0)]
+    out = analyze_features(model, tok, tmp_path / "sae", tmp_path / "features", tmp_path / "ds",
+                           AnalyzeConfig(ablation_top=0, ablation_latents=[live[3]], ablation_after=4), latents=chosen)
+    assert sorted(out) == sorted(chosen)
+    for i in chosen:
+        assert len(out[i]["logits"]["pos_str"]) == 10 and len(out[i]["similar"]) == 10 and "summary" in out[i]["nlp"]
+    assert out[live[0]]["coactive"] and out[chosen[2]]["coactive"] == [] and "ablation" not in out[live[0]]
+    ab = out[live[3]]["ablation"]
+    from core.data import read_rows
+
+    top = read_examples(tmp_path / "features", live[3])[:8]
+    ctx = read_rows(tmp_path / "ds", [e["row_id"] for e in top])
+    alone = ablation_effect(model, s, hook, [torch.from_numpy(ctx[e["row_id"]][: e["pos"] + 5]) for e in top],
+                            [e["pos"] for e in top], live[3], pad_id=tok.pad_token_id or 0)
+    assert ab["delta_loss_at_max"] == pytest.approx(alone.delta_loss_at_max, abs=1e-4)
+    with pytest.raises(UserError, match="latent 512 is out of range: this SAE has latents 0-511"):
+        analyze_features(model, tok, tmp_path / "sae", tmp_path / "features", None, AnalyzeConfig(), latents=[5, 512])
+    feats = [dict(rows[i], analysis=out[i]) for i in chosen]
+    labels = label_features(None, feats, tmp_path / "features")
+    assert set(labels["labels"]) | set(labels["errors"]) == set(chosen)

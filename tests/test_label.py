@@ -524,10 +524,11 @@ def test_label_features_from_a_discovery_folder(tmp_path, tiny):
                            "logits": {"pos_str": [" France"], "neg_str": [" the"]}}} for i, ws in windows.items()]
     heur = label_features(None, feats, tmp_path)
     assert heur["errors"] == {} and heur["labels"][0]["category"] == "entity"
+    assert label_features(None, feats, tmp_path, block=1) == heur, "reading one latent at a time changes nothing"
     assert heur["labels"][1]["name"] == "code punctuation (" and "detection" not in heur["labels"][1]
     seen = []
     out = label_features(tiny, feats, tmp_path, PromptTemplate("t", "", "{examples}\n{promoted}", '{"name": "'),
-                         detection=True, progress=seen.append)
+                         detection=True, progress=seen.append, block=1)
     assert set(out["labels"]) | set(out["errors"]) == {0, 1}
     for i, lab in out["labels"].items():
         assert lab["source"] == "local:tiny" and lab["detection"]["n"] == 3  # its 2 contexts + 1 of the other's

@@ -293,6 +293,20 @@ def test_feature_page_label_editing_and_jobs(tiny_run, ui_client):
     assert list(at.dataframe[1].value.columns) == ["promotes", "+", "suppresses", "−"]
     assert any("final norm" in c.value for c in at.caption), "logit effects say what was applied"
 
+    # a latent selection: a bad one is one line and starts nothing; a good one goes into the job's spec
+    before = {j["id"] for j in ui_client.jobs()}
+    at.text_input(key="job_latents").input("9-1").run()
+    shown = lambda: [e.value.replace("\\", "") for e in at.error]  # the line is shown Markdown-escaped
+    assert shown() == ["latents: range '9-1' runs backwards; write it low-high, e.g. 1-9"]
+    at.text_input(key="job_latents").input("0-1, 99999").run()
+    assert shown() == [f"latent 99999 is out of range: SAE {sae_id} has latents 0-255"]
+    at.text_input(key="job_latents").input("0-1").run()
+    at.button(key="autolabel").click().run()
+    new = [j for j in ui_client.jobs() if j["id"] not in before]
+    assert [(j["kind"], j["spec"]["latents"]) for j in new] == [("label", [0, 1])]
+    done = ui_client.wait(new[0]["id"], timeout=300)
+    assert done["state"] == "completed" and done["result"]["labeled"] + len(done["result"]["failed"]) <= 2
+
 
 def test_steering_page_compares_with_the_baseline(tiny_run, ui_client):
     sae_id = tiny_run["job"]["result"]["sae_id"]

@@ -12,6 +12,8 @@ from actors import specs
 from actors.jobs import Command, JobContext, Kind, Plan, RunContext, model_ref, register
 from actors.jobs.discover import need_discovered
 from core.analysis import AnalyzeConfig, analyze_features
+from core.errors import UserError
+from core.latents import check_latents, parse_latents
 from core.fields import describe
 from storage.registry import SAE, Dataset, Model
 
@@ -23,7 +25,7 @@ class AnalyzeSpec:
     sae_id: str
     """The SAE, once its features are discovered."""
     latents: list[int] = field(default_factory=list)
-    """Latents to analyse; empty → every live latent."""
+    """Latents to analyse (the CLI and the dashboard take ranges: 0-99,512); empty → every live latent."""
     config: dict[str, Any] = field(default_factory=dict)
     """AnalyzeConfig fields: n_logits, n_similar, n_coactive, nlp, ablation_latents, ablation_top, ..."""
 
@@ -44,9 +46,17 @@ def analyze_config(values: dict[str, Any]) -> AnalyzeConfig:
 
 
 def check(registry, spec: AnalyzeSpec) -> None:
-    analyze_config(spec.config)
+    analyze_config(spec.config).check()
+    check_selection(registry, spec.sae_id, spec.latents)
+
+
+def check_selection(registry, sae_id: str, latents: list[int]) -> None:
+    """The SAE has discovered features and every selected latent is one of its latents."""
+    if any(int(i) < 0 for i in latents):
+        raise UserError(f"latent {min(int(i) for i in latents)} is out of range: latents are numbered from 0")
     if registry is not None:
-        need_discovered(registry, spec.sae_id)
+        sae = need_discovered(registry, sae_id)
+        check_latents(latents, int(sae["d_sae"]), f"SAE {sae_id}")
 
 
 def plans(job: JobContext, spec: AnalyzeSpec) -> list[Plan]:
@@ -74,8 +84,19 @@ def record(job: JobContext, spec: AnalyzeSpec, plans: list[Plan], results: list[
     return {"latents": len(res), "ablations": sum("ablation" in v for v in res.values())}
 
 
+def latents_flag(text: str) -> list[int]:
+    """--latents 0-99,512 (argparse shows a UserError's line as the flag's error)."""
+    import argparse
+
+    try:
+        return parse_latents(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 KIND = register(Kind(
     "analyze", AnalyzeSpec, check, plans, run, record,
     cli=Command("features", "analyze", aliases={"sae_id": "sae"},
                 nested={"config": (lambda: describe(AnalyzeConfig, only=("ablation_top", "nlp")), {})},
-                defaults={"latents": None}, show=lambda job: json.dumps(job["result"]))))
+                defaults={"latents": None}, types={"latents": latents_flag},
+                show=lambda job: json.dumps(job["result"]))))

@@ -10,7 +10,7 @@ from typing import Any
 
 from actors import specs
 from actors.jobs import Command, JobContext, Kind, Plan, RunContext, model_ref, need, need_model, register
-from actors.jobs.discover import need_discovered
+from actors.jobs.analyze import check_selection, latents_flag
 from core.errors import UserError
 from storage.registry import SAE, Model, Template
 
@@ -29,7 +29,8 @@ class LabelSpec:
     method: str = "heuristic"
     """heuristic, local or openai."""
     latents: list[int] = field(default_factory=list)
-    """Latents to label; empty → live latents, most frequent first, up to `limit`."""
+    """Latents to label (the CLI and the dashboard take ranges: 0-99,512); empty → live latents, most
+    frequent first, up to `limit`."""
     limit: int = 0
     """At most this many latents (0: all)."""
     model_id: str = ""
@@ -73,9 +74,9 @@ def check(registry, spec: LabelSpec) -> None:
         check_url(spec.base_url)
     if spec.limit < 0:
         raise UserError(f"limit={spec.limit} must be 0 (all) or more")
+    check_selection(registry, spec.sae_id, spec.latents)
     if registry is None:
         return
-    need_discovered(registry, spec.sae_id)
     if spec.method == "local" and spec.model_id:
         need_model(registry, spec.model_id)
     if spec.template:
@@ -97,9 +98,9 @@ def secrets(values: dict[str, Any], api_key: str | None) -> dict[str, str] | Non
 
 def plans(job: JobContext, spec: LabelSpec) -> list[Plan]:
     sae = job.registry.get(SAE, spec.sae_id)
-    feats = job.registry.features(sae["id"])  # most frequent first
-    wanted = set(spec.latents)
-    rows = [f for f in feats if (f["latent"] in wanted if wanted else f["n_fired"] > 0)]
+    wanted = spec.latents or None  # a selection reads only its rows from the registry
+    feats = job.registry.features(sae["id"], latents=wanted)  # most frequent first
+    rows = feats if wanted else [f for f in feats if f["n_fired"] > 0]
     if spec.keep_user_labels:
         rows = [f for f in rows if f["label_source"] != "user"]
     rows = rows[: spec.limit or None]
@@ -172,4 +173,5 @@ def write_user_label(registry, sae_id: str, latent: int, name: str, category: st
 KIND = register(Kind(
     "label", LabelSpec, check, plans, run, record, secrets=secrets,
     cli=Command("features", "autolabel", aliases={"sae_id": "sae", "model_id": "label-model"},
-                choices={"method": LABEL_METHODS}, defaults={"latents": None}, show=lambda job: job["message"])))
+                choices={"method": LABEL_METHODS}, defaults={"latents": None},
+                types={"latents": latents_flag}, show=lambda job: job["message"])))

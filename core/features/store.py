@@ -164,6 +164,19 @@ def examples_by_latent(features_dir: Folder, latents: Iterable[int], kind: str |
 
 
 @_reader
+def example_block(features_dir: Folder, start: int, stop: int, columns: list[str],
+                  kind: str | None = None) -> pa.Table:
+    """The examples of latents start..stop-1 as one Arrow table of `columns` (unsorted), for
+    batched work over many latents: no Python row per example. The range filter reads only the
+    row groups that hold those latents, so a block's memory is that of its latents' examples."""
+    path = Path(features_dir) / EXAMPLES_FILE
+    names = pq.read_schema(path).names
+    filters = [("latent", ">=", int(start)), ("latent", "<", int(stop))]
+    filters += [("kind", "=", kind)] if kind and "kind" in names else []
+    return pq.read_table(path, columns=columns, filters=filters)
+
+
+@_reader
 def coactive_features(features_dir: Folder, latent: int, n: int = 10) -> list[dict]:
     """Latents that fire at the same tokens as `latent`'s examples (top and quantile): how many
     of its examples each appears in, and its mean activation there; most frequent first."""

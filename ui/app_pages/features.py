@@ -10,8 +10,10 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from core.errors import UserError
+from core.latents import check_latents, parse_latents
 from ui.components.charts import line_charts
-from ui.components.client import get_client, guard
+from ui.components.client import get_client, guard, show_error
 from ui.components.formatting import fmt_number, literal
 from ui.components.forms import LABEL_ENDPOINT as ENDPOINT
 from ui.components.tokens import token_html, top_token_text
@@ -238,17 +240,27 @@ def label_editor(client, sae: dict[str, Any], doc: dict[str, Any]) -> None:
 
 
 def feature_jobs(client, sae: dict[str, Any]) -> None:
-    """Start analysis and labeling of this SAE's features (they run as jobs on the worker)."""
+    """Start analysis and labeling of this SAE's features (they run as jobs on the worker), of
+    every live latent or of the latents typed in the selection field."""
     c = st.columns([1, 1, 1, 2], vertical_alignment="bottom")
+    text = c[3].text_input("Latents", key="job_latents", placeholder="all live latents",
+                           help="analyse or label only these, e.g. 0-99,512 (empty: every live latent; "
+                                "at 65k latents a selection takes seconds instead of minutes)")
+    try:
+        latents = check_latents(parse_latents(text), int(sae.get("d_sae") or 0), f"SAE {sae['id']}")
+    except UserError as e:
+        show_error(e)
+        return
     if c[0].button("Analyze features", key="analyze", help="logit effects, neighbours, NLP, measured ablations"):
-        job_id = client.submit("analyze", {"sae_id": sae["id"], "config": {"ablation_top": 8}})
+        job_id = client.submit("analyze", {"sae_id": sae["id"], "latents": latents, "config": {"ablation_top": 8}})
         st.success(f"Started analysis job `{job_id}`; follow it on the Jobs page.")
     endpoint = st.session_state.get(ENDPOINT)
     method = c[1].selectbox("Labeling", ["heuristic", "local", *(["openai"] if endpoint else [])], key="label_method",
                             help="heuristic: from tokens and NLP, instant; local: the SAE's model writes labels; "
                                  "openai: the endpoint set on the Settings page")
     if c[2].button("Auto-label", key="autolabel"):
-        spec = {"sae_id": sae["id"], "method": method, "limit": 0 if method == "heuristic" else 50}
+        spec = {"sae_id": sae["id"], "method": method, "latents": latents,
+                "limit": 0 if method == "heuristic" or latents else 50}
         key = None
         if method == "openai":
             spec.update(base_url=endpoint["base_url"], endpoint_model=endpoint["model"])
