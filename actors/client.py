@@ -218,6 +218,13 @@ class Client(Catalogue):
         """The stored top contexts of one latent, read from Parquet by a filter (not the whole file)."""
         return features_store.read_examples(self.discovered(sae_id)["features_path"], latent)
 
+    def latent_selection(self, text: str, sae: dict[str, Any]) -> list[int]:
+        """Latents typed as "0-99,512" (blank: []), each checked against the SAE's width; UserError
+        in one line otherwise."""
+        from core.latents import check_latents, parse_latents
+
+        return check_latents(parse_latents(text), int(sae.get("d_sae") or 0), f"SAE {sae['id']}")
+
     def feature_documents(self, sae_id: str, latents: list[int] | None = None) -> list[dict[str, Any]]:
         """Feature-page documents (core.export) of the given latents, else of every live latent."""
         from core.export import feature_documents

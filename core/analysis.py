@@ -31,7 +31,7 @@ import torch
 
 from core.ablation import Ablation, AblationEffect, ablation_effect, ablation_effects  # noqa: F401 (re-exported)
 from core.data import decode_tokens, read_rows
-from core.errors import UserError
+from core.errors import UserError, at_least_one
 from core.formats.saelens import load_saelens
 from core.latents import check_latents
 from core.progress import check_cancel
@@ -250,6 +250,8 @@ class AnalyzeConfig:
     ablation_tokens: int = 2048
     """Padded token positions per ablation forward, rows of several latents together (bounds its
     [rows, positions, vocab] logits: 2048 × 49,152 fp32 = 400 MB)."""
+    ablation_group: int = 16
+    """Latents measured together: their rows share forwards, and progress moves once per group."""
     block_latents: int = 4096
     """Latents per block of the co-occurrence count and the NLP pass (bounds the examples held)."""
 
@@ -257,9 +259,8 @@ class AnalyzeConfig:
         for name in ("n_logits", "n_similar", "n_coactive", "ablation_top", "ablation_contexts", "ablation_after"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name}={getattr(self, name)} must be 0 or more")
-        if self.ablation_tokens < 1 or self.block_latents < 1:
-            raise UserError(f"ablation_tokens={self.ablation_tokens}, block_latents={self.block_latents}: "
-                            "both must be 1 or more")
+        at_least_one(ablation_tokens=self.ablation_tokens, ablation_group=self.ablation_group,
+                     block_latents=self.block_latents)
 
 
 def nlp_summaries(features_dir: Path, latents: Sequence[int], block: int = 4096, per_feature: int = 10,
@@ -353,7 +354,8 @@ def _ablations(model, tokenizer, sae, hook_name: str, features_dir: Path, datase
     items = [Ablation(i, [torch.from_numpy(rows[e["row_id"]][: e["pos"] + 1 + cfg.ablation_after]) for e in tops[i]],
                       [e["pos"] for e in tops[i]]) for i in chosen]
     results = ablation_effects(model, sae, hook_name, items, pad_id=tokenizer.pad_token_id or 0,
-                               max_tokens=cfg.ablation_tokens, progress=progress, should_cancel=should_cancel)
+                               max_tokens=cfg.ablation_tokens, group=cfg.ablation_group, progress=progress,
+                               should_cancel=should_cancel)
     out = {}
     for i, ab in zip(chosen, results):
         if isinstance(ab, UserError):  # e.g. every context ends at its max token: say so on the feature

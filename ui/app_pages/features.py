@@ -10,8 +10,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from core.errors import UserError
-from core.latents import check_latents, parse_latents
+from actors.client import UserError
 from ui.components.charts import line_charts
 from ui.components.client import get_client, guard, show_error
 from ui.components.formatting import fmt_number, literal
@@ -247,7 +246,7 @@ def feature_jobs(client, sae: dict[str, Any]) -> None:
                            help="analyse or label only these, e.g. 0-99,512 (empty: every live latent; "
                                 "at 65k latents a selection takes seconds instead of minutes)")
     try:
-        latents = check_latents(parse_latents(text), int(sae.get("d_sae") or 0), f"SAE {sae['id']}")
+        latents = client.latent_selection(text, sae)
     except UserError as e:
         show_error(e)
         return
