@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -154,7 +153,9 @@ def run_saelens(held: torch.Tensor, train: np.ndarray, d_sae: int, tokens: int) 
 
 
 def child(name: str, data: Path, d_sae: int, tokens: int) -> None:
-    """One contender in this process; prints one JSON line (its scores, tokens/s, peak RSS)."""
+    """One contender in this process; prints one JSON line (its scores and wall time). No peak RSS:
+    Linux keeps ru_maxrss across fork and exec, so a child would report the parent's fixture
+    loading (bench/memory.py --widths measures the step's memory)."""
     held, train = torch.from_numpy(np.load(data / "held.npy")), np.load(data / "train.npy")
     fn = {"miStudio": run_ours, "miStudio signum": lambda *a: run_ours(*a, optimizer="signum"),
           "sparsify": run_sparsify, "SAELens": run_saelens}[name]
@@ -163,7 +164,7 @@ def child(name: str, data: Path, d_sae: int, tokens: int) -> None:
         out = fn(held, train, d_sae, tokens)
     except ImportError as e:
         out = {"missing": e.name}
-    out.update(wall=time.perf_counter() - t0, peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+    out.update(wall=time.perf_counter() - t0)
     print("PEERS " + json.dumps(out), flush=True)
 
 
@@ -199,7 +200,7 @@ def main(argv=None) -> None:
                 print(f"  {tokens:>9,} {name:16s} not installed ({out['missing']})", flush=True)
                 continue
             print(f"  {tokens:>9,} {name:16s} FVU {out['fvu']:.4f}  L0 {out['l0']:5.1f}  dead {out['dead']:6.2%}  "
-                  f"{tokens / out['wall']:8,.0f} tok/s (whole run)  peak {out['peak_gb']:.1f} GB", flush=True)
+                  f"{tokens / out['wall']:8,.0f} tok/s (whole run)", flush=True)
     if not args.no_record:
         record(args, rows)
 
@@ -211,11 +212,11 @@ def record(args, rows) -> None:
              f"{args.data_tokens:,} distinct training tokens, {args.holdout:,} held out; load {C.load_avg()}. "
              "Dead = never fires on the held-out tokens; tok/s is the whole run (start-up and scoring included), "
              "on a shared machine.\n",
-             "| tokens | contender | held-out FVU | L0 | dead | tok/s | peak RSS GB |", "|---|---|---|---|---|---|---|"]
+             "| tokens | contender | held-out FVU | L0 | dead | tok/s |", "|---|---|---|---|---|---|"]
     for tokens, name, o in rows:
-        lines.append(f"| {tokens:,} | {name} | not installed |  |  |  |  |" if "missing" in o else
+        lines.append(f"| {tokens:,} | {name} | not installed |  |  |  |" if "missing" in o else
                      f"| {tokens:,} | {name} | {o['fvu']:.4f} | {o['l0']:.1f} | {o['dead']:.2%} | "
-                     f"{tokens / o['wall']:,.0f} | {o['peak_gb']:.1f} |")
+                     f"{tokens / o['wall']:,.0f} |")
     with open(C.RESULTS, "a") as f:
         f.write("\n".join(lines) + "\n")
 
