@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from core import hooks
+from core.data.batches import right_padded
 from core.errors import UserError
 from core.progress import check_cancel
 
@@ -130,7 +131,7 @@ def _measure(model, sae, hook_name: str, batch: list, latents: list[int], pad_id
     contexts = [b[1] for b in batch]
     positions = torch.tensor([b[2] for b in batch])
     device = next(model.parameters()).device
-    ids, mask = _pad(contexts, pad_id)
+    ids, mask = right_padded(contexts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     lat = torch.tensor(latents, device=device)
     directions = sae.W_dec.detach()[lat].float()  # [rows, d_in]
@@ -188,16 +189,6 @@ def _summarise(latent: int, rows: list[dict], n_tokens: int) -> AblationEffect:
         delta_loss_at_max=at_max.tolist(), delta_loss_after=after.tolist(),
         mean_delta_loss_at_max=float(at_max.mean()), mean_delta_loss_after=float(after.mean()),
         dropped_ids=di.tolist(), dropped_values=dv.tolist(), raised_ids=ri.tolist(), raised_values=rv.tolist())
-
-
-def _pad(contexts: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(c) for c in contexts)
-    ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(contexts), width), dtype=torch.long)
-    for r, c in enumerate(contexts):
-        ids[r, :len(c)] = c
-        mask[r, :len(c)] = 1
-    return ids, mask
 
 
 def ablation_effect(model, sae, hook_name: str, contexts: Sequence[torch.Tensor], positions: Sequence[int],

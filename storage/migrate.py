@@ -149,13 +149,18 @@ def _adopt_unversioned(conn: Connection, cfg: Config, where: str) -> None:
     command.stamp(cfg, INITIAL_REVISION)
 
 
+def driver_reason(e: DBAPIError) -> str:
+    """The first line of what the database driver said, for a one-line error."""
+    lines = str(e.orig if e.orig is not None else e).strip().splitlines()
+    return lines[0].strip() if lines else type(e.orig or e).__name__
+
+
 def connect(engine: Engine, where: str) -> Connection:
     """A connection, or a one-line UserError naming the URL (password masked) and the fix."""
     try:
         return engine.connect()
     except DBAPIError as e:
-        lines = str(e.orig if e.orig is not None else e).strip().splitlines()
-        reason = lines[0].strip() if lines else type(e.orig).__name__
+        reason = driver_reason(e)
         fix = "that this user may read and write the database file and its folder" \
             if engine.dialect.name == "sqlite" else "that the database server is running and accepts this user"
         raise UserError(f"cannot reach the registry database at {where} ({reason}); check MISTUDIO_DATABASE_URL "

@@ -24,7 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from core.errors import UserError
 from core.features.schema import FeaturePage, FeatureQuery
 from storage.feature_pages import feature_page
-from storage.migrate import sqlite_pragmas, upgrade_to_head
+from storage.migrate import driver_reason, sqlite_pragmas, upgrade_to_head
 from storage.portable import COLUMNS_OF, relocate, to_absolute, to_stored
 
 JOB_STATES = ("queued", "loading", "running", "saving", "paused", "completed", "failed", "cancelled")
@@ -224,10 +224,9 @@ def _writing(where: str, what: str) -> Iterator[None]:
     try:
         yield
     except DBAPIError as e:
-        lines = str(e.orig if e.orig is not None else e).strip().splitlines()
-        reason = lines[0].strip() if lines else type(e).__name__
-        raise UserError(f"cannot update the registry database at {where} ({reason}); opening it brings {what}: "
-                        "open it once with write access, or point MISTUDIO_DATABASE_URL at a writable copy") from None
+        raise UserError(f"cannot update the registry database at {where} ({driver_reason(e)}); opening it brings "
+                        f"{what}: open it once with write access, or point MISTUDIO_DATABASE_URL at a writable copy"
+                        ) from None
 
 
 class Registry:

@@ -41,15 +41,21 @@ class TokenBatch(NamedTuple):
     """[B] source document of each row (a long document spans several rows)."""
 
 
-def _pad(rows: list[np.ndarray], row_ids: list[int], pad_token_id: int, doc_ids: list[int]) -> TokenBatch:
+def right_padded(rows, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths (arrays or tensors) as [rows, longest] ids padded on the
+    right with `pad_token_id`, and the attention mask (1 on real tokens)."""
     width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = r
+        ids[i, :len(r)] = torch.as_tensor(r)
         mask[i, :len(r)] = 1
-    return TokenBatch(torch.from_numpy(ids), torch.from_numpy(mask), torch.tensor(row_ids, dtype=torch.int64),
-                      torch.tensor(doc_ids, dtype=torch.int64))
+    return ids, mask
+
+
+def _pad(rows: list[np.ndarray], row_ids: list[int], pad_token_id: int, doc_ids: list[int]) -> TokenBatch:
+    ids, mask = right_padded(rows, pad_token_id)
+    return TokenBatch(ids, mask, torch.tensor(row_ids, dtype=torch.int64), torch.tensor(doc_ids, dtype=torch.int64))
 
 
 def _iter_rows(dataset_dir: Path) -> Iterator[tuple[np.ndarray, int, int]]:
