@@ -71,13 +71,17 @@ class Reporter:
         self._last = 0.0
         self._request = ""
         self._pending: dict[str, Any] | None = None
+        self._stage: tuple = (None, None)
 
     def __call__(self, metrics: dict[str, Any], force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last < self.interval:
+        stage = (metrics.get("phase"), metrics.get("stage"))
+        # A new stage is always sent: held back, a short stage's start would be overwritten and
+        # the bar would show the previous stage until the next one's first report.
+        if not force and now - self._last < self.interval and stage == self._stage:
             self._pending = metrics  # sent by flush() if nothing newer comes
             return
-        self._last, self._pending = now, None
+        self._last, self._pending, self._stage = now, None, stage
         m = dict(metrics, step=self.step)
         done, total, rate = m.get("done"), m.get("total"), m.get("samples_per_s")
         if m.get("eta_s") is None and done is not None and total and rate:

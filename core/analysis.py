@@ -263,6 +263,10 @@ class AnalyzeConfig:
                      block_latents=self.block_latents)
 
 
+PARSE_LATENTS = 256
+"""Latents whose windows one spaCy pass parses (the NLP stage reports after each)."""
+
+
 def nlp_summaries(features_dir: Path, latents: Sequence[int], block: int = 4096, per_feature: int = 10,
                   progress: Callable[[int], None] | None = None, should_cancel: CancelCheck = None) -> dict:
     """core.nlp summaries of each latent's top `per_feature` windows, read and parsed for
@@ -286,9 +290,11 @@ def nlp_summaries(features_dir: Path, latents: Sequence[int], block: int = 4096,
         examples: dict[int, list[dict]] = {i: [] for i in chunk}
         for row in t.sort_by([("latent", "ascending"), ("rank", "ascending")]).to_pylist():
             examples[row["latent"]].append(row)
-        out.update(nlp.analyze_many(examples, per_feature=per_feature, cache=cache))
-        if progress is not None:
-            progress(s + len(chunk))
+        for p in range(0, len(chunk), PARSE_LATENTS):  # parsed in parts so progress moves within a block
+            part = chunk[p:p + PARSE_LATENTS]
+            out.update(nlp.analyze_many({i: examples[i] for i in part}, per_feature=per_feature, cache=cache))
+            if progress is not None:
+                progress(s + p + len(part))
     return out
 
 

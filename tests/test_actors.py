@@ -360,3 +360,23 @@ def test_analyze_label_and_edit_features(client, tiny_run):
     assert down["state"] == "failed" and "labeling endpoint http://127.0.0.1:9/v1 is unreachable" in down["message"]
     assert {f["latent"]: f["label"] for f in client.features(sae_id)} == before, "nothing else lost"
     assert "sk-never-stored" not in str(client.job(down["id"]))
+
+
+def test_reporter_sends_a_new_stage_at_once_and_holds_back_the_rest(client):
+    """Within one interval, numbers of the same stage are held back (sent by flush), but a new
+    stage is sent at once: a short stage's start must not be lost behind the throttle."""
+    import ray
+
+    from actors.progress import ProgressActor, Reporter
+
+    actor = ProgressActor.remote()
+    r = Reporter(actor, "job-r", interval=3600)
+    r({"phase": "analyze", "stage": "similar features", "done": 0, "total": 8})
+    r({"phase": "analyze", "stage": "similar features", "done": 4, "total": 8})
+    r({"phase": "analyze", "stage": "co-occurrence", "done": 0, "total": 8})
+    r({"phase": "analyze", "stage": "co-occurrence", "done": 8, "total": 8})
+    sent = [(p["stage"], p["done"]) for p in ray.get(actor.history.remote("job-r"))]
+    assert sent == [("similar features", 0), ("co-occurrence", 0)]
+    r.flush()
+    assert ray.get(actor.get.remote("job-r"))["done"] == 8
+    ray.kill(actor)

@@ -237,7 +237,7 @@ def test_blocked_coactive_counts_equal_the_per_latent_ranking(discovered):
     assert some == {i: blocked[i] for i in (2, 17, 33) if i in blocked}
 
 
-def test_blocked_nlp_summaries_equal_one_latent_at_a_time(discovered):
+def test_blocked_nlp_summaries_equal_one_latent_at_a_time(discovered, monkeypatch):
     """NLP over blocks of latents, each shared window parsed once, equals analysing each
     latent's top windows alone."""
     from core import nlp
@@ -245,8 +245,11 @@ def test_blocked_nlp_summaries_equal_one_latent_at_a_time(discovered):
     from core.features.store import read_examples
 
     latents = [0, 1, 2, 7, 8, 9, 20, 39]
-    blocked = nlp_summaries(discovered, latents, block=3)
+    seen = []
+    monkeypatch.setattr("core.analysis.PARSE_LATENTS", 2)  # progress moves within a block
+    blocked = nlp_summaries(discovered, latents, block=3, progress=seen.append)
     assert list(blocked) == latents
+    assert seen == [2, 3, 5, 6, 8]
     for i in latents:
         assert blocked[i].to_dict() == nlp.analyze(read_examples(discovered, i, kind="top")[:10]).to_dict()
     assert any(s.n_examples for s in blocked.values())

@@ -48,7 +48,7 @@ def right_padded(rows, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
     mask = torch.zeros((len(rows), width), dtype=torch.int64)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.as_tensor(r)
+        ids[i, :len(r)] = torch.as_tensor(np.array(r))  # a copy: torch warns on Arrow's read-only arrays
         mask[i, :len(r)] = 1
     return ids, mask
 
