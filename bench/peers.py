@@ -6,11 +6,12 @@ FVU = Σ‖x−x̂‖² / Σ‖x−x̄‖² in float64, L0, and the fraction of 
 held-out tokens ("dead", one definition for all three; each tool's own dead count depends on its
 window). Data: bench.recipe's cache — SmolLM2-135M `blocks.15.hook_resid_post` over the start of
 `stdlib-source`, BOS-first rows of 256 tokens, special tokens and tokens above 10× the median norm
-left out; the first `--holdout` tokens held out, the rest shuffled once and cycled.
+left out; shuffled once, the first `--holdout` held out (drawn from every document), the rest
+cycled.
 
 - `miStudio`: `core.train.train_sae(TrainConfig(sae=TopKConfig(k=32), d_sae=N, batch_size=4096,
   total_tokens=T))`, every other setting its default (optimizer, lr, schedule, AuxK, dead window).
-- `miStudio signum`: the same with `optimizer="signum"`.
+- `miStudio adam` / `miStudio signum`: the same with that optimizer (`OURS`; --only picks them).
 - `sparsify`: eai-sparsify 1.3's `SparseCoder` stepped as its `Trainer` steps by default: SignSGD
   under schedulefree's `ScheduleFreeWrapper` (momentum 0.95) at 5e-3 / √(n / 2^14), no schedule;
   `b_dec` at the first batch's mean; no AuxK (its `auxk_alpha` defaults to 0); decoder rows set
@@ -44,7 +45,9 @@ import torch
 from bench import _common as C
 
 K, BATCH = 32, 4096
-CONTENDERS = ("miStudio", "miStudio signum", "sparsify", "SAELens")
+CONTENDERS = ("miStudio", "miStudio adam", "sparsify", "SAELens")
+OURS = {"miStudio": {}, "miStudio adam": {"optimizer": "adam"}, "miStudio signum": {"optimizer": "signum"}}
+"""Our contenders: the defaults, and settings changed from them."""
 
 
 def fixture(data_tokens: int, holdout: int) -> Path:
@@ -85,16 +88,21 @@ def batches(train: np.ndarray, tokens: int):
         yield torch.from_numpy(np.ascontiguousarray(train[i:i + BATCH]))
 
 
-def run_ours(held: torch.Tensor, train: np.ndarray, d_sae: int, tokens: int, optimizer: str = "adam") -> dict:
+def run_ours(held: torch.Tensor, train: np.ndarray, d_sae: int, tokens: int, **settings) -> dict:
     from core.sae import TopKConfig
     from core.train import TrainConfig, train_sae
 
-    data = np.concatenate([held[:BATCH].numpy(), train])  # the lead slice is the trainer's own hold-out
-    cfg = TrainConfig(sae=TopKConfig(k=K), d_sae=d_sae, batch_size=BATCH, total_tokens=tokens, optimizer=optimizer)
-    res = train_sae(lambda: (data[i:i + BATCH] for i in range(0, len(data), BATCH)), held.shape[1], cfg,
-                    holdout_tokens=BATCH)
+    def chunks():  # the lead slice is the trainer's own hold-out; `train` is memory-mapped
+        yield held[:BATCH].numpy()
+        for i in range(0, len(train), BATCH):
+            yield np.ascontiguousarray(train[i:i + BATCH])
+
+    cfg = TrainConfig(sae=TopKConfig(k=K), d_sae=d_sae, batch_size=BATCH, total_tokens=tokens, **settings)
+    t0 = time.perf_counter()
+    res = train_sae(chunks, held.shape[1], cfg, holdout_tokens=BATCH)
+    train_s = time.perf_counter() - t0
     sae = res.sae.eval()
-    return score(held, sae.encode, sae.decode)
+    return dict(score(held, sae.encode, sae.decode), train_s=train_s)
 
 
 def run_sparsify(held: torch.Tensor, train: np.ndarray, d_sae: int, tokens: int) -> dict:
@@ -107,6 +115,7 @@ def run_sparsify(held: torch.Tensor, train: np.ndarray, d_sae: int, tokens: int)
     opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (d_sae / 2**14) ** 0.5}]),
                               momentum=0.95)
     opt.train()
+    t0 = time.perf_counter()
     for step, x in enumerate(batches(train, tokens)):
         if step == 0:
             sae.b_dec.data = x.mean(0)  # its Trainer centres the pre-activations on the first batch
@@ -116,12 +125,13 @@ def run_sparsify(held: torch.Tensor, train: np.ndarray, d_sae: int, tokens: int)
         opt.step()
         opt.zero_grad()
     opt.eval()  # the schedule-free average, as its Trainer saves
+    train_s = time.perf_counter() - t0
 
     def encode(x):
         acts, idx, _ = sae.encode(x)
         return torch.zeros(len(x), d_sae).scatter_(1, idx, acts)
 
-    return score(held, encode, lambda z: z @ sae.W_dec + sae.b_dec)
+    return dict(score(held, encode, lambda z: z @ sae.W_dec + sae.b_dec), train_s=train_s)
 
 
 def run_saelens(held: torch.Tensor, train: np.ndarray, d_sae: int, tokens: int) -> dict:
@@ -145,26 +155,34 @@ def run_saelens(held: torch.Tensor, train: np.ndarray, d_sae: int, tokens: int) 
         while True:
             yield from batches(train, tokens)
 
+    t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         SAETrainer(cfg=cfg.to_sae_trainer_config(), sae=sae, data_provider=provider()).fit()
+    train_s = time.perf_counter() - t0
     sae.eval()
-    return score(held, sae.encode, sae.decode)
+    return dict(score(held, sae.encode, sae.decode), train_s=train_s)
+
+
+def peak_mib() -> float:
+    """This process's peak RSS since exec (VmHWM): ru_maxrss would be the parent's, since Linux
+    keeps it across fork and exec."""
+    line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def child(name: str, data: Path, d_sae: int, tokens: int) -> None:
-    """One contender in this process; prints one JSON line (its scores and wall time). No peak RSS:
-    Linux keeps ru_maxrss across fork and exec, so a child would report the parent's fixture
-    loading (bench/memory.py --widths measures the step's memory)."""
-    held, train = torch.from_numpy(np.load(data / "held.npy")), np.load(data / "train.npy")
-    fn = {"miStudio": run_ours, "miStudio signum": lambda *a: run_ours(*a, optimizer="signum"),
-          "sparsify": run_sparsify, "SAELens": run_saelens}[name]
+    """One contender in this process; prints one JSON line: its scores, the training's seconds
+    (scoring and start-up left out), the whole run's, and the peak RSS (training data mapped,
+    not read in)."""
+    held, train = torch.from_numpy(np.load(data / "held.npy")), np.load(data / "train.npy", mmap_mode="r")
+    fn = {"sparsify": run_sparsify, "SAELens": run_saelens}.get(name) or (lambda *a: run_ours(*a, **OURS[name]))
     t0 = time.perf_counter()
     try:
         out = fn(held, train, d_sae, tokens)
     except ImportError as e:
         out = {"missing": e.name}
-    out.update(wall=time.perf_counter() - t0)
+    out.update(wall=time.perf_counter() - t0, peak_mib=peak_mib())
     print("PEERS " + json.dumps(out), flush=True)
 
 
@@ -200,7 +218,8 @@ def main(argv=None) -> None:
                 print(f"  {tokens:>9,} {name:16s} not installed ({out['missing']})", flush=True)
                 continue
             print(f"  {tokens:>9,} {name:16s} FVU {out['fvu']:.4f}  L0 {out['l0']:5.1f}  dead {out['dead']:6.2%}  "
-                  f"{tokens / out['wall']:8,.0f} tok/s (whole run)", flush=True)
+                  f"{tokens / out['train_s']:8,.0f} tok/s training, {tokens / out['wall']:8,.0f} whole run, "
+                  f"peak {out['peak_mib']:,.0f} MiB", flush=True)
     if not args.no_record:
         record(args, rows)
 
@@ -210,13 +229,16 @@ def record(args, rows) -> None:
     lines = [f"\n### Peers at equal tokens — {dt.date.today()}, {m['cpu']}, {m['nproc']} cores, torch {m['torch']}\n",
              f"`{C.command_line()}` — {args.d_sae:,} latents, TopK k {K}, batch {BATCH}, each with its own defaults; "
              f"{args.data_tokens:,} distinct training tokens, {args.holdout:,} held out; load {C.load_avg()}. "
-             "Dead = never fires on the held-out tokens; tok/s is the whole run (start-up and scoring included), "
+             "Dead = never fires on the held-out tokens; training tok/s = tokens / the training call's seconds "
+             "(its own start-up included, scoring not), whole run = the child's seconds; peak = the child's "
+             "VmHWM (the training data is memory-mapped: the pages read count, the same for every contender); "
              "on a shared machine.\n",
-             "| tokens | contender | held-out FVU | L0 | dead | tok/s |", "|---|---|---|---|---|---|"]
+             "| tokens | contender | held-out FVU | L0 | dead | training tok/s | whole-run tok/s | peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for tokens, name, o in rows:
-        lines.append(f"| {tokens:,} | {name} | not installed |  |  |  |" if "missing" in o else
+        lines.append(f"| {tokens:,} | {name} | not installed |  |  |  |  |  |" if "missing" in o else
                      f"| {tokens:,} | {name} | {o['fvu']:.4f} | {o['l0']:.1f} | {o['dead']:.2%} | "
-                     f"{tokens / o['wall']:,.0f} |")
+                     f"{tokens / o['train_s']:,.0f} | {tokens / o['wall']:,.0f} | {o['peak_mib']:,.0f} |")
     with open(C.RESULTS, "a") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -2,7 +2,8 @@
 
 SmolLM2-135M `blocks.15.hook_resid_post` over the start of the `stdlib-source` corpus (BOS-first
 rows of 256 tokens, special tokens left out as the studio's extraction does), tokens over 10×
-the median norm dropped; the first `--holdout` tokens are held out, the rest shuffled once.
+the median norm dropped; all of them shuffled once, the first `--holdout` held out (so they come
+from every document, as the training tokens do).
 Every contender trains a TopK SAE (k 32, batch 4096, AuxK on, studio defaults otherwise) on the
 same tokens in the same order and is scored on the held-out tokens: FVU, L0 and the fraction of
 latents dead at the end of training. Contenders: Adam at its default (2e-4 / √(n / 2^14)) with
@@ -29,7 +30,15 @@ from bench import _common as C
 
 K, BATCH = 32, 4096
 CONTENDERS = {"adam": {"optimizer": "adam"}, "adam ×5 lr": {"optimizer": "adam", "lr_multiple": 5.0},
-              "signum": {"optimizer": "signum"}}
+              "signum": {"optimizer": "signum"},
+              # the dead-latent study: AuxK's window and weight, a warm-up, a lower rate
+              "signum dead 4×": {"optimizer": "signum", "dead_per_latent": 4},
+              "signum dead 1×": {"optimizer": "signum", "dead_per_latent": 1},
+              "signum auxk ×4": {"optimizer": "signum", "dead_per_latent": 4, "auxk_multiple": 4.0},
+              "signum warm-up": {"optimizer": "signum", "warmup": True},
+              "signum ¾ lr": {"optimizer": "signum", "lr_multiple": 0.75},
+              "signum ½ lr": {"optimizer": "signum", "lr_multiple": 0.5},
+              "signum ¼ lr": {"optimizer": "signum", "lr_multiple": 0.25}}
 
 
 def activations(tokens: int) -> Path:
@@ -48,20 +57,36 @@ def activations(tokens: int) -> Path:
     ds = C.CACHE / "recipe" / "ds"
     if not (ds / "stats.json").is_file():
         print(f"[recipe] tokenizing the start of stdlib-source into {ds}", flush=True)
-        tokenize_dataset(tok, "stdlib-source", ds, context_length=256, max_documents=400)
+        tokenize_dataset(tok, "stdlib-source", ds, context_length=256)  # all of it: ≈ 10M tokens
     print(f"[recipe] extracting {tokens} tokens of {C.HOOK} (a few minutes on 2 cores)", flush=True)
     extract_activations(model, tok, ds, [C.HOOK], out, max_tokens=tokens, exclude_token_ids=special_token_ids(tok))
     return hook
 
 
 def load(tokens: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
+    """`holdout` and `tokens` kept tokens, both drawn at random from the first `holdout + tokens`
+    (one shuffle in place, seed 0). Two reads of the cache into one array, so millions of tokens
+    fit: the norms, then the kept rows."""
     from core.extract import iter_activations
 
-    x = np.concatenate([np.array(a) for a in iter_activations(activations(tokens + holdout))])
-    norms = np.linalg.norm(x.astype(np.float64), axis=1)
-    x = x[np.isfinite(norms) & (norms <= 10 * np.median(norms))]
-    held, rest = x[:holdout], x[holdout:holdout + tokens]
-    return held, np.ascontiguousarray(rest[np.random.default_rng(0).permutation(len(rest))])
+    hook = activations(tokens + holdout)
+    norms = np.concatenate([np.linalg.norm(np.asarray(a, dtype=np.float64), axis=1)
+                            for a in iter_activations(hook)])
+    keep = np.isfinite(norms) & (norms <= 10 * np.median(norms))
+    x, n, start, filled = None, min(int(keep.sum()), tokens + holdout), 0, 0
+    for a in iter_activations(hook):
+        rows = np.asarray(a)[keep[start:start + len(a)]][:n - filled]
+        start += len(a)
+        if x is None:
+            x = np.empty((n, rows.shape[1]), dtype=np.float32)
+        x[filled:filled + len(rows)] = rows
+        filled += len(rows)
+        if filled == n:
+            break
+    # Held-out tokens drawn from the whole cache, not its first documents: a latent of a topic
+    # the first few files lack would otherwise count as never firing.
+    np.random.default_rng(0).shuffle(x)
+    return x[:holdout], x[holdout:]
 
 
 def sae_config(arch: str):
@@ -78,20 +103,41 @@ def run(name: str, held: np.ndarray, train: np.ndarray, d_sae: int, tokens: int,
     from core.evals.reconstruction import evaluate
     from core.train import TrainConfig, default_lr, train_sae
 
+    import dataclasses
+
+    from core.train import optim
+
     opts = dict(CONTENDERS[name])
     lr = default_lr(d_sae, opts["optimizer"]) * opts.pop("lr_multiple", 1.0)
-    cfg = TrainConfig(sae=sae_config(arch), d_sae=d_sae, batch_size=BATCH, total_tokens=tokens, lr=lr, **opts)
-    data = np.concatenate([held[:BATCH], train])  # held-out tokens are never trained on: fed as the lead slice
-
-    def chunks():
-        for i in range(0, len(data), BATCH):
-            yield data[i:i + BATCH]
+    sae = sae_config(arch)
+    if "auxk_multiple" in opts:
+        sae = dataclasses.replace(sae, auxk_alpha=sae.auxk_alpha * opts.pop("auxk_multiple"))
+    if "dead_per_latent" in opts:
+        opts["dead_tokens"] = opts.pop("dead_per_latent") * d_sae
+    warmup = opts.pop("warmup", False)
+    if warmup:  # the run's linear warm-up (5%) under signum, no decay
+        opts["lr_decay_frac"] = 0.0
+    cfg = TrainConfig(sae=sae, d_sae=d_sae, batch_size=BATCH, total_tokens=tokens, lr=lr, **opts)
+    def chunks():  # held-out tokens are never trained on: fed as the lead slice, the trainer's hold-out
+        yield held[:BATCH]
+        for i in range(0, len(train), BATCH):
+            yield train[i:i + BATCH]
 
     t0 = time.perf_counter()
-    res = train_sae(chunks, held.shape[1], cfg, holdout_tokens=BATCH)
+    scheduled = optim.scheduled
+    optim.scheduled = (lambda _: True) if warmup else scheduled
+    try:
+        res = train_sae(chunks, held.shape[1], cfg, holdout_tokens=BATCH)
+    finally:
+        optim.scheduled = scheduled
     wall = time.perf_counter() - t0
     scores = evaluate(res.sae, torch.from_numpy(held))
-    return {"fvu": scores["fvu"], "l0": scores["l0"], "dead": res.final["dead_frac"], "wall": wall,
+    with torch.no_grad():  # never firing on the held-out tokens: bench.peers's definition
+        fired = torch.zeros(d_sae, dtype=torch.bool)
+        for block in torch.from_numpy(held).split(BATCH):
+            fired |= (res.sae.encode(block) > 0).any(0)
+    return {"fvu": scores["fvu"], "l0": scores["l0"], "dead": res.final["dead_frac"],
+            "never": float((~fired).float().mean()), "wall": wall,
             "tokens": res.final["tokens"], "lr": lr}
 
 
@@ -116,7 +162,7 @@ def main(argv=None) -> None:
             out = run(name, held, train, args.d_sae, args.tokens, arch)
             rows.append((f"{arch}: {name}", out))
             print(f"  {arch:9s} {name:10s} lr {out['lr']:.2e}: held-out FVU {out['fvu']:.4f}, L0 {out['l0']:.1f}, "
-                  f"dead {out['dead']:.2%}, {out['tokens'] / out['wall']:,.0f} tok/s", flush=True)
+                  f"dead {out['dead']:.2%}, never firing {out['never']:.2%}, {out['tokens'] / out['wall']:,.0f} tok/s", flush=True)
     if args.no_record:
         return
     m = C.machine()
@@ -125,8 +171,9 @@ def main(argv=None) -> None:
              f"`{C.command_line()}` — {args.d_sae:,} latents, k {K} where the type has one, batch {BATCH}, "
              f"{args.tokens:,} training tokens ({args.tokens / len(train):.1f} passes over {len(train):,}), "
              f"{len(held):,} held-out tokens of SmolLM2 `{C.HOOK}` over stdlib-source; load {C.load_avg()}.\n",
-             "| SAE type: optimizer | lr | held-out FVU | L0 | dead | tok/s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {o['lr']:.2e} | {o['fvu']:.4f} | {o['l0']:.1f} | {o['dead']:.2%} | "
+             "| SAE type: optimizer | lr | held-out FVU | L0 | dead | never fires (held out) | tok/s |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {o['lr']:.2e} | {o['fvu']:.4f} | {o['l0']:.1f} | {o['dead']:.2%} | {o['never']:.2%} | "
               f"{o['tokens'] / o['wall']:,.0f} |" for n, o in rows]
     with open(C.RESULTS, "a") as f:
         f.write("\n".join(lines) + "\n")

@@ -79,7 +79,7 @@ def test_training_presets_templates_and_a_run_with_checkpoints(tiny_run, ui_clie
     saved = ui_client.template("train", "tiny-topk")["values"]
     # the type's own fields come from its config dataclass, defaults included
     assert saved["config"] == {"architecture": "topk", "expansion_factor": 2, "k": 4, "auxk_alpha": 1 / 32,
-                               "batch_size": 128, "epochs": 1, "optimizer": "adam"}
+                               "batch_size": 128, "epochs": 1, "optimizer": "signum"}
     assert saved["checkpoint_every"] == 2
 
     # a fresh page loads the template back into the form

@@ -58,7 +58,7 @@ the imports; bench/RESULTS.md, "memory at width")."""
 
 
 def training_bytes(d_in: int, d_sae: int, batch_size: int, sae: SAETypeConfig | None = None,
-                   optimizer: str = "adam", shuffle_batches: int = 4, sample_tokens: int = 16384) -> int:
+                   optimizer: str = "signum", shuffle_batches: int = 4, sample_tokens: int = 16384) -> int:
     """Peak memory of training one SAE, predicted from its width, batch and optimizer (fp32):
     the weights, their gradients and the optimizer's state, one gradient-sized temporary (the
     decoder-gradient projection, AuxK's second gradient before it is added), the step's own
@@ -121,7 +121,8 @@ def check_fits(cfg: "TrainConfig", d_in: int, d_sae: int) -> None:
 
 @dataclass
 class TrainConfig:
-    """How to train one SAE. Defaults follow Gao et al. 2024 and sparsify (TopK)."""
+    """How to train one SAE. Defaults follow Gao et al. 2024 and sparsify (TopK, schedule-free
+    sign-SGD), with the rate lowered where ours measured better (bench/RESULTS.md)."""
 
     sae: SAETypeConfig = field(default_factory=lambda: registry.config_for(registry.DEFAULT))
     """The SAE type and its knobs (k for TopK, l1_coefficient for ReLU-L1, ...): `core.sae.registry`."""
@@ -129,13 +130,15 @@ class TrainConfig:
     """d_sae = expansion_factor × d_in, unless `d_sae` is given."""
     d_sae: int | None = None
     """Number of latents; None → expansion_factor × d_in (set once by `resolved`)."""
-    optimizer: str = "adam"
-    """`adam`: Adam with linear lr warm-up and decay (lr_warmup_frac, lr_decay_frac). `signum`:
-    sign-SGD under a schedule-free wrapper (momentum 0.95), sparsify's current default: a
-    constant lr, no warm-up or decay, and the SAE saved is the wrapper's running average."""
+    optimizer: str = "signum"
+    """`signum`: sign-SGD under a schedule-free wrapper (momentum 0.95), sparsify's current
+    optimizer: a constant lr, no warm-up or decay, and the SAE saved is the wrapper's running
+    average. `adam`: Adam with linear lr warm-up and decay (lr_warmup_frac, lr_decay_frac), the
+    former default (SAELens's recipe); at equal tokens its SAEs reconstruct far worse."""
     lr: float | None = None
-    """Learning rate; None → the optimizer's width-scaled default, sparsify's: 2e-4 / √(d_sae /
-    2^14) for adam, 5e-3 / √(d_sae / 2^14) for signum."""
+    """Learning rate; None → the optimizer's width-scaled default: 3.5e-3 · (2^14 / d_sae)^¼ for
+    signum (sparsify's 5e-3 · (2^14 / d_sae)^½ leaves latents that never fire), 2e-4 · (2^14 /
+    d_sae)^½ for adam (core.train.optim.default_lr)."""
     batch_size: int = 4096
     """Tokens per optimizer step."""
     total_tokens: int | None = None
@@ -150,9 +153,9 @@ class TrainConfig:
     family; `dead_frac` counts it). None → `default_dead_tokens(d_sae)`, fixed by the width
     alone, not by the run's length."""
     lr_warmup_frac: float = 0.05
-    """Fraction of steps over which lr rises linearly from 0."""
+    """Fraction of steps over which lr rises linearly from 0 (adam only)."""
     lr_decay_frac: float = 0.2
-    """Final fraction of steps over which lr decays linearly to 0."""
+    """Final fraction of steps over which lr decays linearly to 0 (adam only)."""
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping."""
     log_every: int = 5

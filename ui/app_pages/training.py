@@ -13,8 +13,8 @@ from ui.components.formatting import fmt_number
 from ui.components.jobs import progress_panel
 
 SCHEDULE = ("expansion_factor", "batch_size", "epochs", "optimizer")
-OPTIMIZERS = {"adam": "adam — Adam, lr warm-up then decay (SAELens's and older sparsify's recipe)",
-              "signum": "signum — schedule-free sign-SGD, constant lr (sparsify's current default)"}
+OPTIMIZERS = {"signum": "signum — schedule-free sign-SGD, constant lr (the default; sparsify's optimizer)",
+              "adam": "adam — Adam, lr warm-up then decay (SAELens's and older sparsify's recipe)"}
 # The form's fields beside the SAE type's own (which come with their defaults and help from the
 # type's config dataclass, through the Client). Comments, not docstrings: Streamlit's magic prints them.
 
