@@ -17,16 +17,19 @@ from core.fields import FieldInfo, describe
 from core.sae import SAE, SAETypeConfig, registry
 from core.train.optim import OPTIMIZERS
 
-DEAD_TOKENS_PER_LATENT = 32
+DEAD_TOKENS_PER_LATENT = {"signum": 4, "adam": 32}
+"""The default dead window in tokens per latent, by optimizer (`default_dead_tokens`)."""
 
 
-def default_dead_tokens(d_sae: int) -> int:
-    """32 × d_sae tokens: a latent that stays silent for 1,000 times the mean interval between
-    a latent's firings at k = 32 (d_sae / k tokens) is dead — 147k tokens at 4,608 latents,
-    2.1M at 65,536. Independent of the run's length, so a short run's slow starters are not
-    counted (at 65k latents a quarter of a 250k-token run left ~25k latents "dead" and AuxK
-    busy on them), and a long run does not wait Gao et al.'s fixed 10M tokens at small widths."""
-    return DEAD_TOKENS_PER_LATENT * d_sae
+def default_dead_tokens(d_sae: int, optimizer: str = "signum") -> int:
+    """A window fixed by the width alone, independent of the run's length (a short run's slow
+    starters are not counted, and a long run does not wait Gao et al.'s fixed 10M tokens at
+    small widths). Adam: 32 × d_sae, 1,000 times the mean interval between a latent's firings
+    at k = 32 (147k tokens at 4,608 latents, 2.1M at 65,536). signum: 4 × d_sae (65k tokens at
+    16,384 latents): under sign steps latents go quiet as the run goes on, and AuxK must start
+    reviving them early — at 16,384 latents and 1M tokens the 32× window left 30% of the saved
+    SAE's latents never firing on held-out tokens, the 4× window 2.6% (bench/RESULTS.md)."""
+    return DEAD_TOKENS_PER_LATENT[optimizer] * d_sae
 
 
 def check_device(device: str) -> None:
@@ -150,7 +153,7 @@ class TrainConfig:
     """Fraction of steps over which a penalised type's sparsity coefficient rises linearly from 0."""
     dead_tokens: int | None = None
     """A latent that has not fired for this many tokens is dead (AuxK revives it in the TopK
-    family; `dead_frac` counts it). None → `default_dead_tokens(d_sae)`, fixed by the width
+    family; `dead_frac` counts it). None → `default_dead_tokens(d_sae, optimizer)`, fixed by the width
     alone, not by the run's length."""
     lr_warmup_frac: float = 0.05
     """Fraction of steps over which lr rises linearly from 0 (adam only)."""

@@ -16,15 +16,19 @@ import torch
 from schedulefree import ScheduleFreeWrapper
 
 OPTIMIZERS = ("signum", "adam")
-BASE_LR = {"adam": 2e-4, "signum": 3.5e-3}
+BASE_LR = {"adam": 2e-4, "signum": 5e-3}
 """The learning rate at 2^14 latents."""
 WIDTH_POWER = {"adam": 0.5, "signum": 0.25}
-"""The default rate ∝ d_sae^−power. Adam: sparsify's former rule. signum: sparsify uses
-5e-3 · (2^14 / d_sae)^½, which on SmolLM2 (bench/recipe.py, bench/RESULTS.md) leaves TopK SAEs
-with latents that never fire — 1.5% at 16,384 latents and 9% at 4,608 after 250k tokens (the
-schedule-free average loses latents the stepped weights still use) — while 3.75e-3 at 16,384
-and 4.7e-3 at 4,608 leave 0.04%, for a held-out FVU 9% / 12% higher: a base of 3.5e-3 and a
-fourth-root rule go through both."""
+"""The default rate ∝ d_sae^−power. Adam: sparsify's former rule. signum: sparsify's rate at
+2^14 latents, but a fourth-root rule where sparsify scales by the square root: at 4,608
+latents its 9.4e-3 left 9% of a TopK SAE's latents never firing after 250k tokens, where
+4.7e-3 left 0.04% (bench/RESULTS.md)."""
+ENCODER_INIT = {"signum": 3 ** -0.5, "adam": 1.0}
+"""The encoder's columns start as the unit decoder rows times this. Adam: Gao et al.'s tied
+initialisation. signum: the norm sparsify's encoder starts at (a default `nn.Linear`, ≈ 1/√3):
+with sign steps of a fixed size, unit columns left 1.5% of a 16,384-latent TopK SAE's latents
+never firing after 250k tokens at 5e-3, 1/√3 left 0.4–0.7% with a lower held-out FVU
+(bench/RESULTS.md)."""
 
 
 def default_lr(d_sae: int, optimizer: str = "signum") -> float:

@@ -48,10 +48,12 @@ class RunState:
         self.budget = cfg.total_tokens if cfg.total_tokens is not None else pass_tokens * cfg.epochs
         self.total_steps = max(1, math.ceil(self.budget / cfg.batch_size))
         d_sae = cfg.width(spec.d_in)
-        self.dead_tokens = cfg.dead_tokens or default_dead_tokens(d_sae)
+        self.dead_tokens = cfg.dead_tokens or default_dead_tokens(d_sae, cfg.optimizer)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.sae = registry.build(cfg.sae, spec.d_in, d_sae)
+        with torch.no_grad():
+            self.sae.W_enc.mul_(optim.ENCODER_INIT[cfg.optimizer])
         self.sae.initialise(self.stats.sample * self.stats.scale)
         self.sae.to(self.device)
         self.params = list(self.sae.parameters())
