@@ -225,7 +225,7 @@ class TrainConfig:
                             "the run; make them add up to 1 at most")
         at_least_one(log_every=self.log_every, sample_tokens=self.sample_tokens, shuffle_batches=self.shuffle_batches)
         if self.dead_tokens is not None and self.dead_tokens < 1:
-            raise UserError(f"dead_tokens={self.dead_tokens} must be at least 1, or left out for 32 × d_sae")
+            raise UserError(f"dead_tokens={self.dead_tokens} must be at least 1, or left out for the default (4 × d_sae under signum, 32 × under adam)")
         if not (self.grad_clip >= 0):
             raise UserError(f"grad_clip={self.grad_clip} must be 0 (off) or a positive number")
         if self.outlier_norm_multiple is not None and not (self.outlier_norm_multiple > 0):
