@@ -124,8 +124,9 @@ def check_fits(cfg: "TrainConfig", d_in: int, d_sae: int) -> None:
 
 @dataclass
 class TrainConfig:
-    """How to train one SAE. Defaults follow Gao et al. 2024 and sparsify (TopK, schedule-free
-    sign-SGD), with the rate lowered where ours measured better (bench/RESULTS.md)."""
+    """How to train one SAE. Defaults follow Gao et al. 2024 and sparsify (TopK, AuxK, schedule-free
+    sign-SGD), with the rate's width rule, the encoder's start and the dead window changed where
+    ours measured better (core.train.optim, bench/RESULTS.md)."""
 
     sae: SAETypeConfig = field(default_factory=lambda: registry.config_for(registry.DEFAULT))
     """The SAE type and its knobs (k for TopK, l1_coefficient for ReLU-L1, ...): `core.sae.registry`."""
@@ -139,9 +140,9 @@ class TrainConfig:
     average. `adam`: Adam with linear lr warm-up and decay (lr_warmup_frac, lr_decay_frac), the
     former default (SAELens's recipe); at equal tokens its SAEs reconstruct far worse."""
     lr: float | None = None
-    """Learning rate; None → the optimizer's width-scaled default: 3.5e-3 · (2^14 / d_sae)^¼ for
-    signum (sparsify's 5e-3 · (2^14 / d_sae)^½ leaves latents that never fire), 2e-4 · (2^14 /
-    d_sae)^½ for adam (core.train.optim.default_lr)."""
+    """Learning rate; None → the optimizer's width-scaled default: 5e-3 · (2^14 / d_sae)^¼ for
+    signum (sparsify's square-root rule leaves latents that never fire at small widths),
+    2e-4 · (2^14 / d_sae)^½ for adam (core.train.optim.default_lr)."""
     batch_size: int = 4096
     """Tokens per optimizer step."""
     total_tokens: int | None = None
@@ -225,7 +226,8 @@ class TrainConfig:
                             "the run; make them add up to 1 at most")
         at_least_one(log_every=self.log_every, sample_tokens=self.sample_tokens, shuffle_batches=self.shuffle_batches)
         if self.dead_tokens is not None and self.dead_tokens < 1:
-            raise UserError(f"dead_tokens={self.dead_tokens} must be at least 1, or left out for the default (4 × d_sae under signum, 32 × under adam)")
+            raise UserError(f"dead_tokens={self.dead_tokens} must be at least 1, or left out for the default "
+                            "(4 × d_sae under signum, 32 × under adam)")
         if not (self.grad_clip >= 0):
             raise UserError(f"grad_clip={self.grad_clip} must be 0 (off) or a positive number")
         if self.outlier_norm_multiple is not None and not (self.outlier_norm_multiple > 0):
