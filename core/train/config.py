@@ -15,10 +15,7 @@ from typing import Any, Mapping, NamedTuple
 from core.errors import UserError, at_least_one
 from core.fields import FieldInfo, describe
 from core.sae import SAE, SAETypeConfig, registry
-from core.train.optim import OPTIMIZERS
-
-DEAD_TOKENS_PER_LATENT = {"signum": 4, "adam": 32}
-"""The default dead window in tokens per latent, by optimizer (`default_dead_tokens`)."""
+from core.train.optim import OPTIMIZERS, RECIPES
 
 
 def default_dead_tokens(d_sae: int, optimizer: str = "signum") -> int:
@@ -29,7 +26,7 @@ def default_dead_tokens(d_sae: int, optimizer: str = "signum") -> int:
     16,384 latents): under sign steps latents go quiet as the run goes on, and AuxK must start
     reviving them early — at 16,384 latents and 1M tokens the 32× window left 30% of the saved
     SAE's latents never firing on held-out tokens, the 4× window 2.6% (bench/RESULTS.md)."""
-    return DEAD_TOKENS_PER_LATENT[optimizer] * d_sae
+    return RECIPES[optimizer].dead_per_latent * d_sae
 
 
 def check_device(device: str) -> None:
@@ -50,10 +47,6 @@ def check_device(device: str) -> None:
         raise UserError(f"device {device!r} is not supported for training; use cpu or cuda")
 
 
-OPTIMIZER_STATES = {"adam": 2, "signum": 2}
-"""fp32 tensors of optimizer state per parameter (Adam: its two moments; signum: the
-schedule-free wrapper's z, and the temporary its swap of the transposed W_enc takes)."""
-
 RUNTIME_BYTES = 800 * 2**20
 """A training job's own memory beside the SAE and its batches: Python, torch, pyarrow and the
 activation reader's buffers (a 64-latent job peaks at 845 MiB RSS on CPU, of which 295 MiB are
@@ -70,7 +63,7 @@ def training_bytes(d_in: int, d_sae: int, batch_size: int, sae: SAETypeConfig | 
     Measured against peak RSS per width in bench/RESULTS.md ("memory at width")."""
     sae = sae if sae is not None else registry.config_for(registry.DEFAULT)
     weights = 4 * (2 * d_in * d_sae + d_in + d_sae)
-    model = weights * (2 + OPTIMIZER_STATES[optimizer]) + 4 * d_in * d_sae
+    model = weights * (2 + RECIPES[optimizer].states) + 4 * d_in * d_sae
     step = registry.get(sae.architecture).step_bytes(sae, d_in, d_sae, batch_size)
     data = 4 * d_in * ((2 * shuffle_batches + 1) * batch_size + sample_tokens)
     return model + step + data + RUNTIME_BYTES

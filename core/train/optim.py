@@ -10,30 +10,45 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
 from schedulefree import ScheduleFreeWrapper
 
-OPTIMIZERS = ("signum", "adam")
-BASE_LR = {"adam": 2e-4, "signum": 5e-3}
-"""The learning rate at 2^14 latents."""
-WIDTH_POWER = {"adam": 0.5, "signum": 0.25}
-"""The default rate ∝ d_sae^−power. Adam: sparsify's former rule. signum: sparsify's rate at
-2^14 latents, but a fourth-root rule where sparsify scales by the square root: at 4,608
-latents its 9.4e-3 left 9% of a TopK SAE's latents never firing after 250k tokens, where
-4.7e-3 left 0.04% (bench/RESULTS.md)."""
-ENCODER_INIT = {"signum": 3 ** -0.5, "adam": 1.0}
-"""The encoder's columns start as the unit decoder rows times this. Adam: Gao et al.'s tied
-initialisation. signum: the norm sparsify's encoder starts at (a default `nn.Linear`, ≈ 1/√3):
-with sign steps of a fixed size, unit columns left 1.5% of a 16,384-latent TopK SAE's latents
-never firing after 250k tokens at 5e-3, 1/√3 left 0.4–0.7% with a lower held-out FVU
-(bench/RESULTS.md)."""
+@dataclass(frozen=True)
+class Recipe:
+    """What goes with an optimizer: its default rate, the encoder's start, the dead window, its
+    state's size and whether the run's lr schedule applies (bench/RESULTS.md, "the default recipe")."""
+
+    base_lr: float
+    """The default learning rate at 2^14 latents."""
+    width_power: float
+    """The default rate ∝ d_sae^−width_power. Adam: sparsify's former square-root rule. signum:
+    a fourth root — sparsify's square root took 4,608 latents to 9.4e-3, which left 9% of a TopK
+    SAE's latents never firing after 250k tokens, where 4.7e-3 left 0.04%."""
+    encoder_init: float
+    """The encoder's columns start as the unit decoder rows times this. Adam: Gao et al.'s tied
+    initialisation. signum: the norm sparsify's `nn.Linear` encoder starts at (≈ 1/√3): unit
+    columns left 1.5% of a 16,384-latent TopK SAE never firing after 250k tokens at 5e-3, 1/√3
+    left 0.4–0.7% with a lower held-out FVU."""
+    dead_per_latent: int
+    """The default dead window in tokens per latent (`default_dead_tokens`)."""
+    states: int
+    """fp32 tensors of optimizer state per parameter (Adam: its two moments; signum: the
+    schedule-free wrapper's z, and the temporary its swap of the transposed W_enc takes)."""
+    scheduled: bool
+    """Whether the run's warm-up/decay schedule applies (a schedule-free optimizer has none)."""
+
+
+RECIPES = {"signum": Recipe(5e-3, 0.25, 3 ** -0.5, 4, 2, False), "adam": Recipe(2e-4, 0.5, 1.0, 32, 2, True)}
+OPTIMIZERS = tuple(RECIPES)
 
 
 def default_lr(d_sae: int, optimizer: str = "signum") -> float:
-    """The width-scaled default rate for `optimizer`: BASE_LR at 2^14 latents, ∝ d_sae^−WIDTH_POWER."""
-    return BASE_LR[optimizer] * (2**14 / d_sae) ** WIDTH_POWER[optimizer]
+    """The width-scaled default rate: base_lr at 2^14 latents, ∝ d_sae^−width_power."""
+    r = RECIPES[optimizer]
+    return r.base_lr * (2**14 / d_sae) ** r.width_power
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -76,7 +91,7 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> to
 
 def scheduled(name: str) -> bool:
     """Whether the run's warm-up/decay schedule applies (a schedule-free optimizer has none)."""
-    return name == "adam"
+    return RECIPES[name].scheduled
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ class RunState:
             torch.manual_seed(cfg.seed)
             self.sae = registry.build(cfg.sae, spec.d_in, d_sae)
         with torch.no_grad():
-            self.sae.W_enc.mul_(optim.ENCODER_INIT[cfg.optimizer])
+            self.sae.W_enc.mul_(optim.RECIPES[cfg.optimizer].encoder_init)
         self.sae.initialise(self.stats.sample * self.stats.scale)
         self.sae.to(self.device)
         self.params = list(self.sae.parameters())
