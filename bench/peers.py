@@ -27,6 +27,13 @@ Peers are installed in the bench venv only (never project dependencies):
     /tmp/bench-venv/bin/python -m bench.peers --d-sae 16384 --tokens 250000,1000000
 
 A contender that is not importable is reported as missing, not skipped silently.
+
+`--speed 4608,16384,65536` measures speed instead: each contender trains `--steps` TopK steps
+(k 32, batch 4096, its defaults) at each width on the same ~60k cached tokens (bench._common's
+fixture), in its own process, contenders interleaved and their order rotated in each of `--rounds`
+rounds; steady training tokens/s (bench.gpu's trainers on the CPU: the first step, set-up and
+evaluation left out) and the child's peak RSS. Targets (issue 22): ours ≥ 1.5× sparsify and ≥ 3×
+SAELens at every width, peak RSS ≤ sparsify's.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from bench import _common as C
 
 K, BATCH = 32, 4096
 CONTENDERS = ("miStudio", "miStudio adam", "sparsify", "SAELens")
+SPEED = ("miStudio", "sparsify", "SAELens")
+"""The contenders of --speed: bench.gpu's trainers."""
 OURS = {"miStudio": {}, "miStudio adam": {"optimizer": "adam"}, "miStudio signum": {"optimizer": "signum"}}
 """Our contenders: the defaults, and settings changed from them."""
 
@@ -186,6 +195,70 @@ def child(name: str, data: Path, d_sae: int, tokens: int) -> None:
     print("PEERS " + json.dumps(out), flush=True)
 
 
+def speed_child(name: str, d_sae: int, steps: int) -> None:
+    """One contender's steady training tok/s on the CPU, as bench.gpu measures it, and this
+    process's peak RSS; one JSON line."""
+    from bench import gpu
+    from core.extract import iter_activations
+
+    x = torch.from_numpy(np.concatenate([np.array(a) for a in iter_activations(C.acts_dir())]))
+    try:
+        out = {"tok_s": gpu.TRAINERS[name](x, d_sae, steps * BATCH, "cpu")}
+    except ImportError as e:
+        out = {"missing": e.name}
+    print("PEERS " + json.dumps(out | {"peak_mib": peak_mib()}), flush=True)
+
+
+def spawn(*argv: str) -> dict:
+    """Run `python -m bench.peers ARGV` (a child) and return its PEERS line."""
+    run = subprocess.run([sys.executable, "-m", "bench.peers", *argv], capture_output=True, text=True, cwd=C.REPO)
+    line = next((s for s in run.stdout.splitlines() if s.startswith("PEERS ")), None)
+    if line is None:
+        sys.exit(f"[peers] {' '.join(argv)} failed:\n{run.stderr[-3000:]}")
+    return json.loads(line[6:])
+
+
+def speed(args) -> None:
+    widths = [int(w) for w in args.speed.split(",")]
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SPEED)
+    C.acts_dir()  # built once, before the children read it
+    load_before = C.load_avg()
+    print(f"[peers] speed at {widths}, {args.steps} steps, {args.rounds} rounds; load {load_before}", flush=True)
+    runs: dict[tuple[int, str], list[dict]] = {}
+    for r in range(args.rounds):
+        for width in widths:
+            for name in names[r % len(names):] + names[:r % len(names)]:  # each contender first in turn
+                out = spawn("--child", name, "--speed-child", "--d-sae", str(width), "--steps", str(args.steps))
+                runs.setdefault((width, name), []).append(out)
+                print(f"  round {r + 1} {width:>7,} {name:9s} " + (f"not installed ({out['missing']})" if "missing"
+                      in out else f"{out['tok_s']:8,.0f} tok/s, peak {out['peak_mib']:,.0f} MiB"), flush=True)
+    rows = []
+    for width in widths:
+        med = {n: (C.median(o["tok_s"] for o in runs[width, n]), C.median(o["peak_mib"] for o in runs[width, n]))
+               for n in names if "missing" not in runs[width, n][0]}
+        ours = med.get("miStudio")
+        ratio = {n: ours[0] / med[n][0] for n in ("sparsify", "SAELens") if ours and n in med}
+        rows.append([f"{width:,}", *(f"{med[n][0]:,.0f}" if n in med else "—" for n in names),
+                     *(f"{ratio[n]:.2f}× {C.ok(ratio[n] >= goal)}" if n in ratio else "—"
+                       for n, goal in (("sparsify", 1.5), ("SAELens", 3.0))),
+                     " / ".join(f"{med[n][1]:,.0f}" if n in med else "—" for n in names),
+                     C.ok(ours[1] <= med["sparsify"][1]) if ours and "sparsify" in med else "—"])
+        print(f"[peers] {width:,}: " + ", ".join(f"{n} {v[0]:,.0f} tok/s {v[1]:,.0f} MiB" for n, v in med.items()))
+    if args.no_record:
+        return
+    body = (f"TopK k {K}, batch {BATCH}, d_in 576, each contender with its own defaults (ours: signum, AuxK "
+            f"armed with its window — a {args.steps}-step run marks no latent dead, as in sparsify, whose AuxK "
+            f"is off by default, and SAELens), {args.steps} steps on the same ~60k cached SmolLM2 "
+            f"`{C.HOOK}` tokens, each run in its own process, {args.rounds} rounds with the contenders "
+            "interleaved and their order rotated; medians. tok/s = steady training tokens/s (bench.gpu's "
+            "trainers: first step, set-up and evaluation left out); peak = the child's VmHWM (the ~140 MB "
+            "of cached tokens included for every contender).\n\n"
+            + C.table(["latents", *(f"{n} tok/s" for n in names), "ours / sparsify (≥ 1.5×)",
+                       "ours / SAELens (≥ 3×)", "peak MiB " + " / ".join(names), "peak ≤ sparsify"], rows))
+    C.append_result("bench/peers.py --speed — training tokens/s and peak RSS per width, side by side", body,
+                    load_before=load_before)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d-sae", type=int, default=16384)
@@ -196,9 +269,17 @@ def main(argv=None) -> None:
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--data", default="", help=argparse.SUPPRESS)
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--speed", default="", help="instead: training tok/s and peak RSS at these widths")
+    ap.add_argument("--steps", type=int, default=12, help="--speed: training steps per run")
+    ap.add_argument("--rounds", type=int, default=2, help="--speed: interleaved rounds")
+    ap.add_argument("--speed-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child and args.speed_child:
+        return speed_child(args.child, args.d_sae, args.steps)
     if args.child:
         return child(args.child, Path(args.data), args.d_sae, int(args.tokens))
+    if args.speed:
+        return speed(args)
     data = fixture(args.data_tokens, args.holdout)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CONTENDERS)
     budgets = [int(t) for t in args.tokens.split(",")]
@@ -206,13 +287,7 @@ def main(argv=None) -> None:
     rows = []
     for tokens in budgets:
         for name in names:
-            run = subprocess.run([sys.executable, "-m", "bench.peers", "--child", name, "--data", str(data),
-                                  "--d-sae", str(args.d_sae), "--tokens", str(tokens)],
-                                 capture_output=True, text=True, cwd=C.REPO)
-            line = next((s for s in run.stdout.splitlines() if s.startswith("PEERS ")), None)
-            if line is None:
-                sys.exit(f"[peers] {name} failed:\n{run.stderr[-3000:]}")
-            out = json.loads(line[6:])
+            out = spawn("--child", name, "--data", str(data), "--d-sae", str(args.d_sae), "--tokens", str(tokens))
             rows.append((tokens, name, out))
             if "missing" in out:
                 print(f"  {tokens:>9,} {name:16s} not installed ({out['missing']})", flush=True)

@@ -37,9 +37,11 @@ CONTENDERS = {"adam": {"optimizer": "adam"}, "adam ×5 lr": {"optimizer": "adam"
               "signum": {"optimizer": "signum"},
               # the dead-latent study: AuxK's window and weight, a warm-up, a lower rate
               "signum dead 4×": {"optimizer": "signum", "dead_per_latent": 4},
+              "signum dead 2×": {"optimizer": "signum", "dead_per_latent": 2},
               "signum dead 1×": {"optimizer": "signum", "dead_per_latent": 1},
               "signum auxk ×4": {"optimizer": "signum", "dead_per_latent": 4, "auxk_multiple": 4.0},
               "signum warm-up": {"optimizer": "signum", "warmup": True},
+              "signum averaged dead": {"optimizer": "signum", "recipe": {"dead_unaveraged": False}},
               "signum ¾ lr": {"optimizer": "signum", "lr_multiple": 0.75},
               "signum ½ lr": {"optimizer": "signum", "lr_multiple": 0.5},
               "signum ¼ lr": {"optimizer": "signum", "lr_multiple": 0.25}}
@@ -112,9 +114,10 @@ def run(name: str, held: np.ndarray, train: np.ndarray, d_sae: int, tokens: int,
         sae = dataclasses.replace(sae, auxk_alpha=sae.auxk_alpha * opts.pop("auxk_multiple"))
     if "dead_per_latent" in opts:
         opts["dead_tokens"] = opts.pop("dead_per_latent") * d_sae
-    warmup = opts.pop("warmup", False)
-    if warmup:  # the run's linear warm-up (5%) under signum, no decay
+    recipe = opts.pop("recipe", {})  # changes to the optimizer's Recipe for this run
+    if opts.pop("warmup", False):  # the run's linear warm-up (5%) under signum, no decay
         opts["lr_decay_frac"] = 0.0
+        recipe["scheduled"] = True
     cfg = TrainConfig(sae=sae, d_sae=d_sae, batch_size=BATCH, total_tokens=tokens, lr=lr, **opts)
     def chunks():  # held-out tokens are never trained on: fed as the lead slice, the trainer's hold-out
         yield held[:BATCH]
@@ -122,12 +125,12 @@ def run(name: str, held: np.ndarray, train: np.ndarray, d_sae: int, tokens: int,
             yield train[i:i + BATCH]
 
     t0 = time.perf_counter()
-    scheduled = optim.scheduled
-    optim.scheduled = (lambda _: True) if warmup else scheduled
+    kept = optim.RECIPES[cfg.optimizer]
+    optim.RECIPES[cfg.optimizer] = dataclasses.replace(kept, **recipe)
     try:
         res = train_sae(chunks, held.shape[1], cfg, holdout_tokens=BATCH)
     finally:
-        optim.scheduled = scheduled
+        optim.RECIPES[cfg.optimizer] = kept
     wall = time.perf_counter() - t0
     scores = evaluate(res.sae, torch.from_numpy(held))
     with torch.no_grad():  # never firing on the held-out tokens: bench.peers's definition
