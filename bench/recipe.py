@@ -41,7 +41,6 @@ CONTENDERS = {"adam": {"optimizer": "adam"}, "adam ×5 lr": {"optimizer": "adam"
               "signum dead 1×": {"optimizer": "signum", "dead_per_latent": 1},
               "signum auxk ×4": {"optimizer": "signum", "dead_per_latent": 4, "auxk_multiple": 4.0},
               "signum warm-up": {"optimizer": "signum", "warmup": True},
-              "signum averaged dead": {"optimizer": "signum", "recipe": {"dead_unaveraged": False}},
               "signum ¾ lr": {"optimizer": "signum", "lr_multiple": 0.75},
               "signum ½ lr": {"optimizer": "signum", "lr_multiple": 0.5},
               "signum ¼ lr": {"optimizer": "signum", "lr_multiple": 0.25}}

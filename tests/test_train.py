@@ -672,27 +672,6 @@ def test_averaged_swaps_in_the_running_average_and_back():
     assert (inside < stepped).all() and (inside > 0).all()
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_dead_latents_step_without_the_running_average(masked):
-    """signum: after `unaverage`, a dead latent's weights to save are its stepped ones (z), while
-    a live latent's stay the running average, which lags behind; by index or by mask alike."""
-    from core.train.optim import averaged, make_optimizer, unaverage
-
-    W, b = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(4))  # latents: W's axis 1
-    opt = make_optimizer("signum", [W, b], lr=0.1)
-    dead = torch.tensor([False, True, False, True])
-    for _ in range(5):
-        W.grad, b.grad = -torch.ones(3, 4), -torch.ones(4)
-        opt.step()
-        unaverage(opt, [(W, 1), (b, 0)], dead, masked=masked)
-    with averaged(opt):
-        saved_W, saved_b = W.detach().clone(), b.detach().clone()
-    assert torch.allclose(saved_W[:, dead], torch.full((3, 2), 0.5))
-    assert torch.allclose(saved_b[dead], torch.full((2,), 0.5))
-    assert ((saved_W[:, ~dead] > 0) & (saved_W[:, ~dead] < 0.45)).all() and (saved_b[~dead] < 0.45).all()
-    assert torch.equal(opt.state[W]["z"], torch.full((3, 4), 0.5))  # the steps themselves are untouched
-
-
 def test_an_unknown_optimizer_is_refused():
     with pytest.raises(UserError, match=r"^optimizer 'lion' is not one of signum, adam$"):
         TrainConfig(optimizer="lion").resolved(D_IN)

@@ -217,10 +217,6 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(self.d_out))
 
-    def latent_params(self) -> list[tuple[nn.Parameter, int]]:
-        """The parameters that hold one slice per latent, each with that axis (W_enc is [d_in, d_sae])."""
-        return [(self.W_enc, 1), (self.W_dec, 0), (self.b_enc, 0)]
-
     @classmethod
     def from_config(cls, cfg: SAEConfig) -> "SAE":
         return cls(cfg.d_in, cfg.d_sae, cfg.type_config, apply_b_dec_to_input=cfg.apply_b_dec_to_input)

@@ -94,9 +94,6 @@ class JumpReLUSAE(SAE):
         super().initialise(x)
         init_sparse_bias(self, x, self.type_config.init_l0)
 
-    def latent_params(self) -> list[tuple[torch.nn.Parameter, int]]:
-        return super().latent_params() + [(self.threshold, 0)]
-
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold)
 

@@ -39,12 +39,9 @@ class Recipe:
     schedule-free wrapper's z, and the temporary its swap of the transposed W_enc takes)."""
     scheduled: bool
     """Whether the run's warm-up/decay schedule applies (a schedule-free optimizer has none)."""
-    dead_unaveraged: bool = False
-    """Dead latents' weights are their stepped ones, not the running average (`unaverage`)."""
 
 
-RECIPES = {"signum": Recipe(5e-3, 0.25, 3 ** -0.5, 4, 2, False, dead_unaveraged=True),
-           "adam": Recipe(2e-4, 0.5, 1.0, 32, 2, True)}
+RECIPES = {"signum": Recipe(5e-3, 0.25, 3 ** -0.5, 4, 2, False), "adam": Recipe(2e-4, 0.5, 1.0, 32, 2, True)}
 OPTIMIZERS = tuple(RECIPES)
 
 
@@ -95,34 +92,6 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> to
 def scheduled(name: str) -> bool:
     """Whether the run's warm-up/decay schedule applies (a schedule-free optimizer has none)."""
     return RECIPES[name].scheduled
-
-
-@torch.no_grad()
-def unaverage(opt: torch.optim.Optimizer, latent_params: list[tuple[torch.Tensor, int]], dead: torch.Tensor,
-              masked: bool | None = None) -> None:
-    """Set the dead latents' weights to the stepped ones (the wrapper's z), so their running
-    average restarts from there.
-
-    A schedule-free run trains and saves weights near the average of every step so far, which
-    moves a latent by about lr / step per step: late in a run, AuxK's steps barely reach a latent
-    that has gone quiet, and the saved average loses it. Without the average on them, dead
-    latents move at the full rate until they fire again (bench/RESULTS.md, "dead latents").
-    `masked`: copy through a mask of the whole tensor (no device sync) rather than by index;
-    None: by index on the CPU only."""
-    if not isinstance(opt, ScheduleFreeWrapper):
-        return
-    for p, axis in latent_params:
-        z = opt.state[p].get("z")
-        if z is None:
-            continue
-        if not (p.device.type != "cpu" if masked is None else masked):  # touch the dead latents only
-            idx = dead.nonzero().squeeze(1)
-            if len(idx):
-                p.index_copy_(axis, idx, z.index_select(axis, idx))
-        else:  # a masked copy of the whole tensor: indexing by the mask would sync the device
-            shape = [1] * p.dim()
-            shape[axis] = -1
-            p.copy_(torch.where(dead.view(shape), z, p))
 
 
 @contextlib.contextmanager

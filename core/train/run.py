@@ -60,8 +60,6 @@ class RunState:
         self.base_lr = cfg.lr if cfg.lr is not None else default_lr(d_sae, cfg.optimizer)
         self.opt = optim.make_optimizer(cfg.optimizer, self.params, self.base_lr)
         self.scheduled = optim.scheduled(cfg.optimizer)
-        self.unaveraged = optim.RECIPES[cfg.optimizer].dead_unaveraged
-        self.latent_params = self.sae.latent_params()
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.since_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
         self.parts: list[torch.Tensor] = []  # tokens waiting to be shuffled into batches
@@ -136,8 +134,6 @@ class RunState:
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.opt.step()
-        if self.unaveraged:
-            optim.unaverage(self.opt, self.latent_params, ctx.dead)
         sae.after_step()
         self.since_fired += len(x)
         self.since_fired.masked_fill_(out.fired, 0)  # (indexing with the mask would sync a GPU)
