@@ -247,8 +247,9 @@ def speed(args) -> None:
     if args.no_record:
         return
     body = (f"TopK k {K}, batch {BATCH}, d_in 576, each contender with its own defaults (ours: signum, AuxK "
-            f"armed with its window — a {args.steps}-step run marks no latent dead, as in sparsify, whose AuxK "
-            f"is off by default, and SAELens), {args.steps} steps on the same ~60k cached SmolLM2 "
+            "on latents idle for d_sae tokens — so active in these short runs from the second step at 4,608 "
+            "latents and the fifth at 16,384, not within 16 steps at 65,536; sparsify: no AuxK; SAELens: its "
+            f"AuxK, whose window these runs do not reach), {args.steps} steps on the same ~60k cached SmolLM2 "
             f"`{C.HOOK}` tokens, each run in its own process, {args.rounds} rounds with the contenders "
             "interleaved and their order rotated; medians. tok/s = steady training tokens/s (bench.gpu's "
             "trainers: first step, set-up and evaluation left out); peak = the child's VmHWM (the ~140 MB "

@@ -112,6 +112,7 @@ def train_saes(source: Source, runs: Sequence[RunSpec], *, progress: Progress | 
                     # Runs counted in epochs stop after their last pass; an empty pass ends everything.
                     if (whole_pass and produced == 0) or (s.cfg.total_tokens is None and cursor.passes >= s.cfg.epochs):
                         s.finish(progress, states, t0, should_cancel)
+    scratch.clear()  # the step buffers (up to 2 × 256 MiB) are spent: not held through the evaluation
     return {s.spec.name: s.result(held.get(s.spec.hook_name), progress, states, t0) for s in states}
 
 
