@@ -127,7 +127,7 @@ def test_total_tokens_budget_cycles_the_data():
 
 
 def test_dead_window_is_set_by_width_not_run_length():
-    """The default dead window is d_sae tokens under signum (32 × d_sae under Adam) whatever the
+    """The default dead window is 4 × d_sae tokens under signum (32 × under Adam) whatever the
     budget; `dead_tokens` sets it."""
     from core.train.config import default_dead_tokens
 
@@ -136,7 +136,7 @@ def test_dead_window_is_set_by_width_not_run_length():
         cfg = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=128, total_tokens=total,
                           log_every=100, sample_tokens=512)
         result = train_sae(source(x, chunk=300), D_IN, cfg)
-        assert result.final["dead_tokens"] == default_dead_tokens(4 * D_IN) == 128
+        assert result.final["dead_tokens"] == default_dead_tokens(4 * D_IN) == 4 * 128
     adam = train_sae(source(x, chunk=300), D_IN, dataclasses.replace(cfg, optimizer="adam"))
     assert adam.final["dead_tokens"] == default_dead_tokens(4 * D_IN, "adam") == 32 * 128
     cfg = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=128, total_tokens=9_000, log_every=100,

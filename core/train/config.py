@@ -22,11 +22,13 @@ def default_dead_tokens(d_sae: int, optimizer: str = "signum") -> int:
     """A window fixed by the width alone, independent of the run's length (a short run's slow
     starters are not counted, and a long run does not wait Gao et al.'s fixed 10M tokens at
     small widths). Adam: 32 × d_sae, 1,000 times the mean interval between a latent's firings
-    at k = 32 (147k tokens at 4,608 latents, 2.1M at 65,536). signum: 1 × d_sae (16k tokens at
-    16,384 latents, k = 32 firings of the mean latent): under sign steps latents go quiet as the
-    run goes on, and AuxK must start reviving them early — at 16,384 latents and 1M tokens the
-    32×, 4×, 2× and 1× windows left 30%, 2.7%, 0.40% and 0.04% of the saved SAE's latents never
-    firing on held-out tokens, the held-out FVU falling slightly with each (bench/RESULTS.md)."""
+    at k = 32 (147k tokens at 4,608 latents, 2.1M at 65,536). signum: 4 × d_sae (65k tokens at
+    16,384 latents): under sign steps latents go quiet as the run goes on, and AuxK must start
+    reviving them early, but not too early — at 16,384 latents the share of the saved SAE's
+    latents never firing on held-out tokens was, for windows of 4×, 2× and 1× d_sae, 0.6%, 12.5%
+    and 31% after 250k tokens, and 2.7%, 0.40% and 0.04% after 1M (32×: 30% after 1M): the
+    shortest window is best for long runs (`dead_tokens=d_sae`; 0.01% after 4M) and worst for
+    short ones, which this default suits (bench/RESULTS.md, "the dead window")."""
     return RECIPES[optimizer].dead_per_latent * d_sae
 
 
@@ -221,7 +223,7 @@ class TrainConfig:
         at_least_one(log_every=self.log_every, sample_tokens=self.sample_tokens, shuffle_batches=self.shuffle_batches)
         if self.dead_tokens is not None and self.dead_tokens < 1:
             raise UserError(f"dead_tokens={self.dead_tokens} must be at least 1, or left out for the default "
-                            "(d_sae under signum, 32 × d_sae under adam)")
+                            "(4 × d_sae under signum, 32 × under adam)")
         if not (self.grad_clip >= 0):
             raise UserError(f"grad_clip={self.grad_clip} must be 0 (off) or a positive number")
         if self.outlier_norm_multiple is not None and not (self.outlier_norm_multiple > 0):

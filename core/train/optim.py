@@ -41,7 +41,7 @@ class Recipe:
     """Whether the run's warm-up/decay schedule applies (a schedule-free optimizer has none)."""
 
 
-RECIPES = {"signum": Recipe(5e-3, 0.25, 3 ** -0.5, 1, 2, False), "adam": Recipe(2e-4, 0.5, 1.0, 32, 2, True)}
+RECIPES = {"signum": Recipe(5e-3, 0.25, 3 ** -0.5, 4, 2, False), "adam": Recipe(2e-4, 0.5, 1.0, 32, 2, True)}
 OPTIMIZERS = tuple(RECIPES)
 
 
