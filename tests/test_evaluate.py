@@ -293,3 +293,24 @@ def test_perfect_sae_on_smollm2(smollm2_dir, tmp_path):
     # On a real model a random SAE loses most of what the layer carries.
     bad = evaluate_sae(model, random_sae(576, k=32), hook, batches)
     assert bad["ce_loss_recovered_zero"] < 0.9 and bad["kl_sae"] > 0.1
+
+
+@pytest.mark.parametrize("sae_cls", [TopKSAE, StandardSAE])
+def test_reconstruction_metrics_equal_the_dense_forward(sae_cls):
+    """`evaluate` decodes a TopK SAE's k activations per token (no dense [n × d_sae] activations)
+    and gives the dense forward's MSE, FVU and L0, over blocks with a short last one."""
+    from core.evals.reconstruction import evaluate
+
+    torch.manual_seed(0)
+    sae = sae_cls(16, 64, TopKConfig(k=4)) if sae_cls is TopKSAE else sae_cls(16, 64)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(std=0.1)
+    x = torch.randn(50, 16)
+    got = evaluate(sae, x, batch_size=16)  # blocks of 16, 16, 16 and 2 tokens
+    with torch.no_grad():
+        x_hat, z = sae(x)
+    sq_err = float((x_hat - x).double().pow(2).sum())
+    assert got["fvu"] == pytest.approx(sq_err / float((x - x.mean(0)).double().pow(2).sum()), rel=1e-5)
+    assert got["mse"] == pytest.approx(sq_err / x.numel(), rel=1e-5)
+    assert got["l0"] == float((z > 0).sum()) / len(x) and (sae_cls is StandardSAE or got["l0"] <= 4)
