@@ -246,10 +246,14 @@ def speed(args) -> None:
         print(f"[peers] {width:,}: " + ", ".join(f"{n} {v[0]:,.0f} tok/s {v[1]:,.0f} MiB" for n, v in med.items()))
     if args.no_record:
         return
+    from core.train.config import default_dead_tokens
+
+    active = ", ".join(f"{w:,}: from step {default_dead_tokens(w) // BATCH + 1}" for w in widths
+                       if default_dead_tokens(w) // BATCH < args.steps) or "none"
     body = (f"TopK k {K}, batch {BATCH}, d_in 576, each contender with its own defaults (ours: signum, AuxK "
-            "on latents idle for d_sae tokens — so active in these short runs from the second step at 4,608 "
-            "latents and the fifth at 16,384, not within 16 steps at 65,536; sparsify: no AuxK; SAELens: its "
-            f"AuxK, whose window these runs do not reach), {args.steps} steps on the same ~60k cached SmolLM2 "
+            f"on latents idle for the default dead window, so active in these runs at — {active}; sparsify: no "
+            f"AuxK; SAELens: its AuxK, whose window these runs do not reach), {args.steps} steps on the same "
+            "~60k cached SmolLM2 "
             f"`{C.HOOK}` tokens, each run in its own process, {args.rounds} rounds with the contenders "
             "interleaved and their order rotated; medians. tok/s = steady training tokens/s (bench.gpu's "
             "trainers: first step, set-up and evaluation left out); peak = the child's VmHWM (the ~140 MB "
