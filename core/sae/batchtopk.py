@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from core.sae.base import SAE, StepContext, StepOut, fired_latents, reconstruction_terms, sparse_step_bytes
 from core.sae.jumprelu import JumpReLUSAE
 from core.sae.registry import register
-from core.sae.topk import AuxPicker, TopKConfig, _ByLatent, _GatherDecode, _GatherPre, _joined, pre_blocks
+from core.sae.topk import AuxPicker, TopKConfig, _joined, pre_blocks, sparse_decode
 
 THRESHOLD_MOMENTUM = 0.99
 """θ ← m·θ + (1 − m)·(smallest kept activation in this batch)."""
@@ -64,15 +64,14 @@ class BatchTopKSAE(SAE):
         b_dec_in = self.b_dec if self.apply_b_dec_to_input else None
         aux = AuxPicker(self, ctx)
         values, tokens, latents = batch_topk_pairs(self, x_c, ctx, aux)
-        by_latent = _ByLatent(latents, self.d_sae, tokens)
-        acts = _GatherPre.apply(x_c.detach(), b_dec_in, self.W_enc, self.b_enc, by_latent, values).relu()
+        acts, decoded = sparse_decode(self, x_c, b_dec_in, *aux.joined(values, latents, tokens, len(x)))
+        acts = acts[:len(values)]
         self._update_threshold(acts.detach())
-        offsets = torch.zeros(len(x), dtype=torch.long, device=x.device)
-        offsets[1:] = torch.bincount(tokens, minlength=len(x)).cumsum(0)[:-1]
-        x_hat = _GatherDecode.apply(latents, acts, self.W_dec, by_latent, offsets) + self.b_dec
+        n = len(x)
+        x_hat = decoded[:n] + self.b_dec
         sq_err, total_var = reconstruction_terms(x, x_hat)
         fvu = sq_err / total_var
-        loss = fvu + aux.loss(x_c, (x - x_hat).detach(), b_dec_in) / total_var
+        loss = fvu + aux.loss(decoded[n:], (x - x_hat).detach()) / total_var
         live = acts.detach() > 0
         return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum().float() / len(x),
                        fired_latents(latents, live, self.d_sae))

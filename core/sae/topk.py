@@ -106,15 +106,33 @@ class TopKSAE(SAE):
                 top_v.append(v)
                 top_i.append(i)
         top_v, top_i = _joined(top_v), _joined(top_i)
-        by_latent = _ByLatent(top_i, self.d_sae)
-        acts = _GatherPre.apply(x_c.detach(), self.b_dec, self.W_enc, self.b_enc, by_latent, top_v.float()).relu()
-        x_hat = _GatherDecode.apply(top_i, acts, self.W_dec, by_latent) + self.b_dec
+        n, k = top_i.shape
+        tokens = torch.arange(n, device=x.device).repeat_interleave(k)
+        acts, decoded = sparse_decode(self, x_c, self.b_dec, *aux.joined(top_v.reshape(-1), top_i.reshape(-1), tokens, n))
+        x_hat = decoded[:n] + self.b_dec
         sq_err, total_var = reconstruction_terms(x, x_hat)
         fvu = sq_err / total_var
-        loss = fvu + aux.loss(x_c, (x - x_hat).detach(), self.b_dec if self.apply_b_dec_to_input else None) / total_var
-        live = acts > 0
+        loss = fvu + aux.loss(decoded[n:], (x - x_hat).detach()) / total_var
+        live = acts[:n * k].detach().view(n, k) > 0
         return StepOut(loss, fvu.detach(), sq_err.detach(), live.sum(1).float().mean(),
                        fired_latents(top_i, live, self.d_sae))
+
+
+def sparse_decode(sae: SAE, x_c: torch.Tensor, b_dec: torch.Tensor | None, values: torch.Tensor,
+                  latents: torch.Tensor, rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ReLU activations of chosen (row, latent) pairs — `values` their pre-activations from
+    the no-grad pass, `rows` ascending, row r reading token r mod len(x_c) — and the decode of
+    each of the `n_rows` rows (no bias), with the sparse backward of `_GatherPre` and `_GatherDecode`.
+
+    `AuxPicker.joined` puts AuxK's pairs on rows len(x_c).. after the main ones: one gather and
+    one decode serve both losses, so each weight's sparse gradient is one sum, not a second
+    dense [d_sae × d_in] tensor added to the first. `b_dec` is given when x_c = x − b_dec."""
+    by_latent = _ByLatent(latents, sae.d_sae, rows)
+    x_rows = x_c.detach().repeat(n_rows // len(x_c), 1)  # AuxK's rows read the same tokens
+    acts = _GatherPre.apply(x_rows, b_dec, sae.W_enc, sae.b_enc, by_latent, values.float()).relu()
+    offsets = torch.zeros(n_rows, dtype=torch.long, device=rows.device)
+    offsets[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)[:-1]
+    return acts, _GatherDecode.apply(latents, acts, sae.W_dec, by_latent, offsets)
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -197,9 +215,9 @@ class AuxPicker:
 
     The dead latents' top k_aux are picked block by block from the step's own pre-activations
     (`add`, inside the `pre_blocks` loop), not recomputed, and their activations, decode and
-    backward touch only those (token, latent) pairs (`_GatherPre`, `_GatherDecode`). So AuxK
-    costs one copy of each block's dead columns plus O(N·k_aux·d_in), not a dense product per
-    dead latent: at 65,536 latents with 38% of them dead the step went from 3.5× to ~1.1× the
+    backward touch only those (token, latent) pairs, gathered and decoded with the main ones
+    (`joined`, `sparse_decode`). So AuxK costs one copy of each block's dead columns plus
+    O(N·k_aux·d_in), not a dense product per dead latent: at 65,536 latents with 38% of them dead the step went from 3.5× to ~1.1× the
     step without AuxK (bench/auxk.py).
     """
 
@@ -212,6 +230,7 @@ class AuxPicker:
         self.weight = alpha * min(len(self.dead) / max(self.k_aux_max, 1), 1.0)
         self.values: list[torch.Tensor] = []
         self.which: list[torch.Tensor] = []
+        self.picked = False
 
     def add(self, pre: torch.Tensor) -> None:
         """Pick this block's top dead latents per token (call under no_grad)."""
@@ -228,29 +247,29 @@ class AuxPicker:
         self.values.append(values)
         self.which.append(which)
 
-    def pairs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(values, latent indices), each [N, k] with k the most positive picks of any token;
-        blocks that picked fewer are padded with pairs of value 0 (no activation, no gradient);
-        None when no token has a positive dead pre-activation."""
+    def joined(self, values: torch.Tensor, latents: torch.Tensor, tokens: torch.Tensor,
+               n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The main flat pairs of the N = `n` tokens (sorted by token) followed by AuxK's picks,
+        [N, k_aux] with k_aux the most positive picks of any token (blocks that picked fewer
+        padded with pairs of value 0: no activation, no gradient), on rows N + token; and the
+        number of rows, 2N or N: `sparse_decode`'s input."""
         k = max((v.shape[1] for v in self.values), default=0)
+        self.picked = bool(k)
         if not k:
-            return None
-        values = [F.pad(v, (0, k - v.shape[1])) for v in self.values]
-        which = [F.pad(w, (0, k - w.shape[1])) for w in self.which]
-        return _joined(values), self.dead[_joined(which)]
+            return values, latents, tokens, n
+        aux_v = _joined([F.pad(v, (0, k - v.shape[1])) for v in self.values])
+        aux_l = self.dead[_joined([F.pad(w, (0, k - w.shape[1])) for w in self.which])]
+        aux_rows = torch.arange(n, 2 * n, device=tokens.device).repeat_interleave(k)
+        return (torch.cat([values.float(), aux_v.reshape(-1).float()]), torch.cat([latents, aux_l.reshape(-1)]),
+                torch.cat([tokens, aux_rows]), 2 * n)
 
-    def loss(self, x_c: torch.Tensor, resid: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
-        """α·Σ‖aux − resid‖² (0 when nothing is dead). `b_dec` is given when x_c = x − b_dec, so
-        AuxK's gradient reaches it."""
+    def loss(self, aux_hat: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        """α·Σ‖aux − resid‖², `aux_hat` the decode of AuxK's rows (0 when nothing is dead; the
+        residual's, with no gradient, when no dead latent has a positive pre-activation)."""
         if not len(self.dead):
-            return x_c.new_zeros(())
-        picked = self.pairs()
-        if picked is None:  # nothing to reconstruct with: the loss is the residual's, with no gradient
+            return resid.new_zeros(())
+        if not self.picked:
             return self.weight * resid.pow(2).sum()
-        values, indices = picked
-        by_latent = _ByLatent(indices, self.sae.d_sae)
-        acts = _GatherPre.apply(x_c.detach(), b_dec, self.sae.W_enc, self.sae.b_enc, by_latent, values.float()).relu()
-        aux_hat = _GatherDecode.apply(indices, acts, self.sae.W_dec, by_latent)
         return self.weight * (aux_hat - resid).pow(2).sum()
 
 
