@@ -18,7 +18,7 @@ from core.sae import SAE, SAETypeConfig, registry
 from core.train.optim import OPTIMIZERS, RECIPES
 
 
-def default_dead_tokens(d_sae: int, optimizer: str = "signum") -> int:
+def default_dead_tokens(d_sae: int, optimizer: str = "signum", trained: int = 0) -> int:
     """A window fixed by the width alone, independent of the run's length (a short run's slow
     starters are not counted, and a long run does not wait Gao et al.'s fixed 10M tokens at
     small widths). Adam: 32 × d_sae, 1,000 times the mean interval between a latent's firings
@@ -29,7 +29,9 @@ def default_dead_tokens(d_sae: int, optimizer: str = "signum") -> int:
     and 31% after 250k tokens, and 2.7%, 0.40% and 0.04% after 1M (32×: 30% after 1M): the
     shortest window is best for long runs (`dead_tokens=d_sae`; 0.01% after 4M) and worst for
     short ones, which this default suits (bench/RESULTS.md, "the dead window")."""
-    return RECIPES[optimizer].dead_per_latent * d_sae
+    r = RECIPES[optimizer]
+    shrunk = r.dead_per_latent * d_sae * min(1.0, 16 * d_sae / max(trained, 1))
+    return max(r.dead_late_per_latent * d_sae, round(shrunk))
 
 
 def check_device(device: str) -> None:

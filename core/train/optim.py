@@ -33,7 +33,10 @@ class Recipe:
     columns left 1.5% of a 16,384-latent TopK SAE never firing after 250k tokens at 5e-3, 1/√3
     left 0.4–0.7% with a lower held-out FVU."""
     dead_per_latent: int
-    """The default dead window in tokens per latent (`default_dead_tokens`)."""
+    """The default dead window in tokens per latent at the start of a run (`default_dead_tokens`)."""
+    dead_late_per_latent: int
+    """...and once 16 × dead_per_latent / dead_late_per_latent × d_sae tokens are trained: in
+    between the window shrinks as 1 / tokens trained."""
     states: int
     """fp32 tensors of optimizer state per parameter (Adam: its two moments; signum: the
     schedule-free wrapper's z, and the temporary its swap of the transposed W_enc takes)."""
@@ -41,7 +44,7 @@ class Recipe:
     """Whether the run's warm-up/decay schedule applies (a schedule-free optimizer has none)."""
 
 
-RECIPES = {"signum": Recipe(5e-3, 0.25, 3 ** -0.5, 4, 2, False), "adam": Recipe(2e-4, 0.5, 1.0, 32, 2, True)}
+RECIPES = {"signum": Recipe(5e-3, 0.25, 3 ** -0.5, 4, 4, 2, False), "adam": Recipe(2e-4, 0.5, 1.0, 32, 32, 2, True)}
 OPTIMIZERS = tuple(RECIPES)
 
 
@@ -70,13 +73,12 @@ class _ScheduleFree(ScheduleFreeWrapper):
     @staticmethod
     def swap(x: torch.Tensor, y: torch.Tensor) -> None:
         # The package swaps in place through byte views, which needs a unit last stride; W_enc is
-        # held transposed (W_dec.T's layout), so swap that one through a temporary copy.
-        if x.stride(-1) == 1 and y.stride(-1) == 1:
-            ScheduleFreeWrapper.swap(x, y)
-        else:
-            held = x.clone()
-            x.copy_(y)
-            y.copy_(held)
+        # held transposed (W_dec.T's layout) and its z cloned with the same strides, so swap the
+        # transposes, which are contiguous (a temporary copy instead page-faults 151 MB in anew
+        # twice a step at 65,536 latents).
+        if x.dim() == 2 and x.stride(-1) != 1:
+            x, y = x.T, y.T
+        ScheduleFreeWrapper.swap(x, y)
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:

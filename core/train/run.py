@@ -48,7 +48,7 @@ class RunState:
         self.budget = cfg.total_tokens if cfg.total_tokens is not None else pass_tokens * cfg.epochs
         self.total_steps = max(1, math.ceil(self.budget / cfg.batch_size))
         d_sae = cfg.width(spec.d_in)
-        self.dead_tokens = cfg.dead_tokens or default_dead_tokens(d_sae, cfg.optimizer)
+        self.d_sae = d_sae
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.sae = registry.build(cfg.sae, spec.d_in, d_sae)
@@ -170,6 +170,11 @@ class RunState:
             "lr": self.lr,
         })
         self.window = dict.fromkeys(_WINDOW_KEYS, 0.0)
+
+    @property
+    def dead_tokens(self) -> int:
+        """The dead window now: the config's, or the default for the tokens trained so far."""
+        return self.cfg.dead_tokens or default_dead_tokens(self.d_sae, self.cfg.optimizer, self.tokens)
 
     @property
     def dead_frac(self) -> float:
