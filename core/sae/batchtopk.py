@@ -64,7 +64,9 @@ class BatchTopKSAE(SAE):
         b_dec_in = self.b_dec if self.apply_b_dec_to_input else None
         aux = AuxPicker(self, ctx)
         values, tokens, latents = batch_topk_pairs(self, x_c, ctx, aux)
-        acts, decoded = sparse_decode(self, x_c, b_dec_in, *aux.joined(values, latents, tokens, len(x)))
+        offsets = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        offsets[1:] = torch.bincount(tokens, minlength=len(x)).cumsum(0)[:-1]
+        acts, decoded = sparse_decode(self, x_c, b_dec_in, *aux.joined(values, latents, tokens, offsets))
         acts = acts[:len(values)]
         self._update_threshold(acts.detach())
         n = len(x)

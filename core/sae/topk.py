@@ -107,8 +107,9 @@ class TopKSAE(SAE):
                 top_i.append(i)
         top_v, top_i = _joined(top_v), _joined(top_i)
         n, k = top_i.shape
-        tokens = torch.arange(n, device=x.device).repeat_interleave(k)
-        acts, decoded = sparse_decode(self, x_c, self.b_dec, *aux.joined(top_v.reshape(-1), top_i.reshape(-1), tokens, n))
+        tokens = torch.arange(n, device=x.device)
+        pairs = aux.joined(top_v.reshape(-1), top_i.reshape(-1), tokens.repeat_interleave(k), tokens * k)
+        acts, decoded = sparse_decode(self, x_c, self.b_dec, *pairs)
         x_hat = decoded[:n] + self.b_dec
         sq_err, total_var = reconstruction_terms(x, x_hat)
         fvu = sq_err / total_var
@@ -119,19 +120,18 @@ class TopKSAE(SAE):
 
 
 def sparse_decode(sae: SAE, x_c: torch.Tensor, b_dec: torch.Tensor | None, values: torch.Tensor,
-                  latents: torch.Tensor, rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  latents: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The ReLU activations of chosen (row, latent) pairs — `values` their pre-activations from
-    the no-grad pass, `rows` ascending, row r reading token r mod len(x_c) — and the decode of
-    each of the `n_rows` rows (no bias), with the sparse backward of `_GatherPre` and `_GatherDecode`.
+    the no-grad pass, `rows` ascending, row r reading token r mod len(x_c), `offsets` where each
+    row's pairs start — and each row's decode (no bias), with the sparse backward of
+    `_GatherPre` and `_GatherDecode`.
 
     `AuxPicker.joined` puts AuxK's pairs on rows len(x_c).. after the main ones: one gather and
     one decode serve both losses, so each weight's sparse gradient is one sum, not a second
     dense [d_sae × d_in] tensor added to the first. `b_dec` is given when x_c = x − b_dec."""
     by_latent = _ByLatent(latents, sae.d_sae, rows)
-    x_rows = x_c.detach().repeat(n_rows // len(x_c), 1)  # AuxK's rows read the same tokens
+    x_rows = x_c.detach().repeat(len(offsets) // len(x_c), 1)  # AuxK's rows read the same tokens
     acts = _GatherPre.apply(x_rows, b_dec, sae.W_enc, sae.b_enc, by_latent, values.float()).relu()
-    offsets = torch.zeros(n_rows, dtype=torch.long, device=rows.device)
-    offsets[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)[:-1]
     return acts, _GatherDecode.apply(latents, acts, sae.W_dec, by_latent, offsets)
 
 
@@ -248,20 +248,21 @@ class AuxPicker:
         self.which.append(which)
 
     def joined(self, values: torch.Tensor, latents: torch.Tensor, tokens: torch.Tensor,
-               n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """The main flat pairs of the N = `n` tokens (sorted by token) followed by AuxK's picks,
-        [N, k_aux] with k_aux the most positive picks of any token (blocks that picked fewer
-        padded with pairs of value 0: no activation, no gradient), on rows N + token; and the
-        number of rows, 2N or N: `sparse_decode`'s input."""
+               offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The main flat pairs of the N tokens (sorted by token; `offsets` [N] where each token's
+        start) followed by AuxK's picks, [N, k_aux] with k_aux the most positive picks of any
+        token (blocks that picked fewer padded with pairs of value 0: no activation, no
+        gradient), on rows N + token: `sparse_decode`'s values, latents, rows and offsets."""
         k = max((v.shape[1] for v in self.values), default=0)
         self.picked = bool(k)
         if not k:
-            return values, latents, tokens, n
+            return values, latents, tokens, offsets
         aux_v = _joined([F.pad(v, (0, k - v.shape[1])) for v in self.values])
         aux_l = self.dead[_joined([F.pad(w, (0, k - w.shape[1])) for w in self.which])]
-        aux_rows = torch.arange(n, 2 * n, device=tokens.device).repeat_interleave(k)
+        n = len(offsets)
+        aux_rows = torch.arange(n, 2 * n, device=tokens.device)
         return (torch.cat([values.float(), aux_v.reshape(-1).float()]), torch.cat([latents, aux_l.reshape(-1)]),
-                torch.cat([tokens, aux_rows]), 2 * n)
+                torch.cat([tokens, aux_rows.repeat_interleave(k)]), torch.cat([offsets, len(values) + (aux_rows - n) * k]))
 
     def loss(self, aux_hat: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         """α·Σ‖aux − resid‖², `aux_hat` the decode of AuxK's rows (0 when nothing is dead; the
