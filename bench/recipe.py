@@ -39,8 +39,7 @@ CONTENDERS = {"adam": {"optimizer": "adam"}, "adam ×5 lr": {"optimizer": "adam"
               "signum dead 4×": {"optimizer": "signum", "dead_per_latent": 4},
               "signum dead 2×": {"optimizer": "signum", "dead_per_latent": 2},
               "signum dead 1×": {"optimizer": "signum", "dead_per_latent": 1},
-              # the window shrinking from 4 × d_sae after 16 × d_sae tokens (1 / tokens) to 1× or 2×
-              "signum dead 4×→1×": {"optimizer": "signum", "recipe": {"dead_late_per_latent": 1}},
+              # the default window shrinks from 4 × d_sae after 16 × d_sae tokens (1 / tokens) to 1×
               "signum dead 4×→2×": {"optimizer": "signum", "recipe": {"dead_late_per_latent": 2}},
               "signum auxk ×4": {"optimizer": "signum", "dead_per_latent": 4, "auxk_multiple": 4.0},
               "signum warm-up": {"optimizer": "signum", "warmup": True},

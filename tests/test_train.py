@@ -126,19 +126,23 @@ def test_total_tokens_budget_cycles_the_data():
     assert result.history[-1]["tokens"] == 2_500
 
 
-def test_dead_window_is_set_by_width_not_run_length():
-    """The default dead window is 4 × d_sae tokens under signum (32 × under Adam) whatever the
-    budget; `dead_tokens` sets it."""
+def test_dead_window_is_set_by_width_and_tokens_trained_not_run_length():
+    """The default dead window under signum is 4 × d_sae tokens for the first 16 × d_sae tokens,
+    then shrinks as 1 / tokens trained to d_sae from 64 × d_sae tokens on (32 × d_sae under Adam),
+    whatever the budget; `dead_tokens` sets it."""
     from core.train.config import default_dead_tokens
 
+    d = 4 * D_IN
+    assert [default_dead_tokens(d, "signum", t) for t in (0, 16 * d, 32 * d, 64 * d, 10**9)] == [4 * d, 4 * d, 2 * d, d, d]
+    assert {default_dead_tokens(d, "adam", t) for t in (0, 32 * d, 10**9)} == {32 * d}
     x = synthetic(n=1_000)
-    for total in (2_000, 9_000):
+    for total, window in ((1_920, 4 * d), (4_096, 2 * d), (9_000, d)):  # d = 128: 16d = 2,048, 64d = 8,192
         cfg = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=128, total_tokens=total,
                           log_every=100, sample_tokens=512)
         result = train_sae(source(x, chunk=300), D_IN, cfg)
-        assert result.final["dead_tokens"] == default_dead_tokens(4 * D_IN) == 4 * 128
+        assert result.final["dead_tokens"] == window == default_dead_tokens(d, "signum", result.final["tokens"])
     adam = train_sae(source(x, chunk=300), D_IN, dataclasses.replace(cfg, optimizer="adam"))
-    assert adam.final["dead_tokens"] == default_dead_tokens(4 * D_IN, "adam") == 32 * 128
+    assert adam.final["dead_tokens"] == 32 * d
     cfg = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=128, total_tokens=9_000, log_every=100,
                       sample_tokens=512, dead_tokens=1_000)
     assert train_sae(source(x, chunk=300), D_IN, cfg).final["dead_tokens"] == 1_000

@@ -27,7 +27,7 @@ METRICS: dict[str, Metric] = {
     "fvu": Metric("FVU", OURS, "Σ‖x − x̂‖² / Σ‖x − x̄‖² over the evaluated tokens (no special token, no norm outlier)"),
     "mse": Metric("MSE", OURS, "Σ‖x − x̂‖² / (N·d_in): mean squared error per element"),
     "cos_sim": Metric("cosine", OURS, "mean cosine similarity of x and x̂"),
-    "dead_frac": Metric("dead", OURS, "share of latents that did not fire in training's last dead_tokens tokens (default 4 × d_sae; 32 × under adam)"),
+    "dead_frac": Metric("dead", OURS, "share of latents that did not fire in training's last dead_tokens tokens (default 4 × d_sae, shrinking to 1 × from 16 × d_sae tokens trained; 32 × under adam)"),
     "eval_dead_frac": Metric("dead (slice)", OURS, "share of latents that never fired on the held-out slice"),
     "dense_frac": Metric("dense", OURS, "share of latents firing on more than 10% of the evaluated tokens"),
     "ce_loss_recovered_zero": Metric(

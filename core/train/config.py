@@ -19,16 +19,17 @@ from core.train.optim import OPTIMIZERS, RECIPES
 
 
 def default_dead_tokens(d_sae: int, optimizer: str = "signum", trained: int = 0) -> int:
-    """A window fixed by the width alone, independent of the run's length (a short run's slow
-    starters are not counted, and a long run does not wait Gao et al.'s fixed 10M tokens at
-    small widths). Adam: 32 × d_sae, 1,000 times the mean interval between a latent's firings
-    at k = 32 (147k tokens at 4,608 latents, 2.1M at 65,536). signum: 4 × d_sae (65k tokens at
-    16,384 latents): under sign steps latents go quiet as the run goes on, and AuxK must start
-    reviving them early, but not too early — at 16,384 latents the share of the saved SAE's
-    latents never firing on held-out tokens was, for windows of 4×, 2× and 1× d_sae, 0.6%, 12.5%
-    and 31% after 250k tokens, and 2.7%, 0.40% and 0.04% after 1M (32×: 30% after 1M): the
-    shortest window is best for long runs (`dead_tokens=d_sae`; 0.01% after 4M) and worst for
-    short ones, which this default suits (bench/RESULTS.md, "the dead window")."""
+    """The dead window after `trained` tokens: set by the width and the tokens trained so far,
+    never by the run's planned length (a short run's slow starters are not counted, and a long
+    run does not wait Gao et al.'s fixed 10M tokens at small widths). Adam: 32 × d_sae, 1,000
+    times the mean interval between a latent's firings at k = 32 (147k tokens at 4,608 latents,
+    2.1M at 65,536). signum: 4 × d_sae for the first 16 × d_sae tokens, then shrinking as
+    1 / tokens trained to d_sae from 64 × d_sae tokens on. Under sign steps latents go quiet as
+    the run goes on and AuxK must revive them early, but not too early: at 16,384 latents the
+    share of the saved SAE's latents never firing on held-out tokens was, for fixed windows of
+    4×, 2× and 1× d_sae, 0.6%, 12.5% and 31% after 250k tokens and 2.7%, 0.40% and 0.04% after
+    1M; the schedule keeps 4×'s 0.6% at 250k and reaches 0.18% after 1M at 4×'s FVU (0.110)
+    (bench/RESULTS.md, "the dead window")."""
     r = RECIPES[optimizer]
     shrunk = r.dead_per_latent * d_sae * min(1.0, 16 * d_sae / max(trained, 1))
     return max(r.dead_late_per_latent * d_sae, round(shrunk))
@@ -152,8 +153,9 @@ class TrainConfig:
     """Fraction of steps over which a penalised type's sparsity coefficient rises linearly from 0."""
     dead_tokens: int | None = None
     """A latent that has not fired for this many tokens is dead (AuxK revives it in the TopK
-    family; `dead_frac` counts it). None → `default_dead_tokens(d_sae, optimizer)`, fixed by the width
-    alone, not by the run's length."""
+    family; `dead_frac` counts it). None → `default_dead_tokens(d_sae, optimizer, tokens trained)`:
+    under signum 4 × d_sae, shrinking to d_sae from 16 × d_sae tokens trained; never set by the
+    run's length."""
     lr_warmup_frac: float = 0.05
     """Fraction of steps over which lr rises linearly from 0 (adam only)."""
     lr_decay_frac: float = 0.2
@@ -225,7 +227,7 @@ class TrainConfig:
         at_least_one(log_every=self.log_every, sample_tokens=self.sample_tokens, shuffle_batches=self.shuffle_batches)
         if self.dead_tokens is not None and self.dead_tokens < 1:
             raise UserError(f"dead_tokens={self.dead_tokens} must be at least 1, or left out for the default "
-                            "(4 × d_sae under signum, 32 × under adam)")
+                            "(4 × d_sae shrinking to 1 × under signum, 32 × under adam)")
         if not (self.grad_clip >= 0):
             raise UserError(f"grad_clip={self.grad_clip} must be 0 (off) or a positive number")
         if self.outlier_norm_multiple is not None and not (self.outlier_norm_multiple > 0):

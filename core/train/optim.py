@@ -35,8 +35,8 @@ class Recipe:
     dead_per_latent: int
     """The default dead window in tokens per latent at the start of a run (`default_dead_tokens`)."""
     dead_late_per_latent: int
-    """...and once 16 × dead_per_latent / dead_late_per_latent × d_sae tokens are trained: in
-    between the window shrinks as 1 / tokens trained."""
+    """...and once 16 × dead_per_latent / dead_late_per_latent × d_sae tokens are trained (64 ×
+    d_sae under signum): from 16 × d_sae tokens on the window shrinks as 1 / tokens trained."""
     states: int
     """fp32 tensors of optimizer state per parameter (Adam: its two moments; signum: the
     schedule-free wrapper's z, and the temporary its swap of the transposed W_enc takes)."""
@@ -44,7 +44,7 @@ class Recipe:
     """Whether the run's warm-up/decay schedule applies (a schedule-free optimizer has none)."""
 
 
-RECIPES = {"signum": Recipe(5e-3, 0.25, 3 ** -0.5, 4, 4, 2, False), "adam": Recipe(2e-4, 0.5, 1.0, 32, 32, 2, True)}
+RECIPES = {"signum": Recipe(5e-3, 0.25, 3 ** -0.5, 4, 1, 2, False), "adam": Recipe(2e-4, 0.5, 1.0, 32, 32, 2, True)}
 OPTIMIZERS = tuple(RECIPES)
 
 
