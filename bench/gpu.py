@@ -93,12 +93,12 @@ def batches(x: torch.Tensor, total: int | None = None):
         n += BATCH
 
 
-def train_ours(x: torch.Tensor, d_sae: int, tokens: int, device: str) -> float:
+def train_ours(x: torch.Tensor, d_sae: int, tokens: int, device: str, **settings) -> float:
     from core.sae import TopKConfig
     from core.train import TrainConfig, train_sae
 
     cfg = TrainConfig(sae=TopKConfig(k=K), d_sae=d_sae, batch_size=BATCH, total_tokens=tokens, device=device,
-                      sample_tokens=BATCH * 2,
+                      sample_tokens=BATCH * 2, **settings,
                       log_every=max(1, min(10, tokens // BATCH // 8)))  # marks enough for a short run
     marks: list[tuple[float, int]] = []
 

@@ -54,7 +54,9 @@ from bench import _common as C
 K, BATCH = 32, 4096
 CONTENDERS = ("miStudio", "miStudio adam", "sparsify", "SAELens")
 SPEED = ("miStudio", "sparsify", "SAELens")
-"""The contenders of --speed: bench.gpu's trainers."""
+"""The contenders of --speed: bench.gpu's trainers, and ours with the encoder's matmul in bf16
+or fp32 whatever the CPU (`SPEED_OURS`, asked for by --only)."""
+SPEED_OURS = {"miStudio bf16": {"autocast": True}, "miStudio fp32": {"autocast": False}}
 OURS = {"miStudio": {}, "miStudio adam": {"optimizer": "adam"}, "miStudio signum": {"optimizer": "signum"}}
 """Our contenders: the defaults, and settings changed from them."""
 
@@ -203,7 +205,8 @@ def speed_child(name: str, d_sae: int, steps: int) -> None:
 
     x = torch.from_numpy(np.concatenate([np.array(a) for a in iter_activations(C.acts_dir())]))
     try:
-        out = {"tok_s": gpu.TRAINERS[name](x, d_sae, steps * BATCH, "cpu")}
+        train = gpu.TRAINERS.get(name) or (lambda *a: gpu.train_ours(*a, **SPEED_OURS[name]))
+        out = {"tok_s": train(x, d_sae, steps * BATCH, "cpu")}
     except ImportError as e:
         out = {"missing": e.name}
     print("PEERS " + json.dumps(out | {"peak_mib": peak_mib()}), flush=True)
@@ -233,14 +236,15 @@ def speed(args) -> None:
                 print(f"  round {r + 1} {width:>7,} {name:9s} " + (f"not installed ({out['missing']})" if "missing"
                       in out else f"{out['tok_s']:8,.0f} tok/s, peak {out['peak_mib']:,.0f} MiB"), flush=True)
     rows = []
+    goals = [(o, p, goal) for o in names if o.startswith("miStudio")
+             for p, goal in (("sparsify", 1.5), ("SAELens", 3.0))]
     for width in widths:
         med = {n: (C.median(o["tok_s"] for o in runs[width, n]), C.median(o["peak_mib"] for o in runs[width, n]))
                for n in names if "missing" not in runs[width, n][0]}
         ours = med.get("miStudio")
-        ratio = {n: ours[0] / med[n][0] for n in ("sparsify", "SAELens") if ours and n in med}
         rows.append([f"{width:,}", *(f"{med[n][0]:,.0f}" if n in med else "—" for n in names),
-                     *(f"{ratio[n]:.2f}× {C.ok(ratio[n] >= goal)}" if n in ratio else "—"
-                       for n, goal in (("sparsify", 1.5), ("SAELens", 3.0))),
+                     *(f"{med[o][0] / med[p][0]:.2f}× {C.ok(med[o][0] / med[p][0] >= goal)}"
+                       if o in med and p in med else "—" for o, p, goal in goals),
                      " / ".join(f"{med[n][1]:,.0f}" if n in med else "—" for n in names),
                      C.ok(ours[1] <= med["sparsify"][1]) if ours and "sparsify" in med else "—"])
         print(f"[peers] {width:,}: " + ", ".join(f"{n} {v[0]:,.0f} tok/s {v[1]:,.0f} MiB" for n, v in med.items()))
@@ -250,16 +254,17 @@ def speed(args) -> None:
 
     active = ", ".join(f"{w:,}: from step {default_dead_tokens(w) // BATCH + 1}" for w in widths
                        if default_dead_tokens(w) // BATCH < args.steps) or "none"
-    body = (f"TopK k {K}, batch {BATCH}, d_in 576, each contender with its own defaults (ours: signum, AuxK "
-            f"on latents idle for the default dead window, so active in these runs at — {active}; sparsify: no "
-            f"AuxK; SAELens: its AuxK, whose window these runs do not reach), {args.steps} steps on the same "
+    variants = "".join(f"; {n}: ours with autocast={v['autocast']}" for n, v in SPEED_OURS.items() if n in names)
+    body = (f"TopK k {K}, batch {BATCH}, d_in 576, each contender with its own defaults (ours: signum, the encoder's "
+            f"matmul in bf16 where the CPU has it natively, AuxK on latents idle for the default dead window, so active in these runs at — {active}; sparsify: no "
+            f"AuxK; SAELens: its AuxK, whose window these runs do not reach{variants}), {args.steps} steps on the same "
             "~60k cached SmolLM2 "
             f"`{C.HOOK}` tokens, each run in its own process, {args.rounds} rounds with the contenders "
             "interleaved and their order rotated; medians. tok/s = steady training tokens/s (bench.gpu's "
             "trainers: first step, set-up and evaluation left out); peak = the child's VmHWM (the ~140 MB "
             "of cached tokens included for every contender).\n\n"
-            + C.table(["latents", *(f"{n} tok/s" for n in names), "ours / sparsify (≥ 1.5×)",
-                       "ours / SAELens (≥ 3×)", "peak MiB " + " / ".join(names), "peak ≤ sparsify"], rows))
+            + C.table(["latents", *(f"{n} tok/s" for n in names), *(f"{o} / {p} (≥ {g:g}×)" for o, p, g in goals),
+                       "peak MiB " + " / ".join(names), "peak ≤ sparsify"], rows))
     C.append_result("bench/peers.py --speed — training tokens/s and peak RSS per width, side by side", body,
                     load_before=load_before)
 

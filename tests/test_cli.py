@@ -192,3 +192,20 @@ def test_a_damaged_features_file_is_one_line_naming_the_fix(cli_env, client, tin
         assert str(e.value).endswith("; run discovery for this SAE again to rewrite it")
     finally:
         client.registry.delete(SAE, "sae-damaged")
+
+
+def test_autocast_flag_takes_on_or_off(capsys):
+    """`--autocast on|off` sets the train config's bf16 encoder matmul; left out, the config
+    decides (bf16 wherever it is native); anything else is a one-line usage error."""
+    from ui import cli_flags
+
+    kind, parser = cli_flags.kind_of("train", "run"), cli.build_parser("train")
+    given = {flag: cli_flags.spec_values(kind, parser.parse_args(["train", "run", "--activations", "a", *flag]))
+             for flag in [(), ("--autocast", "off"), ("--autocast", "ON")]}
+    assert "autocast" not in given[()].get("config", {})
+    assert given[("--autocast", "off")]["config"]["autocast"] is False
+    assert given[("--autocast", "ON")]["config"]["autocast"] is True
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["train", "run", "--activations", "a", "--autocast", "bf16"])
+    assert e.value.code == 2
+    assert "argument --autocast: 'bf16' is neither on nor off" in capsys.readouterr().err

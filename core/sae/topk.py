@@ -148,27 +148,28 @@ def pre_blocks(sae: SAE, x_in: torch.Tensor, ctx: StepContext):
     latents, against 256 MiB for a block (`PRE_CHUNK_BYTES`).
     """
     rows = chunk_rows(len(x_in), sae.d_sae, ctx.chunk_tokens)
+    dtype = torch.bfloat16 if ctx.amp else torch.float32
+    # The weights cast once per step: autocast, entered anew for each block, cast them per block.
+    W_enc, b_enc = sae.W_enc.detach().to(dtype), sae.b_enc.detach().to(dtype)
     for s in range(0, len(x_in), rows):
-        xb = x_in[s: s + rows].detach()
-        with torch.autocast(x_in.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
-            yield torch.addmm(sae.b_enc, xb, sae.W_enc, out=_buffer(ctx, "pre", xb, sae.d_sae))
+        xb = x_in[s: s + rows].detach().to(dtype)
+        yield torch.addmm(b_enc, xb, W_enc, out=_buffer(ctx, "pre", xb, sae.d_sae))
 
 
 def _buffer(ctx: StepContext, key: str, x: torch.Tensor, cols: int) -> torch.Tensor | None:
-    """A reused [N, cols] fp32 buffer named `key` on CPU (None elsewhere): a block of the
-    pre-activations, or the dead latents' columns of one for AuxK.
+    """A reused [N, cols] buffer of x's dtype (fp32, or bf16 under autocast) named `key` on CPU
+    (None elsewhere): a block of the pre-activations, or the dead latents' columns of one for AuxK.
 
     glibc hands out allocations this large (> 32 MB) as fresh mmapped pages, so a new buffer
     per step is page-faulted in anew: 30-50 ms of a 400 ms step at batch 4096 × 4608 latents,
-    and most of AuxK's cost at 65,536 latents. CUDA's caching allocator already reuses memory
-    (and only CUDA autocasts to bf16).
+    and most of AuxK's cost at 65,536 latents. CUDA's caching allocator already reuses memory.
     """
     if ctx.scratch is None or x.device.type != "cpu":
         return None
     n = len(x) * cols
     buf = ctx.scratch.get(key)
-    if buf is None or buf.numel() < n:
-        buf = ctx.scratch[key] = torch.empty(n)
+    if buf is None or buf.numel() < n or buf.dtype != x.dtype:
+        buf = ctx.scratch[key] = torch.empty(n, dtype=x.dtype)
     return buf[:n].view(len(x), cols)
 
 
@@ -236,8 +237,7 @@ class AuxPicker:
         """Pick this block's top dead latents per token (call under no_grad)."""
         if not len(self.dead):
             return
-        columns = torch.index_select(pre, 1, self.dead, out=_buffer(self.ctx, "aux", pre, len(self.dead))
-                                     if pre.dtype == torch.float32 else None)
+        columns = torch.index_select(pre, 1, self.dead, out=_buffer(self.ctx, "aux", pre, len(self.dead)))
         # Pairs whose pre-activation is ≤ 0 add nothing (ReLU) and get no gradient, so no row
         # needs more than its positive entries: truly dead latents are mostly negative, and the
         # top-k then shrinks from k_aux to a handful. Asking costs a host sync per block, which

@@ -6,9 +6,10 @@ imported on its own: it needs the model side of core).
 The recipe follows Gao et al. 2024, Anthropic's April 2024 update, Rajamanoharan et al. 2024
 and EleutherAI's sparsify, with the lessons recorded in DESIGN.md: activations scaled so
 E‖x‖ = √d_in (the scale folded back into the returned SAE); b_dec at the geometric median of a
-sample; unit-norm decoder rows; dead latents tracked by tokens since they last fired; Adam
-with lr warmup and final decay; fp32 master weights (bf16 autocast for the encoder matmul only
-on CUDA). The types' losses live in `core/sae/`.
+sample; unit-norm decoder rows; dead latents tracked by tokens since they last fired;
+schedule-free sign-SGD (or Adam with lr warmup and final decay); fp32 master weights, the
+encoder's matmul in bf16 wherever bf16 is native (`TrainConfig.autocast`). The types' losses
+live in `core/sae/`.
 """
 
 from core.train.checkpoints import CheckpointConfig, checkpoints

@@ -35,6 +35,19 @@ def default_dead_tokens(d_sae: int, optimizer: str = "signum", trained: int = 0)
     return max(r.dead_late_per_latent * d_sae, round(shrunk))
 
 
+def native_bf16(device) -> bool:
+    """Whether this torch device multiplies bf16 natively: a CUDA GPU from Ampere on (sparsify's
+    autocast asks the same, emulation included), or a CPU with AVX512-BF16 or AMX. Elsewhere
+    bf16 is emulated, and slower than fp32."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    # torch's own CPU probes (private; a torch without them is taken to lack the units)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def check_device(device: str) -> None:
     """A torch device this machine has ("cpu", "cuda", "cuda:N" with N below the GPU count)."""
     import torch
@@ -177,6 +190,13 @@ class TrainConfig:
     shuffle_batches: int = 4
     """Tokens are shuffled within windows of this many batches (activation caches are in
     document order, and consecutive tokens are correlated)."""
+    autocast: bool | None = None
+    """The encoder's matmul in bf16, its weights, gradients and optimizer kept in fp32. Left out:
+    wherever bf16 is native (`native_bf16`: a CUDA GPU, as sparsify does; a CPU with lscpu flag
+    avx512_bf16 or amx_bf16), where the matmul runs about 2× faster and the TopK step 1.3–1.6×
+    at the same held-out FVU (bench/RESULTS.md, "bf16 on the CPU"); off (false in a job file):
+    fp32 throughout, the same numbers on every CPU to fp32 rounding; on (true): bf16 even where
+    it is emulated, and slower. The final metrics say which ran (`autocast`)."""
     device: str = "cpu"
     """torch device to train on ("cpu", "cuda", "cuda:1"), checked against the machine that
     checks the job. A train job on a worker with a GPU trains there whatever this says."""

@@ -23,7 +23,7 @@ from core.sae import StepContext, registry
 from core.sae.base import chunk_rows
 from core.evals.reconstruction import evaluate
 from core.train import optim
-from core.train.config import RunSpec, TrainResult, default_dead_tokens
+from core.train.config import RunSpec, TrainResult, default_dead_tokens, native_bf16
 from core.train.history import History
 from core.train.optim import default_lr
 
@@ -43,7 +43,7 @@ class RunState:
         cfg = self.cfg = spec.cfg
         self.spec, self.scratch = spec, scratch
         self.device = torch.device(cfg.device)
-        self.amp = self.device.type == "cuda"
+        self.amp = cfg.autocast if cfg.autocast is not None else native_bf16(self.device)
         self.stats = stats(sample, spec.d_in, cfg.outlier_norm_multiple)
         self.budget = cfg.total_tokens if cfg.total_tokens is not None else pass_tokens * cfg.epochs
         self.total_steps = max(1, math.ceil(self.budget / cfg.batch_size))
@@ -198,6 +198,7 @@ class RunState:
         final = evaluate(folded, eval_x, chunk_rows(self.cfg.batch_size, folded.d_sae)) | {
             "dead_frac": self.dead_frac,
             "dead_tokens": self.dead_tokens,
+            "autocast": self.amp,
             "tokens": self.tokens,
             "excluded_outliers": self.excluded,
             "outlier_frac": self.excluded / max(self.tokens + self.excluded, 1),

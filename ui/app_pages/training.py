@@ -12,9 +12,12 @@ from ui.components.client import get_client, guard, show_error
 from ui.components.formatting import fmt_number
 from ui.components.jobs import progress_panel
 
-SCHEDULE = ("expansion_factor", "batch_size", "epochs", "optimizer")
+SCHEDULE = ("expansion_factor", "batch_size", "epochs", "optimizer", "autocast")
 OPTIMIZERS = {"signum": "signum — schedule-free sign-SGD, constant lr (the default; sparsify's optimizer)",
               "adam": "adam — Adam, lr warm-up then decay (SAELens's and older sparsify's recipe)"}
+PRECISIONS = {None: "auto — bf16 where native (a GPU; a CPU with avx512_bf16 or AMX), else fp32",
+              True: "bf16 — even where emulated (slower)",
+              False: "fp32 — everywhere (the same numbers on every CPU)"}
 # The form's fields beside the SAE type's own (which come with their defaults and help from the
 # type's config dataclass, through the Client). Comments, not docstrings: Streamlit's magic prints them.
 
@@ -133,7 +136,10 @@ def train_form(client) -> None:
         if width:
             values["d_sae"] = width
         values |= type_fields(_types(client)[arch])
-        optimizer = st.selectbox("Optimizer", OPTIMIZERS, key="t-optimizer", format_func=OPTIMIZERS.get)
+        c = st.columns(2)
+        optimizer = c[0].selectbox("Optimizer", OPTIMIZERS, key="t-optimizer", format_func=OPTIMIZERS.get)
+        autocast = c[1].selectbox("Encoder matmul", PRECISIONS, key="t-autocast", format_func=PRECISIONS.get,
+                                  help="bf16 autocast of the encoder's matmul; weights stay fp32")
         c = st.columns(3)
         st.session_state.setdefault("t-checkpoint_every", 0)
         st.session_state.setdefault("t-keep_checkpoints", 2)
@@ -144,7 +150,8 @@ def train_form(client) -> None:
         submitted = c[0].form_submit_button("Start training", type="primary", icon=":material/play_arrow:",
                                             key="t-submit")
         saved = c[1].form_submit_button("Save template", icon=":material/save:", key="t-save")
-    spec = {"config": {"architecture": arch, "optimizer": optimizer,
+    precision = {} if autocast is None else {"autocast": autocast}
+    spec = {"config": {"architecture": arch, "optimizer": optimizer, **precision,
                        **{k: int(v) if isinstance(v, int) else float(v) for k, v in values.items()}},
             "checkpoint_every": int(every), "keep_checkpoints": int(keep)}
     try:
