@@ -29,11 +29,11 @@ from bench import _common as C
 D_IN, K, BATCH = 576, 32, 4096
 
 
-def step_seconds(sae, x: torch.Tensor, dead: torch.Tensor, opt, scratch: dict) -> float:
+def step_seconds(sae, x: torch.Tensor, dead: torch.Tensor, opt, scratch: dict, amp: bool) -> float:
     from core.sae.base import StepContext
 
     t = time.perf_counter()
-    out = sae.training_step(x, StepContext(dead, 1.0, False, scratch))
+    out = sae.training_step(x, StepContext(dead, 1.0, amp, scratch))
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     opt.step()
@@ -43,6 +43,7 @@ def step_seconds(sae, x: torch.Tensor, dead: torch.Tensor, opt, scratch: dict) -
 def main(argv: list[str] | None = None) -> None:
     from core.extract import iter_activations
     from core.sae import TopKConfig, TopKSAE
+    from core.train.config import native_bf16
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--d-sae", type=int, default=65_536)
@@ -74,17 +75,19 @@ def main(argv: list[str] | None = None) -> None:
             low.b_enc[dead] -= 4 * spread
         cases[f"{share:.0%} truly dead"] = (low, torch.optim.Adam(low.parameters(), lr=1e-5, fused=True), dead)
     scratch: dict = {}
+    amp = native_bf16(torch.device("cpu"))  # the training default: the encoder matmul in bf16 where native
     for model, optim, dead in cases.values():  # warm-up: buffers, kernels, optimizer state
-        step_seconds(model, x, dead, optim, scratch)
+        step_seconds(model, x, dead, optim, scratch, amp)
     times: dict[str, list[float]] = {c: [] for c in cases}
     for r in range(a.rounds):
         for name, (model, optim, dead) in cases.items():
-            times[name].append(step_seconds(model, x, dead, optim, scratch))
+            times[name].append(step_seconds(model, x, dead, optim, scratch, amp))
             print(f"  round {r + 1} {name:>16}: {times[name][-1] * 1000:,.0f} ms/step", flush=True)
     off = C.median(times["off"])
     rows = [[name, f"{C.median(t) * 1000:,.0f}", f"{BATCH / C.median(t):,.0f}", f"{C.median(t) / off:.2f}×",
              C.ok(C.median(t) / off <= 1.15) if name != "off" else "—"] for name, t in times.items()]
-    body = (f"TopK d_in {D_IN}, d_sae {a.d_sae:,}, k {K}, batch {BATCH}, {a.rounds} interleaved rounds (medians):\n\n"
+    body = (f"TopK d_in {D_IN}, d_sae {a.d_sae:,}, k {K}, batch {BATCH}, encoder matmul in {'bf16' if amp else 'fp32'}, "
+            f"{a.rounds} interleaved rounds (medians):\n\n"
             + C.table(["AuxK", "ms/step", "tokens/s", "step / off", "within 15%"], rows))
     print(body)
     if not a.no_record:

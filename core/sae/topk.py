@@ -238,12 +238,18 @@ class AuxPicker:
         if not len(self.dead):
             return
         columns = torch.index_select(pre, 1, self.dead, out=_buffer(self.ctx, "aux", pre, len(self.dead)))
+        values, which = columns.topk(self.k_aux, dim=1, sorted=False)
         # Pairs whose pre-activation is ≤ 0 add nothing (ReLU) and get no gradient, so no row
-        # needs more than its positive entries: truly dead latents are mostly negative, and the
-        # top-k then shrinks from k_aux to a handful. Asking costs a host sync per block, which
-        # only the CPU, where the top-k's size is what costs, is worth it on.
-        k = min(self.k_aux, int((columns > 0).sum(1).max())) if pre.device.type == "cpu" else self.k_aux
-        values, which = columns.topk(k, dim=1, sorted=False)
+        # needs more than its positive picks: truly dead latents are mostly negative, and the
+        # picks then shrink from k_aux to a handful, and with them the decode and backward.
+        # Trimmed from the [rows × k_aux] picks, not by counting over the dead columns (as long
+        # as the top-k itself, measured at 65,536 latents). Asking costs a host sync per block,
+        # which only the CPU, where the pairs' count is what costs, is worth it on.
+        if pre.device.type == "cpu":
+            k = int((values > 0).sum(1).max())
+            if k < values.shape[1]:
+                values, sub = values.topk(k, dim=1, sorted=False)
+                which = which.gather(1, sub)
         self.values.append(values)
         self.which.append(which)
 
