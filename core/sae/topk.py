@@ -218,8 +218,9 @@ class AuxPicker:
     (`add`, inside the `pre_blocks` loop), not recomputed, and their activations, decode and
     backward touch only those (token, latent) pairs, gathered and decoded with the main ones
     (`joined`, `sparse_decode`). So AuxK costs one copy of each block's dead columns plus
-    O(N·k_aux·d_in), not a dense product per dead latent: at 65,536 latents with 38% of them dead the step went from 3.5× to ~1.1× the
-    step without AuxK (bench/auxk.py).
+    O(N·k_aux·d_in), not a dense product per dead latent: at 65,536 latents with 38% of them
+    dead the fp32 step went from 3.5× to ~1.1× the step without AuxK; with the faster bf16
+    matmul it is 1.6× there and 1.1× with 2% truly dead (bench/auxk.py, bench/RESULTS.md).
     """
 
     def __init__(self, sae: SAE, ctx: StepContext):
