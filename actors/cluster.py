@@ -38,10 +38,18 @@ from storage import Settings
 from storage.registry import masked_url
 
 
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket stays bound until all are picked, so no port repeats
+    (`ray start` refuses a port given to two components)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
 
 
 def _answers(address: str, timeout: float = 1.0) -> bool:
@@ -112,12 +120,12 @@ def recorded_head(settings: Settings) -> dict | None:
 def start_head(settings: Settings) -> dict:
     """Start a local Ray head with the dashboard (the Jobs API needs it) and record its address."""
     ray_exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
-    port, dash = _free_port(), _free_port()
+    flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "ray-client-server-port",
+             "metrics-export-port", "runtime-env-agent-port")
+    port, dash, *others = _free_ports(2 + len(flags))
     # Every fixed default port (the job agent's 52365, the client server's 10001, ...) may be held
     # by another Ray on this machine; a clash leaves the head up but without a Jobs API.
-    extra = [f"--{flag}={_free_port()}" for flag in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "ray-client-server-port",
-        "metrics-export-port", "runtime-env-agent-port")]
+    extra = [f"--{flag}={p}" for flag, p in zip(flags, others)]
     cmd = [ray_exe, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--temp-dir={ray_root(settings)}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", *extra, f"--num-cpus={os.cpu_count() or 1}", "--disable-usage-stats"]

@@ -394,3 +394,14 @@ def test_a_head_killed_mid_training_leaves_one_result_from_a_retry_and_none_from
     assert "stopped the local Ray head" in stopped.stdout, stopped.stderr
     left = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in root_processes(home) if p.is_running()]
     assert not left, left
+
+
+def test_the_head_s_ports_are_picked_distinct():
+    """`ray start` refuses a port given to two components; the head's seven ports are picked
+    with every socket still bound, so none repeats (a CI run once failed on Ray's "same port is
+    not used by multiple components")."""
+    from actors.cluster import _free_ports
+
+    for _ in range(20):
+        ports = _free_ports(64)
+        assert len(set(ports)) == 64 and all(p > 0 for p in ports)
