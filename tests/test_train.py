@@ -178,17 +178,19 @@ def test_lr_schedule_warms_up_and_decays_to_zero():
     assert all(a >= b for a, b in zip(f[80:], f[81:]))
 
 
-def test_sparse_gradients_match_dense_autograd():
-    """The sparse encoder backward and gather decoder give the same gradients as dense math."""
+@pytest.mark.parametrize("m, dead_every", [(40, 3), (20_000, 2)])
+def test_sparse_gradients_match_dense_autograd(m, dead_every):
+    """The sparse encoder backward and gather decoder give the same gradients as dense math;
+    also at a width whose main and AuxK picks take `row_topk`'s grouped passes."""
     torch.manual_seed(0)
-    d, m, k = 8, 40, 3
+    d, k = 8, 3
     sae = TopKSAE(d, m, TopKConfig(k=k, auxk_alpha=0.5))
     with torch.no_grad():
         sae.b_enc.normal_()
         sae.b_dec.normal_()
     x = torch.randn(30, d) * 2
     dead = torch.zeros(m, dtype=torch.bool)
-    dead[::3] = True
+    dead[::dead_every] = True
     out = sae.training_step(x, StepContext(dead, 0.0, amp=False))
     out.loss.backward()
     sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
@@ -221,14 +223,14 @@ def _assert_matches_dense(sae, out, sparse, x, pre, x_hat, dead, alpha):
             torch.testing.assert_close(sparse[name], p.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
-def test_batchtopk_auxk_matches_dense_autograd(apply_b_dec_to_input):
+@pytest.mark.parametrize("apply_b_dec_to_input, m", [(True, 40), (False, 40), (True, 20_000)])
+def test_batchtopk_auxk_matches_dense_autograd(apply_b_dec_to_input, m):
     """BatchTopK's AuxK, picked from the step's own pre-activations with a sparse backward,
     gives the loss and gradients of the dense formula (b_dec's only when it is subtracted)."""
     from core.sae import BatchTopKConfig, BatchTopKSAE
 
     torch.manual_seed(1)
-    d, m = 8, 40
+    d = 8
     sae = BatchTopKSAE(d, m, BatchTopKConfig(k=3, auxk_alpha=0.5), apply_b_dec_to_input=apply_b_dec_to_input)
     with torch.no_grad():
         sae.b_enc.normal_()
@@ -270,6 +272,24 @@ def test_reused_pre_activation_buffer_gives_the_same_step():
         for a, b in zip(outs[0][2], outs[1][2]):
             assert torch.equal(a, b)
     assert scratch["pre"].numel() == 40 * 48
+
+
+@pytest.mark.parametrize("shape, k, dtype", [((5, 8192), 1, torch.float32), ((7, 10_007), 32, torch.float32),
+                                             ((3, 65_536), 32, torch.bfloat16), ((4, 25_000), 288, torch.bfloat16)])
+def test_row_topk_equals_torch_topk(shape, k, dtype):
+    """`row_topk`'s two grouped passes find each row's k largest entries, as torch's top-k:
+    with a remainder of columns outside the groups, on a view (AuxK's dead tail of a block),
+    and with many equal entries (any of equal entries is a right pick)."""
+    from core.sae.topk import row_topk
+
+    torch.manual_seed(0)
+    for x in (torch.randn(shape).to(dtype), torch.randint(-50, 50, shape).to(dtype),
+              torch.randn(shape[0], shape[1] + 300).to(dtype)[:, 300:]):
+        values, columns = row_topk(x, k)
+        want = x.topk(k, dim=1).values
+        assert torch.equal(values.sort(1, descending=True).values, want)
+        assert torch.equal(x.gather(1, columns), values)
+        assert all(len(set(r.tolist())) == k for r in columns)  # k distinct columns per row
 
 
 def _step_in_blocks(sae, x, dead, chunk_tokens, scratch=None):
@@ -369,7 +389,8 @@ def test_the_sparse_step_holds_one_block_of_pre_activations():
     dead[::2] = True
     scratch: dict = {}
     sae.training_step(torch.randn(40, 8), StepContext(dead, 0.0, amp=False, scratch=scratch, chunk_tokens=6))
-    assert scratch["pre"].numel() == 6 * 48 and scratch["aux"].numel() == 6 * 24
+    assert scratch["pre"].numel() == 6 * 48
+    assert "aux" not in scratch  # AuxK picks the dead latents in the block itself: no copy of them
 
 
 def test_bf16_autocast_path_runs_and_stays_close():
@@ -386,7 +407,7 @@ def test_bf16_autocast_path_runs_and_stays_close():
             p.grad = None
         scratch = {}
         out = sae.training_step(x, StepContext(dead, 0.0, amp=amp, scratch=scratch))
-        assert scratch["pre"].dtype == scratch["aux"].dtype == (torch.bfloat16 if amp else torch.float32)
+        assert scratch["pre"].dtype == (torch.bfloat16 if amp else torch.float32)
         out.loss.backward()
         assert math.isfinite(float(out.loss.detach()))
         grads.append(torch.cat([p.grad.flatten() for p in sae.parameters()]))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from core.sae.base import SAE, StepContext, StepOut, fired_latents, reconstruction_terms, sparse_step_bytes
 from core.sae.jumprelu import JumpReLUSAE
 from core.sae.registry import register
-from core.sae.topk import AuxPicker, TopKConfig, _joined, pre_blocks, sparse_decode
+from core.sae.topk import AuxPicker, TopKConfig, _joined, pre_blocks, row_topk, sparse_decode
 
 THRESHOLD_MOMENTUM = 0.99
 """θ ← m·θ + (1 − m)·(smallest kept activation in this batch)."""
@@ -133,11 +133,11 @@ def batch_topk_pairs(sae: BatchTopKSAE, x_in: torch.Tensor, ctx: StepContext,
     keep = min(sae.k * max(n, 1), n * d)
     m = min(d, ROW_CANDIDATES * sae.k)
     vs, ls = [], []
-    for pre in pre_blocks(sae, x_in, ctx):
+    for pre in aux.blocks(x_in):
         aux.add(pre)
-        v, i = pre.topk(m, dim=1, sorted=False)
+        v, i = row_topk(pre, m)
         vs.append(v.float().relu_())
-        ls.append(i)
+        ls.append(aux.latents(i))
     values, latents = _joined(vs), _joined(ls)
     tokens = torch.arange(n, device=x_in.device).unsqueeze(1).expand(n, m)
     if m < d:  # tokens left out latents: find the ones that may hold more of the top k·N

@@ -25,6 +25,7 @@ width"); up to 16,384 latents at batch 4096 the batch is one block, the step as 
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +85,8 @@ class TopKSAE(SAE):
     def encode_topk(self, x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The k kept activations and their latent indices, each [..., k] (values may be 0).
         `out`: a [len(x), d_sae] buffer for the pre-activations of a 2-D x (see `pre_acts`)."""
-        values, indices = self.pre_acts(x, out).topk(self.k, dim=-1)
+        pre = self.pre_acts(x, out)
+        values, indices = row_topk(pre, self.k) if pre.dim() == 2 else pre.topk(self.k, dim=-1)
         return values.relu(), indices
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
@@ -100,11 +102,11 @@ class TopKSAE(SAE):
         aux = AuxPicker(self, ctx)
         top_v, top_i = [], []
         with torch.no_grad():
-            for pre in pre_blocks(self, x_c, ctx):
+            for pre in aux.blocks(x_c):
                 aux.add(pre)
-                v, i = pre.topk(self.k, dim=1, sorted=False)
+                v, i = row_topk(pre, self.k)
                 top_v.append(v)
-                top_i.append(i)
+                top_i.append(aux.latents(i))
         top_v, top_i = _joined(top_v), _joined(top_i)
         n, k = top_i.shape
         tokens = torch.arange(n, device=x.device)
@@ -135,14 +137,49 @@ def sparse_decode(sae: SAE, x_c: torch.Tensor, b_dec: torch.Tensor | None, value
     return acts, _GatherDecode.apply(latents, acts, sae.W_dec, by_latent, offsets)
 
 
+GROUPED_TOPK_MIN_COLUMNS = 8192
+"""Rows at least this long take `row_topk`'s two passes; shorter ones (the small path, 4,608
+latents) gained nothing measurable from them and keep torch's one."""
+
+
+def row_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of a 2-D x and their columns, unsorted: what
+    `x.topk(k, dim=1, sorted=False)` gives (up to which of equal entries), faster on the CPU
+    for long rows.
+
+    The columns are dealt into g groups of c (column j to group j mod g) and each row's group
+    maxima taken, a cheap vectorised pass; the row's top k then lie in the groups of its k
+    largest maxima: those k maxima are k of the row's entries, so the k-th of them is at most
+    the row's k-th largest entry v, and a group holding an entry ≥ v has a maximum ≥ v (equal
+    to the k-th only in a tie with v, where either entry is a right answer). One top-k over
+    the g maxima and one over the k·c entries of the chosen groups replace a top-k over the
+    row. Measured on one CPU thread (bf16, 256 rows): 3-4× torch's top-k at 65,536 columns
+    and k 32, 2-2.5× for AuxK's k 288 over 25,000 dead columns, ~2× at 16,384 columns;
+    c ≈ √(n/k) at most 16 was about the best. CUDA's own top-k is left as it is.
+    """
+    n = x.shape[1]
+    c = min(16, math.isqrt(n // max(k, 1)))
+    if x.device.type != "cpu" or n < GROUPED_TOPK_MIN_COLUMNS or c < 4:
+        return x.topk(k, dim=1, sorted=False)
+    g = n // c
+    maxima = x[:, :g * c].unflatten(1, (c, g)).amax(1)
+    groups = maxima.topk(k, dim=1, sorted=False).indices
+    columns = (groups.unsqueeze(2) + g * torch.arange(c, device=x.device)).flatten(1)
+    if g * c < n:  # the last n mod c columns, in no group: candidates themselves
+        columns = torch.cat([columns, torch.arange(g * c, n, device=x.device).expand(len(x), -1)], 1)
+    values, pick = x.gather(1, columns).topk(k, dim=1, sorted=False)
+    return values, columns.gather(1, pick)
+
+
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def pre_blocks(sae: SAE, x_in: torch.Tensor, ctx: StepContext):
+def pre_blocks(sae: SAE, x_in: torch.Tensor, ctx: StepContext, order: torch.Tensor | None = None):
     """The encoder pre-activations x_in @ W_enc + b_enc of the batch, [rows, d_sae] blocks of
     consecutive tokens in order (`chunk_rows`), each computed into the same reused buffer: the
     caller takes what it needs from a block before asking for the next. Call under no_grad.
+    `order`: the latents (columns) in this order, not their own (`AuxPicker.order`).
 
     So the dense [batch × d_sae] matrix is never alive at once: 1 GiB at batch 4096 × 65,536
     latents, against 256 MiB for a block (`PRE_CHUNK_BYTES`).
@@ -151,6 +188,8 @@ def pre_blocks(sae: SAE, x_in: torch.Tensor, ctx: StepContext):
     dtype = torch.bfloat16 if ctx.amp else torch.float32
     # The weights cast once per step: autocast, entered anew for each block, cast them per block.
     W_enc, b_enc = sae.W_enc.detach().to(dtype), sae.b_enc.detach().to(dtype)
+    if order is not None:  # W_enc.T is W_enc's own layout: a gather of contiguous rows
+        W_enc, b_enc = W_enc.T.index_select(0, order).T, b_enc[order]
     for s in range(0, len(x_in), rows):
         xb = x_in[s: s + rows].detach().to(dtype)
         yield torch.addmm(b_enc, xb, W_enc, out=_buffer(ctx, "pre", xb, sae.d_sae))
@@ -158,7 +197,7 @@ def pre_blocks(sae: SAE, x_in: torch.Tensor, ctx: StepContext):
 
 def _buffer(ctx: StepContext, key: str, x: torch.Tensor, cols: int) -> torch.Tensor | None:
     """A reused [N, cols] buffer of x's dtype (fp32, or bf16 under autocast) named `key` on CPU
-    (None elsewhere): a block of the pre-activations, or the dead latents' columns of one for AuxK.
+    (None elsewhere): a block of the pre-activations.
 
     glibc hands out allocations this large (> 32 MB) as fresh mmapped pages, so a new buffer
     per step is page-faulted in anew: 30-50 ms of a 400 ms step at batch 4096 × 4608 latents,
@@ -215,61 +254,80 @@ class AuxPicker:
     missed (no bias), scaled down while fewer than k_aux latents are dead, as in sparsify.
 
     The dead latents' top k_aux are picked block by block from the step's own pre-activations
-    (`add`, inside the `pre_blocks` loop), not recomputed, and their activations, decode and
-    backward touch only those (token, latent) pairs, gathered and decoded with the main ones
-    (`joined`, `sparse_decode`). So AuxK costs one copy of each block's dead columns plus
+    (`add`, inside the `blocks` loop: the dead columns a contiguous tail of each block, no
+    copy of them), not recomputed, with `row_topk`'s grouped passes; their activations, decode
+    and backward touch only the positive picks, gathered and decoded with the main pairs
+    (`joined`, `sparse_decode`). So AuxK costs a top-k over the dead columns plus
     O(N·k_aux·d_in), not a dense product per dead latent: at 65,536 latents with 38% of them
-    dead the fp32 step went from 3.5× to ~1.1× the step without AuxK; with the faster bf16
-    matmul it is 1.6× there and 1.1× with 2% truly dead (bench/auxk.py, bench/RESULTS.md).
+    truly dead the bf16 step is 1.11× the step without AuxK (was 1.4-1.6× with the dead
+    columns copied out, k_aux picks kept per token and torch's top-k), 1.02× with 2%; when
+    the dead latents' pre-activations are like live ones' (half positive: all k_aux picks
+    kept) 1.20-1.25×, the decode of 9× the main pairs (bench/auxk.py, bench/RESULTS.md).
     """
 
     def __init__(self, sae: SAE, ctx: StepContext):
         self.sae, self.ctx = sae, ctx
         alpha = sae.type_config.auxk_alpha
         self.dead = ctx.dead.nonzero().squeeze(1) if alpha > 0 else ctx.dead.new_zeros(0, dtype=torch.long)
+        self.order = self.n_live = None
+        if len(self.dead):
+            live = (~ctx.dead).nonzero().squeeze(1)
+            self.order, self.n_live = torch.cat([live, self.dead]), len(live)
         self.k_aux_max = sae.d_in // 2
         self.k_aux = max(1, min(self.k_aux_max, len(self.dead)))
         self.weight = alpha * min(len(self.dead) / max(self.k_aux_max, 1), 1.0)
-        self.values: list[torch.Tensor] = []
-        self.which: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []  # per block: the picks' pre-activations, flat by token
+        self.which: list[torch.Tensor] = []   # their dead latents' places in `dead`
+        self.counts: list[torch.Tensor] = []  # picks per token
         self.picked = False
 
+    def blocks(self, x_in: torch.Tensor):
+        """`pre_blocks` of x_in, their columns in `order` when latents are dead: the live ones,
+        then the dead ones, a contiguous tail of each row whose top k_aux AuxK picks in place
+        (`add`). Copying the dead columns out of each block instead cost as much as their top-k
+        (index_select, ~80 ms per 1,024-token block with 38% of 65,536 latents dead); gathering
+        W_enc's columns into that order costs one pass over the weights per step. `latents`
+        maps a block's column numbers back to latents."""
+        return pre_blocks(self.sae, x_in, self.ctx, self.order)
+
+    def latents(self, columns: torch.Tensor) -> torch.Tensor:
+        """The latents of a `blocks` block's columns."""
+        return columns if self.order is None else self.order[columns]
+
     def add(self, pre: torch.Tensor) -> None:
-        """Pick this block's top dead latents per token (call under no_grad)."""
+        """Pick this block's top dead latents per token from a `blocks` block (call under no_grad)."""
         if not len(self.dead):
             return
-        columns = torch.index_select(pre, 1, self.dead, out=_buffer(self.ctx, "aux", pre, len(self.dead)))
-        values, which = columns.topk(self.k_aux, dim=1, sorted=False)
-        # Pairs whose pre-activation is ≤ 0 add nothing (ReLU) and get no gradient, so no row
-        # needs more than its positive picks: truly dead latents are mostly negative, and the
-        # picks then shrink from k_aux to a handful, and with them the decode and backward.
-        # Trimmed from the [rows × k_aux] picks, not by counting over the dead columns (as long
-        # as the top-k itself, measured at 65,536 latents). Asking costs a host sync per block,
-        # which only the CPU, where the pairs' count is what costs, is worth it on.
+        values, which = row_topk(pre[:, self.n_live:], self.k_aux)
         if pre.device.type == "cpu":
-            k = int((values > 0).sum(1).max())
-            if k < values.shape[1]:
-                values, sub = values.topk(k, dim=1, sorted=False)
-                which = which.gather(1, sub)
+            # Picks whose pre-activation is ≤ 0 add nothing (ReLU) and get no gradient: only the
+            # positive ones go on, however many each token has. Truly dead latents are mostly
+            # negative, so the pairs shrink from k_aux per token to a handful, and with them
+            # the decode and backward; padding every token to the block's most (as before)
+            # let one loud token set the cost. (On CUDA the count would be a host sync.)
+            keep = values > 0
+            values, which, counts = values[keep], which[keep], keep.sum(1)
+        else:
+            values, which = values.reshape(-1), which.reshape(-1)
+            counts = torch.full((len(pre),), self.k_aux, dtype=torch.long, device=pre.device)
         self.values.append(values)
         self.which.append(which)
+        self.counts.append(counts)
 
     def joined(self, values: torch.Tensor, latents: torch.Tensor, tokens: torch.Tensor,
                offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The main flat pairs of the N tokens (sorted by token; `offsets` [N] where each token's
-        start) followed by AuxK's picks, [N, k_aux] with k_aux the most positive picks of any
-        token (blocks that picked fewer padded with pairs of value 0: no activation, no
-        gradient), on rows N + token: `sparse_decode`'s values, latents, rows and offsets."""
-        k = max((v.shape[1] for v in self.values), default=0)
-        self.picked = bool(k)
-        if not k:
+        pairs start) followed by AuxK's picks on rows N + token: `sparse_decode`'s values,
+        latents, rows and offsets."""
+        aux_v = _joined(self.values) if self.values else values[:0]
+        self.picked = len(aux_v) > 0
+        if not self.picked:
             return values, latents, tokens, offsets
-        aux_v = _joined([F.pad(v, (0, k - v.shape[1])) for v in self.values])
-        aux_l = self.dead[_joined([F.pad(w, (0, k - w.shape[1])) for w in self.which])]
+        counts = _joined(self.counts)
         n = len(offsets)
-        aux_rows = torch.arange(n, 2 * n, device=tokens.device)
-        return (torch.cat([values.float(), aux_v.reshape(-1).float()]), torch.cat([latents, aux_l.reshape(-1)]),
-                torch.cat([tokens, aux_rows.repeat_interleave(k)]), torch.cat([offsets, len(values) + (aux_rows - n) * k]))
+        aux_rows = torch.arange(n, 2 * n, device=tokens.device).repeat_interleave(counts, output_size=len(aux_v))
+        return (torch.cat([values.float(), aux_v.float()]), torch.cat([latents, self.dead[_joined(self.which)]]),
+                torch.cat([tokens, aux_rows]), torch.cat([offsets, len(values) + counts.cumsum(0) - counts]))
 
     def loss(self, aux_hat: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         """α·Σ‖aux − resid‖², `aux_hat` the decode of AuxK's rows (0 when nothing is dead; the
