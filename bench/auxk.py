@@ -43,7 +43,7 @@ def step_seconds(sae, x: torch.Tensor, dead: torch.Tensor, opt, scratch: dict, a
 def main(argv: list[str] | None = None) -> None:
     from core.extract import iter_activations
     from core.sae import TopKConfig, TopKSAE
-    from core.train.config import native_bf16
+    from core.train.config import prefer_bf16
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--d-sae", type=int, default=65_536)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             low.b_enc[dead] -= 4 * spread
         cases[f"{share:.0%} truly dead"] = (low, torch.optim.Adam(low.parameters(), lr=1e-5, fused=True), dead)
     scratch: dict = {}
-    amp = native_bf16(torch.device("cpu"))  # the training default: the encoder matmul in bf16 where native
+    amp = prefer_bf16(torch.device("cpu"))  # the training default: the encoder matmul in bf16 where it pays
     for model, optim, dead in cases.values():  # warm-up: buffers, kernels, optimizer state
         step_seconds(model, x, dead, optim, scratch, amp)
     times: dict[str, list[float]] = {c: [] for c in cases}

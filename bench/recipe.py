@@ -41,7 +41,7 @@ CONTENDERS = {"adam": {"optimizer": "adam"}, "adam ×5 lr": {"optimizer": "adam"
               "signum dead 1×": {"optimizer": "signum", "dead_per_latent": 1},
               # the default window shrinks from 4 × d_sae after 16 × d_sae tokens (1 / tokens) to 1×
               "signum dead 4×→2×": {"optimizer": "signum", "recipe": {"dead_late_per_latent": 2}},
-              # the encoder's matmul in bf16 (the default where bf16 is native) or in fp32
+              # the encoder's matmul in bf16 (the default where bf16 is native and faster) or in fp32
               "signum bf16": {"optimizer": "signum", "autocast": True},
               "signum fp32": {"optimizer": "signum", "autocast": False},
               "signum auxk ×4": {"optimizer": "signum", "dead_per_latent": 4, "auxk_multiple": 4.0},

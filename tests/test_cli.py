@@ -196,7 +196,7 @@ def test_a_damaged_features_file_is_one_line_naming_the_fix(cli_env, client, tin
 
 def test_autocast_flag_takes_on_or_off(capsys):
     """`--autocast on|off` sets the train config's bf16 encoder matmul; left out, the config
-    decides (bf16 wherever it is native); anything else is a one-line usage error."""
+    decides (bf16 where native and faster); anything else is a one-line usage error."""
     from ui import cli_flags
 
     kind, parser = cli_flags.kind_of("train", "run"), cli.build_parser("train")

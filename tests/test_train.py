@@ -394,7 +394,7 @@ def test_the_sparse_step_holds_one_block_of_pre_activations():
 
 
 def test_bf16_autocast_path_runs_and_stays_close():
-    """The encoder's matmul in bf16 (the default wherever bf16 is native): the blocks of
+    """The encoder's matmul in bf16 (the default where bf16 is native and faster): the blocks of
     pre-activations are bf16 in a reused bf16 buffer, the weights and gradients stay fp32."""
     torch.manual_seed(0)
     sae = TopKSAE(16, 64, TopKConfig(k=4))
@@ -442,25 +442,45 @@ def test_autocast_on_the_cpu_trains_as_well_as_fp32(arch, extra):
 
 @pytest.mark.parametrize("native", [False, True])
 def test_autocast_left_out_follows_the_device(native, monkeypatch):
-    """Left out, `autocast` is on where bf16 is native (a CUDA GPU; a CPU with AVX512-BF16 or
-    AMX) and off elsewhere; the final metrics say which ran."""
+    """Left out, `autocast` is on where bf16 is preferred (a CUDA GPU; a CPU with AVX512-BF16 or
+    AMX whose bf16 matmul is faster) and off elsewhere; the final metrics say which ran."""
     from core.train import run as train_run
 
     asked = []
-    monkeypatch.setattr(train_run, "native_bf16", lambda device: asked.append(device.type) or native)
+    monkeypatch.setattr(train_run, "prefer_bf16", lambda device: asked.append(device.type) or native)
     cfg = TrainConfig(sae=TopKConfig(k=4), expansion_factor=4, batch_size=128, total_tokens=1_000, sample_tokens=512)
     assert train_sae(source(synthetic(n=1_000)), D_IN, cfg).final["autocast"] is native
     assert asked == ["cpu"]
 
 
-def test_native_bf16_on_this_machine_matches_its_cpu_flags():
-    """The CPU probe agrees with what the (Linux) kernel says the CPU has."""
-    from core.train.config import native_bf16
+def test_bf16_is_preferred_on_a_cpu_only_with_the_units_and_a_faster_matmul(monkeypatch):
+    """On a CPU the default bf16 matmul needs AVX512-BF16 or AMX (else it is emulated and never
+    timed) and a bf16 matmul measured faster than fp32: the flags alone do not tell (an Intel
+    Xeon with AVX512-BF16 multiplied bf16 at 0.6× fp32's speed)."""
+    from core.train import config
+
+    timed = []
+    for units, faster, want in ((False, True, False), (True, False, False), (True, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: units)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        monkeypatch.setattr(config, "_cpu_bf16_faster", lambda threads, f=faster: timed.append(threads) or f)
+        assert config.prefer_bf16(torch.device("cpu")) is want
+    assert timed == [torch.get_num_threads()] * 2
+
+
+def test_bf16_preference_on_this_machine():
+    """Without the units (per /proc/cpuinfo) never bf16; with them, the measured comparison,
+    taken once per process and thread count."""
+    from core.train.config import _cpu_bf16_faster, prefer_bf16
 
     flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
              for f in line.split(":", 1)[1].split()}
     assert flags, "no CPU flags in /proc/cpuinfo"
-    assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    units = bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    chosen = prefer_bf16(torch.device("cpu"))
+    assert chosen is (units and _cpu_bf16_faster(torch.get_num_threads()))
+    if units:
+        assert _cpu_bf16_faster.cache_info().hits >= 1  # measured once, then remembered
 
 
 @pytest.mark.parametrize("arch, extra, inference", [

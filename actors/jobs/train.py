@@ -285,7 +285,7 @@ def _k_variants(text: str) -> list[dict[str, Any]]:
 
 
 def _on_off(text: str) -> bool:
-    """--autocast on|off (left out: wherever bf16 is native)."""
+    """--autocast on|off (left out: where bf16 is native and faster)."""
     if text.lower() not in ("on", "off"):
         raise argparse.ArgumentTypeError(f"{text!r} is neither on nor off")
     return text.lower() == "on"

@@ -116,7 +116,7 @@ class StepContext(NamedTuple):
     sparsity_coefficient: float
     """The type's penalty weight (`SAETypeConfig.sparsity_coefficient`) times the warmup ramp."""
     amp: bool
-    """The encoder's matmul in bf16 (`TrainConfig.autocast`: by default wherever bf16 is native)."""
+    """The encoder's matmul in bf16 (`TrainConfig.autocast`: by default where bf16 is native and faster)."""
     scratch: dict | None = None
     """Reusable buffers shared by the runs of one training (their steps run one at a time);
     None: allocate afresh."""

@@ -8,8 +8,8 @@ and EleutherAI's sparsify, with the lessons recorded in DESIGN.md: activations s
 E‖x‖ = √d_in (the scale folded back into the returned SAE); b_dec at the geometric median of a
 sample; unit-norm decoder rows; dead latents tracked by tokens since they last fired;
 schedule-free sign-SGD (or Adam with lr warmup and final decay); fp32 master weights, the
-encoder's matmul in bf16 wherever bf16 is native (`TrainConfig.autocast`). The types' losses
-live in `core/sae/`.
+encoder's matmul in bf16 where bf16 is native and faster (`TrainConfig.autocast`). The types'
+losses live in `core/sae/`.
 """
 
 from core.train.checkpoints import CheckpointConfig, checkpoints

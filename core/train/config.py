@@ -8,7 +8,9 @@ form and the templates read them from here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 
@@ -35,17 +37,44 @@ def default_dead_tokens(d_sae: int, optimizer: str = "signum", trained: int = 0)
     return max(r.dead_late_per_latent * d_sae, round(shrunk))
 
 
-def native_bf16(device) -> bool:
-    """Whether this torch device multiplies bf16 natively: a CUDA GPU from Ampere on (sparsify's
-    autocast asks the same, emulation included), or a CPU with AVX512-BF16 or AMX. Elsewhere
-    bf16 is emulated, and slower than fp32."""
+def prefer_bf16(device) -> bool:
+    """Whether the encoder's matmul runs in bf16 when `autocast` is left out: on a CUDA GPU
+    from Ampere on (sparsify's autocast asks the same, emulation included); on a CPU with
+    AVX512-BF16 or AMX only where a bf16 matmul of the encoder's shape measures faster than
+    fp32 here (`_cpu_bf16_faster`). The flags alone do not tell: on a Zen 4 EPYC (AVX512-BF16)
+    bf16 made the TopK step 1.3-1.6× faster, while on an Intel Xeon with AVX512-BF16 and no AMX
+    oneDNN's bf16 matmul ran at 170 GFLOP/s against MKL's fp32 at 290 (bench/RESULTS.md)."""
     import torch
 
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     # torch's own CPU probes (private; a torch without them is taken to lack the units)
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    if not any(getattr(torch.cpu, probe, lambda: False)() for probe in probes):
+        return False  # emulated: always slower
+    return _cpu_bf16_faster(torch.get_num_threads())
+
+
+BF16_MARGIN = 0.9
+"""bf16 is chosen on a CPU when its matmul takes under this share of fp32's: the bf16 step
+also casts the input and the weights, and near a tie the fp32 numbers are worth keeping."""
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_bf16_faster(threads: int) -> bool:
+    """Time [512 × 576] @ [576 × 4,096] (a block of the encoder's matmul, 2.4 GFLOP) in bf16
+    and in fp32 on this CPU with `threads` threads, interleaved, best of four, the first of
+    each a warm-up (~0.1 s, once per process and thread count)."""
+    import torch
+
+    x, w = torch.randn(512, 576), torch.randn(576, 4096)
+    best: dict = {}
+    for dtype in (torch.float32, torch.bfloat16) * 4:
+        a, b = x.to(dtype), w.to(dtype)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best[dtype] = min(best.get(dtype, math.inf), time.perf_counter() - t)
+    return best[torch.bfloat16] < BF16_MARGIN * best[torch.float32]
 
 
 def check_device(device: str) -> None:
@@ -192,9 +221,10 @@ class TrainConfig:
     document order, and consecutive tokens are correlated)."""
     autocast: bool | None = None
     """The encoder's matmul in bf16, its weights, gradients and optimizer kept in fp32. Left out:
-    wherever bf16 is native (`native_bf16`: a CUDA GPU, as sparsify does; a CPU with lscpu flag
-    avx512_bf16 or amx_bf16), where the matmul runs about 2× faster and the TopK step 1.3–1.6×
-    at the same held-out FVU (bench/RESULTS.md, "bf16 on the CPU"); off (false in a job file):
+    where bf16 is native and faster (`prefer_bf16`: a CUDA GPU, as sparsify does; a CPU with
+    lscpu flag avx512_bf16 or amx_bf16 whose bf16 matmul measures faster than fp32, as on a
+    Zen 4 EPYC, where the TopK step ran 1.3–1.6× faster at the same held-out FVU;
+    bench/RESULTS.md, "bf16 on the CPU"); off (false in a job file):
     fp32 throughout, the same numbers on every CPU to fp32 rounding; on (true): bf16 even where
     it is emulated, and slower. The final metrics say which ran (`autocast`)."""
     device: str = "cpu"

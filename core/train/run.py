@@ -23,7 +23,7 @@ from core.sae import StepContext, registry
 from core.sae.base import chunk_rows
 from core.evals.reconstruction import evaluate
 from core.train import optim
-from core.train.config import RunSpec, TrainResult, default_dead_tokens, native_bf16
+from core.train.config import RunSpec, TrainResult, default_dead_tokens, prefer_bf16
 from core.train.history import History
 from core.train.optim import default_lr
 
@@ -43,7 +43,7 @@ class RunState:
         cfg = self.cfg = spec.cfg
         self.spec, self.scratch = spec, scratch
         self.device = torch.device(cfg.device)
-        self.amp = cfg.autocast if cfg.autocast is not None else native_bf16(self.device)
+        self.amp = cfg.autocast if cfg.autocast is not None else prefer_bf16(self.device)
         self.stats = stats(sample, spec.d_in, cfg.outlier_norm_multiple)
         self.budget = cfg.total_tokens if cfg.total_tokens is not None else pass_tokens * cfg.epochs
         self.total_steps = max(1, math.ceil(self.budget / cfg.batch_size))

@@ -15,7 +15,7 @@ from ui.components.jobs import progress_panel
 SCHEDULE = ("expansion_factor", "batch_size", "epochs", "optimizer", "autocast")
 OPTIMIZERS = {"signum": "signum — schedule-free sign-SGD, constant lr (the default; sparsify's optimizer)",
               "adam": "adam — Adam, lr warm-up then decay (SAELens's and older sparsify's recipe)"}
-PRECISIONS = {None: "auto — bf16 where native (a GPU; a CPU with avx512_bf16 or AMX), else fp32",
+PRECISIONS = {None: "auto — bf16 where native and faster (a GPU; a CPU with avx512_bf16 or AMX, measured), else fp32",
               True: "bf16 — even where emulated (slower)",
               False: "fp32 — everywhere (the same numbers on every CPU)"}
 # The form's fields beside the SAE type's own (which come with their defaults and help from the
