@@ -145,8 +145,8 @@ def chunk_rows(n: int, d_sae: int, chunk_tokens: int = 0) -> int:
 
 def sparse_step_bytes(d_in: int, d_sae: int, batch: int, pairs_per_token: int) -> int:
     """Peak bytes of a sparse (TopK family) step: three blocks of `chunk_rows` tokens × d_sae
-    (the step's pre-activations and AuxK's copy of their dead columns with its mask; at the end
-    the evaluation's pre-activations, dense activations and mask, whichever is more), plus ~48
+    (the evaluation's pre-activations, dense activations and mask at the end; the step itself
+    holds one block, AuxK picking in place), plus ~48
     bytes per chosen (token, latent) pair (value, index, grouping by latent, gradient) for the
     `pairs_per_token` the type picks and AuxK's d_in/2."""
     block = 4 * chunk_rows(batch, d_sae) * d_sae

@@ -105,7 +105,7 @@ def training_bytes(d_in: int, d_sae: int, batch_size: int, sae: SAETypeConfig | 
                    optimizer: str = "signum", shuffle_batches: int = 4, sample_tokens: int = 16384) -> int:
     """Peak memory of training one SAE, predicted from its width, batch and optimizer (fp32):
     the weights, their gradients and the optimizer's state, one gradient-sized temporary (the
-    decoder-gradient projection, AuxK's second gradient before it is added), the step's own
+    decoder-gradient projection; in the forward, W_enc gathered into AuxK's order), the step's own
     tensors (`SAE.step_bytes`: one block of pre-activations for the TopK family, several dense
     [batch × d_sae] tensors for the others), the shuffle buffer and sample, and the runtime.
     Measured against peak RSS per width in bench/RESULTS.md ("memory at width")."""
