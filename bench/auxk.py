@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dead", default="0.02,0.38", help="shares of latents dead, comma-separated")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--matmul", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="the encoder matmul's dtype (auto: the training default, prefer_bf16)")
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             low.b_enc[dead] -= 4 * spread
         cases[f"{share:.0%} truly dead"] = (low, torch.optim.Adam(low.parameters(), lr=1e-5, fused=True), dead)
     scratch: dict = {}
-    amp = prefer_bf16(torch.device("cpu"))  # the training default: the encoder matmul in bf16 where it pays
+    amp = prefer_bf16(torch.device("cpu")) if a.matmul == "auto" else a.matmul == "bf16"
     for model, optim, dead in cases.values():  # warm-up: buffers, kernels, optimizer state
         step_seconds(model, x, dead, optim, scratch, amp)
     times: dict[str, list[float]] = {c: [] for c in cases}

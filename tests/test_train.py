@@ -178,10 +178,11 @@ def test_lr_schedule_warms_up_and_decays_to_zero():
     assert all(a >= b for a, b in zip(f[80:], f[81:]))
 
 
-@pytest.mark.parametrize("m, dead_every", [(40, 3), (20_000, 2)])
+@pytest.mark.parametrize("m, dead_every", [(40, 3), (40, 8), (20_000, 2), (20_000, 50)])
 def test_sparse_gradients_match_dense_autograd(m, dead_every):
-    """The sparse encoder backward and gather decoder give the same gradients as dense math;
-    also at a width whose main and AuxK picks take `row_topk`'s grouped passes."""
+    """The sparse encoder backward and gather decoder give the same gradients as dense math:
+    with AuxK's dead latents picked in place from reordered columns (many dead) and copied out
+    of the block (few), also at a width whose picks take `row_topk`'s grouped passes."""
     torch.manual_seed(0)
     d, k = 8, 3
     sae = TopKSAE(d, m, TopKConfig(k=k, auxk_alpha=0.5))
@@ -390,7 +391,10 @@ def test_the_sparse_step_holds_one_block_of_pre_activations():
     scratch: dict = {}
     sae.training_step(torch.randn(40, 8), StepContext(dead, 0.0, amp=False, scratch=scratch, chunk_tokens=6))
     assert scratch["pre"].numel() == 6 * 48
-    assert "aux" not in scratch  # AuxK picks the dead latents in the block itself: no copy of them
+    assert "aux" not in scratch  # half the latents dead: picked in the block itself, no copy of them
+    sae.training_step(torch.randn(40, 8), StepContext(dead & (torch.arange(48) < 4), 0.0, amp=False,
+                                                      scratch=scratch, chunk_tokens=6))
+    assert scratch["aux"].numel() == 6 * 2  # two dead: their columns copied out, a block at a time
 
 
 def test_bf16_autocast_path_runs_and_stays_close():
