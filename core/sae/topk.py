@@ -254,15 +254,15 @@ class AuxPicker:
     missed (no bias), scaled down while fewer than k_aux latents are dead, as in sparsify.
 
     The dead latents' top k_aux are picked block by block from the step's own pre-activations
-    (`add`, inside the `blocks` loop: the dead columns a contiguous tail of each block, no
-    copy of them), not recomputed, with `row_topk`'s grouped passes; their activations, decode
-    and backward touch only the positive picks, gathered and decoded with the main pairs
-    (`joined`, `sparse_decode`). So AuxK costs a top-k over the dead columns plus
-    O(N·k_aux·d_in), not a dense product per dead latent: at 65,536 latents with 38% of them
-    truly dead the bf16 step is 1.11× the step without AuxK (was 1.4-1.6× with the dead
-    columns copied out, k_aux picks kept per token and torch's top-k), 1.02× with 2%; when
-    the dead latents' pre-activations are like live ones' (half positive: all k_aux picks
-    kept) 1.20-1.25×, the decode of 9× the main pairs (bench/auxk.py, bench/RESULTS.md).
+    (`add`, inside the `blocks` loop), not recomputed, with `row_topk`'s grouped passes; their
+    activations, decode and backward touch only the positive picks, gathered and decoded with
+    the main pairs (`joined`, `sparse_decode`). So AuxK costs a top-k over the dead columns
+    plus O(N·k_aux·d_in), not a dense product per dead latent. At 65,536 latents the step with
+    2% / 38% of them truly dead is 0.9-1.06× / 1.05-1.15× the step without AuxK, fp32 or bf16
+    (was 1.1× / 1.4-1.6× with the dead columns always copied out, k_aux picks kept per token and
+    torch's top-k); when the dead latents' pre-activations are like live ones' (half positive:
+    all k_aux picks kept, 9× the main pairs to decode) 1.15-1.30× / 1.24-1.43× (bench/auxk.py,
+    bench/RESULTS.md, 2026-12-07, several runs on a noisy 2-core VM).
     """
 
     def __init__(self, sae: SAE, ctx: StepContext):
