@@ -767,6 +767,35 @@ def test_averaged_swaps_in_the_running_average_and_back():
     assert (inside < stepped).all() and (inside > 0).all()
 
 
+def test_signum_steps_as_the_schedulefree_wrapper_around_sign_sgd():
+    """Our sign-SGD stepping the wrapper's z itself, with the wrapper's swaps skipped, gives the
+    weights and running average of the package's swapping wrapper around plain sign-SGD, for a
+    weight held transposed (W_enc's layout) too."""
+    from schedulefree import ScheduleFreeWrapper
+
+    from core.train.optim import SignSGD, averaged, make_optimizer
+
+    torch.manual_seed(0)
+    start = [torch.randn(6, 5).T, torch.randn(5)]  # a transposed (column-major) weight and a vector
+    ours = [torch.nn.Parameter(t.clone(memory_format=torch.preserve_format)) for t in start]
+    theirs = [torch.nn.Parameter(t.contiguous().clone()) for t in start]
+    opt = make_optimizer("signum", ours, lr=0.05)
+    ref = ScheduleFreeWrapper(SignSGD(theirs, 0.05), momentum=0.95)
+    ref.train()
+    for _ in range(7):
+        grads = [torch.randn(t.shape) for t in start]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
+    with averaged(opt), averaged(ref):
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
+    assert not torch.equal(ours[0].detach(), start[0])
+
+
 def test_an_unknown_optimizer_is_refused():
     with pytest.raises(UserError, match=r"^optimizer 'lion' is not one of signum, adam$"):
         TrainConfig(optimizer="lion").resolved(D_IN)
@@ -788,8 +817,11 @@ def test_the_memory_prediction_has_no_dense_batch_term_for_the_topk_family():
         grow = training_bytes(d_in, d_sae, 8192, sae) - training_bytes(d_in, d_sae, 4096, sae)
         assert grow < 4096 * d_sae * 4 / 4  # the batches and pairs: a quarter of one dense [4096 × d_sae] tensor
         weights = 4 * 2 * d_in * d_sae
-        # weights, gradients, Adam's two moments, one gradient-sized temporary: 4.5 × the weights
-        assert 4.5 * weights < training_bytes(d_in, d_sae, 4096, sae) < 4.5 * weights + 3 * PRE_CHUNK_BYTES + 2**30
+        # weights, gradients, the optimizer's state (signum: z; Adam: two moments), one
+        # gradient-sized temporary: 3.5 × the weights under signum, 4.5 × under Adam
+        for optimizer, times in (("signum", 3.5), ("adam", 4.5)):
+            predicted = training_bytes(d_in, d_sae, 4096, sae, optimizer=optimizer)
+            assert times * weights < predicted < times * weights + 3 * PRE_CHUNK_BYTES + 2**30
     standard = registry.config_for("standard")
     grow = training_bytes(d_in, d_sae, 8192, standard) - training_bytes(d_in, d_sae, 4096, standard)
     assert grow > 4 * 4096 * d_sae * 4
