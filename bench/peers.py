@@ -250,13 +250,13 @@ def speed(args) -> None:
         print(f"[peers] {width:,}: " + ", ".join(f"{n} {v[0]:,.0f} tok/s {v[1]:,.0f} MiB" for n, v in med.items()))
     if args.no_record:
         return
-    from core.train.config import default_dead_tokens
+    from core.train.config import default_dead_tokens, prefer_bf16
 
     active = ", ".join(f"{w:,}: from step {default_dead_tokens(w) // BATCH + 1}" for w in widths
                        if default_dead_tokens(w) // BATCH < args.steps) or "none"
     variants = "".join(f"; {n}: ours with autocast={v['autocast']}" for n, v in SPEED_OURS.items() if n in names)
     body = (f"TopK k {K}, batch {BATCH}, d_in 576, each contender with its own defaults (ours: signum, the encoder's "
-            f"matmul in bf16 where the CPU has it natively, AuxK on latents idle for the default dead window, so active in these runs at — {active}; sparsify: no "
+            f"matmul in {'bf16' if prefer_bf16(torch.device('cpu')) else 'fp32'} (`prefer_bf16` on this CPU), AuxK on latents idle for the default dead window, so active in these runs at — {active}; sparsify: no "
             f"AuxK; SAELens: its AuxK, whose window these runs do not reach{variants}), {args.steps} steps on the same "
             "~60k cached SmolLM2 "
             f"`{C.HOOK}` tokens, each run in its own process, {args.rounds} rounds with the contenders "
