@@ -59,7 +59,7 @@ def test_a_width_that_cannot_fit_is_refused_before_the_job_with_a_width_that_fit
     with pytest.raises(UserError) as e:
         TrainConfig(expansion_factor=100_000).resolved(576)
     msg = one_line(e)
-    assert msg.startswith("an SAE of 57,600,000 latents on d_in=576 with batch 4,096 needs at least 1114.8 GiB")
+    assert msg.startswith("an SAE of 57,600,000 latents on d_in=576 with batch 4,096 needs at least 867.4 GiB")
     suggested = int(msg.split("use about ")[1].split(" latents")[0].replace(",", ""))
     assert 1024 <= suggested and suggested % 1024 == 0
     TrainConfig(d_sae=suggested).resolved(576)  # the width it names is accepted
