@@ -3,7 +3,7 @@
 The TopK step's one dense product is [rows × d_in] @ [d_in × d_sae]; the training default runs it
 in bf16 where `core.train.config.prefer_bf16` says so. This times that product (d_in 576, a
 1,024-token block as at 65,536 latents) in fp32 and in bf16 at a few widths, interleaved, best of
-`--reps`, with torch's threads; GFLOP/s, the bf16 / fp32 speed ratio, and what `prefer_bf16`
+`--reps` after a warm-up (`core.train.config.matmul_seconds`), with torch's threads; GFLOP/s, the bf16 / fp32 speed ratio, and what `prefer_bf16`
 chose (its own smaller probe). Two machines with the same `avx512_bf16` flag disagreed: a Zen 4
 EPYC ran the TopK step 1.3–1.6× faster in bf16, an Intel Xeon without AMX ran this product in
 bf16 at 0.6× fp32's speed (oneDNN's brgemm kernel against MKL's sgemm).
@@ -14,7 +14,6 @@ bf16 at 0.6× fp32's speed (oneDNN's brgemm kernel against MKL's sgemm).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -23,18 +22,8 @@ from bench import _common as C
 D_IN = 576
 
 
-def best_seconds(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, reps: int) -> float:
-    torch.mm(a, b, out=out)  # warm-up: oneDNN builds its kernel on the first call
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def main(argv: list[str] | None = None) -> None:
-    from core.train.config import prefer_bf16
+    from core.train.config import matmul_seconds, prefer_bf16
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--widths", default="4608,16384,65536")
@@ -46,14 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     chosen = prefer_bf16(torch.device("cpu"))
     rows = []
     for width in (int(w) for w in a.widths.split(",")):
-        x, w = torch.randn(a.rows, D_IN), torch.randn(D_IN, width)
         flop = 2 * a.rows * D_IN * width
-        secs = {}
-        for _ in range(2):  # interleaved: each dtype timed twice, the best kept
-            for dtype in (torch.float32, torch.bfloat16):
-                out = torch.empty(a.rows, width, dtype=dtype)
-                s = best_seconds(x.to(dtype), w.to(dtype), out, a.reps)
-                secs[dtype] = min(secs.get(dtype, s), s)
+        secs = matmul_seconds(a.rows, D_IN, width, (torch.float32, torch.bfloat16), rounds=a.reps + 1)
         f32, b16 = secs[torch.float32], secs[torch.bfloat16]
         rows.append([f"{width:,}", f"{f32 * 1000:,.1f}", f"{flop / f32 / 1e9:,.0f}", f"{b16 * 1000:,.1f}",
                      f"{flop / b16 / 1e9:,.0f}", f"{f32 / b16:.2f}×"])

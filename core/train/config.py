@@ -62,19 +62,29 @@ also casts the input and the weights, and near a tie the fp32 numbers are worth 
 
 @functools.lru_cache(maxsize=None)
 def _cpu_bf16_faster(threads: int) -> bool:
-    """Time [512 × 576] @ [576 × 4,096] (a block of the encoder's matmul, 2.4 GFLOP) in bf16
-    and in fp32 on this CPU with `threads` threads, interleaved, best of four, the first of
-    each a warm-up (~0.1 s, once per process and thread count)."""
+    """Whether [512 × 576] @ [576 × 4,096] (a block of the encoder's matmul, 2.4 GFLOP) is
+    faster in bf16 than in fp32 on this CPU with `threads` threads (~0.1 s, once per process
+    and thread count)."""
     import torch
 
-    x, w = torch.randn(512, 576), torch.randn(576, 4096)
+    secs = matmul_seconds(512, 576, 4096, (torch.float32, torch.bfloat16))
+    return secs[torch.bfloat16] < BF16_MARGIN * secs[torch.float32]
+
+
+def matmul_seconds(rows: int, d_in: int, d_sae: int, dtypes: tuple, rounds: int = 4) -> dict:
+    """The best time of [rows × d_in] @ [d_in × d_sae] in each dtype, the dtypes interleaved
+    over `rounds` rounds (the first a warm-up: oneDNN builds its kernel on the first call)."""
+    import torch
+
+    x, w = torch.randn(rows, d_in), torch.randn(d_in, d_sae)
     best: dict = {}
-    for dtype in (torch.float32, torch.bfloat16) * 4:
-        a, b = x.to(dtype), w.to(dtype)
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best[dtype] = min(best.get(dtype, math.inf), time.perf_counter() - t)
-    return best[torch.bfloat16] < BF16_MARGIN * best[torch.float32]
+    for _ in range(rounds):
+        for dtype in dtypes:
+            a, b = x.to(dtype), w.to(dtype)
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best[dtype] = min(best.get(dtype, math.inf), time.perf_counter() - t)
+    return best
 
 
 def check_device(device: str) -> None:
