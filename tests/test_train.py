@@ -293,14 +293,16 @@ def test_row_topk_equals_torch_topk(shape, k, dtype):
         assert all(len(set(r.tolist())) == k for r in columns)  # k distinct columns per row
 
 
-def _step_in_blocks(sae, x, dead, chunk_tokens, scratch=None):
+def _step_in_blocks(sae, x, dead, chunk_tokens, scratch=None, chunk_latents=0):
     """Loss, FVU, L0, fired latents, gradients (and BatchTopK's threshold) of one step whose
-    pre-activations are computed `chunk_tokens` tokens at a time (0: the default blocks)."""
+    pre-activations are computed in blocks of `chunk_tokens` tokens × `chunk_latents` latents
+    (0: the default blocks)."""
     for p in sae.parameters():
         p.grad = None
     if hasattr(sae, "global_threshold"):
         sae.global_threshold.fill_(-1.0)
-    out = sae.training_step(x, StepContext(dead, 0.0, amp=False, scratch=scratch, chunk_tokens=chunk_tokens))
+    out = sae.training_step(x, StepContext(dead, 0.0, amp=False, scratch=scratch, chunk_tokens=chunk_tokens,
+                                           chunk_latents=chunk_latents))
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
     threshold = sae.global_threshold.clone() if hasattr(sae, "global_threshold") else None
@@ -309,11 +311,13 @@ def _step_in_blocks(sae, x, dead, chunk_tokens, scratch=None):
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
-@pytest.mark.parametrize("dead_every", [0, 3])
-def test_step_in_token_blocks_equals_the_step_in_one_block(arch, apply_b_dec_to_input, dead_every):
+@pytest.mark.parametrize("dead_every", [0, 3, 40])
+def test_step_in_blocks_equals_the_step_in_one_block(arch, apply_b_dec_to_input, dead_every):
     """Computing the pre-activations (and picking TopK's, BatchTopK's over the whole batch, and
-    AuxK's dead latents) a few tokens at a time gives the one-block step's loss, metrics,
-    fired latents and gradients; blocks of 1 and 7 tokens, a last block shorter than the rest."""
+    AuxK's dead latents) a block at a time gives the one-block step's loss, metrics, fired
+    latents and gradients: blocks of 1 and 7 tokens, of 2 and 9 latents (fewer than k, and a
+    last block narrower than the rest) and both at once; AuxK picking in place (a third of
+    the latents dead) or from copied columns (one dead latent, in one block of latents)."""
     from core.sae import BatchTopKConfig, BatchTopKSAE
 
     torch.manual_seed(2)
@@ -330,13 +334,14 @@ def test_step_in_token_blocks_equals_the_step_in_one_block(arch, apply_b_dec_to_
     if dead_every:
         dead[::dead_every] = True
     whole, whole_grads, whole_threshold = _step_in_blocks(sae, x, dead, n)
-    for rows in (1, 7):
-        out, grads, threshold = _step_in_blocks(sae, x, dead, rows, scratch={})
+    for rows, cols in ((1, 0), (7, 0), (0, 2), (0, 9), (7, 9)):
+        out, grads, threshold = _step_in_blocks(sae, x, dead, rows, scratch={}, chunk_latents=cols)
         for a, b in zip(whole[:4], out[:4]):
             torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-6)
         assert torch.equal(whole.fired, out.fired)
         for name, g in whole_grads.items():
-            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=f"{name}, {rows} tokens a block")
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6,
+                                       msg=f"{name}, blocks of {rows} tokens × {cols} latents")
         if threshold is not None:
             torch.testing.assert_close(threshold, whole_threshold, rtol=1e-6, atol=1e-6)
 
@@ -375,15 +380,21 @@ def test_batchtopk_looks_again_at_tokens_that_hold_more_than_their_candidates(mo
 
 
 def test_the_sparse_step_holds_one_block_of_pre_activations():
-    """The dense [batch × d_sae] pre-activations are never held: the reused buffer is one block
-    of `chunk_rows` tokens (the whole batch while it fits in PRE_CHUNK_BYTES, so small SAEs
-    keep their one-block step)."""
-    from core.sae.base import PRE_CHUNK_BYTES, chunk_rows
+    """The dense [batch × d_sae] pre-activations are never held: the reused buffer is one
+    `block_shape` block (the whole batch while it fits in PRE_CHUNK_BYTES, so small SAEs keep
+    their one-block step; then every token × fewer latents; fewer tokens only past
+    MIN_BLOCK_LATENTS)."""
+    from core.sae.base import MIN_BLOCK_LATENTS, PRE_CHUNK_BYTES, block_shape, chunk_rows
 
-    assert chunk_rows(4096, 4608) == 4096  # one block: the small path is the old one
-    assert chunk_rows(4096, 65_536) * 65_536 * 4 <= PRE_CHUNK_BYTES
-    assert chunk_rows(4096, 16_384) == 4096 and chunk_rows(4096, 65_536) < 4096
-    assert chunk_rows(10, 10**9) == 1 and chunk_rows(4096, 48, chunk_tokens=5) == 5
+    assert block_shape(4096, 4608) == (4096, 4608)  # one block: the small path is the old one
+    assert block_shape(4096, 16_384) == (4096, 16_384)
+    assert block_shape(4096, 65_536) == (4096, 16_384)  # all tokens, a quarter of the latents
+    assert block_shape(4096, 100_000) == (4096, 16_384)  # the last block narrower
+    rows, cols = block_shape(65_536, 65_536)
+    assert cols == MIN_BLOCK_LATENTS and rows * cols * 4 <= PRE_CHUNK_BYTES and rows < 65_536
+    assert block_shape(10, 10**9) == (10, PRE_CHUNK_BYTES // 4 // 10)  # few tokens: wide blocks
+    assert block_shape(4096, 48, chunk_tokens=5) == (5, 48) and block_shape(40, 48, 0, 7) == (40, 7)
+    assert chunk_rows(4096, 65_536) * 65_536 * 4 <= PRE_CHUNK_BYTES  # the evaluation's blocks of tokens
     torch.manual_seed(0)
     sae = TopKSAE(8, 48, TopKConfig(k=4, auxk_alpha=0.5))
     dead = torch.zeros(48, dtype=torch.bool)

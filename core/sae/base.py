@@ -122,31 +122,52 @@ class StepContext(NamedTuple):
     None: allocate afresh."""
     chunk_tokens: int = 0
     """Tokens per block of encoder pre-activations in the sparse (TopK family) steps; 0: as
-    many as fit in `PRE_CHUNK_BYTES`. The result does not depend on it (to float rounding)."""
+    `block_shape` chooses. The result does not depend on it (to float rounding)."""
+    chunk_latents: int = 0
+    """Latents per block, likewise (0: as `block_shape` chooses)."""
 
 
 PRE_CHUNK_BYTES = 256 * 2**20
 """Most bytes of fp32 encoder pre-activations a sparse (TopK family) step holds at once.
 
 The step never needs the dense [batch × d_sae] pre-activations as a whole, only each token's
-chosen latents, so it computes them a block of tokens at a time into one reused buffer: at
-batch 4096 that is the whole batch up to 16,384 latents (one block: the step as before), 1,024
-tokens a block at 65,536 latents, where the whole matrix would be 1 GiB, and 512 at 131,072.
-Smaller blocks cost the encoder matmul CPU time: 3% more at 1,024 rows, 7% at 512, nothing
-at 2,048 (CPU seconds of [rows × 576] @ [576 × 65,536] over 4,096 rows, 2 threads;
-bench/RESULTS.md, "memory at width")."""
+chosen latents, so it computes them a block at a time into one reused buffer (`block_shape`):
+at batch 4096 that is the whole batch up to 16,384 latents (one block: the step as before),
+and 16,384 latents a block beyond, where the whole matrix would be 1 GiB at 65,536 latents."""
 
 
 def chunk_rows(n: int, d_sae: int, chunk_tokens: int = 0) -> int:
-    """Tokens per pre-activation block for a batch of n tokens and d_sae latents."""
+    """Tokens per block of a dense [n × d_sae] computation (the evaluation's) within PRE_CHUNK_BYTES."""
     rows = chunk_tokens if chunk_tokens > 0 else PRE_CHUNK_BYTES // (4 * max(d_sae, 1))
     return max(1, min(n, rows))
+
+
+MIN_BLOCK_LATENTS = 4096
+"""The narrowest block of latents `block_shape` makes before it splits the tokens too."""
+
+
+def block_shape(n: int, d_sae: int, chunk_tokens: int = 0, chunk_latents: int = 0) -> tuple[int, int]:
+    """(tokens, latents) per block of a sparse step's pre-activations for a batch of n tokens:
+    the whole [n × d_sae] matrix while it fits in PRE_CHUNK_BYTES, else all n tokens × as many
+    latents as fit (at least MIN_BLOCK_LATENTS), fewer tokens only past that.
+
+    Blocks of latents, not of tokens: each product x @ W_enc[:, block] packs its slice of W_enc
+    once, where blocks of tokens repack all of W_enc per block. At 65,536 latents, batch 4096,
+    the product in 4 blocks of 1,024 tokens ran at 88 GFLOP/s on 2 AVX2 cores, in 4 blocks of
+    16,384 latents at 97, whole at 96-99 (bench/RESULTS.md, 2026-12-07)."""
+    budget = PRE_CHUNK_BYTES // 4
+    if chunk_tokens > 0 or chunk_latents > 0:  # set by hand (tests): exactly that
+        return max(1, min(n, chunk_tokens or n)), max(1, min(d_sae, chunk_latents or d_sae))
+    if n * d_sae <= budget:
+        return max(1, n), d_sae
+    cols = min(d_sae, max(MIN_BLOCK_LATENTS, budget // max(n, 1)))
+    return max(1, min(n, budget // cols)), cols
 
 
 def sparse_step_bytes(d_in: int, d_sae: int, batch: int, pairs_per_token: int) -> int:
     """Peak bytes of a sparse (TopK family) step: three blocks of `chunk_rows` tokens × d_sae
     (the evaluation's pre-activations, dense activations and mask at the end; the step itself
-    holds one block, AuxK picking in place), plus ~48
+    holds one `block_shape` block, AuxK picking in place), plus ~48
     bytes per chosen (token, latent) pair (value, index, grouping by latent, gradient) for the
     `pairs_per_token` the type picks and AuxK's d_in/2."""
     block = 4 * chunk_rows(batch, d_sae) * d_sae

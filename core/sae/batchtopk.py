@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from core.sae.base import SAE, StepContext, StepOut, fired_latents, reconstruction_terms, sparse_step_bytes
 from core.sae.jumprelu import JumpReLUSAE
 from core.sae.registry import register
-from core.sae.topk import AuxPicker, TopKConfig, _joined, pre_blocks, row_topk, sparse_decode
+from core.sae.topk import AuxPicker, TopKConfig, _joined, pre_blocks, sparse_decode, top_per_row
 
 THRESHOLD_MOMENTUM = 0.99
 """θ ← m·θ + (1 − m)·(smallest kept activation in this batch)."""
@@ -132,13 +132,8 @@ def batch_topk_pairs(sae: BatchTopKSAE, x_in: torch.Tensor, ctx: StepContext,
     n, d = len(x_in), sae.d_sae
     keep = min(sae.k * max(n, 1), n * d)
     m = min(d, ROW_CANDIDATES * sae.k)
-    vs, ls = [], []
-    for pre in aux.blocks(x_in):
-        aux.add(pre)
-        v, i = row_topk(pre, m)
-        vs.append(v.float().relu_())
-        ls.append(aux.latents(i))
-    values, latents = _joined(vs), _joined(ls)
+    values, latents = top_per_row(sae, x_in, ctx, aux, m)
+    values = values.float().relu_()
     tokens = torch.arange(n, device=x_in.device).unsqueeze(1).expand(n, m)
     if m < d:  # tokens left out latents: find the ones that may hold more of the top k·N
         tau = values.reshape(-1).topk(min(keep, values.numel()), sorted=False).values.min()
@@ -166,11 +161,12 @@ def _entries_at_least(sae: BatchTopKSAE, x_in: torch.Tensor, ctx: StepContext,
     """(values, row, latent) of every positive pre-activation ≥ τ of these tokens."""
     vs, rows, ls = [], [], []
     start = 0
-    for pre in pre_blocks(sae, x_in, ctx):
+    for c0, pre in pre_blocks(sae, x_in, ctx):
         pre = pre.float()
         r, l = ((pre >= tau) & (pre > 0)).nonzero(as_tuple=True)
         vs.append(pre[r, l])
         rows.append(r + start)
-        ls.append(l)
-        start += len(pre)
+        ls.append(l + c0)
+        if c0 + pre.shape[1] == sae.d_sae:
+            start += len(pre)
     return _joined(vs), _joined(rows), _joined(ls)

@@ -16,11 +16,13 @@ pre-activation buffer (`_buffer`), computing both weight gradients as `embedding
 over tokens grouped by latent and the activations' gradient as one sampled matmul (`_ByLatent`).
 
 Memory: the dense [N × d_sae] pre-activations are never alive at once (`pre_blocks`): they are
-computed a block of tokens at a time into one reused buffer of at most `PRE_CHUNK_BYTES`, each
-block giving its tokens' top k and AuxK's dead-latent picks before the next is computed. The
-backward already touched only the chosen pairs, so nothing else needs the whole matrix. At
-65,536 latents a training job's peak went from 7.1 to 2.6 GB (bench/RESULTS.md, "memory at
-width"); up to 16,384 latents at batch 4096 the batch is one block, the step as before.
+computed a block at a time (every token × a block of latents, `block_shape`) into one reused
+buffer of at most `PRE_CHUNK_BYTES`, each block giving its tokens' top k among its latents and
+AuxK's dead-latent picks before the next is computed; each token's top k over the blocks are
+then the top k of their top k's (`top_per_row`). The backward already touched only the chosen
+pairs, so nothing else needs the whole matrix. At 65,536 latents a training job's peak went
+from 7.1 to 2.6 GB (bench/RESULTS.md, "memory at width"); up to 16,384 latents at batch 4096
+the batch is one block, the step as before.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import UserError
-from core.sae.base import (SAE, SAETypeConfig, StepContext, StepOut, chunk_rows, fired_latents,
+from core.sae.base import (SAE, SAETypeConfig, StepContext, StepOut, block_shape, fired_latents,
                            reconstruction_terms, sparse_step_bytes)
 from core.sae.registry import register
 
@@ -100,14 +102,7 @@ class TopKSAE(SAE):
     def training_step(self, x: torch.Tensor, ctx: StepContext) -> StepOut:
         x_c = x - self.b_dec
         aux = AuxPicker(self, ctx)
-        top_v, top_i = [], []
-        with torch.no_grad():
-            for pre in aux.blocks(x_c):
-                aux.add(pre)
-                v, i = row_topk(pre, self.k)
-                top_v.append(v)
-                top_i.append(aux.latents(i))
-        top_v, top_i = _joined(top_v), _joined(top_i)
+        top_v, top_i = top_per_row(self, x_c, ctx, aux, self.k)
         n, k = top_i.shape
         tokens = torch.arange(n, device=x.device)
         pairs = aux.joined(top_v.reshape(-1), top_i.reshape(-1), tokens.repeat_interleave(k), tokens * k)
@@ -175,16 +170,50 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _best(values: list[torch.Tensor], index: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k largest of the [rows, ·] candidate blocks `values` and the matching `index`
+    entries: the top k over several blocks of columns from each block's own top k."""
+    if len(values) == 1:
+        return values[0], index[0]
+    v, i = torch.cat(values, 1), torch.cat(index, 1)
+    if v.shape[1] <= k:
+        return v, i
+    v, pick = v.topk(k, dim=1, sorted=False)
+    return v, i.gather(1, pick)
+
+
+@torch.no_grad()
+def top_per_row(sae: SAE, x_in: torch.Tensor, ctx: StepContext, aux: "AuxPicker",
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's k largest encoder pre-activations of x_in ([N, k] values, unsorted, in the
+    product's dtype) and their latents, from `aux.blocks`, AuxK picking its dead latents from
+    the same blocks (TopK's k, BatchTopK's candidates)."""
+    vs, ls, part_v, part_l = [], [], [], []
+    for c0, pre in aux.blocks(x_in):
+        aux.add(c0, pre)
+        v, i = row_topk(pre, min(k, pre.shape[1]))
+        part_v.append(v)
+        part_l.append(aux.latents(i + c0))
+        if c0 + pre.shape[1] == sae.d_sae:  # the last block of latents of these tokens
+            aux.end_tokens()
+            v, i = _best(part_v, part_l, k)
+            vs.append(v)
+            ls.append(i)
+            part_v, part_l = [], []
+    return _joined(vs), _joined(ls)
+
+
 def pre_blocks(sae: SAE, x_in: torch.Tensor, ctx: StepContext, order: torch.Tensor | None = None):
-    """The encoder pre-activations x_in @ W_enc + b_enc of the batch, [rows, d_sae] blocks of
-    consecutive tokens in order (`chunk_rows`), each computed into the same reused buffer: the
-    caller takes what it needs from a block before asking for the next. Call under no_grad.
+    """The encoder pre-activations x_in @ W_enc + b_enc of the batch as (first latent, block)
+    pairs, [tokens × latents] blocks of `block_shape` (blocks of latents within a block of
+    consecutive tokens, in order), each computed into the same reused buffer: the caller takes
+    what it needs from a block before asking for the next. Call under no_grad.
     `order`: the latents (columns) in this order, not their own (`AuxPicker.order`).
 
     So the dense [batch × d_sae] matrix is never alive at once: 1 GiB at batch 4096 × 65,536
     latents, against 256 MiB for a block (`PRE_CHUNK_BYTES`).
     """
-    rows = chunk_rows(len(x_in), sae.d_sae, ctx.chunk_tokens)
+    rows, cols = block_shape(len(x_in), sae.d_sae, ctx.chunk_tokens, ctx.chunk_latents)
     dtype = torch.bfloat16 if ctx.amp else torch.float32
     # The weights cast once per step: autocast, entered anew for each block, cast them per block.
     W_enc, b_enc = sae.W_enc.detach().to(dtype), sae.b_enc.detach().to(dtype)
@@ -192,7 +221,9 @@ def pre_blocks(sae: SAE, x_in: torch.Tensor, ctx: StepContext, order: torch.Tens
         W_enc, b_enc = W_enc.T.index_select(0, order).T, b_enc[order]
     for s in range(0, len(x_in), rows):
         xb = x_in[s: s + rows].detach().to(dtype)
-        yield torch.addmm(b_enc, xb, W_enc, out=_buffer(ctx, "pre", xb, sae.d_sae))
+        for c0 in range(0, sae.d_sae, cols):
+            w = min(cols, sae.d_sae - c0)
+            yield c0, torch.addmm(b_enc[c0: c0 + w], xb, W_enc[:, c0: c0 + w], out=_buffer(ctx, "pre", xb, w))
 
 
 def _buffer(ctx: StepContext, key: str, x: torch.Tensor, cols: int) -> torch.Tensor | None:
@@ -273,38 +304,63 @@ class AuxPicker:
         self.k_aux_max = sae.d_in // 2
         self.k_aux = max(1, min(self.k_aux_max, len(self.dead)))
         self.weight = alpha * min(len(self.dead) / max(self.k_aux_max, 1), 1.0)
-        self.values: list[torch.Tensor] = []  # per block: the picks' pre-activations, flat by token
+        self.values: list[torch.Tensor] = []  # per block of tokens: the picks' pre-activations, flat by token
         self.which: list[torch.Tensor] = []   # their dead latents' places in `dead`
         self.counts: list[torch.Tensor] = []  # picks per token
+        self.part_v: list[torch.Tensor] = []  # this block of tokens' picks so far, per block of latents
+        self.part_w: list[torch.Tensor] = []
+        self.dead_at: dict[int, tuple[int, torch.Tensor]] = {}  # copying: first latent -> (place, columns)
         self.picked = False
 
     def blocks(self, x_in: torch.Tensor):
         """`pre_blocks` of x_in; when many latents are dead, their columns in `order`: the live
-        ones, then the dead ones, a contiguous tail of each row whose top k_aux AuxK picks in
-        place (`add`). Either W_enc's columns are gathered into that order once per step
-        (d_in × d_sae values: 51 ms at 65,536 latents in fp32) or the dead columns are copied
-        out of every block (N × dead values, strided: ~80 ms per 1,024-token block with 38% of
-        65,536 latents dead), whichever moves fewer values. `latents` maps a block's column
-        numbers back to latents."""
+        ones, then the dead ones, a contiguous tail of each block of tokens whose top k_aux AuxK
+        picks in place (`add`). Either W_enc's columns are gathered into that order once per
+        step (d_in × d_sae values: 51 ms at 65,536 latents in fp32) or the dead columns are
+        copied out of every block (N × dead values, strided: ~80 ms per 1,024-token block with
+        38% of 65,536 latents dead), whichever moves fewer values. `latents` maps a block's
+        column numbers back to latents."""
         if len(self.dead) * len(x_in) > self.sae.d_in * self.sae.d_sae:
             live = (~self.ctx.dead).nonzero().squeeze(1)
             self.order, self.n_live = torch.cat([live, self.dead]), len(live)
+        elif len(self.dead):  # each block of latents' dead ones, found once (one host sync)
+            cols = block_shape(len(x_in), self.sae.d_sae, self.ctx.chunk_tokens, self.ctx.chunk_latents)[1]
+            starts = list(range(0, self.sae.d_sae, cols))
+            bounds = torch.searchsorted(self.dead, torch.tensor(starts + [self.sae.d_sae], device=self.dead.device))
+            bounds = bounds.tolist()
+            self.dead_at = {c0: (lo, self.dead[lo:hi] - c0) for c0, lo, hi in zip(starts, bounds, bounds[1:]) if hi > lo}
         return pre_blocks(self.sae, x_in, self.ctx, self.order)
 
     def latents(self, columns: torch.Tensor) -> torch.Tensor:
-        """The latents of a `blocks` block's columns."""
+        """The latents of `blocks` column numbers."""
         return columns if self.order is None else self.order[columns]
 
-    def add(self, pre: torch.Tensor) -> None:
-        """Pick this block's top dead latents per token from a `blocks` block (call under no_grad)."""
+    def add(self, c0: int, pre: torch.Tensor) -> None:
+        """Pick the top dead latents per token of a `blocks` block starting at column c0 (call
+        under no_grad); `end_tokens` after the last block of latents of its tokens."""
         if not len(self.dead):
             return
         if self.order is not None:
-            columns = pre[:, self.n_live:]
+            skip = max(self.n_live - c0, 0)
+            if skip >= pre.shape[1]:
+                return
+            columns, place = pre[:, skip:], c0 + skip - self.n_live
+        elif c0 in self.dead_at:
+            place, local = self.dead_at[c0]
+            columns = torch.index_select(pre, 1, local, out=_buffer(self.ctx, "aux", pre, len(local)))
         else:
-            columns = torch.index_select(pre, 1, self.dead, out=_buffer(self.ctx, "aux", pre, len(self.dead)))
-        values, which = row_topk(columns, self.k_aux)
-        if pre.device.type == "cpu":
+            return
+        values, which = row_topk(columns, min(self.k_aux, columns.shape[1]))
+        self.part_v.append(values)
+        self.part_w.append(which + place)
+
+    def end_tokens(self) -> None:
+        """Keep a block of tokens' top k_aux dead latents over its blocks of latents."""
+        if not self.part_v:
+            return
+        values, which = _best(self.part_v, self.part_w, self.k_aux)
+        self.part_v, self.part_w = [], []
+        if values.device.type == "cpu":
             # Picks whose pre-activation is ≤ 0 add nothing (ReLU) and get no gradient: only the
             # positive ones go on, however many each token has. Truly dead latents are mostly
             # negative, so the pairs shrink from k_aux per token to a handful, and with them
@@ -313,8 +369,8 @@ class AuxPicker:
             keep = values > 0
             values, which, counts = values[keep], which[keep], keep.sum(1)
         else:
+            counts = torch.full((len(values),), values.shape[1], dtype=torch.long, device=values.device)
             values, which = values.reshape(-1), which.reshape(-1)
-            counts = torch.full((len(pre),), self.k_aux, dtype=torch.long, device=pre.device)
         self.values.append(values)
         self.which.append(which)
         self.counts.append(counts)

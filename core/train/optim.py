@@ -58,7 +58,10 @@ class SignSGD(torch.optim.Optimizer):
     """p ← p − lr · sign(∇p): the step's size does not depend on the gradient's scale.
 
     Under `_ScheduleFree` (`steps_z`) it steps each weight's schedule-free z (the wrapper's
-    state["z"]) itself, with the gradient taken at the weight."""
+    state["z"]) itself, with the gradient taken at the weight. The step spends the gradients:
+    they are overwritten by their signs, since a fresh sign tensor per weight is page-faulted
+    in anew every step (at 65,536 latents 258 ms for both weights against 65 ms in place).
+    """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, steps_z: bool = False):
         super().__init__(params, {"lr": lr})
@@ -70,7 +73,9 @@ class SignSGD(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if params:
                 targets = [self.state[p]["z"] for p in params] if self.steps_z else params
-                torch._foreach_add_(targets, torch._foreach_sign([p.grad for p in params]), alpha=-group["lr"])
+                signs = [p.grad for p in params]
+                torch._foreach_sign_(signs)
+                torch._foreach_add_(targets, signs, alpha=-group["lr"])
 
 
 class _ScheduleFree(ScheduleFreeWrapper):
