@@ -218,7 +218,9 @@ def pre_blocks(sae: SAE, x_in: torch.Tensor, ctx: StepContext, order: torch.Tens
     # The weights cast once per step: autocast, entered anew for each block, cast them per block.
     W_enc, b_enc = sae.W_enc.detach().to(dtype), sae.b_enc.detach().to(dtype)
     if order is not None:  # W_enc.T is W_enc's own layout: a gather of contiguous rows
-        W_enc, b_enc = W_enc.T.index_select(0, order).T, b_enc[order]
+        W_T = W_enc.T
+        W_enc = torch.index_select(W_T, 0, order, out=_buffer(ctx, "W_enc", W_T, W_T.shape[1])).T
+        b_enc = b_enc[order]
     for s in range(0, len(x_in), rows):
         xb = x_in[s: s + rows].detach().to(dtype)
         for c0 in range(0, sae.d_sae, cols):
@@ -228,7 +230,8 @@ def pre_blocks(sae: SAE, x_in: torch.Tensor, ctx: StepContext, order: torch.Tens
 
 def _buffer(ctx: StepContext, key: str, x: torch.Tensor, cols: int) -> torch.Tensor | None:
     """A reused [N, cols] buffer of x's dtype (fp32, or bf16 under autocast) named `key` on CPU
-    (None elsewhere): a block of the pre-activations, or the dead latents' columns of one for AuxK.
+    (None elsewhere): a block of the pre-activations, the dead latents' columns of one for AuxK,
+    or W_enc with its columns in AuxK's order.
 
     glibc hands out allocations this large (> 32 MB) as fresh mmapped pages, so a new buffer
     per step is page-faulted in anew: 30-50 ms of a 400 ms step at batch 4096 × 4608 latents,
