@@ -178,20 +178,28 @@ def test_lr_schedule_warms_up_and_decays_to_zero():
     assert all(a >= b for a, b in zip(f[80:], f[81:]))
 
 
-@pytest.mark.parametrize("m, dead_every", [(40, 3), (40, 8), (20_000, 2), (20_000, 50)])
-def test_sparse_gradients_match_dense_autograd(m, dead_every):
+@pytest.mark.parametrize("m, dead_every, truly", [(40, 3, False), (40, 8, False), (20_000, 2, False),
+                                                  (20_000, 50, False), (40, 3, True), (20_000, 2, True)])
+def test_sparse_gradients_match_dense_autograd(m, dead_every, truly):
     """The sparse encoder backward and gather decoder give the same gradients as dense math:
     with AuxK's dead latents picked in place from reordered columns (many dead) and copied out
-    of the block (few), also at a width whose picks take `row_topk`'s grouped passes."""
+    of the block (few), also at a width whose picks take `row_topk`'s grouped passes, and
+    truly dead (a few positive pre-activations per token, in the few groups `row_topk(positive=True)` reads)."""
     torch.manual_seed(0)
     d, k = 8, 3
     sae = TopKSAE(d, m, TopKConfig(k=k, auxk_alpha=0.5))
-    with torch.no_grad():
-        sae.b_enc.normal_()
-        sae.b_dec.normal_()
     x = torch.randn(30, d) * 2
     dead = torch.zeros(m, dtype=torch.bool)
     dead[::dead_every] = True
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+        if truly:  # lowered until no token has more dead positives than AuxK picks (d/2), some have one
+            pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+            low = pre[:, dead].sort(1, descending=True).values[:, d // 2]
+            sae.b_enc[dead] -= float(low.max().clamp_min(0)) + 1e-3
+            positives = (((x - sae.b_dec) @ sae.W_enc + sae.b_enc)[:, dead] > 0).sum(1)
+            assert int(positives.max()) <= d // 2 and int(positives.sum()) > 0
     out = sae.training_step(x, StepContext(dead, 0.0, amp=False))
     out.loss.backward()
     sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
@@ -291,6 +299,25 @@ def test_row_topk_equals_torch_topk(shape, k, dtype):
         assert torch.equal(values.sort(1, descending=True).values, want)
         assert torch.equal(x.gather(1, columns), values)
         assert all(len(set(r.tolist())) == k for r in columns)  # k distinct columns per row
+
+
+@pytest.mark.parametrize("shift", [0.0, 3.0, 4.5])
+def test_row_topk_positive_keeps_every_positive_pick(shift):
+    """`row_topk(positive=True)` gives each row's positive entries among its top k (a row with
+    few positive entries, as AuxK's truly dead latents, from only its groups with a positive
+    maximum): the positive values and columns of torch's top-k, nothing positive besides."""
+    from core.sae.topk import row_topk
+
+    torch.manual_seed(0)
+    x = (torch.randn(64, 20_300) - shift)[:, 300:]
+    values, columns = row_topk(x, 288, positive=True)
+    assert torch.equal(x.gather(1, columns), values)
+    want_v, want_c = x.topk(288, dim=1)
+    for r in range(len(x)):
+        got = {int(c) for v, c in zip(values[r], columns[r]) if v > 0}
+        assert got == {int(c) for v, c in zip(want_v[r], want_c[r]) if v > 0}
+    if shift > 4:  # few positives: the candidates are far fewer than k
+        assert values.shape[1] < 288
 
 
 def _step_in_blocks(sae, x, dead, chunk_tokens, scratch=None, chunk_latents=0):
