@@ -23,10 +23,11 @@ D_IN = 576
 
 
 def main(argv: list[str] | None = None) -> None:
-    from core.train.config import matmul_seconds, prefer_bf16
+    from core.train.config import cpu_has_bf16, matmul_seconds, prefer_bf16
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--widths", default="4608,16384,65536")
+    ap.add_argument("--widths", default=None, help="comma-separated (default 4608,16384,65536; "
+                    "4608 alone where bf16 is emulated: minutes a product at 65,536)")
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-record", action="store_true")
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     load_before = C.load_avg()
     chosen = prefer_bf16(torch.device("cpu"))
     rows = []
-    for width in (int(w) for w in a.widths.split(",")):
+    widths = a.widths or ("4608,16384,65536" if cpu_has_bf16() else "4608")
+    for width in (int(w) for w in widths.split(",")):
         flop = 2 * a.rows * D_IN * width
         secs = matmul_seconds(a.rows, D_IN, width, (torch.float32, torch.bfloat16), rounds=a.reps + 1)
         f32, b16 = secs[torch.float32], secs[torch.bfloat16]
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {width:>7,}: fp32 {f32 * 1000:,.1f} ms, bf16 {b16 * 1000:,.1f} ms, bf16 {f32 / b16:.2f}× as fast",
               flush=True)
     body = (f"[{a.rows:,} × {D_IN}] @ [{D_IN} × d_sae], best of {a.reps} after a warm-up, fp32 and bf16 "
-            f"interleaved (the machine line lists the CPU's bf16 flags); `prefer_bf16` chose "
+            f"interleaved (the machine line lists the CPU's bf16 flags; native bf16: {cpu_has_bf16()}); "
+            f"`prefer_bf16` chose "
             f"**{'bf16' if chosen else 'fp32'}**.\n\n"
             + C.table(["d_sae", "fp32 ms", "fp32 GFLOP/s", "bf16 ms", "bf16 GFLOP/s", "bf16 speed / fp32"], rows))
     print(body)

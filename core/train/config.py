@@ -48,11 +48,18 @@ def prefer_bf16(device) -> bool:
 
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    # torch's own CPU probes (private; a torch without them is taken to lack the units)
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    if not any(getattr(torch.cpu, probe, lambda: False)() for probe in probes):
+    if not cpu_has_bf16():
         return False  # emulated: always slower
     return _cpu_bf16_faster(torch.get_num_threads())
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), by torch's own probes
+    (private; a torch without them is taken to lack the units). Without them bf16 is emulated."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 BF16_MARGIN = 0.9
