@@ -302,11 +302,11 @@ class AuxPicker:
     activations, decode and backward touch only the positive picks, gathered and decoded with
     the main pairs (`joined`, `sparse_decode`). So AuxK costs a top-k over the dead columns
     plus O(N·k_aux·d_in), not a dense product per dead latent. At 65,536 latents the step with
-    2% / 38% of them truly dead is 0.9-1.06× / 1.05-1.15× the step without AuxK, fp32 or bf16
+    2% / 38% of them truly dead is 0.94-1.06× / 1.07-1.12× the step without AuxK, fp32 or bf16
     (was 1.1× / 1.4-1.6× with the dead columns always copied out, k_aux picks kept per token and
     torch's top-k); when the dead latents' pre-activations are like live ones' (half positive:
-    all k_aux picks kept, 9× the main pairs to decode) 1.15-1.30× / 1.24-1.43× (bench/auxk.py,
-    bench/RESULTS.md, 2026-12-07, several runs on a noisy 2-core VM).
+    all k_aux picks kept, 9× the main pairs to decode) 1.10-1.30× / 1.28-1.43× (bench/auxk.py,
+    bench/RESULTS.md, 2026-12-07, several runs on noisy 2-core VMs).
     """
 
     def __init__(self, sae: SAE, ctx: StepContext):
