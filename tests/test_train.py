@@ -289,7 +289,7 @@ def test_row_topk_equals_torch_topk(shape, k, dtype):
     """`row_topk`'s two grouped passes find each row's k largest entries, as torch's top-k:
     with a remainder of columns outside the groups, on a view (AuxK's dead tail of a block),
     and with many equal entries (any of equal entries is a right pick)."""
-    from core.sae.topk import row_topk
+    from core.sae.selection import row_topk
 
     torch.manual_seed(0)
     for x in (torch.randn(shape).to(dtype), torch.randint(-50, 50, shape).to(dtype),
@@ -306,7 +306,7 @@ def test_row_topk_positive_keeps_every_positive_pick(shift):
     """`row_topk(positive=True)` gives each row's positive entries among its top k (a row with
     few positive entries, as AuxK's truly dead latents, from only its groups with a positive
     maximum): the positive values and columns of torch's top-k, nothing positive besides."""
-    from core.sae.topk import row_topk
+    from core.sae.selection import row_topk
 
     torch.manual_seed(0)
     x = (torch.randn(64, 20_300) - shift)[:, 300:]
