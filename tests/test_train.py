@@ -178,13 +178,30 @@ def test_lr_schedule_warms_up_and_decays_to_zero():
     assert all(a >= b for a, b in zip(f[80:], f[81:]))
 
 
+AUXK_PATHS = {"own product, sparse": (10**9, math.inf), "own product, dense": (10**9, 0.0),
+              "in place, sparse": (0, math.inf), "in place, dense": (0, 0.0)}
+
+
+@pytest.fixture(params=list(AUXK_PATHS))
+def auxk_path(request, monkeypatch):
+    """Each of AuxK's ways to pick and decode, whatever the sizes would choose: the dead
+    latents' pre-activations as a product of their own or in place in reordered blocks, the
+    picks decoded as sparse pairs or as a dense [tokens × dead latents] block."""
+    from core.sae import topk
+
+    own, fill = AUXK_PATHS[request.param]
+    monkeypatch.setattr(topk, "OWN_PRODUCT_PER_LATENT", own)
+    monkeypatch.setattr(topk, "DENSE_AUXK_MIN_FILL", fill)
+    return request.param
+
+
 @pytest.mark.parametrize("m, dead_every, truly", [(40, 3, False), (40, 8, False), (20_000, 2, False),
                                                   (20_000, 50, False), (40, 3, True), (20_000, 2, True)])
-def test_sparse_gradients_match_dense_autograd(m, dead_every, truly):
-    """The sparse encoder backward and gather decoder give the same gradients as dense math:
-    with AuxK's dead latents picked in place from reordered columns (many dead) and copied out
-    of the block (few), also at a width whose picks take `row_topk`'s grouped passes, and
-    truly dead (a few positive pre-activations per token, in the few groups `row_topk(positive=True)` reads)."""
+def test_sparse_gradients_match_dense_autograd(m, dead_every, truly, auxk_path):
+    """The sparse encoder backward and gather decoder give the same gradients as dense math,
+    whichever way AuxK picks and decodes (`auxk_path`), also at a width whose picks take
+    `row_topk`'s grouped passes, and truly dead (a few positive pre-activations per token, in
+    the few groups `row_topk(positive=True)` reads)."""
     torch.manual_seed(0)
     d, k = 8, 3
     sae = TopKSAE(d, m, TopKConfig(k=k, auxk_alpha=0.5))
@@ -233,9 +250,9 @@ def _assert_matches_dense(sae, out, sparse, x, pre, x_hat, dead, alpha):
 
 
 @pytest.mark.parametrize("apply_b_dec_to_input, m", [(True, 40), (False, 40), (True, 20_000)])
-def test_batchtopk_auxk_matches_dense_autograd(apply_b_dec_to_input, m):
-    """BatchTopK's AuxK, picked from the step's own pre-activations with a sparse backward,
-    gives the loss and gradients of the dense formula (b_dec's only when it is subtracted)."""
+def test_batchtopk_auxk_matches_dense_autograd(apply_b_dec_to_input, m, auxk_path):
+    """BatchTopK's AuxK, each way (`auxk_path`), gives the loss and gradients of the dense
+    formula (b_dec's only when it is subtracted)."""
     from core.sae import BatchTopKConfig, BatchTopKSAE
 
     torch.manual_seed(1)
@@ -301,23 +318,26 @@ def test_row_topk_equals_torch_topk(shape, k, dtype):
         assert all(len(set(r.tolist())) == k for r in columns)  # k distinct columns per row
 
 
-@pytest.mark.parametrize("shift", [0.0, 3.0, 4.5])
-def test_row_topk_positive_keeps_every_positive_pick(shift):
+@pytest.mark.parametrize("shift, loud", [(0.0, 0), (3.0, 0), (4.5, 0), (4.5, 3)])
+def test_row_topk_positive_keeps_every_positive_pick(shift, loud):
     """`row_topk(positive=True)` gives each row's positive entries among its top k (a row with
     few positive entries, as AuxK's truly dead latents, from only its groups with a positive
-    maximum): the positive values and columns of torch's top-k, nothing positive besides."""
+    maximum; a few loud rows with many, done on their own): the positive values and columns of
+    torch's top-k, nothing positive besides."""
     from core.sae.selection import row_topk
 
     torch.manual_seed(0)
-    x = (torch.randn(64, 20_300) - shift)[:, 300:]
+    x = (torch.randn(400, 20_300) - shift)[:, 300:]
+    x[:loud] += shift  # under 1% of the rows with many positive entries
     values, columns = row_topk(x, 288, positive=True)
-    assert torch.equal(x.gather(1, columns), values)
+    positive = values > 0
+    assert torch.equal(x.gather(1, columns)[positive], values[positive])  # the rest may be padding
     want_v, want_c = x.topk(288, dim=1)
     for r in range(len(x)):
-        got = {int(c) for v, c in zip(values[r], columns[r]) if v > 0}
-        assert got == {int(c) for v, c in zip(want_v[r], want_c[r]) if v > 0}
-    if shift > 4:  # few positives: the candidates are far fewer than k
-        assert values.shape[1] < 288
+        got = [int(c) for v, c in zip(values[r], columns[r]) if v > 0]
+        assert len(got) == len(set(got)) and set(got) == {int(c) for v, c in zip(want_v[r], want_c[r]) if v > 0}
+    if shift > 4:  # few positives: the candidates are far fewer than k (padded to k beside loud rows)
+        assert values.shape[1] < 288 or bool(((values == 0) & (columns == 0)).any())
 
 
 def _step_in_blocks(sae, x, dead, chunk_tokens, scratch=None, chunk_latents=0):
@@ -339,12 +359,12 @@ def _step_in_blocks(sae, x, dead, chunk_tokens, scratch=None, chunk_latents=0):
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
 @pytest.mark.parametrize("dead_every", [0, 3, 40])
-def test_step_in_blocks_equals_the_step_in_one_block(arch, apply_b_dec_to_input, dead_every):
+def test_step_in_blocks_equals_the_step_in_one_block(arch, apply_b_dec_to_input, dead_every, auxk_path):
     """Computing the pre-activations (and picking TopK's, BatchTopK's over the whole batch, and
     AuxK's dead latents) a block at a time gives the one-block step's loss, metrics, fired
     latents and gradients: blocks of 1 and 7 tokens, of 2 and 9 latents (fewer than k, and a
-    last block narrower than the rest) and both at once; AuxK picking in place (a third of
-    the latents dead) or from copied columns (one dead latent, in one block of latents)."""
+    last block narrower than the rest) and both at once; AuxK each way (`auxk_path`), with a
+    third of the latents dead or one."""
     from core.sae import BatchTopKConfig, BatchTopKSAE
 
     torch.manual_seed(2)
@@ -429,10 +449,11 @@ def test_the_sparse_step_holds_one_block_of_pre_activations():
     scratch: dict = {}
     sae.training_step(torch.randn(40, 8), StepContext(dead, 0.0, amp=False, scratch=scratch, chunk_tokens=6))
     assert scratch["pre"].numel() == 6 * 48
-    assert "aux" not in scratch  # half the latents dead: picked in the block itself, no copy of them
-    sae.training_step(torch.randn(40, 8), StepContext(dead & (torch.arange(48) < 4), 0.0, amp=False,
-                                                      scratch=scratch, chunk_tokens=6))
-    assert scratch["aux"].numel() == 6 * 2  # two dead: their columns copied out, a block at a time
+    assert scratch["W_enc"].numel() == 24 * 8  # few dead: their own product, from their W_enc columns
+    scratch = {}
+    sae.training_step(torch.randn(4096, 8), StepContext(dead, 0.0, amp=False, scratch=scratch, chunk_tokens=64))
+    assert scratch["pre"].numel() == 64 * 48  # many: picked in place, W_enc's columns reordered
+    assert scratch["W_enc"].numel() == 48 * 8
 
 
 def test_bf16_autocast_path_runs_and_stays_close():

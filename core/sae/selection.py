@@ -10,7 +10,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
+
+POSITIVE_ROWS = 0.99
+"""`row_topk(positive=True)` reads the groups that this share of the rows needs."""
 
 GROUPED_TOPK_MIN_COLUMNS = 8192
 """Rows at least this long take `row_topk`'s two passes; shorter ones (the small path, 4,608
@@ -21,7 +25,8 @@ def row_topk(x: torch.Tensor, k: int, positive: bool = False) -> tuple[torch.Ten
     """The k largest entries of each row of a 2-D x and their columns, unsorted: what
     `x.topk(k, dim=1, sorted=False)` gives (up to which of equal entries), faster on the CPU
     for long rows. `positive`: only the positive ones of those k are wanted; a row may come
-    with fewer (or other non-positive) entries, which the caller drops.
+    with fewer, or other non-positive entries, or zeros at column 0 (padding), which the
+    caller drops.
 
     The columns are dealt into g groups of c (column j to group j mod g) and each row's group
     maxima taken, a cheap vectorised pass; the row's top k then lie in the groups of its k
@@ -33,10 +38,13 @@ def row_topk(x: torch.Tensor, k: int, positive: bool = False) -> tuple[torch.Ten
     and k 32, 2-2.5× for AuxK's k 288 over 25,000 dead columns, ~2× at 16,384 columns;
     c ≈ √(n/k) at most 16 was about the best. CUDA's own top-k is left as it is.
 
-    With `positive`, only the groups with a positive maximum can hold a wanted entry: when no
-    row has more than m < k of them, the m best groups of each row are enough. AuxK's truly
-    dead latents are negative almost everywhere (m ≈ 5 of 2,340 groups at k 288): the second
-    pass then reads a few dozen entries a row, not 2,000 (bench/auxk.py, "truly dead").
+    With `positive`, only the groups with a positive maximum can hold a wanted entry: when a
+    row has m < k of them, its m best groups are enough. AuxK's truly dead latents are negative
+    almost everywhere (m ≈ 5 of 2,340 groups at k 288): the second pass then reads a few dozen
+    entries a row, not 2,000. m is taken for 99% of the rows (`POSITIVE_ROWS`): a few loud
+    tokens (one in 4,096 with 455 positive dead latents where the median token had none) would
+    otherwise set every row's m; they are done on their own, whole, their results padded
+    with zeros to the others' width (bench/auxk.py, "truly dead").
     """
     n = x.shape[1]
     c = min(16, math.isqrt(n // max(k, 1)))
@@ -46,7 +54,22 @@ def row_topk(x: torch.Tensor, k: int, positive: bool = False) -> tuple[torch.Ten
     maxima = x[:, :g * c].unflatten(1, (c, g)).amax(1)
     m = k
     if positive:
-        m = max(1, min(k, int((maxima > 0).sum(1, dtype=torch.int32).max())))
+        counts = (maxima > 0).sum(1, dtype=torch.int32)
+        m = max(1, min(k, int(counts.kthvalue(math.ceil(POSITIVE_ROWS * len(x))).values)))
+        loud = (counts > m).nonzero().squeeze(1) if m < k else counts[:0]
+        if len(loud):
+            values, columns = _groups_topk(x, maxima, m, c, k)
+            wide_v, wide_c = row_topk(x[loud], k)
+            pad = k - values.shape[1]
+            values, columns = F.pad(values, (0, pad)), F.pad(columns, (0, pad))
+            values[loud], columns[loud] = wide_v, wide_c
+            return values, columns
+    return _groups_topk(x, maxima, m, c, k)
+
+
+def _groups_topk(x: torch.Tensor, maxima: torch.Tensor, m: int, c: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`row_topk`'s second pass: the top k of the entries of each row's m largest groups."""
+    n, g = x.shape[1], maxima.shape[1]
     groups = maxima.topk(m, dim=1, sorted=False).indices
     columns = (groups.unsqueeze(2) + g * torch.arange(c, device=x.device)).flatten(1)
     if g * c < n:  # the last n mod c columns, in no group: candidates themselves

@@ -117,7 +117,8 @@ class TopKSAE(SAE):
 
 
 def sparse_decode(sae: SAE, x_c: torch.Tensor, b_dec: torch.Tensor | None, values: torch.Tensor,
-                  latents: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  latents: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
+                  dense: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ReLU activations of chosen (row, latent) pairs — `values` their pre-activations from
     the no-grad pass, `rows` ascending, row r reading token r mod len(x_c), `offsets` where each
     row's pairs start — and each row's decode (no bias), with the sparse backward of
@@ -125,11 +126,21 @@ def sparse_decode(sae: SAE, x_c: torch.Tensor, b_dec: torch.Tensor | None, value
 
     `AuxPicker.joined` puts AuxK's pairs on rows len(x_c).. after the main ones: one gather and
     one decode serve both losses, so each weight's sparse gradient is one sum, not a second
-    dense [d_sae × d_in] tensor added to the first. `b_dec` is given when x_c = x − b_dec."""
+    dense [d_sae × d_in] tensor added to the first. Or, when its picks fill much of the
+    [tokens × dead latents] matrix, it gives them as `dense`: that matrix of pre-activations
+    (0 where not picked) and the dead latents, encoded and decoded with dense products whose
+    gradients are added into the same sums; the decode then has AuxK's rows appended.
+    `b_dec` is given when x_c = x − b_dec."""
     by_latent = _ByLatent(latents, sae.d_sae, rows)
     x_rows = x_c.detach().repeat(len(offsets) // len(x_c), 1)  # AuxK's rows read the same tokens
-    acts = _GatherPre.apply(x_rows, b_dec, sae.W_enc, sae.b_enc, by_latent, values.float()).relu()
-    return acts, _GatherDecode.apply(latents, acts, sae.W_dec, by_latent, offsets)
+    if dense is None:
+        acts = _GatherPre.apply(x_rows, b_dec, sae.W_enc, sae.b_enc, by_latent, values.float()).relu()
+        return acts, _GatherDecode.apply(latents, acts, sae.W_dec, by_latent, offsets)
+    aux_pre, dead = dense
+    pre, aux_pre = _GatherPre.apply(x_rows, b_dec, sae.W_enc, sae.b_enc, by_latent, values.float(), aux_pre, dead)
+    acts = pre.relu()
+    decoded, aux_hat = _GatherDecode.apply(latents, acts, sae.W_dec, by_latent, offsets, aux_pre.relu(), dead)
+    return acts, torch.cat([decoded, aux_hat])
 
 
 @torch.no_grad()
@@ -153,35 +164,37 @@ def top_per_row(sae: SAE, x_in: torch.Tensor, ctx: StepContext, aux: "AuxPicker"
     return _joined(vs), _joined(ls)
 
 
-def pre_blocks(sae: SAE, x_in: torch.Tensor, ctx: StepContext, order: torch.Tensor | None = None):
-    """The encoder pre-activations x_in @ W_enc + b_enc of the batch as (first latent, block)
+def pre_blocks(sae: SAE, x_in: torch.Tensor, ctx: StepContext, columns: torch.Tensor | None = None):
+    """The encoder pre-activations x_in @ W_enc + b_enc of the batch as (first column, block)
     pairs, [tokens × latents] blocks of `block_shape` (blocks of latents within a block of
     consecutive tokens, in order), each computed into the same reused buffer: the caller takes
     what it needs from a block before asking for the next. Call under no_grad.
-    `order`: the latents (columns) in this order, not their own (`AuxPicker.order`).
+    `columns`: these latents' pre-activations, in this order (`AuxPicker.blocks`), not all in
+    their own.
 
     So the dense [batch × d_sae] matrix is never alive at once: 1 GiB at batch 4096 × 65,536
     latents, against 256 MiB for a block (`PRE_CHUNK_BYTES`).
     """
-    rows, cols = block_shape(len(x_in), sae.d_sae, ctx.chunk_tokens, ctx.chunk_latents)
+    width = sae.d_sae if columns is None else len(columns)
+    rows, cols = block_shape(len(x_in), width, ctx.chunk_tokens, ctx.chunk_latents)
     dtype = torch.bfloat16 if ctx.amp else torch.float32
     # The weights cast once per step: autocast, entered anew for each block, cast them per block.
     W_enc, b_enc = sae.W_enc.detach().to(dtype), sae.b_enc.detach().to(dtype)
-    if order is not None:  # W_enc.T is W_enc's own layout: a gather of contiguous rows
+    if columns is not None:  # W_enc.T is W_enc's own layout: a gather of contiguous rows
         W_T = W_enc.T
-        W_enc = torch.index_select(W_T, 0, order, out=_buffer(ctx, "W_enc", W_T, W_T.shape[1])).T
-        b_enc = b_enc[order]
+        W_enc = torch.index_select(W_T, 0, columns, out=_buffer(ctx, "W_enc", W_T, W_T.shape[1], width)).T
+        b_enc = b_enc[columns]
     for s in range(0, len(x_in), rows):
         xb = x_in[s: s + rows].detach().to(dtype)
-        for c0 in range(0, sae.d_sae, cols):
-            w = min(cols, sae.d_sae - c0)
+        for c0 in range(0, width, cols):
+            w = min(cols, width - c0)
             yield c0, torch.addmm(b_enc[c0: c0 + w], xb, W_enc[:, c0: c0 + w], out=_buffer(ctx, "pre", xb, w))
 
 
-def _buffer(ctx: StepContext, key: str, x: torch.Tensor, cols: int) -> torch.Tensor | None:
-    """A reused [N, cols] buffer of x's dtype (fp32, or bf16 under autocast) named `key` on CPU
-    (None elsewhere): a block of the pre-activations, the dead latents' columns of one for AuxK,
-    or W_enc with its columns in AuxK's order.
+def _buffer(ctx: StepContext, key: str, x: torch.Tensor, cols: int, rows: int | None = None) -> torch.Tensor | None:
+    """A reused [rows (len(x)), cols] buffer of x's dtype (fp32, or bf16 under autocast) named
+    `key` on CPU (None elsewhere): a block of the pre-activations, or W_enc's columns in AuxK's
+    order.
 
     glibc hands out allocations this large (> 32 MB) as fresh mmapped pages, so a new buffer
     per step is page-faulted in anew: 30-50 ms of a 400 ms step at batch 4096 × 4608 latents,
@@ -189,11 +202,12 @@ def _buffer(ctx: StepContext, key: str, x: torch.Tensor, cols: int) -> torch.Ten
     """
     if ctx.scratch is None or x.device.type != "cpu":
         return None
-    n = len(x) * cols
+    rows = len(x) if rows is None else rows
+    n = rows * cols
     buf = ctx.scratch.get(key)
     if buf is None or buf.numel() < n or buf.dtype != x.dtype:
         buf = ctx.scratch[key] = torch.empty(n, dtype=x.dtype)
-    return buf[:n].view(len(x), cols)
+    return buf[:n].view(rows, cols)
 
 
 class _ByLatent:
@@ -233,20 +247,34 @@ class _ByLatent:
         return torch.empty_like(by_latent).index_put_((self.order,), by_latent).view(self.shape)
 
 
+OWN_PRODUCT_PER_LATENT = 64
+"""`AuxPicker.blocks` computes the dead latents' pre-activations as a product of their own when
+tokens × dead latents ≤ this × d_sae (1.6% of the latents at batch 4096), else in place."""
+
+DENSE_AUXK_MIN_FILL = 1 / 6
+"""AuxK's picks take dense products when they fill at least this share of the [tokens × dead
+latents] matrix (`AuxPicker.joined`). With every token's 288 picks kept (bench/auxk.py
+--sparse, 16,384 latents, fp32 products): dense 1.2-1.3× faster than the sparse kernels at 25%
+and 18% fill, slower at 13% (the dense products cost ~0.17 ms per dead latent on 2 CPU cores,
+the sparse ones ~0.33 s for 1.2M pairs). Under autocast the dense products run in bf16, as
+autocast runs a matmul."""
+
+
 class AuxPicker:
     """AuxK (Gao et al.): the top k_aux = d_in/2 dead latents reconstruct what the live ones
     missed (no bias), scaled down while fewer than k_aux latents are dead, as in sparsify.
 
-    The dead latents' top k_aux are picked block by block from the step's own pre-activations
-    (`add`, inside the `blocks` loop), not recomputed, with `row_topk`'s grouped passes; their
-    activations, decode and backward touch only the positive picks, gathered and decoded with
-    the main pairs (`joined`, `sparse_decode`). So AuxK costs a top-k over the dead columns
-    plus O(N·k_aux·d_in), not a dense product per dead latent. At 65,536 latents the step with
-    2% / 38% of them truly dead is 0.94-1.06× / 1.07-1.12× the step without AuxK, fp32 or bf16
-    (was 1.1× / 1.4-1.6× with the dead columns always copied out, k_aux picks kept per token and
-    torch's top-k); when the dead latents' pre-activations are like live ones' (half positive:
-    all k_aux picks kept, 9× the main pairs to decode) 1.10-1.30× / 1.28-1.43× (bench/auxk.py,
-    bench/RESULTS.md, 2026-12-07, several runs on noisy 2-core VMs).
+    The dead latents' top k_aux are picked with `row_topk`'s grouped passes, from the step's
+    own pre-activations (`blocks`, `add`) when many are dead, from a product of their own when
+    few are; their activations, decode and backward touch only the positive picks, gathered and
+    decoded with the main pairs (`joined`, `sparse_decode`), or, when those fill much of the
+    [N × dead] matrix, as that dense matrix. So AuxK costs a top-k over the dead columns plus
+    O(N·k_aux·d_in), not a dense product per dead latent. Measured at 65,536 latents
+    (bench/auxk.py, bench/RESULTS.md, 2026-12-07, Zen 4 EPYC, bf16 matmul, sign-SGD, 5 rounds):
+    with 2% / 38% of the latents truly dead the step is 1.03-1.10× / 1.10-1.13× the step without
+    AuxK; with dead latents whose pre-activations are like live ones' (half positive: all
+    k_aux picks kept) 1.09× at 2% (dense; kept sparse 1.18×) and 1.59-1.70× at 38% (25k dead
+    latents, too many for dense products: 9× the main pairs, decoded sparse).
     """
 
     def __init__(self, sae: SAE, ctx: StepContext):
@@ -262,26 +290,27 @@ class AuxPicker:
         self.counts: list[torch.Tensor] = []  # picks per token
         self.part_v: list[torch.Tensor] = []  # this block of tokens' picks so far, per block of latents
         self.part_w: list[torch.Tensor] = []
-        self.dead_at: dict[int, tuple[int, torch.Tensor]] = {}  # copying: first latent -> (place, columns)
         self.picked = False
 
     def blocks(self, x_in: torch.Tensor):
-        """`pre_blocks` of x_in; when many latents are dead, their columns in `order`: the live
-        ones, then the dead ones, a contiguous tail of each block of tokens whose top k_aux AuxK
-        picks in place (`add`). Either W_enc's columns are gathered into that order once per
-        step (d_in × d_sae values: 51 ms at 65,536 latents in fp32) or the dead columns are
-        copied out of every block (N × dead values, strided: ~80 ms per 1,024-token block with
-        38% of 65,536 latents dead), whichever moves fewer values. `latents` maps a block's
-        column numbers back to latents."""
-        if len(self.dead) * len(x_in) > self.sae.d_in * self.sae.d_sae:
+        """`pre_blocks` of x_in, AuxK's picks made on the way (`add`). When few latents are dead
+        (N × dead ≤ `OWN_PRODUCT_PER_LATENT` × d_sae), their pre-activations are a product of
+        their own, x_in @ W_enc[:, dead], picked from before the main blocks. Otherwise the main
+        blocks come with W_enc's columns in `order`, the live ones, then the dead ones, a
+        contiguous tail of each block of tokens whose top k_aux are picked in place: gathering
+        the columns into that order moves d_in × d_sae values once per step (51 ms at 65,536
+        latents in fp32), the own product costs N × dead × d_in multiply-adds, ~1/64 of a moved
+        value's time each on 2 CPU cores in fp32 (more in bf16: bench/auxk.py). Both beat
+        copying the dead columns out of every block (strided, ~10 ns a value: 54 ms a step
+        with 2% of 65,536 latents dead). `latents` maps a block's column numbers back to latents."""
+        if len(self.dead) * len(x_in) > OWN_PRODUCT_PER_LATENT * self.sae.d_sae:
             live = (~self.ctx.dead).nonzero().squeeze(1)
             self.order, self.n_live = torch.cat([live, self.dead]), len(live)
-        elif len(self.dead):  # each block of latents' dead ones, found once (one host sync)
-            cols = block_shape(len(x_in), self.sae.d_sae, self.ctx.chunk_tokens, self.ctx.chunk_latents)[1]
-            starts = list(range(0, self.sae.d_sae, cols))
-            bounds = torch.searchsorted(self.dead, torch.tensor(starts + [self.sae.d_sae], device=self.dead.device))
-            bounds = bounds.tolist()
-            self.dead_at = {c0: (lo, self.dead[lo:hi] - c0) for c0, lo, hi in zip(starts, bounds, bounds[1:]) if hi > lo}
+        elif len(self.dead):
+            for c0, pre in pre_blocks(self.sae, x_in, self.ctx, self.dead):
+                self._pick(pre, c0)
+                if c0 + pre.shape[1] == len(self.dead):
+                    self.end_tokens()
         return pre_blocks(self.sae, x_in, self.ctx, self.order)
 
     def latents(self, columns: torch.Tensor) -> torch.Tensor:
@@ -291,18 +320,12 @@ class AuxPicker:
     def add(self, c0: int, pre: torch.Tensor) -> None:
         """Pick the top dead latents per token of a `blocks` block starting at column c0 (call
         under no_grad); `end_tokens` after the last block of latents of its tokens."""
-        if not len(self.dead):
-            return
-        if self.order is not None:
-            skip = max(self.n_live - c0, 0)
-            if skip >= pre.shape[1]:
-                return
-            columns, place = pre[:, skip:], c0 + skip - self.n_live
-        elif c0 in self.dead_at:
-            place, local = self.dead_at[c0]
-            columns = torch.index_select(pre, 1, local, out=_buffer(self.ctx, "aux", pre, len(local)))
-        else:
-            return
+        skip = max(self.n_live - c0, 0) if self.order is not None else pre.shape[1]
+        if skip < pre.shape[1]:
+            self._pick(pre[:, skip:], c0 + skip - self.n_live)
+
+    def _pick(self, columns: torch.Tensor, place: int) -> None:
+        """Each token's top k_aux of these dead latents' columns, the first `place` in `dead`."""
         values, which = row_topk(columns, min(self.k_aux, columns.shape[1]), positive=True)
         self.part_v.append(values)
         self.part_w.append(which + place)
@@ -332,16 +355,25 @@ class AuxPicker:
                offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The main flat pairs of the N tokens (sorted by token; `offsets` [N] where each token's
         pairs start) followed by AuxK's picks on rows N + token: `sparse_decode`'s values,
-        latents, rows and offsets."""
+        latents, rows, offsets and dense block (None).
+
+        When the picks fill at least `DENSE_AUXK_MIN_FILL` of the [N × dead latents] matrix
+        (few dead latents, most of them picked: early in a run, or a narrow SAE), they go as that
+        dense matrix instead, encoded and decoded by dense products, which do the same sums
+        faster than the sparse kernels do that many pairs per latent."""
         aux_v = _joined(self.values) if self.values else values[:0]
         self.picked = len(aux_v) > 0
         if not self.picked:
-            return values, latents, tokens, offsets
+            return values, latents, tokens, offsets, None
         counts = _joined(self.counts)
         n = len(offsets)
+        if len(aux_v) >= DENSE_AUXK_MIN_FILL * n * len(self.dead):
+            rows = torch.arange(n, device=tokens.device).repeat_interleave(counts, output_size=len(aux_v))
+            aux_pre = aux_v.new_zeros(n, len(self.dead)).index_put_((rows, _joined(self.which)), aux_v)
+            return values, latents, tokens, offsets, (aux_pre, self.dead)
         aux_rows = torch.arange(n, 2 * n, device=tokens.device).repeat_interleave(counts, output_size=len(aux_v))
         return (torch.cat([values.float(), aux_v.float()]), torch.cat([latents, self.dead[_joined(self.which)]]),
-                torch.cat([tokens, aux_rows]), torch.cat([offsets, len(values) + counts.cumsum(0) - counts]))
+                torch.cat([tokens, aux_rows]), torch.cat([offsets, len(values) + counts.cumsum(0) - counts]), None)
 
     def loss(self, aux_hat: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         """α·Σ‖aux − resid‖², `aux_hat` the decode of AuxK's rows (0 when nothing is dead; the
@@ -362,48 +394,65 @@ class _GatherPre(torch.autograd.Function):
     N×d_sae matrix: x.T @ grad_pre becomes a sum over each latent's tokens (`_ByLatent`). The
     input x carries no gradient, so the one through x - b_dec is needed only summed over
     tokens, for b_dec: -W_enc @ grad_b_enc, a matrix-vector product (no per-token gather).
+    With AuxK's dense block (`aux_pre` [N × n_dead], `dead`), its gradient's products with x
+    are added to the dead latents' rows of the same sums.
     """
 
     @staticmethod
-    def forward(ctx, x_c, b_dec, W_enc, b_enc, by_latent, values):
-        ctx.save_for_backward(x_c, W_enc)
+    def forward(ctx, x_c, b_dec, W_enc, b_enc, by_latent, values, aux_pre=None, dead=None):
+        ctx.save_for_backward(x_c, W_enc, dead)
         ctx.by_latent = by_latent
-        return values.clone()
+        return values.clone() if aux_pre is None else (values.clone(), aux_pre.clone())
 
     @staticmethod
-    def backward(ctx, grad):
-        x_c, W_enc = ctx.saved_tensors
+    def backward(ctx, grad, grad_aux=None):
+        x_c, W_enc, dead = ctx.saved_tensors
         by_latent = ctx.by_latent
         grad = grad.float()
         grad_b_dec = grad_W = None
         grad_b = torch.zeros(W_enc.shape[1], device=grad.device).index_add_(0, by_latent.flat, grad.reshape(-1))
+        if grad_aux is not None:
+            grad_b.index_add_(0, dead, grad_aux.float().sum(0))
         if ctx.needs_input_grad[1]:
             grad_b_dec = -(W_enc.float() @ grad_b)
         if ctx.needs_input_grad[2]:
-            grad_W = by_latent.sum_rows(grad, x_c).T  # W_enc's own (column-major) layout: no copy
-        return None, grad_b_dec, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None
+            rows = by_latent.sum_rows(grad, x_c)  # [d_sae, d_in]: W_enc's own (column-major) layout
+            if grad_aux is not None:
+                rows.index_add_(0, dead, (grad_aux.T @ x_c.to(grad_aux.dtype)).float())
+            grad_W = rows.T
+        return None, grad_b_dec, grad_W, grad_b if ctx.needs_input_grad[3] else None, None, None, None, None
 
 
 class _GatherDecode(torch.autograd.Function):
     """x̂ = Σ_j acts[:, j] · W_dec[indices[:, j]], with a sparse backward for W_dec; for flat
-    pairs sorted by token, `offsets` [N] says where each token's pairs start.
+    pairs sorted by token, `offsets` [N] says where each token's pairs start. With AuxK's
+    dense block (`aux_acts` [N × n_dead], `dead`), also its decode aux_acts @ W_dec[dead].
 
     `embedding_bag`'s own W_dec backward sorts the indices again; the shared `_ByLatent`
     grouping is already sorted.
     """
 
     @staticmethod
-    def forward(ctx, indices, acts, W_dec, by_latent, offsets=None):
-        ctx.save_for_backward(acts, W_dec)
+    def forward(ctx, indices, acts, W_dec, by_latent, offsets=None, aux_acts=None, dead=None):
         ctx.by_latent = by_latent
-        return F.embedding_bag(indices, W_dec, offsets, per_sample_weights=acts, mode="sum")
+        decoded = F.embedding_bag(indices, W_dec, offsets, per_sample_weights=acts, mode="sum")
+        if aux_acts is None:
+            ctx.save_for_backward(acts, W_dec, None, None, None)
+            return decoded
+        W_dead = W_dec.index_select(0, dead).to(aux_acts.dtype)
+        ctx.save_for_backward(acts, W_dec, aux_acts, W_dead, dead)
+        return decoded, (aux_acts @ W_dead).float()
 
     @staticmethod
-    def backward(ctx, grad):
-        acts, W_dec = ctx.saved_tensors
-        grad_acts = grad_W = None
+    def backward(ctx, grad, grad_aux=None):
+        acts, W_dec, aux_acts, W_dead, dead = ctx.saved_tensors
+        grad_acts = grad_W = grad_aux_acts = None
         if ctx.needs_input_grad[1]:
             grad_acts = ctx.by_latent.dots(W_dec.detach(), grad)  # grad_acts[n, j] = grad[n] · W_dec[indices[n, j]]
+        if aux_acts is not None and ctx.needs_input_grad[5]:
+            grad_aux_acts = grad_aux.to(W_dead.dtype) @ W_dead.T
         if ctx.needs_input_grad[2]:
             grad_W = ctx.by_latent.sum_rows(acts, grad)
-        return None, grad_acts, grad_W, None, None
+            if aux_acts is not None:
+                grad_W.index_add_(0, dead, (aux_acts.T @ grad_aux.to(aux_acts.dtype)).float())
+        return None, grad_acts, grad_W, None, None, grad_aux_acts, None
