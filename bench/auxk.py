@@ -8,6 +8,12 @@ issue's profile), a long run a few percent. Each set is timed as drawn (the late
 pre-activations like live ones', half of them positive: AuxK's worst case) and truly dead
 (their encoder bias lowered so their pre-activations are below zero almost everywhere, as a
 trained SAE's dead latents are: AuxK then has almost nothing to reconstruct with).
+`--run STEPS` measures the case that matters instead: two real default training runs
+(`train_sae`, sign-SGD, the default dead window, on the bench's cached tokens, cycled), with
+AuxK (its default α) and without (α 0), each in its own process; ms per step over the steps
+from the first dead latent on, and the ratio. Every dead set, its pre-activations and the
+picks are then what training makes of them.
+
 `--sparse` also times each case with AuxK's picks kept sparse however densely they fill the
 [tokens × dead latents] matrix (`DENSE_AUXK_MIN_FILL` out of reach), to show what the dense
 products save.
@@ -16,12 +22,16 @@ Target (training-at-width issue): at 65,536 latents the step with AuxK active is
 the step with it off.
 
     .venv/bin/python -m bench.auxk [--d-sae 65536] [--dead 0.02,0.38] [--rounds 3] [--sparse] [--no-record]
+    .venv/bin/python -m bench.auxk --run 200 [--d-sae 65536] [--no-record]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -48,6 +58,53 @@ def step_seconds(sae, x: torch.Tensor, dead: torch.Tensor, opt, scratch: dict, a
         topk.DENSE_AUXK_MIN_FILL = default
 
 
+def run_marks(d_sae: int, steps: int, alpha: float, threads: int) -> list[tuple[float, int, float]]:
+    """(time, tokens, dead fraction) after each step of a real default run."""
+    from core.extract import iter_activations
+    from core.sae import TopKConfig
+    from core.train import TrainConfig, train_sae
+
+    torch.set_num_threads(threads)
+    x = np.concatenate([np.array(b) for b in iter_activations(C.acts_dir(threads))])
+    cfg = TrainConfig(sae=TopKConfig(k=K, auxk_alpha=alpha), d_sae=d_sae, batch_size=BATCH,
+                      total_tokens=steps * BATCH, sample_tokens=2 * BATCH, log_every=1)
+    marks: list[tuple[float, int, float]] = []
+
+    def progress(d):
+        if d.get("done") and (not marks or d["done"] > marks[-1][1]):  # the evaluation repeats the last
+            marks.append((time.perf_counter(), d["done"], d.get("dead_frac", 0.0)))
+
+    train_sae(lambda: iter([x] * (steps * BATCH // len(x) + 2)), x.shape[1], cfg, progress=progress)
+    return marks
+
+
+def real_runs(a) -> str:
+    """`--run`: a real run with AuxK and one without, each in its own process; the table."""
+    runs = {}
+    for name, alpha in (("AuxK on", 1 / 32), ("AuxK off (α 0)", 0.0)):
+        code = (f"import json; from bench.auxk import run_marks; "
+                f"print(json.dumps(run_marks({a.d_sae}, {a.run}, {alpha}, {a.threads})))")
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+        runs[name] = json.loads(out.strip().splitlines()[-1])
+        print(f"  {name}: {len(runs[name])} steps", flush=True)
+    on = runs["AuxK on"]
+    first = next((i for i, m in enumerate(on) if m[2] > 0), None)
+    if first is None or first + 2 >= len(on):
+        return f"no latent was dead before the last steps of {a.run}: run longer"
+    rows, per = [], {}
+    for name, marks in runs.items():
+        per[name] = (marks[-1][0] - marks[first][0]) / (len(marks) - 1 - first)
+        dead = [m[2] for m in marks[first:]]
+        rows.append([name, f"{per[name] * 1000:,.0f}", f"{BATCH / per[name]:,.0f}", f"{min(dead):.2%}-{max(dead):.2%}"])
+    ratio = per["AuxK on"] / per["AuxK off (α 0)"]
+    rows[0].append(f"{ratio:.2f}× {C.ok(ratio <= 1.15)}")
+    rows[1].append("—")
+    return (f"Two real default runs (TopK k {K}, d_sae {a.d_sae:,}, batch {BATCH}, sign-SGD, the default dead "
+            f"window, {a.run} steps on the bench's cached tokens), each in its own process; ms per step over "
+            f"steps {first + 2}-{len(on)}, from the first step with a dead latent on:\n\n"
+            + C.table(["run", "ms/step", "tokens/s", "dead latents", "on / off (≤ 1.15×)"], rows))
+
+
 def main(argv: list[str] | None = None) -> None:
     from core.extract import iter_activations
     from core.sae import TopKConfig, TopKSAE, topk
@@ -62,10 +119,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--matmul", choices=("auto", "fp32", "bf16"), default="auto",
                     help="the encoder matmul's dtype (auto: the training default, prefer_bf16)")
     ap.add_argument("--sparse", action="store_true", help="also time each case with AuxK's dense products off")
+    ap.add_argument("--run", type=int, default=0, metavar="STEPS", help="two real runs of this many steps instead")
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     load_before = C.load_avg()
+    if a.run:
+        body = real_runs(a)
+        print(body)
+        if not a.no_record:
+            C.append_result(f"bench/auxk.py --run — AuxK's cost in real runs at {a.d_sae:,} latents", body,
+                            load_before=load_before)
+        return
     x = torch.from_numpy(np.concatenate([np.array(b) for b in iter_activations(C.acts_dir(a.threads))])[:BATCH])
     torch.manual_seed(0)
     sae = TopKSAE(D_IN, a.d_sae, TopKConfig(k=K))
