@@ -98,6 +98,18 @@ def _no_error(page) -> None:
     assert page.locator("[data-testid='stException']").count() == 0
 
 
+def _wait_or_say(page, locator, what: str) -> None:
+    """Wait for `locator`; failing that, fail with what the page showed (the CI log keeps the
+    assertion message, not the browser's screenshot)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        locator.wait_for()
+    except PlaywrightTimeout:
+        shown = page.locator("body").inner_text()
+        raise AssertionError(f"{what} never showed; the page read:\n{shown[:4000]}") from None
+
+
 def _wait_completed(page, kind: str, timeout_s: float) -> set:
     """Poll the progress panel until the newest `kind` job shows completed; the bar values seen."""
     bar = page.get_by_role("progressbar").first
@@ -184,7 +196,8 @@ def test_a_label_with_markdown_shows_as_typed(page):
     page.get_by_text("Edit label").first.click()
     page.get_by_label("Name").fill(label)
     page.get_by_role("button", name="Save label").click()
-    page.get_by_role("heading", name=re.compile(r"^Latent \d+: \*\*bold\*\* !\[x\]")).first.wait_for()
+    _wait_or_say(page, page.get_by_role("heading", name=re.compile(r"^Latent \d+: \*\*bold\*\* !\[x\]")).first,
+                 "the saved label's heading")
     heading = page.get_by_role("heading", name=re.compile(r"^Latent \d+"))
     shown = heading.inner_text().replace("\u2060", "")  # the invisible word joiner that stops autolinking
     assert heading.count() == 1 and shown.endswith(label), shown
