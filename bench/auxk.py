@@ -1,13 +1,15 @@
 """What AuxK costs in a TopK training step, at research width.
 
 One TopK SAE (d_in 576, k 32, batch 4096) on the cached SmolLM2 activations, stepped (loss,
-backward, the default optimizer: sign-SGD under the schedule-free wrapper) with AuxK off (no latent dead) and on with a given share of its latents
-dead, in interleaved rounds; medians and the ratio to the AuxK-off step. The dead sets are
-fixed random draws: a short run at 65k latents had ~25k idle latents (the training-at-width
-issue's profile), a long run a few percent. Each set is timed as drawn (the latents'
-pre-activations like live ones', half of them positive: AuxK's worst case) and truly dead
-(their encoder bias lowered so their pre-activations are below zero almost everywhere, as a
-trained SAE's dead latents are: AuxK then has almost nothing to reconstruct with).
+backward, the default optimizer: sign-SGD under the schedule-free wrapper) with AuxK off (no
+latent dead) and on with a given share of its latents dead, in interleaved rounds; medians and
+the ratio to the AuxK-off step. The dead sets are fixed random draws: a short run at 65k
+latents had ~25k idle latents (the training-at-width issue's profile), a long run a few
+percent. Each set is timed as drawn (the latents' pre-activations like live ones', half of them
+positive: AuxK's worst case) and truly dead (their encoder bias lowered so their
+pre-activations are below zero almost everywhere, as a trained SAE's dead latents are: AuxK
+then has almost nothing to reconstruct with).
+
 `--run STEPS` measures the case that matters instead: two real default training runs
 (`train_sae`, sign-SGD, the default dead window, on the bench's cached tokens, cycled), with
 AuxK (its default α) and without (α 0), each in its own process; ms per step over the steps
