@@ -18,7 +18,8 @@ from core.sae.base import SAE, StepContext, StepOut, fired_latents, reconstructi
 from core.sae.jumprelu import JumpReLUSAE
 from core.sae.registry import register
 from core.sae.selection import _joined
-from core.sae.topk import AuxPicker, TopKConfig, pre_blocks, sparse_decode, top_per_row
+from core.sae.sparse import pre_blocks, sparse_decode
+from core.sae.topk import AuxPicker, TopKConfig, top_per_row
 
 THRESHOLD_MOMENTUM = 0.99
 """θ ← m·θ + (1 − m)·(smallest kept activation in this batch)."""
