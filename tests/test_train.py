@@ -471,6 +471,7 @@ def test_bf16_autocast_path_runs_and_stays_close():
         scratch = {}
         out = sae.training_step(x, StepContext(dead, 0.0, amp=amp, scratch=scratch))
         assert scratch["pre"].dtype == (torch.bfloat16 if amp else torch.float32)
+        assert scratch["W_enc"].dtype == torch.float32  # AuxK's columns gathered, then cast: not all of W_enc
         out.loss.backward()
         assert math.isfinite(float(out.loss.detach()))
         grads.append(torch.cat([p.grad.flatten() for p in sae.parameters()]))

@@ -59,12 +59,14 @@ def pre_blocks(sae: SAE, x_in: torch.Tensor, ctx: StepContext, columns: torch.Te
     width = sae.d_sae if columns is None else len(columns)
     rows, cols = block_shape(len(x_in), width, ctx.chunk_tokens, ctx.chunk_latents)
     dtype = torch.bfloat16 if ctx.amp else torch.float32
-    # The weights cast once per step: autocast, entered anew for each block, cast them per block.
-    W_enc, b_enc = sae.W_enc.detach().to(dtype), sae.b_enc.detach().to(dtype)
+    # The weights cast once per step (autocast, entered anew for each block, would cast them per
+    # block); AuxK's few columns gathered before the cast, not after a cast of all of W_enc.
+    W_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
     if columns is not None:  # W_enc.T is W_enc's own layout: a gather of contiguous rows
         W_T = W_enc.T
         W_enc = torch.index_select(W_T, 0, columns, out=_buffer(ctx, "W_enc", W_T, W_T.shape[1], width)).T
         b_enc = b_enc[columns]
+    W_enc, b_enc = W_enc.to(dtype), b_enc.to(dtype)
     for s in range(0, len(x_in), rows):
         xb = x_in[s: s + rows].detach().to(dtype)
         for c0 in range(0, width, cols):
