@@ -100,7 +100,9 @@ def _flag(dest: str, names: list[str], hint: Any, default: Any, shown: Any, doc:
     base = _base(hint)
     kind_type = cmd.types.get(dest)
     options: dict[str, Any] = {"default": default}
-    if base is bool and kind_type is None:
+    if base is bool and hint is not bool and kind_type is None:  # bool | None: auto unless on or off
+        options["type"], options["metavar"] = _on_off, "on|off"
+    elif base is bool and kind_type is None:
         if shown:  # on by default: the flag turns it off
             names = ["--no-" + n[2:] for n in names]
         options["action"] = "store_const"
@@ -158,6 +160,13 @@ def _default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return None
+
+
+def _on_off(text: str) -> bool:
+    """A three-state flag's value: on or off (left out: the setting's automatic choice)."""
+    if text.lower() not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither on nor off")
+    return text.lower() == "on"
 
 
 def _base(hint: Any) -> Any:

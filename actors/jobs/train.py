@@ -4,7 +4,6 @@ resumes and finalizes, and continues from its checkpoints after a worker death."
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,13 +283,6 @@ def _k_variants(text: str) -> list[dict[str, Any]]:
     return [{"k": int(k)} for k in text.split(",")]
 
 
-def _on_off(text: str) -> bool:
-    """--autocast on|off (left out: where bf16 is native and faster)."""
-    if text.lower() not in ("on", "off"):
-        raise argparse.ArgumentTypeError(f"{text!r} is neither on nor off")
-    return text.lower() == "on"
-
-
 KIND = register(Kind(
     "train", TrainSpec, check, plans, run, record,
     resume=lambda values, job_id: {**values, "resume_job": job_id},
@@ -304,4 +296,4 @@ KIND = register(Kind(
         skip=("model_id", "dataset_ids", "hook_names", "batch_size", "max_tokens", "exclude_special_tokens"),
         required=("activation_ids",),
         choices={"config.architecture": tuple(registry.names())},
-        types={"variants": _k_variants, "config.autocast": _on_off})))
+        types={"variants": _k_variants})))
