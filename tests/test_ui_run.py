@@ -91,15 +91,17 @@ def test_training_presets_templates_and_a_run_with_checkpoints(tiny_run, ui_clie
     acts = [a for a in ui_client.activations() if a["model_id"] == "tiny-llama"]
     at.multiselect(key="t-activations").set_value([acts[0]["id"]])
     at.number_input(key="t-d_sae").set_value(200)  # a width as a number, not a multiple of d_model 64
+    at.selectbox(key="t-autocast").set_value(True)  # "bf16 — even where emulated": the job trains in bf16
     before = {j["id"] for j in ui_client.jobs()}
     at.button(key="t-submit").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     (job,) = new_jobs(ui_client, before)
     assert job["kind"] == "train" and job["spec"]["activation_ids"] == [acts[0]["id"]]
-    assert job["spec"]["config"]["d_sae"] == 200
+    assert job["spec"]["config"]["d_sae"] == 200 and job["spec"]["config"]["autocast"] is True
     done = ui_client.wait(job["id"], timeout=300)
     assert done["state"] == "completed", done["message"]
-    assert [s["d_sae"] for s in ui_client.saes() if s["training_job_id"] == job["id"]] == [200]
+    (sae,) = [s for s in ui_client.saes() if s["training_job_id"] == job["id"]]
+    assert sae["d_sae"] == 200 and sae["metrics"]["autocast"] is True
     at.run()
     listed = " ".join(m.value for m in at.markdown)
     assert f"`{job['id']}` — **completed**" in listed and "checkpoint(s)" in listed
