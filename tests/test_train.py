@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -901,3 +902,50 @@ def test_a_batch_that_cannot_fit_is_refused_naming_a_batch_that_fits():
     fits = int(msg.split(", or batch ")[1].split(" or smaller")[0].replace(",", ""))
     assert 2 <= fits < batch
     TrainConfig.from_dict(dict(architecture="standard", d_sae=d_sae, batch_size=fits)).resolved(576)
+
+
+def test_adam_steps_a_column_major_weight_through_its_transpose():
+    """`--optimizer adam` steps W_enc (column-major: held as its transpose) through a row-major
+    alias of its storage, as fast as a row-major weight: the same weights as torch's Adam on the
+    weight itself, W_enc keeps its layout, and a checkpoint of W_enc's own [d_in × d_sae] moments
+    (saved before the alias) resumes to the same weights."""
+    from core.train.optim import make_optimizer
+
+    def weights():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(48, 8).T), torch.nn.Parameter(torch.randn(48, 8))]
+
+    def run(params, opt, steps, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = sum((p * torch.randn(p.shape, generator=g)).sum() ** 2 for p in params)
+            loss.backward()
+            opt.step()
+        return params
+
+    ours = weights()
+    opt = make_optimizer("adam", ours, 1e-2)
+    run(ours, opt, 5)
+    plain = weights()
+    run(plain, torch.optim.Adam(plain, lr=1e-2, betas=(0.9, 0.999)), 5)
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b)
+    assert ours[0].stride() == (1, 8)
+    opt.zero_grad()  # the weight's own gradient too, not only the alias's
+    assert ours[0].grad is None
+    # W_enc's own moments, as plain fused Adam saved them, load into the alias transposed
+    old_params = weights()
+    old = torch.optim.Adam(old_params, lr=1e-2, betas=(0.9, 0.999), fused=True)
+    run(old_params, old, 3)
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in old_params]
+    assert resumed[0].stride() == (1, 8)
+    opt = make_optimizer("adam", resumed, 1e-2)
+    saved = copy.deepcopy(old.state_dict())  # as from a checkpoint: not sharing old's moments
+    for state in saved["state"].values():  # laid out by index, not by memory: loaded by index
+        state.update({k: v.contiguous() for k, v in state.items() if v.dim() == 2})
+    opt.load_state_dict(saved)
+    run(resumed, opt, 2, seed=2)
+    run(old_params, old, 2, seed=2)
+    for a, b in zip(resumed, old_params):
+        torch.testing.assert_close(a, b)
